@@ -1,0 +1,290 @@
+//! Loading and driving the BPF sampler: loads the object embedded at build time, attaches the
+//! `sample` perf_event program on every online CPU at a given frequency, and owns its maps
+//! (targets, LuaJIT layouts, the sample ring buffer, per-reason counters). Dropping the
+//! [`Sampler`] detaches everything.
+//!
+//! Hooks: `perf_event_open` (software CPU clock, one per CPU), `bpf()`. Metrics: the
+//! per-reason counters read by [`Sampler::counters`].
+
+use std::{io, os::fd::AsRawFd as _, time::Duration};
+
+use apisix_ebpf_common::{
+    COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_SAMPLES,
+    MAP_TARGETS, PROG_SAMPLE, Sample, Target,
+};
+use aya::{
+    Ebpf, EbpfError,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        PerfEvent, ProgramError,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+    util::online_cpus,
+};
+
+/// The BPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apisix-ebpf"));
+
+/// Errors of the BPF layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The kernel refused for lack of privilege.
+    #[error(
+        "permission denied loading BPF programs: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE"
+    )]
+    Permission {
+        #[source]
+        source: EbpfError,
+    },
+    /// The object could not be loaded.
+    #[error("loading the BPF object")]
+    Load {
+        #[source]
+        source: EbpfError,
+    },
+    /// The object was built without BPF programs (`AYA_BUILD_SKIP`).
+    #[error("this agent was built without its BPF programs (AYA_BUILD_SKIP); rebuild it")]
+    NotBuilt,
+    /// A program or map of the object is missing.
+    #[error("BPF object lacks {what}")]
+    Missing { what: &'static str },
+    /// Loading or attaching the program failed.
+    #[error("{what}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// The verifier rejected the sampler.
+    #[error("the kernel's verifier rejected the sampler:\n{log_tail}")]
+    Verifier { log_tail: String },
+    /// A map operation failed.
+    #[error("BPF map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// Listing CPUs failed.
+    #[error("listing online CPUs ({what})")]
+    Cpus {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn is_permission(e: &EbpfError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
+}
+
+/// The loaded and attached sampler.
+pub struct Sampler {
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    frequency: u64,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("frequency", &self.frequency)
+            .finish()
+    }
+}
+
+impl Sampler {
+    /// Loads the programs and attaches the sampler on every online CPU at `frequency` Hz.
+    pub fn start(frequency: u64) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
+        raise_memlock();
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| {
+            if is_permission(&source) {
+                BpfError::Permission { source }
+            } else {
+                BpfError::Load { source }
+            }
+        })?;
+        let prog: &mut PerfEvent = ebpf
+            .program_mut(PROG_SAMPLE)
+            .ok_or(BpfError::Missing {
+                what: "the sample program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "sample is not a perf_event program".into(),
+                source,
+            })?;
+        prog.load().map_err(|source| {
+            // The verifier log can be megabytes: keep its end, which says what failed.
+            let text = source.to_string();
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            BpfError::Verifier {
+                log_tail: tail.join("\n"),
+            }
+        })?;
+        let cpus = online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
+        for cpu in cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(frequency),
+                true,
+            )
+            .map_err(|source| BpfError::Program {
+                what: format!("attaching the sampler on CPU {cpu}"),
+                source,
+            })?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).ok_or(BpfError::Missing {
+            what: "the samples ring buffer",
+        })?)
+        .map_err(|source| BpfError::Map {
+            map: MAP_SAMPLES,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            ring,
+            frequency,
+        })
+    }
+
+    /// The sampling frequency in Hz per CPU.
+    pub fn frequency(&self) -> u64 {
+        self.frequency
+    }
+
+    /// Starts sampling process `pid`.
+    pub fn add_target(&mut self, pid: u32, target: Target) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(MAP_TARGETS).ok_or(BpfError::Missing {
+            what: "the targets map",
+        })?;
+        let mut targets: HashMap<_, u32, Target> =
+            HashMap::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_TARGETS,
+                source,
+            })?;
+        targets
+            .insert(pid, target, 0)
+            .map_err(|source| BpfError::Map {
+                map: MAP_TARGETS,
+                source,
+            })
+    }
+
+    /// Stops sampling process `pid` and forgets its learned VM state.
+    pub fn remove_target(&mut self, pid: u32) -> Result<(), BpfError> {
+        for name in [MAP_TARGETS, MAP_LUA_VMS] {
+            if let Some(map) = self.ebpf.map_mut(name) {
+                if name == MAP_TARGETS {
+                    if let Ok(mut m) = HashMap::<_, u32, Target>::try_from(map) {
+                        let _ = m.remove(&pid);
+                    }
+                } else if let Ok(mut m) = HashMap::<_, u32, u64>::try_from(map) {
+                    let _ = m.remove(&pid);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs a LuaJIT layout in slot `index`.
+    pub fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(MAP_LUA_LAYOUTS).ok_or(BpfError::Missing {
+            what: "the layouts map",
+        })?;
+        let mut layouts: Array<_, LuaLayout> =
+            Array::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_LUA_LAYOUTS,
+                source,
+            })?;
+        layouts
+            .set(index, layout, 0)
+            .map_err(|source| BpfError::Map {
+                map: MAP_LUA_LAYOUTS,
+                source,
+            })
+    }
+
+    /// Sums of the per-CPU counters, indexed by [`Counter`].
+    pub fn counters(&self) -> Result<[u64; COUNTER_SLOTS as usize], BpfError> {
+        let map = self.ebpf.map(MAP_COUNTERS).ok_or(BpfError::Missing {
+            what: "the counters map",
+        })?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_COUNTERS,
+                source,
+            })?;
+        let mut out = [0u64; COUNTER_SLOTS as usize];
+        for c in Counter::ALL {
+            let values = counters
+                .get(&(c as u32), 0)
+                .map_err(|source| BpfError::Map {
+                    map: MAP_COUNTERS,
+                    source,
+                })?;
+            out[c as usize] = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for samples, then hands each one to `f`. Returns how many.
+    pub fn poll(&mut self, timeout: Duration, mut f: impl FnMut(&Sample)) -> usize {
+        let mut n = self.drain(&mut f);
+        if n > 0 {
+            return n;
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        n += self.drain(&mut f);
+        n
+    }
+
+    fn drain(&mut self, f: &mut impl FnMut(&Sample)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<Sample>() {
+                // SAFETY: the BPF side writes whole `Sample`s; read unaligned into a box so
+                // the (large) value does not live on the stack.
+                let mut boxed: Box<std::mem::MaybeUninit<Sample>> = Box::new_uninit();
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        item.as_ptr(),
+                        boxed.as_mut_ptr().cast::<u8>(),
+                        std::mem::size_of::<Sample>(),
+                    );
+                }
+                // SAFETY: fully initialized by the copy above; every bit pattern is valid.
+                let sample = unsafe { boxed.assume_init() };
+                f(&sample);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps to it.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}

@@ -1,0 +1,149 @@
+//! Aggregation of named stacks into folded text (`root;…;leaf COUNT`, one line per distinct
+//! stack, sorted), the exchange format of every output, and SVG rendering of folded text with
+//! inferno.
+//!
+//! Hooks: none. Metrics: none.
+
+use std::{collections::HashMap, io, sync::Arc};
+
+/// Frame labels must not contain the separators of the folded format.
+pub fn clean_label(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| match c {
+            ';' => ':',
+            '\n' | '\r' | '\t' => ' ',
+            c => c,
+        })
+        .collect()
+}
+
+/// Counts of distinct stacks, each root first.
+#[derive(Debug, Default, Clone)]
+pub struct Folded {
+    counts: HashMap<Vec<Arc<str>>, u64>,
+    total: u64,
+}
+
+impl Folded {
+    /// An empty aggregate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `weight` to a stack given root first.
+    pub fn add(&mut self, stack: Vec<Arc<str>>, weight: u64) {
+        if stack.is_empty() || weight == 0 {
+            return;
+        }
+        *self.counts.entry(stack).or_insert(0) += weight;
+        self.total += weight;
+    }
+
+    /// Sum of all weights.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Number of distinct stacks.
+    pub fn distinct(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Iterates over `(stack, weight)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&[Arc<str>], u64)> {
+        self.counts.iter().map(|(k, v)| (k.as_slice(), *v))
+    }
+
+    /// The folded lines, sorted.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(stack, n)| {
+                let frames: Vec<String> = stack.iter().map(|f| clean_label(f)).collect();
+                format!("{} {n}", frames.join(";"))
+            })
+            .collect();
+        lines.sort_unstable();
+        lines
+    }
+
+    /// Writes the folded text.
+    pub fn write_folded(&self, mut w: impl io::Write) -> io::Result<()> {
+        for line in self.lines() {
+            writeln!(w, "{line}")?;
+        }
+        Ok(())
+    }
+
+    /// Renders an SVG flame graph titled `title`.
+    pub fn write_svg(&self, title: &str, w: impl io::Write) -> io::Result<()> {
+        let lines = self.lines();
+        let mut opts = inferno::flamegraph::Options::default();
+        opts.title = title.to_owned();
+        opts.count_name = "samples".to_owned();
+        // Colours from a hash of the name: the same function keeps its colour across graphs.
+        opts.hash = true;
+        opts.deterministic = true;
+        if lines.is_empty() {
+            // inferno refuses empty input; show an explicit empty graph instead.
+            let empty = ["[no samples] 1".to_owned()];
+            return inferno::flamegraph::from_lines(&mut opts, empty.iter().map(String::as_str), w)
+                .map_err(io::Error::other);
+        }
+        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), w)
+            .map_err(io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(frames: &[&str]) -> Vec<Arc<str>> {
+        frames.iter().map(|f| Arc::from(*f)).collect()
+    }
+
+    #[test]
+    fn folds_and_sorts() {
+        let mut f = Folded::new();
+        f.add(st(&["main", "b"]), 2);
+        f.add(st(&["main", "a"]), 1);
+        f.add(st(&["main", "b"]), 3);
+        f.add(st(&[]), 7);
+        assert_eq!(f.lines(), vec!["main;a 1", "main;b 5"]);
+        assert_eq!(f.total(), 6);
+        assert_eq!(f.distinct(), 2);
+    }
+
+    #[test]
+    fn separators_in_labels_are_replaced() {
+        let mut f = Folded::new();
+        f.add(st(&["main", "a;b c\nd"]), 1);
+        assert_eq!(f.lines(), vec!["main;a:b c d 1"]);
+    }
+
+    #[test]
+    fn svg_golden() {
+        let mut f = Folded::new();
+        f.add(st(&["main", "outer", "middle", "leaf"]), 9);
+        f.add(st(&["main", "outer", "other"]), 1);
+        let mut svg = Vec::new();
+        f.write_svg("golden", &mut svg).expect("render");
+        let svg = String::from_utf8(svg).expect("utf8");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/golden.svg");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, &svg).expect("write golden");
+        }
+        let golden = std::fs::read_to_string(path).expect("read golden");
+        assert_eq!(svg, golden, "SVG differs from {path} (UPDATE_GOLDEN=1 rewrites it)");
+    }
+
+    #[test]
+    fn empty_svg_is_valid() {
+        let mut svg = Vec::new();
+        Folded::new().write_svg("empty", &mut svg).expect("render");
+        assert!(String::from_utf8_lossy(&svg).contains("[no samples]"));
+    }
+}

@@ -1,0 +1,105 @@
+//! Everything the agent knows about LuaJIT: which builds exist and how their structures are
+//! laid out (one table per layout, [`layout`]), how to recognise a build in a process
+//! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
+//! ([`ffnames`]) and how walked frames become `NAME@FILE:LINE` labels ([`names`]).
+//!
+//! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (prototypes
+//! and strings of the target). Metrics: prototype read errors by reason ([`LuaNamer::errors`]).
+
+pub mod bytecode;
+pub mod detect;
+pub mod ffnames;
+pub mod layout;
+pub mod names;
+
+use std::{fmt, ops::Range};
+
+pub use detect::detect;
+pub use names::LuaNamer;
+
+use self::layout::Layout;
+
+/// How Lua frames are labelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameStyle {
+    /// `NAME@FILE:FIRSTLINE`: one frame per function.
+    FirstLine,
+    /// `NAME@FILE:CURRENTLINE`.
+    CurrentLine,
+}
+
+/// A LuaJIT build the agent knows how to walk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flavour {
+    /// 64-bit GC references (GC64) or 32-bit.
+    pub gc64: bool,
+    /// OpenResty's luajit2 branch (vs upstream LuaJIT).
+    pub openresty: bool,
+    /// Version string, e.g. `LuaJIT 2.1.0-beta3`.
+    pub version: String,
+}
+
+impl fmt::Display for Flavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}, {})",
+            self.version,
+            if self.openresty { "OpenResty luajit2" } else { "upstream" },
+            if self.gc64 { "GC64" } else { "non-GC64" }
+        )
+    }
+}
+
+impl Flavour {
+    /// Versions whose layouts are in [`layout`] and tested against real builds.
+    pub const KNOWN_VERSIONS: &'static [&'static str] = &["LuaJIT 2.1.0-beta3"];
+
+    /// Accepts a build only if its layout is known; the error says what was found.
+    pub fn from_build(info: &detect::BuildInfo) -> Result<Self, String> {
+        let Some(gc64) = info.gc64 else {
+            return Err(format!(
+                "{}: no FFI ABI string, cannot tell GC64 from non-GC64",
+                info.version
+            ));
+        };
+        if !Self::KNOWN_VERSIONS.contains(&info.version.as_str()) || !info.openresty {
+            return Err(format!(
+                "{} ({}, {}); known: {} from OpenResty's luajit2",
+                info.version,
+                if info.openresty { "OpenResty luajit2" } else { "upstream" },
+                if gc64 { "GC64" } else { "non-GC64" },
+                Self::KNOWN_VERSIONS.join(", ")
+            ));
+        }
+        Ok(Self {
+            gc64,
+            openresty: info.openresty,
+            version: info.version.clone(),
+        })
+    }
+
+    /// The structure layout of this build.
+    pub fn layout(&self) -> &'static Layout {
+        if self.gc64 {
+            &layout::GC64
+        } else {
+            &layout::GC32
+        }
+    }
+
+    /// Short label for metrics: `gc64` or `gc32`.
+    pub fn label(&self) -> &'static str {
+        if self.gc64 { "gc64" } else { "gc32" }
+    }
+}
+
+/// The LuaJIT runtime found in one process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuaTarget {
+    pub flavour: Flavour,
+    /// File that contains LuaJIT (library or executable), as the process sees it.
+    pub library: String,
+    /// Interpreter code in the process's address space.
+    pub vm_range: Range<u64>,
+}

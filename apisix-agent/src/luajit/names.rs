@@ -1,0 +1,466 @@
+//! Names for the Lua frames the BPF walker reported: reads each function prototype from the
+//! target's memory (once per process, prototype and identity), validates it, and renders
+//! `NAME@FILE:LINE`, `builtin:NAME` or the native symbol of a C function. Frames are split
+//! into segments at every entry from C, for the splice into the native stack.
+
+use std::{collections::HashMap, sync::Arc};
+
+use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
+
+use super::{
+    LuaTarget, NameStyle,
+    bytecode::{self, Ins, ProtoView},
+    ffnames,
+    layout::Layout,
+};
+use crate::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
+
+/// Largest prototype (with its colocated debug data) read from a target.
+const MAX_PROTO_BYTES: u32 = 1 << 20;
+/// Longest chunk name or string constant read.
+const MAX_STR: u32 = 512;
+/// `~LJ_TPROTO` as stored in `GCproto.gct`.
+const GCT_PROTO: u8 = !7u8;
+/// `~LJ_TSTR` as stored in `GCstr.gct`.
+const GCT_STR: u8 = !4u8;
+
+/// Why a prototype could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("reading target memory at {addr:#x}")]
+    Read {
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not a function prototype at {addr:#x}")]
+    NotProto { addr: u64 },
+    #[error("prototype at {addr:#x} changed (freed and reused)")]
+    Changed { addr: u64 },
+    #[error("bad string at {addr:#x}")]
+    BadString { addr: u64 },
+}
+
+fn le_u32(b: &[u8], off: u32) -> Option<u32> {
+    let off = off as usize;
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], off: u32) -> Option<u64> {
+    let off = off as usize;
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// Reads a GC or memory reference of the layout's width from `b` at `off`.
+fn le_ref(layout: &Layout, b: &[u8], off: u32) -> Option<u64> {
+    if layout.bpf.gc64 != 0 {
+        le_u64(b, off)
+    } else {
+        le_u32(b, off).map(u64::from)
+    }
+}
+
+/// Reads a Lua string object.
+pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, ProtoError> {
+    let head = mem
+        .read(addr, layout.str_size as usize)
+        .map_err(|source| ProtoError::Read { addr, source })?;
+    if head.get(layout.bpf.fn_gct as usize) != Some(&GCT_STR) {
+        return Err(ProtoError::BadString { addr });
+    }
+    let len = le_u32(&head, layout.str_len).ok_or(ProtoError::BadString { addr })?;
+    let take = len.min(MAX_STR);
+    let data = mem
+        .read(addr + u64::from(layout.str_size), take as usize)
+        .map_err(|source| ProtoError::Read { addr, source })?;
+    let mut s = String::from_utf8_lossy(&data).into_owned();
+    if take < len {
+        s.push('…');
+    }
+    Ok(s)
+}
+
+/// One prototype read from a target.
+#[derive(Debug)]
+pub struct Proto {
+    layout: &'static Layout,
+    mem: Memory,
+    addr: u64,
+    blob: Vec<u8>,
+    /// Chunk name as shown: without a leading `@` or `=`.
+    pub chunk: Arc<str>,
+    pub firstline: u32,
+    chunkname_ref: u64,
+    sizebc: u32,
+    numline: u32,
+    k: u64,
+    sizekgc: u32,
+    sizeuv: u32,
+    lineinfo: u64,
+    uvinfo: u64,
+    varinfo: u64,
+    names: std::sync::Mutex<HashMap<usize, Option<String>>>,
+}
+
+impl Proto {
+    /// Reads and validates the prototype at `addr`.
+    pub fn read(
+        mem: Memory,
+        layout: &'static Layout,
+        addr: u64,
+        expect_chunkname: u64,
+        expect_firstline: u32,
+    ) -> Result<Self, ProtoError> {
+        let l = layout;
+        let head = mem
+            .read(addr, l.bpf.pt_size as usize)
+            .map_err(|source| ProtoError::Read { addr, source })?;
+        let bad = || ProtoError::NotProto { addr };
+        if head.get(l.bpf.fn_gct as usize) != Some(&GCT_PROTO) {
+            return Err(bad());
+        }
+        let sizept = le_u32(&head, l.pt_sizept).ok_or_else(bad)?;
+        let sizebc = le_u32(&head, l.pt_sizebc).ok_or_else(bad)?;
+        if sizept < l.bpf.pt_size
+            || sizept > MAX_PROTO_BYTES
+            || sizebc == 0
+            || u64::from(sizebc) * 4 + u64::from(l.bpf.pt_size) > u64::from(sizept)
+        {
+            return Err(bad());
+        }
+        let chunkname_ref = le_ref(l, &head, l.bpf.pt_chunkname).ok_or_else(bad)?;
+        let firstline = le_u32(&head, l.bpf.pt_firstline).ok_or_else(bad)?;
+        if chunkname_ref != expect_chunkname || firstline != expect_firstline {
+            return Err(ProtoError::Changed { addr });
+        }
+        let blob = mem
+            .read(addr, sizept as usize)
+            .map_err(|source| ProtoError::Read { addr, source })?;
+        let chunk = read_str(&mem, l, chunkname_ref)?;
+        let chunk = chunk
+            .strip_prefix('@')
+            .or_else(|| chunk.strip_prefix('='))
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                let first = chunk.lines().next().unwrap_or("");
+                let short: String = first.chars().take(40).collect();
+                format!("[string \"{short}\"]")
+            });
+        Ok(Self {
+            layout: l,
+            mem,
+            addr,
+            chunk: Arc::from(chunk),
+            firstline,
+            chunkname_ref,
+            sizebc,
+            numline: le_u32(&blob, l.pt_numline).unwrap_or(0),
+            k: le_ref(l, &blob, l.pt_k).unwrap_or(0),
+            sizekgc: le_u32(&blob, l.pt_sizekgc).unwrap_or(0),
+            sizeuv: u32::from(*blob.get(l.pt_sizeuv as usize).unwrap_or(&0)),
+            lineinfo: le_ref(l, &blob, l.pt_lineinfo).unwrap_or(0),
+            uvinfo: le_ref(l, &blob, l.pt_uvinfo).unwrap_or(0),
+            varinfo: le_ref(l, &blob, l.pt_varinfo).unwrap_or(0),
+            blob,
+            names: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether this prototype still is what the sample saw.
+    pub fn matches(&self, frame: &LuaFrame) -> bool {
+        self.chunkname_ref == frame.chunkname && self.firstline == frame.firstline
+    }
+
+    /// Address of the first bytecode instruction (the function header).
+    pub fn bc_addr(&self) -> u64 {
+        self.addr + u64::from(self.layout.bpf.pt_size)
+    }
+
+    /// Instruction index of a return PC / next-instruction address inside this prototype:
+    /// the instruction being executed is the one before it.
+    pub fn pc_index(&self, pc: u64) -> Option<usize> {
+        let start = self.bc_addr();
+        if pc < start + 4 || pc > start + u64::from(self.sizebc) * 4 || (pc - start) % 4 != 0 {
+            return None;
+        }
+        Some(((pc - start) / 4 - 1) as usize)
+    }
+
+    /// Offset into the blob of an address inside the prototype's allocation.
+    fn blob_off(&self, addr: u64) -> Option<usize> {
+        let off = usize::try_from(addr.checked_sub(self.addr)?).ok()?;
+        (off < self.blob.len()).then_some(off)
+    }
+
+    /// Source line of instruction `pc`.
+    pub fn line(&self, pc: usize) -> Option<u32> {
+        if self.lineinfo == 0 || pc >= self.sizebc as usize {
+            return None;
+        }
+        let off = self.blob_off(self.lineinfo)?;
+        let delta = if self.numline < 256 {
+            u32::from(*self.blob.get(off + pc)?)
+        } else if self.numline < 65536 {
+            let o = off + pc * 2;
+            u32::from(u16::from_le_bytes(self.blob.get(o..o + 2)?.try_into().ok()?))
+        } else {
+            let o = off + pc * 4;
+            u32::from_le_bytes(self.blob.get(o..o + 4)?.try_into().ok()?)
+        };
+        Some(self.firstline + delta)
+    }
+
+    /// The cached call-site name of the call at instruction `pc`.
+    pub fn call_name(&self, pc: usize) -> Option<String> {
+        if let Ok(names) = self.names.lock()
+            && let Some(n) = names.get(&pc)
+        {
+            return n.clone();
+        }
+        let name = bytecode::call_name(self, pc);
+        if let Ok(mut names) = self.names.lock() {
+            names.insert(pc, name.clone());
+        }
+        name
+    }
+
+    fn cstr_at(&self, off: usize) -> Option<(&[u8], usize)> {
+        let rest = self.blob.get(off..)?;
+        let end = rest.iter().position(|b| *b == 0)?;
+        Some((&rest[..end], off + end + 1))
+    }
+}
+
+/// Reads an unsigned LEB128 value from `b` at `*off`.
+fn uleb128(b: &[u8], off: &mut usize) -> Option<u32> {
+    let mut v: u32 = 0;
+    let mut shift = 0;
+    loop {
+        let byte = *b.get(*off)?;
+        *off += 1;
+        v |= u32::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+        shift += 7;
+        if shift > 28 {
+            return None;
+        }
+    }
+}
+
+/// Names of LuaJIT's internal loop variables, in their numbering order (1 upwards).
+const INTERNAL_VARNAMES: [&str; 6] = [
+    "(for index)",
+    "(for limit)",
+    "(for step)",
+    "(for generator)",
+    "(for state)",
+    "(for control)",
+];
+
+impl ProtoView for Proto {
+    fn ins(&self, pc: usize) -> Option<Ins> {
+        if pc >= self.sizebc as usize {
+            return None;
+        }
+        le_u32(&self.blob, self.layout.bpf.pt_size + (pc as u32) * 4).map(Ins)
+    }
+
+    fn kstr(&self, idx: u32) -> Option<String> {
+        if idx >= self.sizekgc {
+            return None;
+        }
+        let width = if self.layout.bpf.gc64 != 0 { 8 } else { 4 };
+        let at = self.k.checked_sub(u64::from(idx + 1) * width)?;
+        let off = self.blob_off(at)? as u32;
+        let sref = le_ref(self.layout, &self.blob, off)?;
+        read_str(&self.mem, self.layout, sref).ok()
+    }
+
+    fn uvname(&self, idx: u32) -> Option<String> {
+        if idx >= self.sizeuv || self.uvinfo == 0 {
+            return None;
+        }
+        let mut off = self.blob_off(self.uvinfo)?;
+        for _ in 0..idx {
+            off = self.cstr_at(off)?.1;
+        }
+        let (name, _) = self.cstr_at(off)?;
+        Some(String::from_utf8_lossy(name).into_owned())
+    }
+
+    fn varname(&self, pc: usize, mut slot: u32) -> Option<String> {
+        if self.varinfo == 0 {
+            return None;
+        }
+        let mut off = self.blob_off(self.varinfo)?;
+        let mut lastpc: u32 = 0;
+        // Every entry consumes at least two bytes of the bounded blob.
+        for _ in 0..self.blob.len() {
+            let vn = *self.blob.get(off)?;
+            let name: Option<String> = if vn == 0 {
+                return None;
+            } else if (vn as usize) <= INTERNAL_VARNAMES.len() {
+                off += 1;
+                Some(INTERNAL_VARNAMES[vn as usize - 1].to_owned())
+            } else {
+                let (s, next) = self.cstr_at(off)?;
+                off = next;
+                Some(String::from_utf8_lossy(s).into_owned())
+            };
+            let startpc = lastpc.checked_add(uleb128(&self.blob, &mut off)?)?;
+            lastpc = startpc;
+            if startpc as usize > pc {
+                return None;
+            }
+            let endpc = startpc.checked_add(uleb128(&self.blob, &mut off)?)?;
+            if pc < endpc as usize {
+                if slot == 0 {
+                    return name;
+                }
+                slot -= 1;
+            }
+        }
+        None
+    }
+
+    fn fr2(&self) -> bool {
+        self.layout.bpf.gc64 != 0
+    }
+}
+
+/// Frame names for one process at a time, with a prototype cache per process.
+#[derive(Debug, Default)]
+pub struct LuaNamer {
+    protos: HashMap<(u32, u64), Arc<Proto>>,
+    /// Prototypes that failed validation, by reason.
+    pub errors: HashMap<&'static str, u64>,
+}
+
+impl LuaNamer {
+    /// An empty namer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops everything cached for `pid`.
+    pub fn forget(&mut self, pid: u32) {
+        self.protos.retain(|(p, _), _| *p != pid);
+    }
+
+    fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
+        if let Some(p) = self.protos.get(&(pid, f.code))
+            && p.matches(f)
+        {
+            return Some(p.clone());
+        }
+        match Proto::read(Memory::new(pid), layout, f.code, f.chunkname, f.firstline) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                if self.protos.len() > 100_000 {
+                    self.protos.clear();
+                }
+                self.protos.insert((pid, f.code), p.clone());
+                Some(p)
+            }
+            Err(e) => {
+                let reason = match e {
+                    ProtoError::Read { .. } => "proto_read_failed",
+                    ProtoError::NotProto { .. } => "proto_invalid",
+                    ProtoError::Changed { .. } => "proto_freed",
+                    ProtoError::BadString { .. } => "proto_bad_chunkname",
+                };
+                *self.errors.entry(reason).or_insert(0) += 1;
+                None
+            }
+        }
+    }
+
+    /// Names `frames` (innermost first, as walked) and splits them into segments, root
+    /// first, each starting at a function entered from C.
+    pub fn segments(
+        &mut self,
+        pid: u32,
+        target: &LuaTarget,
+        frames: &[LuaFrame],
+        style: NameStyle,
+        symbolizer: &mut Symbolizer,
+        modules: &ProcessModules,
+    ) -> Vec<Vec<Arc<str>>> {
+        let layout = target.flavour.layout();
+        let protos: Vec<Option<Arc<Proto>>> = frames
+            .iter()
+            .map(|f| {
+                (f.kind == LuaFrameKind::Lua as u8)
+                    .then(|| self.proto(pid, layout, f))
+                    .flatten()
+            })
+            .collect();
+        let mut segments: Vec<Vec<Arc<str>>> = vec![Vec::new()];
+        for i in (0..frames.len()).rev() {
+            let f = &frames[i];
+            let label: Arc<str> = if f.kind == LuaFrameKind::Lua as u8 {
+                match &protos[i] {
+                    Some(p) => {
+                        // Called from Lua: the caller's CALL instruction names the callee.
+                        let name = if f.link & 3 == 0 {
+                            frames
+                                .get(i + 1)
+                                .zip(protos.get(i + 1).and_then(Option::as_ref))
+                                .and_then(|(cf, cp)| cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc)))
+                        } else {
+                            None
+                        };
+                        let name = name.unwrap_or_else(|| {
+                            if p.firstline == 0 { "[main]" } else { "anonymous" }.to_owned()
+                        });
+                        let line = match style {
+                            NameStyle::FirstLine => p.firstline,
+                            NameStyle::CurrentLine => p
+                                .pc_index(f.pc)
+                                .and_then(|pc| p.line(pc))
+                                .unwrap_or(p.firstline),
+                        };
+                        Arc::from(format!("{name}@{}:{line}", p.chunk))
+                    }
+                    None => Arc::from("[lua:unknown]"),
+                }
+            } else if f.kind == LuaFrameKind::Fast as u8 {
+                match ffnames::name(&target.flavour, f.ffid) {
+                    Some(n) => Arc::from(format!("builtin:{n}")),
+                    None => Arc::from(format!("builtin#{}", f.ffid)),
+                }
+            } else {
+                match modules.find(f.code) {
+                    Some(m) => symbolizer.user(m, f.code),
+                    None => Arc::from(format!("cfunc:{:#x}", f.code)),
+                }
+            };
+            if f.link & 3 == 1 && segments.last().is_some_and(|s| !s.is_empty()) {
+                segments.push(Vec::new());
+            }
+            if let Some(seg) = segments.last_mut() {
+                seg.push(label);
+            }
+        }
+        segments.retain(|s| !s.is_empty());
+        segments
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uleb128_decodes_and_bounds() {
+        let b = [0x05, 0xe5, 0x8e, 0x26, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let mut off = 0;
+        assert_eq!(uleb128(&b, &mut off), Some(5));
+        assert_eq!(uleb128(&b, &mut off), Some(624_485));
+        assert_eq!(uleb128(&b, &mut off), None, "too long");
+        let mut off = 20;
+        assert_eq!(uleb128(&b, &mut off), None, "out of range");
+    }
+}

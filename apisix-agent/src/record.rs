@@ -1,0 +1,236 @@
+//! The one-shot `record` command: samples one process for a while and writes a flame graph
+//! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
+//!
+//! Hooks: the BPF sampler ([`crate::bpf`]), `/proc/PID` (existence, LuaJIT detection).
+//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr.
+
+use std::{
+    fs::File,
+    io::{self, IsTerminal as _, Write as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use apisix_ebpf_common::{Counter, LAYOUT_NONE, Target};
+
+use crate::{
+    bpf::Sampler,
+    fold::Folded,
+    luajit::{self, NameStyle},
+    process,
+    stacks::StackBuilder,
+};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// An interactive SVG flame graph (inferno).
+    Svg,
+    /// Folded stacks, `root;…;leaf COUNT` per line.
+    Collapsed,
+}
+
+/// Options of one recording.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    pub pid: u32,
+    pub duration: Duration,
+    pub frequency: u64,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub style: NameStyle,
+}
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct Recording {
+    pub folded: Folded,
+    pub counters: [u64; apisix_ebpf_common::COUNTER_SLOTS as usize],
+    pub target_exited: bool,
+    pub elapsed: Duration,
+    pub stats: crate::stacks::StackStats,
+    pub flavour: Option<String>,
+}
+
+/// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
+pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
+    let comm = process::comm(opts.pid)?;
+    let mut builder = StackBuilder::new(opts.style);
+    let mut target = Target {
+        layout: LAYOUT_NONE,
+        ..Default::default()
+    };
+    let mut flavour = None;
+    let mut layout = None;
+    match luajit::detect(opts.pid) {
+        Ok(Some(found)) => {
+            eprintln!(
+                "pid {} ({comm}): {} in {}",
+                opts.pid, found.flavour, found.library
+            );
+            flavour = Some(found.flavour.to_string());
+            target.layout = 0;
+            target.vm_start = found.vm_range.start;
+            target.vm_end = found.vm_range.end;
+            layout = Some(found.flavour.layout().bpf);
+            builder.set_lua_target(opts.pid, found);
+        }
+        Ok(None) => {
+            eprintln!("pid {} ({comm}): no LuaJIT mapped, native stacks only", opts.pid);
+        }
+        Err(e) => {
+            eprintln!(
+                "pid {} ({comm}): {e}; profiling native stacks only",
+                opts.pid
+            );
+        }
+    }
+    let mut sampler = Sampler::start(opts.frequency)?;
+    if let Some(layout) = layout {
+        sampler.set_layout(0, layout)?;
+    }
+    sampler.add_target(opts.pid, target)?;
+
+    let progress = io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut folded = Folded::new();
+    let mut last_progress = Instant::now();
+    let mut target_exited = false;
+    while started.elapsed() < opts.duration {
+        sampler.poll(Duration::from_millis(100), |s| {
+            if let Some(stack) = builder.build(s) {
+                folded.add(stack, 1);
+            }
+        });
+        if progress && last_progress.elapsed() >= Duration::from_millis(250) {
+            last_progress = Instant::now();
+            eprint!(
+                "\rrecording pid {}: {:>5.1}s / {}s, {} samples ",
+                opts.pid,
+                started.elapsed().as_secs_f64(),
+                opts.duration.as_secs(),
+                folded.total()
+            );
+        }
+        if !process::exists(opts.pid) {
+            target_exited = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    // Samples still in the ring buffer belong to the recording.
+    while sampler.poll(Duration::from_millis(0), |s| {
+        if let Some(stack) = builder.build(s) {
+            folded.add(stack, 1);
+        }
+    }) > 0
+    {}
+    if progress {
+        eprintln!();
+    }
+    if target_exited {
+        eprintln!(
+            "pid {} exited after {:.1}s; keeping what was sampled",
+            opts.pid,
+            elapsed.as_secs_f64()
+        );
+    }
+    let counters = sampler.counters()?;
+    drop(sampler);
+    Ok(Recording {
+        folded,
+        counters,
+        target_exited,
+        elapsed,
+        stats: builder.stats(),
+        flavour,
+    })
+}
+
+/// Runs `record` and writes its output and summary.
+pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
+    if opts.frequency == 0 || opts.frequency > 10_000 {
+        bail!("--frequency must be between 1 and 10000 Hz");
+    }
+    if opts.duration.is_zero() {
+        bail!("--duration must be at least 1 second");
+    }
+    let rec = record(opts)?;
+    let title = format!(
+        "pid {} — {:.0}s at {} Hz{}",
+        opts.pid,
+        rec.elapsed.as_secs_f64(),
+        opts.frequency,
+        rec.flavour
+            .as_deref()
+            .map(|f| format!(" — {f}"))
+            .unwrap_or_default()
+    );
+    let write = |w: &mut dyn io::Write| -> io::Result<()> {
+        match opts.format {
+            Format::Svg => rec.folded.write_svg(&title, &mut *w),
+            Format::Collapsed => rec.folded.write_folded(&mut *w),
+        }
+    };
+    match &opts.output {
+        Some(path) => {
+            let mut f = io::BufWriter::new(
+                File::create(path).with_context(|| format!("creating {}", path.display()))?,
+            );
+            write(&mut f).with_context(|| format!("writing {}", path.display()))?;
+            f.flush()
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        None => {
+            let stdout = io::stdout();
+            let mut lock = stdout.lock();
+            write(&mut lock).context("writing to stdout")?;
+        }
+    }
+    let c = &rec.counters;
+    let s = &rec.stats;
+    let unwound = s.native_complete + s.native_truncated;
+    eprintln!(
+        "{} samples taken, {} lost (ring buffer full), {} stacks written{}",
+        c[Counter::Samples as usize],
+        c[Counter::RingbufFull as usize],
+        rec.folded.total(),
+        opts.output
+            .as_ref()
+            .map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default()
+    );
+    if unwound > 0 {
+        eprintln!(
+            "native unwinding: {:.1}% complete, {} truncated",
+            100.0 * s.native_complete as f64 / unwound as f64,
+            s.native_truncated
+        );
+    }
+    if rec.flavour.is_some() {
+        let errors: Vec<String> = Counter::ALL
+            .iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    Counter::Samples | Counter::RingbufFull | Counter::LuaWalked | Counter::LuaIdle
+                )
+            })
+            .filter(|c| rec.counters[**c as usize] > 0)
+            .map(|c| format!("{}={}", c.name(), rec.counters[*c as usize]))
+            .collect();
+        eprintln!(
+            "lua: {} walked, {} outside Lua, deepest {} frames, errors: {}",
+            c[Counter::LuaWalked as usize],
+            c[Counter::LuaIdle as usize],
+            s.max_lua_depth,
+            if errors.is_empty() {
+                "none".to_owned()
+            } else {
+                errors.join(" ")
+            }
+        );
+    }
+    Ok(())
+}

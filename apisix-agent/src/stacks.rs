@@ -1,0 +1,363 @@
+//! Turns raw samples into named stacks, root first: native unwinding ([`crate::unwind`]),
+//! symbolization ([`crate::symbolize`]), Lua frame naming ([`crate::luajit`]) and the
+//! splice of Lua frames into the native stack at the VM boundary.
+//!
+//! Per-process state (open files, unwinder, LuaJIT target) is kept here and created on the
+//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::process`]. Metrics: the
+//! [`StackStats`] counters, read by the caller.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use apisix_ebpf_common::{LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
+
+use crate::{
+    luajit::{LuaNamer, LuaTarget, NameStyle},
+    process::{ElfFile, ProcessModules},
+    symbolize::Symbolizer,
+    unwind::{NativeUnwinder, UnwindEnd},
+};
+
+/// Outcome counters of stack building.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StackStats {
+    /// Samples turned into stacks.
+    pub samples: u64,
+    /// Native unwinds that reached the outermost frame.
+    pub native_complete: u64,
+    /// Native unwinds that stopped early.
+    pub native_truncated: u64,
+    /// Samples with Lua frames spliced in.
+    pub lua_spliced: u64,
+    /// Samples whose process could not be read.
+    pub unreadable: u64,
+    /// Deepest Lua stack seen.
+    pub max_lua_depth: u64,
+}
+
+struct ProcState {
+    modules: ProcessModules,
+    unwinder: NativeUnwinder,
+    lua: Option<LuaTarget>,
+    loaded: Instant,
+}
+
+/// Builds named stacks from samples.
+pub struct StackBuilder {
+    procs: HashMap<u32, ProcState>,
+    files: HashMap<String, Arc<ElfFile>>,
+    symbolizer: Symbolizer,
+    namer: LuaNamer,
+    style: NameStyle,
+    stats: StackStats,
+    /// LuaJIT targets registered by the caller (detected when the target was added).
+    lua_targets: HashMap<u32, LuaTarget>,
+}
+
+impl std::fmt::Debug for StackBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StackBuilder")
+            .field("procs", &self.procs.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Minimum time between two reloads of a process's modules (new code mapped by dlopen).
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+impl StackBuilder {
+    /// A builder naming Lua frames in `style`.
+    pub fn new(style: NameStyle) -> Self {
+        Self {
+            procs: HashMap::new(),
+            files: HashMap::new(),
+            symbolizer: Symbolizer::new(),
+            namer: LuaNamer::new(),
+            style,
+            stats: StackStats::default(),
+            lua_targets: HashMap::new(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> StackStats {
+        self.stats
+    }
+
+    /// Registers the LuaJIT runtime of process `pid`.
+    pub fn set_lua_target(&mut self, pid: u32, target: LuaTarget) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.lua = Some(target.clone());
+        }
+        self.lua_targets.insert(pid, target);
+    }
+
+    /// Forgets process `pid` (after it exited), keeping nothing but the open-file cache.
+    pub fn forget(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+        self.lua_targets.remove(&pid);
+        self.namer.forget(pid);
+        self.files.retain(|k, _| !k.starts_with(&format!("{pid}:")));
+    }
+
+    /// Makes sure the state of `pid` is loaded (reloading it when `ip` is in no known module).
+    /// Returns whether it is available.
+    fn ensure_proc(&mut self, pid: u32, ip: u64) -> bool {
+        let stale = match self.procs.get(&pid) {
+            None => true,
+            Some(p) => p.modules.find(ip).is_none() && p.loaded.elapsed() > RELOAD_INTERVAL,
+        };
+        if stale {
+            match ProcessModules::load(pid, &mut self.files) {
+                Ok(modules) => {
+                    let unwinder = NativeUnwinder::new(&modules);
+                    let lua = self.lua_targets.get(&pid).cloned();
+                    self.procs.insert(
+                        pid,
+                        ProcState {
+                            modules,
+                            unwinder,
+                            lua,
+                            loaded: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    if !self.procs.contains_key(&pid) {
+                        tracing::debug!(pid, error = %e, "process unreadable");
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Loads the state of `pid` ahead of its first sample, while it surely is alive.
+    pub fn prepare(&mut self, pid: u32) -> bool {
+        self.ensure_proc(pid, 0)
+    }
+
+    /// Builds the stack of one sample, root first. `None` when the process is unknown and
+    /// unreadable (it exited before its first sample was processed).
+    pub fn build(&mut self, s: &Sample) -> Option<Vec<Arc<str>>> {
+        let pid = s.pid;
+        if !self.ensure_proc(pid, s.regs.ip) {
+            self.stats.unreadable += 1;
+            return None;
+        }
+        let proc = self.procs.get_mut(&pid)?;
+        self.stats.samples += 1;
+        let stack_len = (s.stack_len as usize).min(STACK_COPY_MAX);
+        let stack = &s.stack[..stack_len];
+
+        // Native frames, leaf first.
+        let mut native = Vec::with_capacity(64);
+        let end = proc
+            .unwinder
+            .unwind(s.regs.ip, s.regs.sp, s.regs.bp, stack, &mut native);
+        let lua_len = (s.lua_len as usize).min(MAX_LUA_FRAMES);
+        let lua_frames = &s.lua[..lua_len];
+        let vm = proc.lua.as_ref().map(|t| t.vm_range.clone());
+        let in_vm = |a: u64| vm.as_ref().is_some_and(|r| r.contains(&a));
+
+        // Unwinding stops in JIT-compiled trace code (no unwind info): resume below the VM's
+        // C frame, whose address the BPF side read from `L->cframe`.
+        if end == UnwindEnd::Truncated
+            && !lua_frames.is_empty()
+            && !native.iter().any(|a| in_vm(*a))
+            && let Some(vm) = vm.as_ref()
+        {
+            let cframe = s.lua_cframe & !3;
+            if cframe >= s.regs.sp && cframe < s.regs.sp + stack_len as u64 {
+                native.retain(|a| proc.modules.find(*a).is_some());
+                let body = vm.start + (vm.end - vm.start) / 2;
+                let off = (cframe - s.regs.sp) as usize;
+                let mut below = Vec::new();
+                proc.unwinder
+                    .unwind(body, cframe, 0, &stack[off..], &mut below);
+                native.extend(below);
+            }
+        }
+        match end {
+            UnwindEnd::Complete => self.stats.native_complete += 1,
+            UnwindEnd::Truncated => self.stats.native_truncated += 1,
+        }
+
+        // Name native frames, root first, marking VM frames.
+        let mut named: Vec<(Arc<str>, bool)> = Vec::with_capacity(native.len() + lua_len);
+        for &addr in native.iter().rev() {
+            let label = match proc.modules.find(addr) {
+                Some(m) => self.symbolizer.user(m, addr),
+                None => Arc::from("[unknown]"),
+            };
+            named.push((label, in_vm(addr)));
+        }
+
+        let mut out: Vec<Arc<str>> = Vec::with_capacity(named.len() + lua_len + 8);
+        if lua_frames.is_empty() || proc.lua.is_none() {
+            out.extend(named.into_iter().map(|(l, _)| l));
+        } else {
+            let lua = proc.lua.as_ref()?;
+            let segments = self
+                .namer
+                .segments(pid, lua, lua_frames, self.style, &mut self.symbolizer, &proc.modules);
+            let marker = match LuaState::from_raw(s.lua_state) {
+                LuaState::Gc => Some("[lua:gc]"),
+                LuaState::JitCompile => Some("[lua:jit-compile]"),
+                _ => None,
+            };
+            splice(&named, segments, marker, &mut out);
+            self.stats.lua_spliced += 1;
+            self.stats.max_lua_depth = self.stats.max_lua_depth.max(lua_len as u64);
+        }
+        // Kernel frames come leaf first; they go on top of the user leaf.
+        let kframes: Vec<Arc<str>> = s.kstack[..(s.kstack_len as usize).min(s.kstack.len())]
+            .iter()
+            .filter(|a| **a != 0)
+            .map(|a| self.symbolizer.kernel(*a))
+            .collect();
+        out.extend(kframes.into_iter().rev());
+        if out.is_empty() {
+            out.push(Arc::from("[unknown]"));
+        }
+        Some(out)
+    }
+}
+
+/// Splices Lua segments (root first, each root first) into native frames (root first, with a
+/// flag for frames inside the VM). The innermost segment replaces the innermost VM frame, and
+/// so on outwards; segments left over at the root side join the outermost VM frame. Without
+/// any VM frame the Lua frames go below the native frames (whose unwind stopped early).
+pub fn splice(
+    native: &[(Arc<str>, bool)],
+    mut segments: Vec<Vec<Arc<str>>>,
+    marker: Option<&str>,
+    out: &mut Vec<Arc<str>>,
+) {
+    if let (Some(m), Some(last)) = (marker, segments.last_mut()) {
+        last.push(Arc::from(m));
+    }
+    let vm_positions: Vec<usize> = native
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, vm))| *vm)
+        .map(|(i, _)| i)
+        .collect();
+    if vm_positions.is_empty() {
+        for seg in segments {
+            out.extend(seg);
+        }
+        out.extend(native.iter().map(|(l, _)| l.clone()));
+        return;
+    }
+    // Assign segments to VM frames from the leaf side.
+    let mut assigned: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+    let mut vm_iter = vm_positions.iter().rev().peekable();
+    while let Some(seg) = segments.pop() {
+        match vm_iter.next() {
+            Some(&pos) if vm_iter.peek().is_some() || segments.is_empty() => {
+                assigned.insert(pos, seg);
+            }
+            Some(&pos) => {
+                // Outermost VM frame: it takes every remaining segment.
+                let mut all: Vec<Arc<str>> = segments.drain(..).flatten().collect();
+                all.extend(seg);
+                assigned.insert(pos, all);
+            }
+            None => {
+                let pos = vm_positions[0];
+                let entry = assigned.entry(pos).or_default();
+                let mut all = seg;
+                all.append(entry);
+                *entry = all;
+            }
+        }
+    }
+    for (i, (label, vm)) in native.iter().enumerate() {
+        if *vm {
+            if let Some(seg) = assigned.remove(&i) {
+                out.extend(seg);
+            }
+        } else {
+            out.push(label.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(frames: &[(&str, bool)]) -> Vec<(Arc<str>, bool)> {
+        frames.iter().map(|(l, v)| (Arc::from(*l), *v)).collect()
+    }
+    fn seg(frames: &[&str]) -> Vec<Arc<str>> {
+        frames.iter().map(|f| Arc::from(*f)).collect()
+    }
+    fn joined(v: &[Arc<str>]) -> String {
+        v.iter().map(|s| &**s).collect::<Vec<_>>().join(";")
+    }
+
+    #[test]
+    fn lua_replaces_the_vm_frame_at_the_leaf() {
+        let native = n(&[("main", false), ("lua_resume", false), ("lj_vm", true)]);
+        let mut out = Vec::new();
+        splice(&native, vec![seg(&["handler@a.lua:1", "burn@a.lua:5"])], None, &mut out);
+        assert_eq!(joined(&out), "main;lua_resume;handler@a.lua:1;burn@a.lua:5");
+    }
+
+    #[test]
+    fn c_function_called_from_lua_stays_above_lua_frames() {
+        let native = n(&[
+            ("main", false),
+            ("lua_resume", false),
+            ("lj_vm", true),
+            ("ngx_http_lua_ngx_say", false),
+        ]);
+        let mut out = Vec::new();
+        splice(&native, vec![seg(&["handler@a.lua:1"])], Some("[lua:gc]"), &mut out);
+        assert_eq!(
+            joined(&out),
+            "main;lua_resume;handler@a.lua:1;[lua:gc];ngx_http_lua_ngx_say"
+        );
+    }
+
+    #[test]
+    fn nested_vm_entries_each_get_their_segment() {
+        let native = n(&[
+            ("main", false),
+            ("lua_pcall", false),
+            ("lj_vm", true),
+            ("c_fn", false),
+            ("lua_call", false),
+            ("lj_vm", true),
+        ]);
+        let mut out = Vec::new();
+        splice(&native, vec![seg(&["outer@a.lua:1"]), seg(&["inner@b.lua:2"])], None, &mut out);
+        assert_eq!(
+            joined(&out),
+            "main;lua_pcall;outer@a.lua:1;c_fn;lua_call;inner@b.lua:2"
+        );
+    }
+
+    #[test]
+    fn more_segments_than_vm_frames_join_the_outermost() {
+        let native = n(&[("main", false), ("lj_vm", true)]);
+        let mut out = Vec::new();
+        splice(&native, vec![seg(&["a@x:1"]), seg(&["b@x:2"])], None, &mut out);
+        assert_eq!(joined(&out), "main;a@x:1;b@x:2");
+    }
+
+    #[test]
+    fn no_vm_frame_puts_lua_below_native() {
+        let native = n(&[("lj_gc_step", false)]);
+        let mut out = Vec::new();
+        splice(&native, vec![seg(&["a@x:1"])], None, &mut out);
+        assert_eq!(joined(&out), "a@x:1;lj_gc_step");
+    }
+}

@@ -1,0 +1,90 @@
+//! Names for native code addresses: ELF symbols (and debug symbols where installed, through
+//! `.gnu_debuglink` / build-id under `/usr/lib/debug`) via blazesym, kernel symbols from
+//! `/proc/kallsyms`. An address without a symbol is named `module+0xOFFSET` (offset as the
+//! binary states it), never an error. Results are cached per file and address.
+//!
+//! Hooks: the target's files (read through the descriptors [`crate::process`] keeps open),
+//! `/proc/kallsyms`. Metrics: none.
+
+use std::{collections::HashMap, sync::Arc};
+
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        Input, Symbolized, Symbolizer as Blaze,
+        source::{Elf, Kernel, Source},
+    },
+};
+
+use crate::process::Module;
+
+/// Caching symbolizer for native and kernel addresses.
+pub struct Symbolizer {
+    blaze: Blaze,
+    user: HashMap<(usize, u64), Arc<str>>,
+    kernel: HashMap<u64, Arc<str>>,
+}
+
+impl std::fmt::Debug for Symbolizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Symbolizer")
+            .field("user_cached", &self.user.len())
+            .field("kernel_cached", &self.kernel.len())
+            .finish()
+    }
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The label of an address that has no symbol.
+pub fn offset_label(module: &str, offset: u64) -> String {
+    format!("{module}+{offset:#x}")
+}
+
+impl Symbolizer {
+    /// A symbolizer with empty caches.
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::new(),
+            user: HashMap::new(),
+            kernel: HashMap::new(),
+        }
+    }
+
+    /// Names `addr` (an address inside `module` of the target).
+    pub fn user(&mut self, module: &Module, addr: u64) -> Arc<str> {
+        let svma = addr.wrapping_sub(module.bias);
+        let key = (Arc::as_ptr(&module.elf) as usize, svma);
+        if let Some(name) = self.user.get(&key) {
+            return name.clone();
+        }
+        let src = Source::Elf(Elf::new(module.elf.fd_path()));
+        let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::VirtOffset(svma)) {
+            Ok(Symbolized::Sym(sym)) => Arc::from(&*sym.name),
+            _ => Arc::from(offset_label(&module.elf.name, svma)),
+        };
+        self.user.insert(key, name.clone());
+        name
+    }
+
+    /// Names a kernel address; the label carries the `_[k]` suffix.
+    pub fn kernel(&mut self, addr: u64) -> Arc<str> {
+        if let Some(name) = self.kernel.get(&addr) {
+            return name.clone();
+        }
+        let src = Source::Kernel(Kernel {
+            vmlinux: MaybeDefault::None,
+            ..Default::default()
+        });
+        let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::AbsAddr(addr)) {
+            Ok(Symbolized::Sym(sym)) => Arc::from(format!("{}_[k]", sym.name)),
+            _ => Arc::from(format!("{addr:#x}_[k]")),
+        };
+        self.kernel.insert(addr, name.clone());
+        name
+    }
+}

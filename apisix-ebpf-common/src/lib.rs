@@ -1,0 +1,319 @@
+//! Types shared by the BPF programs (`apisix-ebpf`) and the agent (`apisix-agent`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of implicit padding, so that the
+//! kernel side and user space read the same bytes. Map and program names are shared
+//! constants. With the `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+/// Program name of the CPU sampler (a `perf_event` program attached on every CPU).
+pub const PROG_SAMPLE: &str = "sample";
+
+/// `HashMap<u32 tgid, Target>`: processes to sample.
+pub const MAP_TARGETS: &str = "TARGETS";
+/// `Array<LuaLayout>`: struct layouts of the LuaJIT builds in use, indexed by `Target::layout`.
+pub const MAP_LUA_LAYOUTS: &str = "LUA_LAYOUTS";
+/// `HashMap<u32 tgid, u64>`: the `global_State` address last seen in a process's interpreter.
+pub const MAP_LUA_VMS: &str = "LUA_VMS";
+/// `RingBuf`: one [`Sample`] per sampled event.
+pub const MAP_SAMPLES: &str = "SAMPLES";
+/// `PerCpuArray<u64>`: counters indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Bytes of user stack copied from the stack pointer upwards (the largest size tried).
+pub const STACK_COPY_MAX: usize = 16384;
+/// Lua frames walked per sample.
+pub const MAX_LUA_FRAMES: usize = 192;
+/// Kernel frames kept per sample.
+pub const MAX_KERNEL_FRAMES: usize = 64;
+/// Number of slots in [`MAP_LUA_LAYOUTS`].
+pub const MAX_LUA_LAYOUTS: u32 = 8;
+/// `Target::layout` value of a process without a usable LuaJIT.
+pub const LAYOUT_NONE: u32 = u32::MAX;
+
+/// One process to sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Target {
+    /// Index into [`MAP_LUA_LAYOUTS`], or [`LAYOUT_NONE`] for native stacks only.
+    pub layout: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// Start of the LuaJIT interpreter's machine code in this process.
+    pub vm_start: u64,
+    /// End (exclusive) of the LuaJIT interpreter's machine code in this process.
+    pub vm_end: u64,
+}
+
+/// Byte offsets and sizes of one LuaJIT build's structures, as the BPF walker needs them.
+///
+/// Filled from the agent's per-flavour tables; the BPF side never guesses an offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LuaLayout {
+    /// 1 for 64-bit GC references and two-slot frames (GC64, `LJ_FR2`), 0 for 32-bit refs.
+    pub gc64: u32,
+    /// `[rsp + save_l]` holds the running `lua_State *` while the interpreter executes.
+    pub save_l: u32,
+    /// `lua_State.glref`.
+    pub l_glref: u32,
+    /// `lua_State.base`.
+    pub l_base: u32,
+    /// `lua_State.stack`.
+    pub l_stack: u32,
+    /// `lua_State.cframe`.
+    pub l_cframe: u32,
+    /// `lua_State.stacksize` (in slots).
+    pub l_stacksize: u32,
+    /// `global_State.cur_L`.
+    pub g_cur_l: u32,
+    /// `global_State.vmstate`.
+    pub g_vmstate: u32,
+    /// `global_State.jit_base`.
+    pub g_jit_base: u32,
+    /// `GCfunc.gct` (the GC type byte).
+    pub fn_gct: u32,
+    /// `GCfunc.ffid`.
+    pub fn_ffid: u32,
+    /// `GCfunc.pc` (Lua functions: bytecode start, right behind the `GCproto`).
+    pub fn_pc: u32,
+    /// `GCfuncC.f` (C and fast functions).
+    pub fn_cfunc: u32,
+    /// `sizeof(GCproto)`.
+    pub pt_size: u32,
+    /// `GCproto.chunkname`.
+    pub pt_chunkname: u32,
+    /// `GCproto.firstline`.
+    pub pt_firstline: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// What the sampled thread's Lua VM was doing, from `global_State.vmstate` and the IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum LuaState {
+    /// No Lua walk attempted (no LuaJIT in the target, or the thread runs no Lua now).
+    None = 0,
+    /// The IP was in the interpreter; BASE and PC came from registers.
+    Interpreter = 1,
+    /// In C code called from Lua (C function, FFI callee, VM helper); `L->base` used.
+    C = 2,
+    /// In the garbage collector.
+    Gc = 3,
+    /// In the JIT compiler (recording, optimizing or assembling a trace).
+    JitCompile = 4,
+    /// In a compiled trace; `G->jit_base` used.
+    Trace = 5,
+    /// Exiting a trace back into the interpreter.
+    TraceExit = 6,
+}
+
+impl LuaState {
+    /// Decodes the raw value sent by the BPF side.
+    pub const fn from_raw(raw: u32) -> Self {
+        match raw {
+            1 => Self::Interpreter,
+            2 => Self::C,
+            3 => Self::Gc,
+            4 => Self::JitCompile,
+            5 => Self::Trace,
+            6 => Self::TraceExit,
+            _ => Self::None,
+        }
+    }
+}
+
+/// Kind of one walked Lua frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LuaFrameKind {
+    /// A Lua function: `code` is its `GCproto`.
+    Lua = 0,
+    /// A C function (`lua_CFunction`): `code` is its address.
+    C = 1,
+    /// A fast function (builtin): `ffid` names it, `code` is its handler.
+    Fast = 2,
+}
+
+/// One Lua frame as the BPF walker saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LuaFrame {
+    /// Address of the `GCfunc`.
+    pub func: u64,
+    /// Lua: address of the `GCproto`; C/fast: the C function's address.
+    pub code: u64,
+    /// Address of the next bytecode to run in this frame (return PC), or 0 if unknown.
+    pub pc: u64,
+    /// Lua: `GCproto.chunkname` at sample time (checked by user space against a freed proto).
+    pub chunkname: u64,
+    /// Lua: `GCproto.firstline` at sample time.
+    pub firstline: u32,
+    /// [`LuaFrameKind`] as a byte.
+    pub kind: u8,
+    /// `GCfunc.ffid` (0 Lua, 1 C, >1 fast function id).
+    pub ffid: u8,
+    /// Low three bits of the frame link: how this frame was entered (0 from Lua, 1 or 5 from C).
+    pub link: u8,
+    /// Reserved, zero.
+    pub reserved: u8,
+}
+
+/// The user-mode registers the unwinders need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// One CPU sample, written by the BPF side into [`MAP_SAMPLES`].
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Sample {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` at the sample.
+    pub time_ns: u64,
+    /// User-mode registers at the sample.
+    pub regs: UserRegs,
+    /// The walked `lua_State`, or 0.
+    pub lua_l: u64,
+    /// `lua_State.cframe` of the walked state (the VM's C frame on the native stack), or 0.
+    pub lua_cframe: u64,
+    /// Bytes of [`Sample::stack`] that hold the user stack from `regs.sp` upwards.
+    pub stack_len: u32,
+    /// Entries of [`Sample::kstack`] in use (leaf first).
+    pub kstack_len: u32,
+    /// Entries of [`Sample::lua`] in use (innermost frame first).
+    pub lua_len: u32,
+    /// [`LuaState`] as a raw value.
+    pub lua_state: u32,
+    /// [`Counter`] of the reason the Lua walk stopped early, or 0 if it did not.
+    pub lua_error: u32,
+    /// `global_State.vmstate` (a trace number when >= 0).
+    pub vmstate: i32,
+    /// Thread name.
+    pub comm: [u8; 16],
+    /// Kernel stack, leaf first.
+    pub kstack: [u64; MAX_KERNEL_FRAMES],
+    /// Lua frames, innermost first.
+    pub lua: [LuaFrame; MAX_LUA_FRAMES],
+    /// Copy of the user stack from `regs.sp`.
+    pub stack: [u8; STACK_COPY_MAX],
+}
+
+/// Counters kept by the BPF side in [`MAP_COUNTERS`], one slot each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Counter {
+    /// Samples written to the ring buffer.
+    Samples = 0,
+    /// Samples lost because the ring buffer was full.
+    RingbufFull = 1,
+    /// User registers could not be read.
+    RegsUnavailable = 2,
+    /// No part of the user stack could be copied.
+    StackCopyFailed = 3,
+    /// Lua: no `global_State` known yet for the process.
+    LuaNoVm = 4,
+    /// Lua: the `lua_State` / `global_State` pair did not check out.
+    LuaBadState = 5,
+    /// Lua: a read of VM memory failed.
+    LuaReadFailed = 6,
+    /// Lua: a frame slot did not hold a function.
+    LuaBadFrame = 7,
+    /// Lua: more frames than [`MAX_LUA_FRAMES`].
+    LuaTooDeep = 8,
+    /// Lua: BASE was outside the Lua stack.
+    LuaBadBase = 9,
+    /// Lua: the layout slot of the target was empty.
+    LuaNoLayout = 10,
+    /// Samples of threads running no Lua at the time (not an error).
+    LuaIdle = 11,
+    /// Samples with a complete Lua walk.
+    LuaWalked = 12,
+}
+
+/// Number of slots in [`MAP_COUNTERS`].
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl Counter {
+    /// All counters, in slot order.
+    pub const ALL: [Counter; 13] = [
+        Counter::Samples,
+        Counter::RingbufFull,
+        Counter::RegsUnavailable,
+        Counter::StackCopyFailed,
+        Counter::LuaNoVm,
+        Counter::LuaBadState,
+        Counter::LuaReadFailed,
+        Counter::LuaBadFrame,
+        Counter::LuaTooDeep,
+        Counter::LuaBadBase,
+        Counter::LuaNoLayout,
+        Counter::LuaIdle,
+        Counter::LuaWalked,
+    ];
+
+    /// Stable snake_case name, used as a metric label and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Samples => "samples",
+            Counter::RingbufFull => "ringbuf_full",
+            Counter::RegsUnavailable => "regs_unavailable",
+            Counter::StackCopyFailed => "stack_copy_failed",
+            Counter::LuaNoVm => "lua_no_vm",
+            Counter::LuaBadState => "lua_bad_state",
+            Counter::LuaReadFailed => "lua_read_failed",
+            Counter::LuaBadFrame => "lua_bad_frame",
+            Counter::LuaTooDeep => "lua_too_deep",
+            Counter::LuaBadBase => "lua_bad_base",
+            Counter::LuaNoLayout => "lua_no_layout",
+            Counter::LuaIdle => "lua_idle",
+            Counter::LuaWalked => "lua_walked",
+        }
+    }
+
+    /// Decodes a slot index.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.get(raw as usize).copied()
+    }
+}
+
+// No implicit padding: every size is the sum of its fields.
+const _: () = {
+    assert!(core::mem::size_of::<Target>() == 24);
+    assert!(core::mem::size_of::<LuaLayout>() == 18 * 4);
+    assert!(core::mem::size_of::<LuaFrame>() == 40);
+    assert!(core::mem::size_of::<UserRegs>() == 24);
+    assert!(
+        core::mem::size_of::<Sample>()
+            == 4 + 4
+                + 8
+                + 24
+                + 8
+                + 8
+                + 6 * 4
+                + 16
+                + 8 * MAX_KERNEL_FRAMES
+                + 40 * MAX_LUA_FRAMES
+                + STACK_COPY_MAX
+    );
+    assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{LuaLayout, Sample, Target};
+
+    // SAFETY: plain `#[repr(C)]` data without padding (checked above).
+    unsafe impl aya::Pod for Target {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LuaLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Sample {}
+}
