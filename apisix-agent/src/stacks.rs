@@ -152,6 +152,16 @@ impl StackBuilder {
         }
         let proc = self.procs.get_mut(&pid)?;
         self.stats.samples += 1;
+        tracing::trace!(
+            pid,
+            tid = s.tid,
+            ip = format_args!("{:#x}", s.regs.ip),
+            lua_state = s.lua_state,
+            lua_error = s.lua_error,
+            vmstate = s.vmstate,
+            lua_len = s.lua_len,
+            "sample"
+        );
         let stack_len = (s.stack_len as usize).min(STACK_COPY_MAX);
         let stack = &s.stack[..stack_len];
 

@@ -84,8 +84,9 @@ pub struct LuaLayout {
     pub pt_chunkname: u32,
     /// `GCproto.firstline`.
     pub pt_firstline: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// `GG_G2DISP`: the interpreter's DISPATCH register (r14) minus the `global_State`
+    /// address. GC64 JIT code keeps DISPATCH in r14 too.
+    pub g2disp: u32,
 }
 
 /// What the sampled thread's Lua VM was doing, from `global_State.vmstate` and the IP.

@@ -52,8 +52,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 /// Stack copy sizes tried in turn: a read that crosses the top of the stack mapping fails.
 const STACK_SIZES: [u32; 6] = [STACK_COPY_MAX as u32, 8192, 4096, 2048, 1024, 512];
 
-/// `~LJ_TFUNC` as stored in `GCfunc.gct`.
-const GCT_FUNC: u8 = !8u8;
+/// `GCfunc.gct` of a function: the GC type `~LJ_TFUNC`, i.e. 8.
+const GCT_FUNC: u8 = 8;
 /// Mask of the address bits of a tagged 64-bit TValue (`LJ_GCVMASK`).
 const GCV_MASK: u64 = (1 << 47) - 1;
 /// Frame link type bits.
@@ -219,6 +219,16 @@ fn find_state(
     // SAFETY: read-only lookup of a plain value.
     let g = match unsafe { LUA_VMS.get(&tgid) } {
         Some(g) => *g,
+        None if layout.gc64 != 0 => {
+            // GC64 JIT code keeps DISPATCH in r14 like the interpreter: try it once.
+            let g = regs.r14.wrapping_sub(u64::from(layout.g2disp));
+            let l = read_ref(layout, g + u64::from(layout.g_cur_l)).map_err(|_| Counter::LuaNoVm)?;
+            if l == 0 || read_ref(layout, l + u64::from(layout.l_glref)).map_err(|_| Counter::LuaNoVm)? != g {
+                return Err(Counter::LuaNoVm);
+            }
+            let _ = LUA_VMS.insert(&tgid, &g, 0);
+            g
+        }
         None => return Err(Counter::LuaNoVm),
     };
     let l = read_ref(layout, g + u64::from(layout.g_cur_l))?;

@@ -19,10 +19,10 @@ use crate::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
 const MAX_PROTO_BYTES: u32 = 1 << 20;
 /// Longest chunk name or string constant read.
 const MAX_STR: u32 = 512;
-/// `~LJ_TPROTO` as stored in `GCproto.gct`.
-const GCT_PROTO: u8 = !7u8;
-/// `~LJ_TSTR` as stored in `GCstr.gct`.
-const GCT_STR: u8 = !4u8;
+/// `GCproto.gct`: the GC type `~LJ_TPROTO`, i.e. 7.
+const GCT_PROTO: u8 = 7;
+/// `GCstr.gct`: the GC type `~LJ_TSTR`, i.e. 4.
+const GCT_STR: u8 = 4;
 
 /// Why a prototype could not be read.
 #[derive(Debug, thiserror::Error)]
