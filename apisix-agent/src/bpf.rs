@@ -10,14 +10,15 @@ use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
     COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_SAMPLES,
-    MAP_TARGETS, PROG_SAMPLE, Sample, Target,
+    MAP_TARGETS, PROG_LEARN_VM, PROG_SAMPLE, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, ProgramError,
+        PerfEvent, ProgramError, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        uprobe::{UProbeLinkId, UProbeScope},
     },
     util::online_cpus,
 };
@@ -84,6 +85,7 @@ pub struct Sampler {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     frequency: u64,
+    learners: std::collections::HashMap<u32, UProbeLinkId>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -147,16 +149,83 @@ impl Sampler {
             map: MAP_SAMPLES,
             source,
         })?;
+        let learn: &mut UProbe = ebpf
+            .program_mut(PROG_LEARN_VM)
+            .ok_or(BpfError::Missing {
+                what: "the learn_vm program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "learn_vm is not a uprobe".into(),
+                source,
+            })?;
+        learn.load().map_err(|source| BpfError::Program {
+            what: "loading the learn_vm program".into(),
+            source,
+        })?;
         Ok(Self {
             ebpf,
             ring,
             frequency,
+            learners: std::collections::HashMap::new(),
         })
     }
 
-    /// The sampling frequency in Hz per CPU.
-    pub fn frequency(&self) -> u64 {
-        self.frequency
+    /// Whether the `global_State` of process `pid` is known to the BPF side.
+    pub fn vm_known(&self, pid: u32) -> bool {
+        self.ebpf
+            .map(MAP_LUA_VMS)
+            .and_then(|m| HashMap::<_, u32, u64>::try_from(m).ok())
+            .is_some_and(|m| m.get(&pid, 0).is_ok())
+    }
+
+    /// Attaches the `lua_resume` uprobe to process `pid` (whose LuaJIT is in `library`, a
+    /// path as the process sees it) until its VM is learned; see [`Self::retire_learners`].
+    pub fn learn_vm(&mut self, pid: u32, library: &str) -> Result<(), BpfError> {
+        if self.learners.contains_key(&pid) || self.vm_known(pid) {
+            return Ok(());
+        }
+        let Some(nz) = std::num::NonZeroU32::new(pid) else {
+            return Ok(());
+        };
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(PROG_LEARN_VM)
+            .ok_or(BpfError::Missing {
+                what: "the learn_vm program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "learn_vm is not a uprobe".into(),
+                source,
+            })?;
+        let path = format!("/proc/{pid}/root{library}");
+        let link = prog
+            .attach("lua_resume", &path, UProbeScope::OneProcess(nz))
+            .map_err(|source| BpfError::Program {
+                what: format!("attaching the lua_resume uprobe to {path}"),
+                source,
+            })?;
+        self.learners.insert(pid, link);
+        Ok(())
+    }
+
+    /// Detaches the learning uprobes of processes whose VM is known or that are gone.
+    pub fn retire_learners(&mut self) {
+        let done: Vec<u32> = self
+            .learners
+            .keys()
+            .copied()
+            .filter(|pid| self.vm_known(*pid) || !crate::process::exists(*pid))
+            .collect();
+        for pid in done {
+            if let Some(link) = self.learners.remove(&pid)
+                && let Some(prog) = self.ebpf.program_mut(PROG_LEARN_VM)
+                && let Ok(prog) = <&mut UProbe>::try_from(prog)
+            {
+                let _ = prog.detach(link);
+            }
+        }
     }
 
     /// Starts sampling process `pid`.
@@ -177,27 +246,14 @@ impl Sampler {
             })
     }
 
-    /// Stops sampling process `pid` and forgets its learned VM state.
-    pub fn remove_target(&mut self, pid: u32) -> Result<(), BpfError> {
-        for name in [MAP_TARGETS, MAP_LUA_VMS] {
-            if let Some(map) = self.ebpf.map_mut(name) {
-                if name == MAP_TARGETS {
-                    if let Ok(mut m) = HashMap::<_, u32, Target>::try_from(map) {
-                        let _ = m.remove(&pid);
-                    }
-                } else if let Ok(mut m) = HashMap::<_, u32, u64>::try_from(map) {
-                    let _ = m.remove(&pid);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Installs a LuaJIT layout in slot `index`.
     pub fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
-        let map = self.ebpf.map_mut(MAP_LUA_LAYOUTS).ok_or(BpfError::Missing {
-            what: "the layouts map",
-        })?;
+        let map = self
+            .ebpf
+            .map_mut(MAP_LUA_LAYOUTS)
+            .ok_or(BpfError::Missing {
+                what: "the layouts map",
+            })?;
         let mut layouts: Array<_, LuaLayout> =
             Array::try_from(map).map_err(|source| BpfError::Map {
                 map: MAP_LUA_LAYOUTS,

@@ -45,16 +45,6 @@ impl Folded {
         self.total
     }
 
-    /// Number of distinct stacks.
-    pub fn distinct(&self) -> usize {
-        self.counts.len()
-    }
-
-    /// Iterates over `(stack, weight)`.
-    pub fn iter(&self) -> impl Iterator<Item = (&[Arc<str>], u64)> {
-        self.counts.iter().map(|(k, v)| (k.as_slice(), *v))
-    }
-
     /// The folded lines, sorted.
     pub fn lines(&self) -> Vec<String> {
         let mut lines: Vec<String> = self
@@ -114,7 +104,6 @@ mod tests {
         f.add(st(&[]), 7);
         assert_eq!(f.lines(), vec!["main;a 1", "main;b 5"]);
         assert_eq!(f.total(), 6);
-        assert_eq!(f.distinct(), 2);
     }
 
     #[test]
@@ -137,7 +126,10 @@ mod tests {
             std::fs::write(path, &svg).expect("write golden");
         }
         let golden = std::fs::read_to_string(path).expect("read golden");
-        assert_eq!(svg, golden, "SVG differs from {path} (UPDATE_GOLDEN=1 rewrites it)");
+        assert_eq!(
+            svg, golden,
+            "SVG differs from {path} (UPDATE_GOLDEN=1 rewrites it)"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ impl Memory {
     /// Fills `buf` from `addr`; fails unless every byte was read.
     pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         if buf.len() > MAX_READ {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read too large",
+            ));
         }
         if buf.is_empty() {
             return Ok(());
@@ -39,7 +42,8 @@ impl Memory {
         };
         // SAFETY: both iovecs describe valid memory of the given lengths; the remote one is
         // only interpreted by the kernel in the target's address space.
-        let n = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        let n =
+            unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -56,14 +60,8 @@ impl Memory {
         Ok(buf)
     }
 
-    /// Reads a little-endian u32.
-    pub fn u32(&self, addr: u64) -> io::Result<u32> {
-        let mut b = [0u8; 4];
-        self.read_into(addr, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
     /// Reads a little-endian u64.
+    #[cfg(test)]
     pub fn u64(&self, addr: u64) -> io::Result<u64> {
         let mut b = [0u8; 8];
         self.read_into(addr, &mut b)?;

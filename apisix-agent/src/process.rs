@@ -184,10 +184,7 @@ pub struct ProcessModules {
 
 impl ProcessModules {
     /// Opens every executable mapping of `pid`, reusing files already open in `cache`.
-    pub fn load(
-        pid: u32,
-        cache: &mut HashMap<String, Arc<ElfFile>>,
-    ) -> Result<Self, ProcessError> {
+    pub fn load(pid: u32, cache: &mut HashMap<String, Arc<ElfFile>>) -> Result<Self, ProcessError> {
         let mut out = Self::default();
         for m in read_maps(pid)? {
             let key = format!("{pid}:{}", m.path);

@@ -63,6 +63,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
     };
     let mut flavour = None;
     let mut layout = None;
+    let mut library = None;
     match luajit::detect(opts.pid) {
         Ok(Some(found)) => {
             eprintln!(
@@ -74,10 +75,14 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
             target.vm_start = found.vm_range.start;
             target.vm_end = found.vm_range.end;
             layout = Some(found.flavour.layout().bpf);
+            library = Some(found.library.clone());
             builder.set_lua_target(opts.pid, found);
         }
         Ok(None) => {
-            eprintln!("pid {} ({comm}): no LuaJIT mapped, native stacks only", opts.pid);
+            eprintln!(
+                "pid {} ({comm}): no LuaJIT mapped, native stacks only",
+                opts.pid
+            );
         }
         Err(e) => {
             eprintln!(
@@ -91,6 +96,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         sampler.set_layout(0, layout)?;
     }
     sampler.add_target(opts.pid, target)?;
+    builder.prepare(opts.pid);
+    if let Some(library) = &library
+        && let Err(e) = sampler.learn_vm(opts.pid, library)
+    {
+        tracing::warn!(pid = opts.pid, error = %e, "no lua_resume uprobe; the Lua VM is learned from samples only");
+    }
 
     let progress = io::stderr().is_terminal();
     let started = Instant::now();
@@ -113,6 +124,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
                 folded.total()
             );
         }
+        sampler.retire_learners();
         if !process::exists(opts.pid) {
             target_exited = true;
             break;
@@ -128,13 +140,6 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
     {}
     if progress {
         eprintln!();
-    }
-    if target_exited {
-        eprintln!(
-            "pid {} exited after {:.1}s; keeping what was sampled",
-            opts.pid,
-            elapsed.as_secs_f64()
-        );
     }
     let counters = sampler.counters()?;
     drop(sampler);
@@ -187,6 +192,13 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             let mut lock = stdout.lock();
             write(&mut lock).context("writing to stdout")?;
         }
+    }
+    if rec.target_exited {
+        eprintln!(
+            "pid {} exited after {:.1}s; keeping what was sampled",
+            opts.pid,
+            rec.elapsed.as_secs_f64()
+        );
     }
     let c = &rec.counters;
     let s = &rec.stats;

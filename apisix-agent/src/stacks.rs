@@ -96,14 +96,6 @@ impl StackBuilder {
         self.lua_targets.insert(pid, target);
     }
 
-    /// Forgets process `pid` (after it exited), keeping nothing but the open-file cache.
-    pub fn forget(&mut self, pid: u32) {
-        self.procs.remove(&pid);
-        self.lua_targets.remove(&pid);
-        self.namer.forget(pid);
-        self.files.retain(|k, _| !k.starts_with(&format!("{pid}:")));
-    }
-
     /// Makes sure the state of `pid` is loaded (reloading it when `ip` is in no known module).
     /// Returns whether it is available.
     fn ensure_proc(&mut self, pid: u32, ip: u64) -> bool {
@@ -213,9 +205,14 @@ impl StackBuilder {
             out.extend(named.into_iter().map(|(l, _)| l));
         } else {
             let lua = proc.lua.as_ref()?;
-            let segments = self
-                .namer
-                .segments(pid, lua, lua_frames, self.style, &mut self.symbolizer, &proc.modules);
+            let segments = self.namer.segments(
+                pid,
+                lua,
+                lua_frames,
+                self.style,
+                &mut self.symbolizer,
+                &proc.modules,
+            );
             let marker = match LuaState::from_raw(s.lua_state) {
                 LuaState::Gc => Some("[lua:gc]"),
                 LuaState::JitCompile => Some("[lua:jit-compile]"),
@@ -317,7 +314,12 @@ mod tests {
     fn lua_replaces_the_vm_frame_at_the_leaf() {
         let native = n(&[("main", false), ("lua_resume", false), ("lj_vm", true)]);
         let mut out = Vec::new();
-        splice(&native, vec![seg(&["handler@a.lua:1", "burn@a.lua:5"])], None, &mut out);
+        splice(
+            &native,
+            vec![seg(&["handler@a.lua:1", "burn@a.lua:5"])],
+            None,
+            &mut out,
+        );
         assert_eq!(joined(&out), "main;lua_resume;handler@a.lua:1;burn@a.lua:5");
     }
 
@@ -330,7 +332,12 @@ mod tests {
             ("ngx_http_lua_ngx_say", false),
         ]);
         let mut out = Vec::new();
-        splice(&native, vec![seg(&["handler@a.lua:1"])], Some("[lua:gc]"), &mut out);
+        splice(
+            &native,
+            vec![seg(&["handler@a.lua:1"])],
+            Some("[lua:gc]"),
+            &mut out,
+        );
         assert_eq!(
             joined(&out),
             "main;lua_resume;handler@a.lua:1;[lua:gc];ngx_http_lua_ngx_say"
@@ -348,7 +355,12 @@ mod tests {
             ("lj_vm", true),
         ]);
         let mut out = Vec::new();
-        splice(&native, vec![seg(&["outer@a.lua:1"]), seg(&["inner@b.lua:2"])], None, &mut out);
+        splice(
+            &native,
+            vec![seg(&["outer@a.lua:1"]), seg(&["inner@b.lua:2"])],
+            None,
+            &mut out,
+        );
         assert_eq!(
             joined(&out),
             "main;lua_pcall;outer@a.lua:1;c_fn;lua_call;inner@b.lua:2"
@@ -359,7 +371,12 @@ mod tests {
     fn more_segments_than_vm_frames_join_the_outermost() {
         let native = n(&[("main", false), ("lj_vm", true)]);
         let mut out = Vec::new();
-        splice(&native, vec![seg(&["a@x:1"]), seg(&["b@x:2"])], None, &mut out);
+        splice(
+            &native,
+            vec![seg(&["a@x:1"]), seg(&["b@x:2"])],
+            None,
+            &mut out,
+        );
         assert_eq!(joined(&out), "main;a@x:1;b@x:2");
     }
 

@@ -53,7 +53,11 @@ impl std::fmt::Debug for NativeUnwinder {
     }
 }
 
-fn section(elf: &Arc<ElfFile>, obj: &object::File<'_>, name: &str) -> Option<(SectionData, Range<u64>)> {
+fn section(
+    elf: &Arc<ElfFile>,
+    obj: &object::File<'_>,
+    name: &str,
+) -> Option<(SectionData, Range<u64>)> {
     let s = obj.section_by_name(name)?;
     let (off, size) = s.file_range()?;
     let range = usize::try_from(off).ok()?..usize::try_from(off + size).ok()?;

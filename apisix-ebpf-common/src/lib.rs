@@ -8,6 +8,10 @@
 /// Program name of the CPU sampler (a `perf_event` program attached on every CPU).
 pub const PROG_SAMPLE: &str = "sample";
 
+/// Program name of the uprobe on `lua_resume` that learns a process's `global_State` from its
+/// first argument, for targets that run trace code before any interpreter sample.
+pub const PROG_LEARN_VM: &str = "learn_vm";
+
 /// `HashMap<u32 tgid, Target>`: processes to sample.
 pub const MAP_TARGETS: &str = "TARGETS";
 /// `Array<LuaLayout>`: struct layouts of the LuaJIT builds in use, indexed by `Target::layout`.

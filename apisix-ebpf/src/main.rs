@@ -14,10 +14,10 @@ use core::ffi::c_void;
 
 use apisix_ebpf_common::{
     COUNTER_SLOTS, Counter, LAYOUT_NONE, LuaFrame, LuaFrameKind, LuaLayout, LuaState,
-    MAX_KERNEL_FRAMES, MAX_LUA_FRAMES, MAX_LUA_LAYOUTS, STACK_COPY_MAX, Sample, Target,
-    UserRegs,
+    MAX_KERNEL_FRAMES, MAX_LUA_FRAMES, MAX_LUA_LAYOUTS, STACK_COPY_MAX, Sample, Target, UserRegs,
 };
 use aya_ebpf::{
+    EbpfContext,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -28,10 +28,9 @@ use aya_ebpf::{
             bpf_task_pt_regs,
         },
     },
-    macros::{map, perf_event},
+    macros::{map, perf_event, uprobe},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::PerfEventContext,
-    EbpfContext,
+    programs::{PerfEventContext, ProbeContext},
 };
 
 #[map]
@@ -82,6 +81,33 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     }
 }
 
+/// Uprobe on `lua_resume(L, nargs)`: remembers `G(L)` of a target process. Attached per
+/// process by the agent only until the process's VM is known.
+#[uprobe]
+pub fn learn_vm(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: read-only lookups of plain values.
+    let Some(target) = (unsafe { TARGETS.get(&tgid) }) else {
+        return 0;
+    };
+    let Some(layout) = LUA_LAYOUTS.get(target.layout) else {
+        return 0;
+    };
+    let layout = *layout;
+    let Some(l) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    if let Ok(g) = read_ref(&layout, l + u64::from(layout.l_glref))
+        && g != 0
+        && let Ok(cur) = read_ref(&layout, g + u64::from(layout.g_cur_l))
+        && cur != 0
+        && read_ref(&layout, cur + u64::from(layout.l_glref)) == Ok(g)
+    {
+        let _ = LUA_VMS.insert(&tgid, &g, 0);
+    }
+    0
+}
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -110,7 +136,11 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     s.tid = pid_tgid as u32;
     // SAFETY: helper without preconditions.
     s.time_ns = unsafe { bpf_ktime_get_ns() };
-    s.regs = UserRegs { ip: regs.rip, sp: regs.rsp, bp: regs.rbp };
+    s.regs = UserRegs {
+        ip: regs.rip,
+        sp: regs.rsp,
+        bp: regs.rbp,
+    };
     s.comm = bpf_get_current_comm().unwrap_or_default();
 
     // SAFETY: the buffer is part of our reservation and its size is passed along.
@@ -173,7 +203,11 @@ fn user_regs(ctx: &PerfEventContext) -> Option<pt_regs> {
     }
     // SAFETY: probe read, fails cleanly on a bad pointer.
     let regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
-    if regs.rsp == 0 || regs.rip == 0 { None } else { Some(regs) }
+    if regs.rsp == 0 || regs.rip == 0 {
+        None
+    } else {
+        Some(regs)
+    }
 }
 
 /// Reads a value of target memory.
@@ -222,8 +256,12 @@ fn find_state(
         None if layout.gc64 != 0 => {
             // GC64 JIT code keeps DISPATCH in r14 like the interpreter: try it once.
             let g = regs.r14.wrapping_sub(u64::from(layout.g2disp));
-            let l = read_ref(layout, g + u64::from(layout.g_cur_l)).map_err(|_| Counter::LuaNoVm)?;
-            if l == 0 || read_ref(layout, l + u64::from(layout.l_glref)).map_err(|_| Counter::LuaNoVm)? != g {
+            let l =
+                read_ref(layout, g + u64::from(layout.g_cur_l)).map_err(|_| Counter::LuaNoVm)?;
+            if l == 0
+                || read_ref(layout, l + u64::from(layout.l_glref)).map_err(|_| Counter::LuaNoVm)?
+                    != g
+            {
                 return Err(Counter::LuaNoVm);
             }
             let _ = LUA_VMS.insert(&tgid, &g, 0);
@@ -460,7 +498,11 @@ fn read_frame(
         out.chunkname = read_ref(layout, proto + u64::from(layout.pt_chunkname))?;
         out.firstline = read(proto + u64::from(layout.pt_firstline))?;
     } else {
-        out.kind = if ffid == 1 { LuaFrameKind::C } else { LuaFrameKind::Fast } as u8;
+        out.kind = if ffid == 1 {
+            LuaFrameKind::C
+        } else {
+            LuaFrameKind::Fast
+        } as u8;
         out.code = read(func + u64::from(layout.fn_cfunc))?;
         out.chunkname = 0;
         out.firstline = 0;

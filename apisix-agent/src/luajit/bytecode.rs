@@ -183,10 +183,7 @@ impl Ins {
     }
     /// Whether this instruction calls a function held in slot A.
     pub fn is_call(self) -> bool {
-        matches!(
-            self.op(),
-            CALLM | CALL | CALLMT | CALLT | ITERC | ITERN
-        )
+        matches!(self.op(), CALLM | CALL | CALLMT | CALLT | ITERC | ITERN)
     }
 }
 
@@ -232,11 +229,7 @@ pub fn slot_name(pt: &dyn ProtoView, mut pc: usize, mut slot: u32) -> Option<Slo
             let ins = pt.ins(ip)?;
             let ra = ins.a();
             match ins.amode() {
-                Base => {
-                    if slot >= ra && (ins.op() != KNIL || slot <= ins.d()) {
-                        return None;
-                    }
-                }
+                Base if slot >= ra && (ins.op() != KNIL || slot <= ins.d()) => return None,
                 Dst if ra == slot => match ins.op() {
                     MOV => {
                         slot = ins.d();
@@ -253,9 +246,17 @@ pub fn slot_name(pt: &dyn ProtoView, mut pc: usize, mut slot: u32) -> Option<Slo
                             && prev.a() == ra + 1 + u32::from(pt.fr2())
                             && prev.d() == table
                         {
-                            return Some(SlotName::Method { name, table, at: ip });
+                            return Some(SlotName::Method {
+                                name,
+                                table,
+                                at: ip,
+                            });
                         }
-                        return Some(SlotName::Field { name, table, at: ip });
+                        return Some(SlotName::Field {
+                            name,
+                            table,
+                            at: ip,
+                        });
                     }
                     UGET => return pt.uvname(ins.d()).map(SlotName::Upvalue),
                     _ => return None,
@@ -274,20 +275,28 @@ pub fn call_name(pt: &dyn ProtoView, call_pc: usize) -> Option<String> {
     if !ins.is_call() {
         return None;
     }
-    let slot = if ins.op() == ITERC { ins.a().checked_sub(3)? } else { ins.a() };
+    let slot = if ins.op() == ITERC {
+        ins.a().checked_sub(3)?
+    } else {
+        ins.a()
+    };
     let simple = |n: SlotName| match n {
         SlotName::Global(s) | SlotName::Upvalue(s) | SlotName::Local(s) => Some(s),
         SlotName::Field { name, .. } | SlotName::Method { name, .. } => Some(name),
     };
     match slot_name(pt, call_pc, slot)? {
-        SlotName::Field { name, table, at } => Some(match slot_name(pt, at, table).and_then(simple) {
-            Some(t) => format!("{t}.{name}"),
-            None => name,
-        }),
-        SlotName::Method { name, table, at } => Some(match slot_name(pt, at, table).and_then(simple) {
-            Some(t) => format!("{t}:{name}"),
-            None => format!(":{name}"),
-        }),
+        SlotName::Field { name, table, at } => {
+            Some(match slot_name(pt, at, table).and_then(simple) {
+                Some(t) => format!("{t}.{name}"),
+                None => name,
+            })
+        }
+        SlotName::Method { name, table, at } => {
+            Some(match slot_name(pt, at, table).and_then(simple) {
+                Some(t) => format!("{t}:{name}"),
+                None => format!(":{name}"),
+            })
+        }
         other => simple(other),
     }
 }
@@ -391,7 +400,11 @@ mod tests {
     #[test]
     fn unknown_origin_is_none() {
         let f = Fake {
-            code: vec![ins(op("FUNCF"), 0, 0), ins(op("KPRI"), 0, 0), ins(CALL, 0, 1)],
+            code: vec![
+                ins(op("FUNCF"), 0, 0),
+                ins(op("KPRI"), 0, 0),
+                ins(CALL, 0, 1),
+            ],
             k: vec![],
             uv: vec![],
             locals: vec![],

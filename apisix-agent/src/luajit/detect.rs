@@ -171,10 +171,13 @@ pub fn detect(pid: u32) -> Result<Option<LuaTarget>, DetectError> {
                 ),
             });
         }
-        let vm = info.vm_svma.clone().ok_or_else(|| DetectError::UnknownBuild {
-            path: elf.path.clone(),
-            details: "interpreter code not found in .eh_frame".into(),
-        })?;
+        let vm = info
+            .vm_svma
+            .clone()
+            .ok_or_else(|| DetectError::UnknownBuild {
+                path: elf.path.clone(),
+                details: "interpreter code not found in .eh_frame".into(),
+            })?;
         // The mapping that contains the interpreter gives the bias.
         let bias = modules
             .modules

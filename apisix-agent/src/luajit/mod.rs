@@ -45,7 +45,11 @@ impl fmt::Display for Flavour {
             f,
             "{} ({}, {})",
             self.version,
-            if self.openresty { "OpenResty luajit2" } else { "upstream" },
+            if self.openresty {
+                "OpenResty luajit2"
+            } else {
+                "upstream"
+            },
             if self.gc64 { "GC64" } else { "non-GC64" }
         )
     }
@@ -67,7 +71,11 @@ impl Flavour {
             return Err(format!(
                 "{} ({}, {}); known: {} from OpenResty's luajit2",
                 info.version,
-                if info.openresty { "OpenResty luajit2" } else { "upstream" },
+                if info.openresty {
+                    "OpenResty luajit2"
+                } else {
+                    "upstream"
+                },
                 if gc64 { "GC64" } else { "non-GC64" },
                 Self::KNOWN_VERSIONS.join(", ")
             ));
@@ -86,11 +94,6 @@ impl Flavour {
         } else {
             &layout::GC32
         }
-    }
-
-    /// Short label for metrics: `gc64` or `gc32`.
-    pub fn label(&self) -> &'static str {
-        if self.gc64 { "gc64" } else { "gc32" }
     }
 }
 

@@ -180,7 +180,10 @@ impl Proto {
     /// the instruction being executed is the one before it.
     pub fn pc_index(&self, pc: u64) -> Option<usize> {
         let start = self.bc_addr();
-        if pc < start + 4 || pc > start + u64::from(self.sizebc) * 4 || (pc - start) % 4 != 0 {
+        if pc < start + 4
+            || pc > start + u64::from(self.sizebc) * 4
+            || !(pc - start).is_multiple_of(4)
+        {
             return None;
         }
         Some(((pc - start) / 4 - 1) as usize)
@@ -202,7 +205,9 @@ impl Proto {
             u32::from(*self.blob.get(off + pc)?)
         } else if self.numline < 65536 {
             let o = off + pc * 2;
-            u32::from(u16::from_le_bytes(self.blob.get(o..o + 2)?.try_into().ok()?))
+            u32::from(u16::from_le_bytes(
+                self.blob.get(o..o + 2)?.try_into().ok()?,
+            ))
         } else {
             let o = off + pc * 4;
             u32::from_le_bytes(self.blob.get(o..o + 4)?.try_into().ok()?)
@@ -344,11 +349,6 @@ impl LuaNamer {
         Self::default()
     }
 
-    /// Drops everything cached for `pid`.
-    pub fn forget(&mut self, pid: u32) {
-        self.protos.retain(|(p, _), _| *p != pid);
-    }
-
     fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
         if let Some(p) = self.protos.get(&(pid, f.code))
             && p.matches(f)
@@ -408,12 +408,19 @@ impl LuaNamer {
                             frames
                                 .get(i + 1)
                                 .zip(protos.get(i + 1).and_then(Option::as_ref))
-                                .and_then(|(cf, cp)| cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc)))
+                                .and_then(|(cf, cp)| {
+                                    cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc))
+                                })
                         } else {
                             None
                         };
                         let name = name.unwrap_or_else(|| {
-                            if p.firstline == 0 { "[main]" } else { "anonymous" }.to_owned()
+                            if p.firstline == 0 {
+                                "[main]"
+                            } else {
+                                "anonymous"
+                            }
+                            .to_owned()
                         });
                         let line = match style {
                             NameStyle::FirstLine => p.firstline,

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs everything apisix-agent needs to build and test on Debian 12, idempotently:
+# apt packages (LLVM 22 for bpf-linker, nginx + ngx_lua, compilers, tools), the nightly
+# toolchain with rust-src (the BPF programs are built with -Z build-std), bpf-linker, and the
+# non-GC64 LuaJIT used by the test suite. Safe to run again: finished steps are skipped.
+set -euo pipefail
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh installs packages and must run as root" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+
+APT_PACKAGES=(
+    build-essential pkg-config curl ca-certificates
+    llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
+    nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2
+    dpkg-dev procps util-linux
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The packaged nginx starts a system instance on port 80; the tools never need it.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+    systemctl stop nginx || true
+fi
+
+if ! command -v rustup >/dev/null 2>&1; then
+    echo "rustup is required (https://rustup.rs); install it and run this again" >&2
+    exit 1
+fi
+if ! rustup toolchain list | grep -q '^nightly'; then
+    log "rustup toolchain install nightly"
+    rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+    log "rustup component add rust-src --toolchain nightly"
+    rustup component add rust-src --toolchain nightly
+fi
+for c in rustfmt clippy; do
+    if ! rustup component list --installed | grep -q "^$c"; then
+        rustup component add "$c"
+    fi
+done
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q '0\.13'; then
+    log "cargo install bpf-linker 0.13 (LLVM 22)"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
+        --no-default-features --features llvm-22
+fi
+
+log "non-GC64 LuaJIT for the tests"
+"$(dirname "$0")/build-luajit-nogc64.sh" >/dev/null
+log "setup done"
