@@ -6,14 +6,7 @@
 //! process exits, so samples taken before the exit can still be unwound and symbolized.
 //! Hooks: `/proc/PID/maps`, `/proc/PID/root`, `/proc/PID/status`. Metrics: none.
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io,
-    ops::Range,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{collections::HashMap, fs::File, io, ops::Range, path::PathBuf, sync::Arc};
 
 use memmap2::Mmap;
 use object::{Object as _, ObjectSegment as _};
@@ -100,9 +93,16 @@ pub fn comm(pid: u32) -> Result<String, ProcessError> {
     }
 }
 
-/// Whether a process exists right now.
+/// Whether a process exists and runs right now (a zombie has exited).
 pub fn exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 /// An ELF file mapped into the agent's memory.
@@ -250,6 +250,12 @@ mod tests {
             "/usr/lib/x86_64-linux-gnu/libluajit-5.1.so.2.1.0"
         );
         assert_eq!(maps[2].path, "/tmp/my lib.so");
+    }
+
+    #[test]
+    fn existence() {
+        assert!(exists(std::process::id()));
+        assert!(!exists(u32::MAX));
     }
 
     #[test]

@@ -1,0 +1,343 @@
+//! Helpers of the root tests: real processes (a C program, Debian's nginx + ngx_lua with
+//! GC64 or non-GC64 LuaJIT), bounded loopback load, and the real agent binary.
+//! Everything panics with context when its real part cannot run.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The agent binary built by cargo for this test run.
+pub fn agent() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_apisix-agent"))
+}
+
+/// Panics unless running as root: these tests load BPF programs.
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "the root tests load BPF programs: run them as root (sudo -E cargo test)"
+    );
+}
+
+/// Output of one `record` run.
+#[derive(Debug)]
+pub struct Recorded {
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+    /// Folded stacks: stack → count.
+    pub stacks: BTreeMap<String, u64>,
+}
+
+impl Recorded {
+    pub fn total(&self) -> u64 {
+        self.stacks.values().sum()
+    }
+
+    /// Sum of counts of stacks for which `f` holds.
+    pub fn count(&self, f: impl Fn(&[&str]) -> bool) -> u64 {
+        self.stacks
+            .iter()
+            .filter(|(s, _)| f(&s.split(';').collect::<Vec<_>>()))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// A readable excerpt for assertion messages.
+    pub fn dump(&self) -> String {
+        let mut v: Vec<_> = self.stacks.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = v
+            .iter()
+            .take(12)
+            .map(|(s, n)| format!("{n:>6} {s}"))
+            .collect();
+        format!("stderr:\n{}\ntop stacks:\n{}", self.stderr, top.join("\n"))
+    }
+}
+
+/// Whether `needles` occur in `frames` in this order (not necessarily adjacent).
+pub fn in_order(frames: &[&str], needles: &[&str]) -> bool {
+    let mut it = frames.iter();
+    needles.iter().all(|n| it.any(|f| f == n))
+}
+
+/// Parses folded text.
+pub fn parse_folded(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let (stack, n) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad folded line: {line:?}"));
+        let n: u64 = n
+            .parse()
+            .unwrap_or_else(|_| panic!("bad count in {line:?}"));
+        *out.entry(stack.to_owned()).or_insert(0) += n;
+    }
+    out
+}
+
+/// Runs `apisix-agent record --pid PID --format collapsed` with extra arguments.
+pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out.folded");
+    let output = Command::new(agent())
+        .args(["record", "--pid", &pid.to_string()])
+        .args(["--duration", &secs.to_string(), "--format", "collapsed"])
+        .arg("--output")
+        .arg(&out)
+        .args(extra)
+        .output()
+        .expect("run apisix-agent");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let stacks = std::fs::read_to_string(&out)
+        .map(|t| parse_folded(&t))
+        .unwrap_or_default();
+    Recorded {
+        status: output.status,
+        stderr,
+        stacks,
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+/// Directory of the non-GC64 LuaJIT build (scripts/build-luajit-nogc64.sh).
+pub fn nogc64_dir() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("LUAJIT_NOGC64_DIR")
+            .unwrap_or_else(|_| "/var/cache/apisix-profiler/luajit-nogc64".into()),
+    );
+    assert!(
+        dir.join("lib/libluajit-5.1.so.2").exists(),
+        "non-GC64 LuaJIT missing in {}: run scripts/build-luajit-nogc64.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// Which LuaJIT an nginx instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lj {
+    /// Debian's libluajit2 (GC64).
+    Gc64,
+    /// The non-GC64 build, through LD_LIBRARY_PATH.
+    Gc32,
+}
+
+/// A private nginx + ngx_lua instance on a loopback port with one worker.
+pub struct Nginx {
+    pub port: u16,
+    pub prefix: tempfile::TempDir,
+    master: Child,
+}
+
+impl Nginx {
+    /// Starts nginx with Lua modules `lua` (name → source) and the `server` block body.
+    /// `http_extra` goes into the http block (e.g. `init_by_lua_block`).
+    pub fn start(lj: Lj, lua: &[(&str, &str)], http_extra: &str, server: &str) -> Self {
+        let prefix = tempfile::tempdir().expect("nginx prefix");
+        let p = prefix.path().to_path_buf();
+        let p = p.as_path();
+        for d in ["logs", "tmp", "lua", "conf"] {
+            std::fs::create_dir_all(p.join(d)).expect("mkdir");
+        }
+        for (name, src) in lua {
+            std::fs::write(p.join("lua").join(format!("{name}.lua")), src).expect("write lua");
+        }
+        let port = free_port();
+        let pd = p.display();
+        let conf = format!(
+            r#"
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 1;
+master_process on;
+daemon off;
+error_log {pd}/logs/error.log warn;
+pid {pd}/logs/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+  access_log off;
+  lua_package_path "{pd}/lua/?.lua;;";
+  client_body_temp_path {pd}/tmp; proxy_temp_path {pd}/tmp; fastcgi_temp_path {pd}/tmp;
+  uwsgi_temp_path {pd}/tmp; scgi_temp_path {pd}/tmp;
+  {http_extra}
+  server {{
+    listen 127.0.0.1:{port};
+    {server}
+  }}
+}}
+"#
+        );
+        std::fs::write(p.join("conf/nginx.conf"), conf).expect("write nginx.conf");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p")
+            .arg(p)
+            .args(["-c", "conf/nginx.conf"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if lj == Lj::Gc32 {
+            cmd.env("LD_LIBRARY_PATH", nogc64_dir().join("lib"));
+        }
+        let master = cmd
+            .spawn()
+            .expect("start nginx (apt-get install nginx libnginx-mod-http-lua)");
+        let me = Self {
+            port,
+            prefix,
+            master,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.worker().is_some() {
+                return me;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(p.join("logs/error.log")).unwrap_or_default();
+        panic!("nginx did not come up on port {port}:\n{log}");
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.master.id()
+    }
+
+    /// The worker's pid.
+    pub fn worker(&self) -> Option<u32> {
+        let pid = self.master.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Which libluajit the worker mapped.
+    pub fn luajit_path(&self) -> String {
+        let w = self.worker().expect("worker");
+        let maps = std::fs::read_to_string(format!("/proc/{w}/maps")).expect("maps");
+        maps.lines()
+            .find(|l| l.contains("libluajit"))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// One GET request; returns the body.
+    pub fn get(&self, path: &str) -> String {
+        get(self.port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.path().join("logs/error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.master.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.master.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback.
+pub fn get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    if !buf.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("status: {buf}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Bounded loopback load: `clients` threads issue GETs of `path` until `duration` passes.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub requests: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, path: &str, clients: usize, duration: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + duration;
+        let threads = (0..clients)
+            .map(|_| {
+                let stop = stop.clone();
+                let requests = requests.clone();
+                let path = path.to_owned();
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        if get(port, &path).is_ok() {
+                            requests.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            requests,
+            threads,
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Compiles a C program with gcc.
+pub fn compile_c(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src).expect("write C source");
+    let bin = dir.join(name);
+    let st = Command::new("gcc")
+        .args(flags)
+        .arg("-o")
+        .arg(&bin)
+        .arg(&c)
+        .status()
+        .expect("run gcc (apt-get install build-essential)");
+    assert!(st.success(), "gcc failed for {name}");
+    bin
+}

@@ -1,0 +1,362 @@
+//! Root tests: mixed C + Lua stacks of real nginx + ngx_lua workers, on Debian's GC64 LuaJIT
+//! and on the non-GC64 build of the same sources, with the JIT on and off.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Lj, Load, Nginx, Recorded, record, require_root};
+
+const BENCH_LUA: &str = r#"
+local _M = {}
+
+local function work_a(n)
+    local x = 0
+    for i = 1, n do x = (x * 31 + i) % 1000003 end
+    return x
+end
+
+local function work_b(n)
+    local t = {}
+    for i = 1, n do t[(i % 64) + 1] = i * 2 end
+    return #t
+end
+
+local function work_c(n)
+    local s = 0
+    for i = 1, n do s = s + bit.bxor(i, 0x5a5a) % 7 end
+    return s
+end
+
+local works = { a = work_a, b = work_b, c = work_c }
+
+-- CPU seconds per iteration of one function, measured in this worker.
+function _M.calib(which)
+    local f = works[which]
+    f(10000)
+    local n, reps, t0 = 100000, 0, os.clock()
+    repeat
+        f(n)
+        reps = reps + 1
+    until os.clock() - t0 > 0.4
+    return (os.clock() - t0) / (reps * n)
+end
+
+function _M.run(na, nb, nc)
+    return work_a(na) + work_b(nb) + work_c(nc)
+end
+
+local function spin(n)
+    local x = 0
+    for i = 1, n do x = (x + i * 3) % 65521 end
+    return x
+end
+
+-- No tail calls below: a tail call replaces its caller's frame.
+local function rec(depth, n)
+    local r
+    if depth <= 1 then
+        r = spin(n)
+    else
+        r = rec(depth - 1, n) + 1
+    end
+    return r
+end
+
+function _M.deep(n)
+    local r = rec(120, n)
+    return r
+end
+
+local function co_busy(n)
+    local r = spin(n)
+    return r
+end
+
+function _M.co(n)
+    local co = coroutine.wrap(function()
+        local r = co_busy(n)
+        return r
+    end)
+    local r = co()
+    return r
+end
+
+function _M.rep(n)
+    local len = 0
+    for i = 1, n do len = len + #string.rep("abc", 3000) end
+    return len
+end
+
+return _M
+"#;
+
+const SERVER: &str = r#"
+    location /calib { content_by_lua_block {
+        local b = require "bench"
+        ngx.say(string.format("%.17g", b.calib(ngx.var.arg_f)))
+    } }
+    location /run { content_by_lua_block {
+        local b = require "bench"
+        ngx.say(b.run(tonumber(ngx.var.arg_a), tonumber(ngx.var.arg_b), tonumber(ngx.var.arg_c)))
+    } }
+    location /deep { content_by_lua_block { ngx.say(require("bench").deep(20000)) } }
+    location /co { content_by_lua_block { ngx.say(require("bench").co(200000)) } }
+    location /rep { content_by_lua_block { ngx.say(require("bench").rep(300)) } }
+"#;
+
+fn start(lj: Lj, jit: bool) -> Nginx {
+    let init = if jit {
+        "init_by_lua_block { require('jit').on() }"
+    } else {
+        "init_by_lua_block { require('jit').off() }"
+    };
+    let nginx = Nginx::start(lj, &[("bench", BENCH_LUA)], init, SERVER);
+    let lib = nginx.luajit_path();
+    match lj {
+        Lj::Gc64 => assert!(lib.contains("/usr/lib/"), "GC64 worker maps {lib}"),
+        Lj::Gc32 => assert!(lib.contains("nogc64"), "non-GC64 worker maps {lib}"),
+    }
+    nginx
+}
+
+fn has(frames: &[&str], prefix: &str) -> bool {
+    frames.iter().any(|f| f.starts_with(prefix))
+}
+
+fn lua_flavour_line(rec: &Recorded, lj: Lj) {
+    let want = match lj {
+        Lj::Gc64 => "GC64)",
+        Lj::Gc32 => "non-GC64)",
+    };
+    assert!(
+        rec.stderr.contains(want),
+        "flavour not detected as {want}: {}",
+        rec.stderr
+    );
+}
+
+fn accuracy(lj: Lj, jit: bool) {
+    require_root();
+    let nginx = start(lj, jit);
+    let worker = nginx.worker().expect("worker");
+    // Calibrate: CPU time per iteration of each function alone, in this worker and mode.
+    let cost: Vec<f64> = ["a", "b", "c"]
+        .iter()
+        .map(|f| {
+            let body = nginx.get(&format!("/calib?f={f}"));
+            body.trim()
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("calibration of {f}: {body:?}"))
+        })
+        .collect();
+    let shares = [0.5, 0.3, 0.2];
+    let per_request = 0.04; // seconds of Lua work per request
+    let n: Vec<u64> = shares
+        .iter()
+        .zip(&cost)
+        .map(|(s, c)| (s * per_request / c).max(1.0) as u64)
+        .collect();
+    let path = format!("/run?a={}&b={}&c={}", n[0], n[1], n[2]);
+    nginx.get(&path);
+    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(12));
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = record(worker, 8, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    lua_flavour_line(&rec, lj);
+    let counts: Vec<u64> = ["work_a@", "work_b@", "work_c@"]
+        .iter()
+        .map(|p| rec.count(|f| has(f, p)))
+        .collect();
+    let lua_total: u64 = counts.iter().sum();
+    assert!(
+        lua_total >= 300,
+        "too few Lua samples ({lua_total}): {}",
+        rec.dump()
+    );
+    let mut report = String::new();
+    for (i, name) in ["work_a", "work_b", "work_c"].iter().enumerate() {
+        let measured = counts[i] as f64 / lua_total as f64;
+        report.push_str(&format!(
+            "{name}: measured {:.1}% calibrated {:.1}%\n",
+            measured * 100.0,
+            shares[i] * 100.0
+        ));
+    }
+    eprintln!("{lj:?} jit={jit}:\n{report}{}", rec.stderr);
+    for (i, share) in shares.iter().enumerate() {
+        let measured = counts[i] as f64 / lua_total as f64;
+        assert!(
+            (measured - share).abs() <= 0.05,
+            "share off by more than 5 points:\n{report}{}",
+            rec.dump()
+        );
+    }
+    // The module's functions carry its file path, under the content handler.
+    let file = format!("{}/lua/bench.lua:", nginx.prefix.path().display());
+    assert!(
+        rec.stacks
+            .keys()
+            .any(|s| s.contains(&format!("work_a@{file}"))
+                && s.contains("ngx_http_lua_content_by_chunk")),
+        "no work_a@{file}… under ngx_http_lua_content_by_chunk: {}",
+        rec.dump()
+    );
+    let errors = lua_errors(&rec);
+    assert!(
+        errors * 100 <= rec.total(),
+        "more than 1% Lua unwind errors ({errors}): {}",
+        rec.stderr
+    );
+}
+
+/// Sum of the Lua unwind errors the summary line reports.
+fn lua_errors(rec: &Recorded) -> u64 {
+    let line = rec
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("lua:"))
+        .unwrap_or_else(|| panic!("no lua summary: {}", rec.stderr));
+    let errors = line.split("errors: ").nth(1).unwrap_or("none");
+    errors
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok()))
+        .sum()
+}
+
+#[test]
+fn accuracy_gc64_jit_on() {
+    accuracy(Lj::Gc64, true);
+}
+
+#[test]
+fn accuracy_gc64_jit_off() {
+    accuracy(Lj::Gc64, false);
+}
+
+#[test]
+fn accuracy_gc32_jit_on() {
+    accuracy(Lj::Gc32, true);
+}
+
+#[test]
+fn accuracy_gc32_jit_off() {
+    accuracy(Lj::Gc32, false);
+}
+
+fn shape(lj: Lj, jit: bool) {
+    require_root();
+    let nginx = start(lj, jit);
+    let worker = nginx.worker().expect("worker");
+
+    // A recursion 120 Lua frames deep comes out whole.
+    {
+        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(6));
+        std::thread::sleep(Duration::from_millis(300));
+        let rec = record(worker, 4, &[]);
+        assert!(rec.status.success(), "record failed: {}", rec.dump());
+        let in_spin = rec.count(|f| has(f, "spin@"));
+        let whole = rec.count(|f| {
+            has(f, "spin@") && f.iter().filter(|x| x.starts_with("rec@")).count() == 120
+        });
+        assert!(
+            in_spin > 50 && whole * 100 >= in_spin * 95,
+            "{whole}/{in_spin} samples in spin have all 120 rec frames\n{}",
+            rec.dump()
+        );
+        assert!(rec.stderr.contains("deepest 12"), "{}", rec.stderr);
+    }
+
+    // A coroutine shows its own frames.
+    {
+        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(300));
+        let rec = record(worker, 3, &[]);
+        assert!(rec.status.success(), "record failed: {}", rec.dump());
+        let total = rec.count(|f| has(f, "spin@"));
+        let in_co = rec.count(|f| has(f, "co_busy@") && has(f, "spin@"));
+        assert!(
+            total > 50 && in_co * 100 >= total * 90,
+            "{in_co}/{total} spin samples under co_busy\n{}",
+            rec.dump()
+        );
+    }
+}
+
+#[test]
+fn shape_gc64_jit_on() {
+    shape(Lj::Gc64, true);
+}
+
+#[test]
+fn shape_gc32_jit_off() {
+    shape(Lj::Gc32, false);
+}
+
+#[test]
+fn shape_gc32_jit_on() {
+    shape(Lj::Gc32, true);
+}
+
+fn builtin(lj: Lj) {
+    require_root();
+    // Interpreted, so that string.rep runs as the fast function it is.
+    let nginx = start(lj, false);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = record(worker, 3, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let in_rep = rec.count(|f| {
+        f.windows(2)
+            .any(|w| w[0].contains("rep@") && w[1] == "builtin:string.rep")
+    });
+    let total = rec.total();
+    assert!(
+        in_rep * 100 >= total * 30,
+        "builtin:string.rep under the rep function in only {in_rep}/{total} samples\n{}",
+        rec.dump()
+    );
+}
+
+#[test]
+fn builtin_gc64() {
+    builtin(Lj::Gc64);
+}
+
+#[test]
+fn builtin_gc32() {
+    builtin(Lj::Gc32);
+}
+
+#[test]
+fn reload_and_killed_workers_end_the_recording_cleanly() {
+    require_root();
+    let nginx = start(Lj::Gc64, true);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
+    let handle = std::thread::spawn(move || record(worker, 15, &[]));
+    std::thread::sleep(Duration::from_secs(2));
+    // Reload: the old worker finishes its requests and exits; a new one starts.
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &nginx.master_pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(st.success());
+    let rec = handle.join().expect("record thread");
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert!(rec.total() > 50, "samples lost: {}", rec.dump());
+    // Now kill the new worker while recording it.
+    std::thread::sleep(Duration::from_millis(500));
+    let worker = nginx.worker().expect("new worker");
+    let handle = std::thread::spawn(move || record(worker, 15, &[]));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &worker.to_string()])
+        .status();
+    let rec = handle.join().expect("record thread");
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert!(rec.total() > 50, "samples lost: {}", rec.dump());
+}

@@ -1,0 +1,185 @@
+//! Root tests: native (C) stacks of real processes without frame pointers, and the
+//! command's error paths.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{Lj, Load, Nginx, compile_c, in_order, record, require_root};
+
+const HOT_C: &str = r#"
+#include <stdint.h>
+#include <stdlib.h>
+volatile uint64_t sink;
+__attribute__((noinline)) uint64_t leaf(uint64_t n) {
+    uint64_t x = n;
+    for (uint64_t i = 0; i < 2000000; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    return x;
+}
+__attribute__((noinline)) uint64_t middle(uint64_t n) { uint64_t r = leaf(n) ^ n; sink += r; return r; }
+__attribute__((noinline)) uint64_t outer(uint64_t n) { uint64_t r = middle(n + 1); sink += r; return r + 1; }
+int main(int argc, char **argv) {
+    long iters = argc > 1 ? atol(argv[1]) : -1;
+    for (uint64_t i = 0; iters < 0 || (long)i < iters; i++) sink += outer(i);
+    return 0;
+}
+"#;
+
+#[test]
+fn c_program_without_frame_pointers_unwinds_fully() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2", "-fomit-frame-pointer"]);
+    let mut child = Command::new(&bin).spawn().expect("start hot");
+    let rec = record(child.id(), 3, &["--frequency", "99"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let total = rec.total();
+    // 99 Hz for 3 s of one busy thread.
+    assert!(total >= 200, "too few samples ({total}): {}", rec.dump());
+    let good = rec.count(|f| f.ends_with(&["main", "outer", "middle", "leaf"]));
+    assert!(
+        good * 100 >= total * 90,
+        "only {good}/{total} samples fold to …main;outer;middle;leaf\n{}",
+        rec.dump()
+    );
+    assert!(rec.stderr.contains("samples taken"), "{}", rec.stderr);
+}
+
+#[test]
+fn stripped_nginx_worker_unwinds_through_static_functions() {
+    require_root();
+    let nginx = Nginx::start(
+        Lj::Gc64,
+        &[],
+        "",
+        r#"location /spin { content_by_lua_block {
+            local x = 0
+            for i = 1, 200000 do x = (x * 7 + i) % 1000003 end
+            ngx.say(x)
+        } }"#,
+    );
+    let worker = nginx.worker().expect("worker pid");
+    let _load = Load::start(nginx.port, "/spin", 2, Duration::from_secs(6));
+    let rec = record(worker, 4, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let total = rec.total();
+    assert!(total >= 100, "too few samples ({total}): {}", rec.dump());
+    let chain = [
+        "main",
+        "ngx_master_process_cycle",
+        "ngx_spawn_process",
+        "ngx_process_events_and_timers",
+    ];
+    let good = rec.count(|f| in_order(f, &chain));
+    assert!(
+        good * 100 >= total * 80,
+        "only {good}/{total} samples contain {chain:?} in order\n{}",
+        rec.dump()
+    );
+    // Static functions between them are unwound through and named by offset.
+    let through_static = rec.count(|f| {
+        f.windows(3).any(|w| {
+            w[0] == "ngx_spawn_process"
+                && w[1].starts_with("nginx+0x")
+                && w[2] == "ngx_process_events_and_timers"
+        })
+    });
+    assert!(
+        through_static * 100 >= total * 80,
+        "static ngx_worker_process_cycle not shown as nginx+0x… ({through_static}/{total})\n{}",
+        rec.dump()
+    );
+}
+
+#[test]
+fn unknown_pid_is_a_clear_error() {
+    require_root();
+    let rec = record(999_999_999, 1, &[]);
+    assert!(!rec.status.success());
+    assert!(
+        rec.stderr.contains("no process with pid 999999999"),
+        "{}",
+        rec.stderr
+    );
+}
+
+#[test]
+fn bad_arguments_are_rejected() {
+    let out = Command::new(common::agent())
+        .args(["record", "--pid", "1", "--frequency", "0"])
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frequency"));
+    let out = Command::new(common::agent())
+        .args(["record", "--pid", "notanumber"])
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn missing_privilege_is_a_clear_error() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2"]);
+    let mut child = Command::new(&bin).spawn().expect("start hot");
+    // Drop to nobody with no capabilities.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(common::agent())
+        .args([
+            "record",
+            "--pid",
+            &child.id().to_string(),
+            "--duration",
+            "1",
+        ])
+        .output()
+        .expect("run setpriv (util-linux)");
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "unprivileged record succeeded: {stderr}"
+    );
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("CAP_BPF"),
+        "unclear error: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count(),
+        1
+    );
+}
+
+#[test]
+fn target_exiting_mid_recording_keeps_its_samples() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2", "-fomit-frame-pointer"]);
+    // About one to two seconds of work, then exit.
+    let mut child = Command::new(&bin).arg("400").spawn().expect("start hot");
+    let started = std::time::Instant::now();
+    let rec = record(child.id(), 20, &[]);
+    let _ = child.wait();
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "record did not stop when the target exited"
+    );
+    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert!(
+        rec.count(|f| f.ends_with(&["main", "outer", "middle", "leaf"])) > 20,
+        "samples before the exit were lost: {}",
+        rec.dump()
+    );
+}
