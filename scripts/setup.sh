@@ -18,7 +18,7 @@ APT_PACKAGES=(
     build-essential pkg-config curl ca-certificates
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
     nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2
-    dpkg-dev procps util-linux
+    dpkg-dev procps util-linux wrk
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -160,6 +160,9 @@ impl Nginx {
         for d in ["logs", "tmp", "lua", "conf"] {
             std::fs::create_dir_all(p.join(d)).expect("mkdir");
         }
+        // The workers run unprivileged and read the Lua files.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         for (name, src) in lua {
             std::fs::write(p.join("lua").join(format!("{name}.lua")), src).expect("write lua");
         }

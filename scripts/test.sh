@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing (scripts/setup.sh), checks formatting and
+# lints, then runs unit tests and the root tests that load the real BPF programs against
+# real processes (a C program, nginx + ngx_lua on GC64 and non-GC64 LuaJIT).
+# Must run as root: the tests load BPF programs and attach perf events.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the test suite loads BPF programs: run it as root (sudo $0)" >&2
+    exit 1
+fi
+./scripts/setup.sh
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "==> cargo clippy" >&2
+cargo clippy --release --all-targets -- -D warnings
+echo "==> cargo test" >&2
+# One test at a time: the root tests measure CPU shares on a small machine.
+cargo test --release -- --test-threads=1
