@@ -9,12 +9,12 @@
 use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
-    COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_SAMPLES,
-    MAP_TARGETS, PROG_LEARN_VM, PROG_SAMPLE, Sample, Target,
+    COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS,
+    MAP_SAMPLES, MAP_TARGETS, PROG_LEARN_VM, PROG_SAMPLE, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         PerfEvent, ProgramError, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -163,12 +163,16 @@ impl Sampler {
             what: "loading the learn_vm program".into(),
             source,
         })?;
-        Ok(Self {
+        let mut sampler = Self {
             ebpf,
             ring,
             frequency,
             learners: std::collections::HashMap::new(),
-        })
+        };
+        for (slot, layout) in crate::luajit::LAYOUT_SLOTS {
+            sampler.set_layout(slot, layout.bpf)?;
+        }
+        Ok(sampler)
     }
 
     /// Whether the `global_State` of process `pid` is known to the BPF side.
@@ -228,6 +232,29 @@ impl Sampler {
         }
     }
 
+    /// Starts sampling process `pid`, walking its Lua stacks when `lua` is given, and
+    /// attaches the VM-learning uprobe for it.
+    pub fn add_process(
+        &mut self,
+        pid: u32,
+        lua: Option<&crate::luajit::LuaTarget>,
+    ) -> Result<(), BpfError> {
+        let target = lua.map_or(
+            Target {
+                layout: apisix_ebpf_common::LAYOUT_NONE,
+                ..Default::default()
+            },
+            crate::luajit::LuaTarget::bpf_target,
+        );
+        self.add_target(pid, target)?;
+        if let Some(lua) = lua
+            && let Err(e) = self.learn_vm(pid, &lua.library)
+        {
+            tracing::warn!(pid, error = %e, "no lua_resume uprobe; the Lua VM is learned from samples only");
+        }
+        Ok(())
+    }
+
     /// Starts sampling process `pid`.
     pub fn add_target(&mut self, pid: u32, target: Target) -> Result<(), BpfError> {
         let map = self.ebpf.map_mut(MAP_TARGETS).ok_or(BpfError::Missing {
@@ -246,8 +273,48 @@ impl Sampler {
             })
     }
 
+    /// Stops sampling process `pid` and forgets what the BPF side knew about it.
+    pub fn remove_target(&mut self, pid: u32) {
+        for name in [MAP_TARGETS, MAP_LUA_VMS, MAP_LOST] {
+            if let Some(map) = self.ebpf.map_mut(name) {
+                // Value types differ per map; removal only needs the key type.
+                let removed = match name {
+                    MAP_TARGETS => {
+                        HashMap::<_, u32, Target>::try_from(map).map(|mut m| m.remove(&pid).is_ok())
+                    }
+                    MAP_LOST => PerCpuHashMap::<_, u32, u64>::try_from(map)
+                        .map(|mut m| m.remove(&pid).is_ok()),
+                    _ => HashMap::<_, u32, u64>::try_from(map).map(|mut m| m.remove(&pid).is_ok()),
+                };
+                if let Err(e) = removed {
+                    tracing::debug!(pid, map = name, error = %e, "removing a target");
+                }
+            }
+        }
+        if let Some(link) = self.learners.remove(&pid)
+            && let Some(prog) = self.ebpf.program_mut(PROG_LEARN_VM)
+            && let Ok(prog) = <&mut UProbe>::try_from(prog)
+        {
+            let _ = prog.detach(link);
+        }
+    }
+
+    /// Samples lost per process because the ring buffer was full (cumulative).
+    pub fn lost(&self) -> std::collections::HashMap<u32, u64> {
+        self.ebpf
+            .map(MAP_LOST)
+            .and_then(|m| PerCpuHashMap::<_, u32, u64>::try_from(m).ok())
+            .map(|m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(pid, per_cpu)| (pid, per_cpu.iter().sum()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Installs a LuaJIT layout in slot `index`.
-    pub fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
+    fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
         let map = self
             .ebpf
             .map_mut(MAP_LUA_LAYOUTS)

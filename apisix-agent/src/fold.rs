@@ -85,6 +85,31 @@ impl Folded {
         inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), w)
             .map_err(io::Error::other)
     }
+
+    /// The stacks as a tree, `{"name","value","children":[…]}` from a `root` node, children
+    /// sorted by name (the d3-flame-graph format).
+    pub fn to_json(&self) -> serde_json::Value {
+        #[derive(Default)]
+        struct Node {
+            value: u64,
+            children: std::collections::BTreeMap<String, Node>,
+        }
+        fn emit(name: &str, node: &Node) -> serde_json::Value {
+            let children: Vec<serde_json::Value> =
+                node.children.iter().map(|(n, c)| emit(n, c)).collect();
+            serde_json::json!({"name": name, "value": node.value, "children": children})
+        }
+        let mut root = Node::default();
+        for (stack, n) in &self.counts {
+            root.value += n;
+            let mut node = &mut root;
+            for frame in stack {
+                node = node.children.entry(frame.to_string()).or_default();
+                node.value += n;
+            }
+        }
+        emit("root", &root)
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +155,19 @@ mod tests {
             svg, golden,
             "SVG differs from {path} (UPDATE_GOLDEN=1 rewrites it)"
         );
+    }
+
+    #[test]
+    fn json_tree_sums_children() {
+        let mut f = Folded::new();
+        f.add(st(&["main", "a"]), 2);
+        f.add(st(&["main", "b"]), 3);
+        let j = f.to_json();
+        assert_eq!(j["value"], 5);
+        assert_eq!(j["children"][0]["name"], "main");
+        assert_eq!(j["children"][0]["value"], 5);
+        assert_eq!(j["children"][0]["children"][1]["name"], "b");
+        assert_eq!(j["children"][0]["children"][1]["value"], 3);
     }
 
     #[test]

@@ -2,10 +2,18 @@
 //!
 //! This file only wires the command line to the modules that do the work.
 
+mod aggregate;
 mod bpf;
+mod capture;
+mod config;
+mod continuous;
+mod daemon;
+mod discovery;
 mod fold;
+mod http;
 mod luajit;
 mod memory;
+mod metrics;
 mod process;
 mod record;
 mod stacks;
@@ -47,17 +55,34 @@ enum Command {
         #[arg(long)]
         lines: bool,
     },
+    /// Run the node daemon: discover targets (host and Docker), sample them continuously,
+    /// serve /metrics, /flamegraph, /targets and /healthz.
+    Run {
+        /// YAML configuration (see config.example.yaml); without it, the built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and print the effective configuration.
+    CheckConfig {
+        /// YAML configuration to check.
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs its lifecycle; one-shot commands only warnings.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Record {
             pid,
@@ -78,6 +103,8 @@ fn main() -> ExitCode {
                 luajit::NameStyle::FirstLine
             },
         }),
+        Command::Run { config } => daemon::run(config.as_deref()),
+        Command::CheckConfig { config } => check_config(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,4 +114,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `check-config`: validates a file and prints the effective configuration as YAML.
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let config = config::Config::load(Some(path))?;
+    let text = serde_yaml::to_string(&config)?;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
 }

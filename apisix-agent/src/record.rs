@@ -1,25 +1,25 @@
 //! The one-shot `record` command: samples one process for a while and writes a flame graph
 //! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]), `/proc/PID` (existence, LuaJIT detection).
+//! Hooks: a capture ([`crate::capture`]), `/proc/PID` (existence, LuaJIT detection).
 //! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr.
 
 use std::{
     fs::File,
     io::{self, IsTerminal as _, Write as _},
     path::PathBuf,
-    time::{Duration, Instant},
+    sync::atomic::AtomicBool,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use apisix_ebpf_common::{Counter, LAYOUT_NONE, Target};
+use apisix_ebpf_common::Counter;
 
 use crate::{
-    bpf::Sampler,
+    capture::{self, CaptureTarget},
     fold::Folded,
     luajit::{self, NameStyle},
     process,
-    stacks::StackBuilder,
 };
 
 /// Output formats.
@@ -56,99 +56,60 @@ pub struct Recording {
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
 pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
     let comm = process::comm(opts.pid)?;
-    let mut builder = StackBuilder::new(opts.style);
-    let mut target = Target {
-        layout: LAYOUT_NONE,
-        ..Default::default()
-    };
     let mut flavour = None;
-    let mut layout = None;
-    let mut library = None;
-    match luajit::detect(opts.pid) {
+    let lua = match luajit::detect(opts.pid) {
         Ok(Some(found)) => {
             eprintln!(
                 "pid {} ({comm}): {} in {}",
                 opts.pid, found.flavour, found.library
             );
             flavour = Some(found.flavour.to_string());
-            target.layout = 0;
-            target.vm_start = found.vm_range.start;
-            target.vm_end = found.vm_range.end;
-            layout = Some(found.flavour.layout().bpf);
-            library = Some(found.library.clone());
-            builder.set_lua_target(opts.pid, found);
+            Some(found)
         }
         Ok(None) => {
             eprintln!(
                 "pid {} ({comm}): no LuaJIT mapped, native stacks only",
                 opts.pid
             );
+            None
         }
         Err(e) => {
             eprintln!(
                 "pid {} ({comm}): {e}; profiling native stacks only",
                 opts.pid
             );
+            None
         }
-    }
-    let mut sampler = Sampler::start(opts.frequency)?;
-    if let Some(layout) = layout {
-        sampler.set_layout(0, layout)?;
-    }
-    sampler.add_target(opts.pid, target)?;
-    builder.prepare(opts.pid);
-    if let Some(library) = &library
-        && let Err(e) = sampler.learn_vm(opts.pid, library)
-    {
-        tracing::warn!(pid = opts.pid, error = %e, "no lua_resume uprobe; the Lua VM is learned from samples only");
-    }
-
-    let progress = io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut folded = Folded::new();
-    let mut last_progress = Instant::now();
-    let mut target_exited = false;
-    while started.elapsed() < opts.duration {
-        sampler.poll(Duration::from_millis(100), |s| {
-            if let Some(stack) = builder.build(s) {
-                folded.add(stack, 1);
+    };
+    let show_progress = io::stderr().is_terminal();
+    let stop = AtomicBool::new(false);
+    let cap = capture::capture(
+        &[CaptureTarget { pid: opts.pid, lua }],
+        opts.duration,
+        opts.frequency,
+        opts.style,
+        &stop,
+        |elapsed, stacks| {
+            if show_progress {
+                eprint!(
+                    "\rrecording pid {}: {:>5.1}s / {}s, {} samples ",
+                    opts.pid,
+                    elapsed.as_secs_f64(),
+                    opts.duration.as_secs(),
+                    stacks
+                );
             }
-        });
-        if progress && last_progress.elapsed() >= Duration::from_millis(250) {
-            last_progress = Instant::now();
-            eprint!(
-                "\rrecording pid {}: {:>5.1}s / {}s, {} samples ",
-                opts.pid,
-                started.elapsed().as_secs_f64(),
-                opts.duration.as_secs(),
-                folded.total()
-            );
-        }
-        sampler.retire_learners();
-        if !process::exists(opts.pid) {
-            target_exited = true;
-            break;
-        }
-    }
-    let elapsed = started.elapsed();
-    // Samples still in the ring buffer belong to the recording.
-    while sampler.poll(Duration::from_millis(0), |s| {
-        if let Some(stack) = builder.build(s) {
-            folded.add(stack, 1);
-        }
-    }) > 0
-    {}
-    if progress {
+        },
+    )?;
+    if show_progress {
         eprintln!();
     }
-    let counters = sampler.counters()?;
-    drop(sampler);
     Ok(Recording {
-        folded,
-        counters,
-        target_exited,
-        elapsed,
-        stats: builder.stats(),
+        folded: cap.folded,
+        counters: cap.counters,
+        target_exited: cap.all_exited,
+        elapsed: cap.elapsed,
+        stats: cap.stats,
         flavour,
     })
 }

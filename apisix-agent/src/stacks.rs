@@ -55,6 +55,8 @@ pub struct StackBuilder {
     stats: StackStats,
     /// LuaJIT targets registered by the caller (detected when the target was added).
     lua_targets: HashMap<u32, LuaTarget>,
+    /// Module (file name) of each native frame label produced.
+    module_of: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl std::fmt::Debug for StackBuilder {
@@ -80,7 +82,27 @@ impl StackBuilder {
             style,
             stats: StackStats::default(),
             lua_targets: HashMap::new(),
+            module_of: HashMap::new(),
         }
+    }
+
+    /// Forgets everything about process `pid` (it exited or is no longer a target).
+    pub fn forget(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+        self.lua_targets.remove(&pid);
+        self.namer.forget(pid);
+        // Files no process maps any more are closed.
+        self.files.retain(|_, f| Arc::strong_count(f) > 1);
+    }
+
+    /// User-side Lua naming errors by reason (prototypes unreadable, freed, invalid).
+    pub fn lua_errors(&self) -> &HashMap<&'static str, u64> {
+        &self.namer.errors
+    }
+
+    /// The module (file name) of a native frame label this builder produced.
+    pub fn module_of(&self, label: &str) -> Option<&Arc<str>> {
+        self.module_of.get(label)
     }
 
     /// Counters so far.
@@ -194,7 +216,14 @@ impl StackBuilder {
         let mut named: Vec<(Arc<str>, bool)> = Vec::with_capacity(native.len() + lua_len);
         for &addr in native.iter().rev() {
             let label = match proc.modules.find(addr) {
-                Some(m) => self.symbolizer.user(m, addr),
+                Some(m) => {
+                    let label = self.symbolizer.user(m, addr);
+                    if !self.module_of.contains_key(&label) {
+                        self.module_of
+                            .insert(label.clone(), Arc::from(m.elf.name.as_str()));
+                    }
+                    label
+                }
                 None => Arc::from("[unknown]"),
             };
             named.push((label, in_vm(addr)));

@@ -22,6 +22,8 @@ pub const MAP_LUA_VMS: &str = "LUA_VMS";
 pub const MAP_SAMPLES: &str = "SAMPLES";
 /// `PerCpuArray<u64>`: counters indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// `PerCpuHashMap<u32 tgid, u64>`: samples of each process lost because the ring buffer was full.
+pub const MAP_LOST: &str = "LOST";
 
 /// Bytes of user stack copied from the stack pointer upwards (the largest size tried).
 pub const STACK_COPY_MAX: usize = 16384;

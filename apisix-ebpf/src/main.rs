@@ -29,7 +29,7 @@ use aya_ebpf::{
         },
     },
     macros::{map, perf_event, uprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, ProbeContext},
 };
 
@@ -47,6 +47,9 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+static LOST: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Stack copy sizes tried in turn: a read that crosses the top of the stack mapping fails.
 const STACK_SIZES: [u32; 6] = [STACK_COPY_MAX as u32, 8192, 4096, 2048, 1024, 512];
@@ -116,6 +119,18 @@ fn count(counter: Counter) {
     }
 }
 
+/// Counts a sample of process `tgid` dropped because the ring buffer was full.
+#[inline(always)]
+fn count_lost(tgid: u32) {
+    match LOST.get_ptr_mut(&tgid) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = LOST.insert(&tgid, &1, 0);
+        }
+    }
+}
+
 fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -127,6 +142,7 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     let regs = user_regs(ctx).ok_or(Counter::RegsUnavailable)?;
 
     let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+        count_lost(tgid);
         return Err(Counter::RingbufFull);
     };
     // SAFETY: the reservation is exclusively ours until submitted or discarded; every

@@ -87,12 +87,32 @@ impl Flavour {
         })
     }
 
+    /// Slot of this build's layout in the BPF layouts map (see [`LAYOUT_SLOTS`]).
+    pub fn slot(&self) -> u32 {
+        if self.gc64 { 0 } else { 1 }
+    }
+
     /// The structure layout of this build.
     pub fn layout(&self) -> &'static Layout {
         if self.gc64 {
             &layout::GC64
         } else {
             &layout::GC32
+        }
+    }
+}
+
+/// Every layout by its slot in the BPF layouts map, installed when the sampler starts.
+pub const LAYOUT_SLOTS: [(u32, &Layout); 2] = [(0, &layout::GC64), (1, &layout::GC32)];
+
+impl LuaTarget {
+    /// The BPF map entry of a process running this LuaJIT.
+    pub fn bpf_target(&self) -> apisix_ebpf_common::Target {
+        apisix_ebpf_common::Target {
+            layout: self.flavour.slot(),
+            flags: 0,
+            vm_start: self.vm_range.start,
+            vm_end: self.vm_range.end,
         }
     }
 }

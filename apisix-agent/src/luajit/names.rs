@@ -349,6 +349,11 @@ impl LuaNamer {
         Self::default()
     }
 
+    /// Drops the prototypes cached for process `pid`.
+    pub fn forget(&mut self, pid: u32) {
+        self.protos.retain(|(p, _), _| *p != pid);
+    }
+
     fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
         if let Some(p) = self.protos.get(&(pid, f.code))
             && p.matches(f)

@@ -1,0 +1,626 @@
+//! Aggregation of continuously sampled stacks: per-function self and inclusive counters per
+//! target group (container + image, or the host), with bounded cardinality, and a window of
+//! recent stacks for `/flamegraph` without `seconds`.
+//!
+//! Cardinality: per group, the first `top_functions` Lua functions and as many C functions
+//! (admitted once per flush, most samples first) get their own series for good; samples of
+//! any other function go to `function="[other]"`. Series of groups gone for a minute are
+//! removed. Stacks in the recent window are interned, so a repeated stack costs one pointer.
+//!
+//! Hooks: none. Metrics: the per-function, per-target sample families of [`crate::metrics`].
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    fold::Folded,
+    metrics::{CFunctionLabels, LuaFunctionLabels, Metrics, TargetLabels},
+};
+
+/// The label given to functions beyond the cardinality cap.
+pub const OTHER: &str = "[other]";
+
+/// What a frame label denotes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameClass<'a> {
+    /// A Lua function (`NAME@FILE:LINE`), a fast function (`builtin:NAME`, file `[builtin]`)
+    /// or a VM marker (`[lua:gc]`, file empty).
+    Lua {
+        function: &'a str,
+        file: &'a str,
+        line: &'a str,
+    },
+    /// A native user-space frame.
+    C { function: &'a str },
+    /// A kernel frame (`…_[k]`).
+    Kernel,
+}
+
+/// Classifies a frame label of [`crate::stacks::StackBuilder`].
+pub fn classify(label: &str) -> FrameClass<'_> {
+    if label.ends_with("_[k]") {
+        return FrameClass::Kernel;
+    }
+    if label.starts_with("builtin:") {
+        return FrameClass::Lua {
+            function: label,
+            file: "[builtin]",
+            line: "0",
+        };
+    }
+    if label.starts_with("[lua:") {
+        return FrameClass::Lua {
+            function: label,
+            file: "",
+            line: "",
+        };
+    }
+    if let Some((name, place)) = label.split_once('@')
+        && let Some((file, line)) = place.rsplit_once(':')
+        && !name.is_empty()
+        && !file.is_empty()
+        && !line.is_empty()
+        && line.bytes().all(|b| b.is_ascii_digit())
+    {
+        return FrameClass::Lua {
+            function: name,
+            file,
+            line,
+        };
+    }
+    FrameClass::C { function: label }
+}
+
+/// A group of targets sharing metric labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Group {
+    pub container: String,
+    pub image: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LuaKey {
+    function: String,
+    file: String,
+    line: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CKey {
+    function: String,
+    module: String,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    lua: HashMap<LuaKey, (u64, u64)>,
+    c: HashMap<CKey, (u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Admitted {
+    lua: HashSet<LuaKey>,
+    c: HashSet<CKey>,
+    processes: HashSet<String>,
+}
+
+/// One retained stack.
+#[derive(Debug, Clone)]
+struct Recent {
+    at: Instant,
+    pid: u32,
+    container: Arc<str>,
+    stack: Arc<[Arc<str>]>,
+}
+
+/// The aggregator of the continuous sampler.
+#[derive(Debug)]
+pub struct Aggregator {
+    metrics: Arc<Metrics>,
+    top: usize,
+    retention: Duration,
+    max_recent: usize,
+    pending: HashMap<Group, Pending>,
+    pending_samples: HashMap<TargetLabels, u64>,
+    admitted: HashMap<Group, Admitted>,
+    gone_since: HashMap<Group, Instant>,
+    recent: VecDeque<Recent>,
+    interned: HashSet<Arc<[Arc<str>]>>,
+    containers: HashMap<String, Arc<str>>,
+}
+
+/// How long the series of a group outlive its last target.
+const GROUP_GRACE: Duration = Duration::from_secs(60);
+
+impl Aggregator {
+    /// An aggregator updating `metrics`.
+    pub fn new(metrics: Arc<Metrics>, top: usize, retention: Duration, max_recent: usize) -> Self {
+        Self {
+            metrics,
+            top,
+            retention,
+            max_recent,
+            pending: HashMap::new(),
+            pending_samples: HashMap::new(),
+            admitted: HashMap::new(),
+            gone_since: HashMap::new(),
+            recent: VecDeque::new(),
+            interned: HashSet::new(),
+            containers: HashMap::new(),
+        }
+    }
+
+    /// Adds one sampled stack (root first) of process `pid`. `module_of` names the module of
+    /// a native frame label.
+    pub fn add<'m>(
+        &mut self,
+        pid: u32,
+        target: &TargetLabels,
+        stack: Vec<Arc<str>>,
+        module_of: impl Fn(&str) -> Option<&'m Arc<str>>,
+    ) {
+        *self.pending_samples.entry(target.clone()).or_insert(0) += 1;
+        let group = Group {
+            container: target.container.clone(),
+            image: target.image.clone(),
+        };
+        let pending = self.pending.entry(group).or_default();
+        let mut lua_seen: HashSet<LuaKey> = HashSet::new();
+        let mut c_seen: HashSet<CKey> = HashSet::new();
+        let mut innermost_lua = None;
+        let mut leaf_c = None;
+        for label in stack.iter() {
+            match classify(label) {
+                FrameClass::Lua {
+                    function,
+                    file,
+                    line,
+                } => {
+                    let key = LuaKey {
+                        function: function.to_owned(),
+                        file: file.to_owned(),
+                        line: line.to_owned(),
+                    };
+                    innermost_lua = Some(key.clone());
+                    leaf_c = None;
+                    lua_seen.insert(key);
+                }
+                FrameClass::C { function } => {
+                    let key = CKey {
+                        function: function.to_owned(),
+                        module: module_of(label).map(|m| m.to_string()).unwrap_or_default(),
+                    };
+                    leaf_c = Some(key.clone());
+                    c_seen.insert(key);
+                }
+                FrameClass::Kernel => {}
+            }
+        }
+        if let Some(k) = innermost_lua {
+            pending.lua.entry(k).or_default().0 += 1;
+        }
+        if let Some(k) = leaf_c {
+            pending.c.entry(k).or_default().0 += 1;
+        }
+        for k in lua_seen {
+            pending.lua.entry(k).or_default().1 += 1;
+        }
+        for k in c_seen {
+            pending.c.entry(k).or_default().1 += 1;
+        }
+        self.remember(pid, &target.container, stack);
+    }
+
+    fn remember(&mut self, pid: u32, container: &str, stack: Vec<Arc<str>>) {
+        let stack: Arc<[Arc<str>]> = match self.interned.get(stack.as_slice()) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Arc<[Arc<str>]> = Arc::from(stack);
+                self.interned.insert(s.clone());
+                s
+            }
+        };
+        let container = match self.containers.get(container) {
+            Some(c) => c.clone(),
+            None => {
+                let c: Arc<str> = Arc::from(container);
+                self.containers.insert(container.to_owned(), c.clone());
+                c
+            }
+        };
+        self.recent.push_back(Recent {
+            at: Instant::now(),
+            pid,
+            container,
+            stack,
+        });
+        while self.recent.len() > self.max_recent {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Adds samples lost for a target.
+    pub fn add_lost(&mut self, target: &TargetLabels, n: u64) {
+        if n > 0 {
+            self.metrics.lost.get_or_create(target).inc_by(n);
+        }
+    }
+
+    /// Moves pending counts into the metrics, admitting new functions while there is room.
+    pub fn flush(&mut self) {
+        for (target, n) in self.pending_samples.drain() {
+            self.metrics.samples.get_or_create(&target).inc_by(n);
+            let group = Group {
+                container: target.container.clone(),
+                image: target.image.clone(),
+            };
+            self.admitted
+                .entry(group)
+                .or_default()
+                .processes
+                .insert(target.process);
+        }
+        for (group, pending) in self.pending.drain() {
+            let admitted = self.admitted.entry(group.clone()).or_default();
+            let mut lua: Vec<(LuaKey, (u64, u64))> = pending.lua.into_iter().collect();
+            lua.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(b.1.0.cmp(&a.1.0)));
+            for (key, (self_n, incl_n)) in lua {
+                let key = if admitted.lua.contains(&key) || admitted.lua.len() < self.top {
+                    admitted.lua.insert(key.clone());
+                    key
+                } else {
+                    LuaKey {
+                        function: OTHER.to_owned(),
+                        file: String::new(),
+                        line: String::new(),
+                    }
+                };
+                let labels = LuaFunctionLabels {
+                    function: key.function,
+                    file: key.file,
+                    line: key.line,
+                    container: group.container.clone(),
+                    image: group.image.clone(),
+                };
+                // Both series exist for every admitted function, so ratios never miss one.
+                self.metrics.lua_self.get_or_create(&labels).inc_by(self_n);
+                self.metrics
+                    .lua_inclusive
+                    .get_or_create(&labels)
+                    .inc_by(incl_n);
+            }
+            let mut c: Vec<(CKey, (u64, u64))> = pending.c.into_iter().collect();
+            c.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
+            for (key, (self_n, incl_n)) in c {
+                let key = if admitted.c.contains(&key) || admitted.c.len() < self.top {
+                    admitted.c.insert(key.clone());
+                    key
+                } else {
+                    CKey {
+                        function: OTHER.to_owned(),
+                        module: String::new(),
+                    }
+                };
+                let labels = CFunctionLabels {
+                    function: key.function,
+                    module: key.module,
+                    container: group.container.clone(),
+                    image: group.image.clone(),
+                };
+                self.metrics.c_self.get_or_create(&labels).inc_by(self_n);
+                self.metrics
+                    .c_inclusive
+                    .get_or_create(&labels)
+                    .inc_by(incl_n);
+            }
+        }
+        self.expire_recent();
+    }
+
+    fn expire_recent(&mut self) {
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|r| now.duration_since(r.at) > self.retention)
+        {
+            self.recent.pop_front();
+        }
+        // Stacks no retained sample points at any more.
+        if self.interned.len() > 1024 && self.interned.len() > 2 * self.recent.len() / 3 {
+            self.interned.retain(|s| Arc::strong_count(s) > 1);
+        }
+    }
+
+    /// Tells which groups still have targets; series of groups gone for longer than a
+    /// minute are removed.
+    pub fn retain_groups(&mut self, live: &HashSet<Group>) {
+        let now = Instant::now();
+        for g in self.admitted.keys() {
+            if live.contains(g) {
+                self.gone_since.remove(g);
+            } else {
+                self.gone_since.entry(g.clone()).or_insert(now);
+            }
+        }
+        let expired: Vec<Group> = self
+            .gone_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > GROUP_GRACE)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in expired {
+            self.gone_since.remove(&g);
+            let Some(admitted) = self.admitted.remove(&g) else {
+                continue;
+            };
+            let other_lua = LuaKey {
+                function: OTHER.to_owned(),
+                file: String::new(),
+                line: String::new(),
+            };
+            for key in admitted.lua.into_iter().chain([other_lua]) {
+                let labels = LuaFunctionLabels {
+                    function: key.function,
+                    file: key.file,
+                    line: key.line,
+                    container: g.container.clone(),
+                    image: g.image.clone(),
+                };
+                self.metrics.lua_self.remove(&labels);
+                self.metrics.lua_inclusive.remove(&labels);
+            }
+            let other_c = CKey {
+                function: OTHER.to_owned(),
+                module: String::new(),
+            };
+            for key in admitted.c.into_iter().chain([other_c]) {
+                let labels = CFunctionLabels {
+                    function: key.function,
+                    module: key.module,
+                    container: g.container.clone(),
+                    image: g.image.clone(),
+                };
+                self.metrics.c_self.remove(&labels);
+                self.metrics.c_inclusive.remove(&labels);
+            }
+            for process in admitted.processes {
+                let labels = TargetLabels {
+                    container: g.container.clone(),
+                    image: g.image.clone(),
+                    process,
+                };
+                self.metrics.samples.remove(&labels);
+                self.metrics.lost.remove(&labels);
+            }
+        }
+    }
+
+    /// Folds the retained stacks of the last `window` that `keep` selects by (pid, container).
+    pub fn recent(&self, window: Duration, keep: impl Fn(u32, &str) -> bool) -> Folded {
+        let now = Instant::now();
+        let mut folded = Folded::new();
+        for r in self.recent.iter().rev() {
+            if now.duration_since(r.at) > window {
+                break;
+            }
+            if keep(r.pid, &r.container) {
+                folded.add(r.stack.to_vec(), 1);
+            }
+        }
+        folded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(frames: &[&str]) -> Vec<Arc<str>> {
+        frames.iter().map(|f| Arc::from(*f)).collect()
+    }
+
+    fn target() -> TargetLabels {
+        TargetLabels {
+            container: "gw".into(),
+            image: "apache/apisix".into(),
+            process: "nginx".into(),
+        }
+    }
+
+    fn no_module(_: &str) -> Option<&'static Arc<str>> {
+        None
+    }
+
+    #[test]
+    fn classifies_frame_labels() {
+        assert_eq!(
+            classify("router:match@/app/router.lua:40"),
+            FrameClass::Lua {
+                function: "router:match",
+                file: "/app/router.lua",
+                line: "40"
+            }
+        );
+        assert_eq!(
+            classify("[main]@access_by_lua(nginx.conf:17):0"),
+            FrameClass::Lua {
+                function: "[main]",
+                file: "access_by_lua(nginx.conf:17)",
+                line: "0"
+            }
+        );
+        assert!(matches!(
+            classify("builtin:string.rep"),
+            FrameClass::Lua {
+                file: "[builtin]",
+                ..
+            }
+        ));
+        assert!(matches!(classify("[lua:gc]"), FrameClass::Lua { .. }));
+        assert_eq!(classify("do_syscall_64_[k]"), FrameClass::Kernel);
+        assert_eq!(
+            classify("ngx_http_lua_content_handler"),
+            FrameClass::C {
+                function: "ngx_http_lua_content_handler"
+            }
+        );
+        assert_eq!(
+            classify("libc.so.6+0x1234"),
+            FrameClass::C {
+                function: "libc.so.6+0x1234"
+            }
+        );
+    }
+
+    fn value(text: &str, prefix: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn self_and_inclusive_counts() {
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(metrics.clone(), 10, Duration::from_secs(60), 1000);
+        let t = target();
+        // Recursion counts once inclusively; the innermost Lua frame takes self even with a
+        // C function above it.
+        agg.add(
+            1,
+            &t,
+            stack(&[
+                "main",
+                "lua_resume",
+                "f@/a.lua:1",
+                "f@/a.lua:1",
+                "g@/a.lua:9",
+                "ngx_say",
+                "write_[k]",
+            ]),
+            no_module,
+        );
+        agg.add(
+            1,
+            &t,
+            stack(&["main", "lua_resume", "f@/a.lua:1"]),
+            no_module,
+        );
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        let f =
+            "{function=\"f\",file=\"/a.lua\",line=\"1\",container=\"gw\",image=\"apache/apisix\"}";
+        let g =
+            "{function=\"g\",file=\"/a.lua\",line=\"9\",container=\"gw\",image=\"apache/apisix\"}";
+        assert_eq!(
+            value(
+                &text,
+                &format!("apisix_profiler_lua_function_samples_total{f}")
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("apisix_profiler_lua_function_self_samples_total{f}")
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("apisix_profiler_lua_function_self_samples_total{g}")
+            ),
+            Some(1)
+        );
+        assert!(
+            text.contains("apisix_profiler_c_function_self_samples_total{function=\"ngx_say\"")
+        );
+        assert_eq!(
+            value(
+                &text,
+                "apisix_profiler_samples_total{container=\"gw\",image=\"apache/apisix\",process=\"nginx\"}"
+            ),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn functions_beyond_the_cap_go_to_other() {
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(metrics.clone(), 2, Duration::from_secs(60), 1000);
+        let t = target();
+        for (name, n) in [("a", 5), ("b", 4), ("c", 3), ("d", 1)] {
+            for _ in 0..n {
+                agg.add(
+                    1,
+                    &t,
+                    stack(&["main", &format!("{name}@/x.lua:1")]),
+                    no_module,
+                );
+            }
+        }
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("apisix_profiler_lua_function_self_samples_total{"))
+            .count();
+        assert_eq!(series, 3, "{text}");
+        assert!(text.contains("function=\"a\""));
+        assert!(text.contains("function=\"b\""));
+        assert!(!text.contains("function=\"c\""));
+        assert_eq!(
+            value(
+                &text,
+                "apisix_profiler_lua_function_self_samples_total{function=\"[other]\",file=\"\",line=\"\",container=\"gw\",image=\"apache/apisix\"}"
+            ),
+            Some(4)
+        );
+        // A later flush keeps the admitted set.
+        agg.add(1, &t, stack(&["main", "c@/x.lua:1"]), no_module);
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!text.contains("function=\"c\""));
+    }
+
+    #[test]
+    fn recent_window_filters_by_pid_and_container() {
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 3);
+        let t = target();
+        for i in 0..5 {
+            agg.add(i, &t, stack(&["main", "f@/a.lua:1"]), no_module);
+        }
+        // Only the last three are kept.
+        assert_eq!(agg.recent(Duration::from_secs(60), |_, _| true).total(), 3);
+        assert_eq!(
+            agg.recent(Duration::from_secs(60), |pid, _| pid == 4)
+                .total(),
+            1
+        );
+        assert_eq!(
+            agg.recent(Duration::from_secs(60), |_, c| c == "gw")
+                .total(),
+            3
+        );
+        assert_eq!(
+            agg.recent(Duration::from_secs(60), |_, c| c == "other")
+                .total(),
+            0
+        );
+    }
+}

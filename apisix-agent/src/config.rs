@@ -1,0 +1,380 @@
+//! The daemon's configuration: YAML (`config.example.yaml` documents every field), parsed with
+//! `deny_unknown_fields` so a typo is an error, then validated. Every error names the field's
+//! path (`sampling.frequency_hz`). Without a file the built-in defaults apply; they equal
+//! `config.example.yaml` (a unit test keeps the two in step).
+//!
+//! Hooks: reads the config file. Metrics: none.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML does not fit the schema (unknown field, wrong type, bad syntax).
+    #[error("{path}: {field}: {message}")]
+    Parse {
+        path: String,
+        field: String,
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: Http,
+    pub sampling: Sampling,
+    pub metrics: Metrics,
+    pub discovery: Discovery,
+}
+
+/// The HTTP endpoint (`/metrics`, `/flamegraph`, `/targets`, `/healthz`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Address to listen on, `IP:PORT`.
+    pub listen: String,
+}
+
+/// Sampling rates and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sampling {
+    /// Continuous sampling rate, per CPU.
+    pub frequency_hz: u64,
+    /// Rate of on-demand captures (`/flamegraph?seconds=N`).
+    pub on_demand_frequency_hz: u64,
+    /// Longest on-demand capture accepted.
+    pub max_capture_seconds: u64,
+    /// On-demand captures running at once; more are refused with 429.
+    pub max_concurrent_captures: usize,
+    /// How long continuously collected stacks are kept for `/flamegraph` without `seconds`.
+    pub retention_seconds: u64,
+    /// Upper bound on retained stacks (oldest dropped first).
+    pub max_retained_samples: usize,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Distinct Lua functions (and, separately, C functions) per target with their own
+    /// series; the rest are counted under `function="[other]"`.
+    pub top_functions: usize,
+}
+
+/// What to profile.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Discovery {
+    /// Seconds between two scans of `/proc` (Docker events trigger a scan at once).
+    pub interval_seconds: u64,
+    /// Process names (globs over `/proc/PID/comm`) of OpenResty/nginx processes.
+    pub process_names: Vec<String>,
+    /// Profile only worker processes (not the master, cache manager or loader).
+    pub workers_only: bool,
+    /// Processes of the host (outside containers).
+    pub host: bool,
+    /// Processes always profiled, whatever their name.
+    pub pids: Vec<u32>,
+    pub docker: Docker,
+}
+
+/// Docker containers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Docker {
+    /// Follow containers through the Docker API.
+    pub enabled: bool,
+    /// The Docker API socket.
+    pub socket: String,
+    /// Container name globs; empty: any name.
+    pub names: Vec<String>,
+    /// Image globs; a container whose image matches is profiled.
+    pub images: Vec<String>,
+    /// Labels every selected container must carry (value globs).
+    pub labels: BTreeMap<String, String>,
+    /// Also profile containers whose image does not match but whose processes load LuaJIT.
+    pub any_luajit: bool,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".to_owned(),
+        }
+    }
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            frequency_hz: 19,
+            on_demand_frequency_hz: 99,
+            max_capture_seconds: 120,
+            max_concurrent_captures: 2,
+            retention_seconds: 300,
+            max_retained_samples: 200_000,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self { top_functions: 50 }
+    }
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            interval_seconds: 2,
+            process_names: vec!["nginx".to_owned(), "openresty".to_owned()],
+            workers_only: true,
+            host: true,
+            pids: Vec::new(),
+            docker: Docker::default(),
+        }
+    }
+}
+
+impl Default for Docker {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: "/var/run/docker.sock".to_owned(),
+            names: Vec::new(),
+            images: vec!["apache/apisix*".to_owned()],
+            labels: BTreeMap::new(),
+            any_luajit: true,
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates `path`, or the defaults without one.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            let config = Self::default();
+            config.validate("defaults")?;
+            return Ok(config);
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // An empty file is an empty mapping: all defaults.
+        let config: Self = if text.trim().is_empty() {
+            Self::default()
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let field = e.path().to_string();
+                let inner = e.into_inner();
+                let location = inner
+                    .location()
+                    .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                    .unwrap_or_default();
+                ConfigError::Parse {
+                    path: origin.to_owned(),
+                    field: if field == "." {
+                        "(top level)".to_owned()
+                    } else {
+                        field
+                    },
+                    message: format!("{inner}{location}"),
+                }
+            })?
+        };
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks ranges and consistency; the first problem is returned.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            field,
+            message,
+        };
+        self.listen_addr().map_err(|e| bad("http.listen", e))?;
+        let s = &self.sampling;
+        if !(1..=1000).contains(&s.frequency_hz) {
+            return Err(bad(
+                "sampling.frequency_hz",
+                format!("{} is outside 1..=1000", s.frequency_hz),
+            ));
+        }
+        if !(1..=10_000).contains(&s.on_demand_frequency_hz) {
+            return Err(bad(
+                "sampling.on_demand_frequency_hz",
+                format!("{} is outside 1..=10000", s.on_demand_frequency_hz),
+            ));
+        }
+        if !(1..=3600).contains(&s.max_capture_seconds) {
+            return Err(bad(
+                "sampling.max_capture_seconds",
+                format!("{} is outside 1..=3600", s.max_capture_seconds),
+            ));
+        }
+        if !(1..=16).contains(&s.max_concurrent_captures) {
+            return Err(bad(
+                "sampling.max_concurrent_captures",
+                format!("{} is outside 1..=16", s.max_concurrent_captures),
+            ));
+        }
+        if !(1..=86_400).contains(&s.retention_seconds) {
+            return Err(bad(
+                "sampling.retention_seconds",
+                format!("{} is outside 1..=86400", s.retention_seconds),
+            ));
+        }
+        if !(1000..=10_000_000).contains(&s.max_retained_samples) {
+            return Err(bad(
+                "sampling.max_retained_samples",
+                format!("{} is outside 1000..=10000000", s.max_retained_samples),
+            ));
+        }
+        if !(1..=10_000).contains(&self.metrics.top_functions) {
+            return Err(bad(
+                "metrics.top_functions",
+                format!("{} is outside 1..=10000", self.metrics.top_functions),
+            ));
+        }
+        let d = &self.discovery;
+        if !(1..=300).contains(&d.interval_seconds) {
+            return Err(bad(
+                "discovery.interval_seconds",
+                format!("{} is outside 1..=300", d.interval_seconds),
+            ));
+        }
+        check_globs(&d.process_names).map_err(|e| bad("discovery.process_names", e))?;
+        check_globs(&d.docker.names).map_err(|e| bad("discovery.docker.names", e))?;
+        check_globs(&d.docker.images).map_err(|e| bad("discovery.docker.images", e))?;
+        let label_values: Vec<String> = d.docker.labels.values().cloned().collect();
+        check_globs(&label_values).map_err(|e| bad("discovery.docker.labels", e))?;
+        if d.pids.contains(&0) {
+            return Err(bad("discovery.pids", "0 is not a process id".to_owned()));
+        }
+        if d.docker.enabled && !d.docker.socket.starts_with('/') {
+            return Err(bad(
+                "discovery.docker.socket",
+                format!("{:?} is not an absolute path", d.docker.socket),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The HTTP listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.http
+            .listen
+            .parse()
+            .map_err(|e| format!("{:?} is not an IP:PORT address ({e})", self.http.listen))
+    }
+
+    /// Time between two discovery scans.
+    pub fn scan_interval(&self) -> Duration {
+        Duration::from_secs(self.discovery.interval_seconds)
+    }
+}
+
+fn check_globs(globs: &[String]) -> Result<(), String> {
+    for g in globs {
+        globset::Glob::new(g).map_err(|e| format!("{g:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "test.yaml") {
+            Ok(c) => panic!("accepted {text:?}: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn example_file_equals_the_defaults() {
+        let text = include_str!("../../config.example.yaml");
+        let parsed = match Config::parse(text, "config.example.yaml") {
+            Ok(c) => c,
+            Err(e) => panic!("config.example.yaml: {e}"),
+        };
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert!(matches!(Config::parse("", "x"), Ok(c) if c == Config::default()));
+        assert!(matches!(Config::parse("{}\n", "x"), Ok(c) if c == Config::default()));
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = match Config::parse("sampling:\n  frequency_hz: 49\n", "x") {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(c.sampling.frequency_hz, 49);
+        assert_eq!(c.sampling.on_demand_frequency_hz, 99);
+        assert_eq!(c.http.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let e = err("sampling:\n  frequncy_hz: 10\n");
+        assert!(e.contains("test.yaml"), "{e}");
+        assert!(e.contains("sampling"), "{e}");
+        assert!(e.contains("frequncy_hz"), "{e}");
+        let e = err("discovery:\n  docker:\n    sockett: /x\n");
+        assert!(e.contains("discovery.docker"), "{e}");
+        assert!(e.contains("sockett"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let e = err("sampling:\n  frequency_hz: fast\n");
+        assert!(e.contains("sampling.frequency_hz"), "{e}");
+        let e = err("discovery:\n  pids: [1, two]\n");
+        assert!(e.contains("discovery.pids"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = err("http:\n  listen: localhost\n");
+        assert!(e.contains("http.listen"), "{e}");
+        let e = err("sampling:\n  frequency_hz: 0\n");
+        assert!(e.contains("sampling.frequency_hz"), "{e}");
+        let e = err("discovery:\n  docker:\n    images: ['[']\n");
+        assert!(e.contains("discovery.docker.images"), "{e}");
+        let e = err("discovery:\n  docker:\n    socket: relative.sock\n");
+        assert!(e.contains("discovery.docker.socket"), "{e}");
+    }
+}

@@ -1,0 +1,257 @@
+//! The continuous sampler: one thread owning the low-rate BPF sampler and a stack builder.
+//! It applies each discovery [`Snapshot`] to the BPF target map (new processes added with
+//! their LuaJIT layout, gone ones removed), turns samples into stacks for the
+//! [`Aggregator`], and once a second moves BPF counters into metrics.
+//!
+//! Hooks: the BPF sampler ([`crate::bpf`]) for the daemon's lifetime; dropping it at the end
+//! of [`run`] detaches every program. Metrics: `apisix_profiler_unwind_errors_total`,
+//! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets` and, through the
+//! aggregator, the per-function and per-target sample counters.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, atomic::Ordering, mpsc},
+    time::{Duration, Instant},
+};
+
+use apisix_ebpf_common::Counter;
+
+use crate::{
+    aggregate::Group,
+    bpf::{BpfError, Sampler},
+    daemon::Shared,
+    discovery::{Lua, Snapshot, Target},
+    luajit::NameStyle,
+    metrics::{FlavourLabels, ReasonLabels, TargetLabels},
+    stacks::StackBuilder,
+};
+
+/// BPF counters that are errors (the rest count successes or idle samples).
+fn is_error(c: Counter) -> bool {
+    !matches!(
+        c,
+        Counter::Samples | Counter::RingbufFull | Counter::LuaWalked | Counter::LuaIdle
+    )
+}
+
+struct Tracked {
+    start_time: u64,
+    labels: TargetLabels,
+}
+
+fn metric_labels(t: &Target) -> TargetLabels {
+    TargetLabels {
+        container: t.labels.container.clone(),
+        image: t.labels.image.clone(),
+        process: t.labels.process.clone(),
+    }
+}
+
+struct State {
+    sampler: Sampler,
+    builder: StackBuilder,
+    tracked: HashMap<u32, Tracked>,
+    counters_seen: HashMap<&'static str, u64>,
+    lost_seen: HashMap<u32, u64>,
+}
+
+impl State {
+    fn apply(&mut self, shared: &Shared, snapshot: &Snapshot) {
+        let wanted: HashMap<u32, &Target> = snapshot.iter().map(|t| (t.pid, t)).collect();
+        let gone: Vec<u32> = self
+            .tracked
+            .iter()
+            .filter(|(pid, tr)| {
+                wanted
+                    .get(pid)
+                    .is_none_or(|t| t.start_time != tr.start_time)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            self.sampler.remove_target(pid);
+            self.builder.forget(pid);
+            self.lost_seen.remove(&pid);
+            if let Some(tr) = self.tracked.remove(&pid) {
+                tracing::info!(
+                    pid,
+                    process = tr.labels.process,
+                    container = tr.labels.container,
+                    "target gone"
+                );
+            }
+        }
+        for t in snapshot.iter() {
+            if self.tracked.contains_key(&t.pid) {
+                continue;
+            }
+            let lua = match &t.lua {
+                Lua::Known(l) => Some(l),
+                _ => None,
+            };
+            if let Some(l) = lua {
+                self.builder.set_lua_target(t.pid, l.clone());
+            }
+            if let Err(e) = self.sampler.add_process(t.pid, lua) {
+                tracing::warn!(pid = t.pid, error = %e, "cannot sample target");
+                continue;
+            }
+            self.builder.prepare(t.pid);
+            tracing::info!(
+                pid = t.pid,
+                process = t.labels.process,
+                container = t.labels.container,
+                image = t.labels.image,
+                flavour = t.lua.flavour_label(),
+                "target added"
+            );
+            self.tracked.insert(
+                t.pid,
+                Tracked {
+                    start_time: t.start_time,
+                    labels: metric_labels(t),
+                },
+            );
+        }
+        let mut by_flavour: HashMap<&'static str, i64> = ["gc64", "gc32", "unknown", "native"]
+            .into_iter()
+            .map(|f| (f, 0))
+            .collect();
+        for t in snapshot.iter() {
+            *by_flavour.entry(t.lua.flavour_label()).or_insert(0) += 1;
+        }
+        for (flavour, n) in by_flavour {
+            shared
+                .metrics
+                .targets
+                .get_or_create(&FlavourLabels {
+                    flavour: flavour.to_owned(),
+                })
+                .set(n);
+        }
+        let groups: HashSet<Group> = snapshot
+            .iter()
+            .map(|t| Group {
+                container: t.labels.container.clone(),
+                image: t.labels.image.clone(),
+            })
+            .collect();
+        if let Ok(mut agg) = shared.aggregator.lock() {
+            agg.retain_groups(&groups);
+        }
+    }
+
+    fn tick(&mut self, shared: &Shared) {
+        self.sampler.retire_learners();
+        match self.sampler.counters() {
+            Ok(counters) => {
+                for c in Counter::ALL.into_iter().filter(|c| is_error(*c)) {
+                    self.bump(shared, c.name(), counters[c as usize]);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "reading BPF counters"),
+        }
+        let lua_errors: Vec<(&'static str, u64)> = self
+            .builder
+            .lua_errors()
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (reason, total) in lua_errors {
+            self.bump(shared, reason, total);
+        }
+        let lost = self.sampler.lost();
+        let Ok(mut agg) = shared.aggregator.lock() else {
+            return;
+        };
+        for (pid, total) in lost {
+            let seen = self.lost_seen.entry(pid).or_insert(0);
+            let delta = total.saturating_sub(*seen);
+            *seen = total;
+            if let Some(tr) = self.tracked.get(&pid) {
+                agg.add_lost(&tr.labels, delta);
+            }
+        }
+        agg.flush();
+    }
+
+    /// Adds the growth of a cumulative error counter to the metric.
+    fn bump(&mut self, shared: &Shared, reason: &'static str, total: u64) {
+        let seen = self.counters_seen.entry(reason).or_insert(0);
+        let delta = total.saturating_sub(*seen);
+        *seen = total;
+        let family = &shared.metrics.unwind_errors;
+        let series = family.get_or_create(&ReasonLabels {
+            reason: reason.to_owned(),
+        });
+        series.inc_by(delta);
+    }
+}
+
+/// Starts the sampler (reporting the outcome on `started`) and runs until `shared.stop`.
+pub fn run(
+    shared: Arc<Shared>,
+    snapshots: mpsc::Receiver<Snapshot>,
+    started: std::sync::mpsc::SyncSender<Result<(), BpfError>>,
+) {
+    let frequency = shared.config.sampling.frequency_hz;
+    let sampler = match Sampler::start(frequency) {
+        Ok(s) => {
+            let _ = started.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    shared
+        .metrics
+        .frequency
+        .set(i64::try_from(frequency).unwrap_or(i64::MAX));
+    shared.attached.store(true, Ordering::SeqCst);
+    tracing::info!(frequency_hz = frequency, "continuous sampler attached");
+    let mut state = State {
+        sampler,
+        builder: StackBuilder::new(NameStyle::FirstLine),
+        tracked: HashMap::new(),
+        counters_seen: HashMap::new(),
+        lost_seen: HashMap::new(),
+    };
+    let mut last_tick = Instant::now();
+    let mut batch: Vec<(u32, Vec<Arc<str>>)> = Vec::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut latest = None;
+        while let Ok(s) = snapshots.try_recv() {
+            latest = Some(s);
+        }
+        if let Some(s) = latest {
+            state.apply(&shared, &s);
+        }
+        let State {
+            sampler, builder, ..
+        } = &mut state;
+        sampler.poll(Duration::from_millis(200), |s| {
+            if let Some(stack) = builder.build(s) {
+                batch.push((s.pid, stack));
+            }
+        });
+        if !batch.is_empty()
+            && let Ok(mut agg) = shared.aggregator.lock()
+        {
+            for (pid, stack) in batch.drain(..) {
+                if let Some(tr) = state.tracked.get(&pid) {
+                    agg.add(pid, &tr.labels, stack, |l| state.builder.module_of(l));
+                }
+            }
+        }
+        batch.clear();
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            state.tick(&shared);
+        }
+    }
+    shared.attached.store(false, Ordering::SeqCst);
+    drop(state);
+    tracing::info!("continuous sampler detached");
+}

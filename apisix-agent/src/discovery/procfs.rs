@@ -1,0 +1,252 @@
+//! Scans `/proc` for targets: processes whose name matches `discovery.process_names`, that
+//! are nginx workers (when `workers_only`), and that have LuaJIT mapped; plus the PIDs of
+//! `discovery.pids`. A process inside a Docker container (its cgroup names a container id) is
+//! kept when the container is selected; LuaJIT detection runs once per process start.
+
+use std::collections::HashMap;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use super::{Labels, Lua, Target, docker::Containers};
+use crate::{config, luajit};
+
+/// Errors of building a scanner.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("bad process name pattern")]
+    Glob {
+        #[source]
+        source: globset::Error,
+    },
+}
+
+/// Builds a set of globs.
+pub fn globset(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p)?);
+    }
+    b.build()
+}
+
+/// Scanner of `/proc` with a cache of LuaJIT detection results.
+#[derive(Debug)]
+pub struct Scanner {
+    names: GlobSet,
+    workers_only: bool,
+    host: bool,
+    pids: Vec<u32>,
+    /// pid → (start time, detection result).
+    cache: HashMap<u32, (u64, Lua)>,
+}
+
+/// What `/proc/PID/stat` says that discovery needs.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    // Field 22 of stat; `rest` starts at field 3.
+    fields.get(19)?.parse().ok()
+}
+
+/// The Docker container id in a `/proc/PID/cgroup` text, if any: 64 hex digits in a path
+/// that mentions docker (`/system.slice/docker-ID.scope`, `/docker/ID`, `…/docker/ID/…`).
+pub fn container_id(cgroup: &str) -> Option<String> {
+    for line in cgroup.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or(line);
+        let Some(at) = path.find("docker") else {
+            continue;
+        };
+        let tail = &path[at..];
+        for token in tail.split(|c: char| !c.is_ascii_hexdigit()) {
+            if token.len() == 64 {
+                return Some(token.to_ascii_lowercase());
+            }
+        }
+    }
+    None
+}
+
+/// Whether an nginx command line is a worker's (or not nginx's at all, then it counts).
+pub fn is_worker(cmdline: &str) -> bool {
+    match cmdline.strip_prefix("nginx: ") {
+        Some(role) => role.starts_with("worker process"),
+        None => true,
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .replace('\0', " ")
+        })
+        .unwrap_or_default()
+}
+
+impl Scanner {
+    /// A scanner for the given discovery settings.
+    pub fn new(cfg: &config::Discovery) -> Result<Self, ScanError> {
+        Ok(Self {
+            names: globset(&cfg.process_names).map_err(|source| ScanError::Glob { source })?,
+            workers_only: cfg.workers_only,
+            host: cfg.host,
+            pids: cfg.pids.clone(),
+            cache: HashMap::new(),
+        })
+    }
+
+    /// LuaJIT of `pid` (started at `start`), detected once per process start.
+    fn lua(&mut self, pid: u32, start: u64) -> Lua {
+        if let Some((s, lua)) = self.cache.get(&pid)
+            && *s == start
+        {
+            return lua.clone();
+        }
+        let lua = match luajit::detect(pid) {
+            Ok(Some(t)) => Lua::Known(t),
+            Ok(None) => Lua::None,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "LuaJIT build not supported; native stacks only");
+                Lua::Unknown(e.to_string())
+            }
+        };
+        self.cache.insert(pid, (start, lua.clone()));
+        lua
+    }
+
+    /// One pass over `/proc`.
+    pub fn scan(&mut self, containers: &Containers) -> Vec<Target> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        let me = std::process::id();
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let forced = self.pids.contains(&pid);
+            let Ok(comm) = crate::process::comm(pid) else {
+                continue;
+            };
+            if !forced && !self.names.is_match(&comm) {
+                continue;
+            }
+            if !forced && self.workers_only && !is_worker(&cmdline(pid)) {
+                continue;
+            }
+            let Some(start) = start_time(pid) else {
+                continue;
+            };
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let mut labels = Labels {
+                process: comm,
+                ..Labels::default()
+            };
+            match container_id(&cgroup) {
+                Some(id) => match containers.get(&id) {
+                    Some(c) => {
+                        if !forced && !c.selected {
+                            continue;
+                        }
+                        labels.container = c.name.clone();
+                        labels.container_id = id[..12].to_owned();
+                        labels.image = c.image.clone();
+                    }
+                    // Docker knows the container but has not told us yet: the event is on
+                    // its way; the next scan takes it.
+                    None if containers.connected && !forced => continue,
+                    None => {
+                        // No Docker API: profile it like a host process, named by its id.
+                        if !forced && !self.host {
+                            continue;
+                        }
+                        labels.container_id = id[..12].to_owned();
+                    }
+                },
+                None => {
+                    if !forced && !self.host {
+                        continue;
+                    }
+                }
+            }
+            let lua = self.lua(pid, start);
+            if !forced && lua == Lua::None {
+                continue;
+            }
+            out.push(Target {
+                pid,
+                start_time: start,
+                labels,
+                lua,
+            });
+        }
+        out.sort_by_key(|t| t.pid);
+        let live: std::collections::HashSet<u32> = out.iter().map(|t| t.pid).collect();
+        self.cache.retain(|pid, _| live.contains(pid));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f5c2a9e0b1d4c6e8f7a9b0c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6";
+
+    #[test]
+    fn container_ids_from_cgroup_v2_and_v1() {
+        assert_eq!(
+            container_id(&format!("0::/system.slice/docker-{ID}.scope\n")).as_deref(),
+            Some(ID)
+        );
+        assert_eq!(
+            container_id(&format!(
+                "12:pids:/docker/{ID}\n1:name=systemd:/docker/{ID}\n"
+            ))
+            .as_deref(),
+            Some(ID)
+        );
+        assert_eq!(
+            container_id(&format!("0::/docker/{ID}/init\n")).as_deref(),
+            Some(ID)
+        );
+    }
+
+    #[test]
+    fn host_cgroups_have_no_container() {
+        assert_eq!(
+            container_id("0::/user.slice/user-0.slice/session-1.scope\n"),
+            None
+        );
+        assert_eq!(container_id("0::/\n"), None);
+        assert_eq!(container_id(&format!("0::/kubepods/pod1/{ID}\n")), None);
+    }
+
+    #[test]
+    fn workers_are_told_from_masters() {
+        assert!(is_worker("nginx: worker process"));
+        assert!(!is_worker("nginx: master process /usr/sbin/nginx -c /x"));
+        assert!(!is_worker("nginx: cache manager process"));
+        assert!(is_worker(
+            "/usr/sbin/nginx -g daemon off; master_process off;"
+        ));
+    }
+
+    #[test]
+    fn own_start_time_is_read() {
+        assert!(start_time(std::process::id()).is_some_and(|t| t > 0));
+    }
+}

@@ -1,0 +1,411 @@
+//! The daemon's HTTP endpoint (axum):
+//! - `GET /metrics`: OpenMetrics text ([`crate::metrics`]).
+//! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
+//!   [&frequency=HZ]`: with `seconds`, an on-demand capture at the on-demand rate
+//!   ([`crate::capture`]); without, the continuously collected recent stacks at once.
+//! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
+//! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
+//!
+//! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
+//! path, 429 when `sampling.max_concurrent_captures` captures already run. Handlers only read
+//! shared state or start a capture; nothing a client sends names a file.
+//!
+//! Hooks: a TCP listener. Metrics: none of its own.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::{
+    capture::{self, CaptureTarget},
+    daemon::Shared,
+    discovery::{Lua, Target},
+    fold::Folded,
+    luajit::NameStyle,
+};
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/flamegraph", get(flamegraph))
+        .route("/targets", get(targets))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".to_owned()) })
+        .with_state(shared)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
+    }
+}
+
+async fn targets(State(shared): State<Arc<Shared>>) -> Response {
+    let snap = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
+    let views: Vec<_> = snap.iter().map(Target::view).collect();
+    Json(views).into_response()
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let targets = shared.targets.read().map(|t| t.len()).unwrap_or(0);
+    if shared.attached.load(Ordering::SeqCst) {
+        Json(serde_json::json!({"status": "ok", "targets": targets})).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the BPF sampler is not attached".to_owned(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Svg,
+    Collapsed,
+    Json,
+}
+
+/// A validated `/flamegraph` request.
+#[derive(Debug)]
+struct FlameRequest {
+    selector: Selector,
+    seconds: Option<u64>,
+    frequency: u64,
+    format: Format,
+}
+
+#[derive(Debug, Clone)]
+enum Selector {
+    Pid(u32),
+    Container(String),
+}
+
+type BadRequest = (StatusCode, String);
+
+fn bad(message: impl Into<String>) -> BadRequest {
+    (StatusCode::BAD_REQUEST, message.into())
+}
+
+fn parse_request(
+    q: &HashMap<String, String>,
+    max_seconds: u64,
+    default_frequency: u64,
+) -> Result<FlameRequest, BadRequest> {
+    const KNOWN: [&str; 5] = ["pid", "container", "seconds", "format", "frequency"];
+    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(format!(
+            "unknown parameter {k:?}; known: {}",
+            KNOWN.join(", ")
+        )));
+    }
+    let selector = match (q.get("pid"), q.get("container")) {
+        (Some(p), None) => Selector::Pid(
+            p.parse::<u32>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(format!("pid={p:?} is not a process id")))?,
+        ),
+        (None, Some(c)) if !c.is_empty() && c.len() <= 128 => Selector::Container(c.clone()),
+        (None, Some(_)) => return Err(bad("container must be 1 to 128 characters")),
+        _ => return Err(bad("give exactly one of pid=PID or container=NAME")),
+    };
+    let seconds = match q.get("seconds") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<u64>()
+                .ok()
+                .filter(|s| (1..=max_seconds).contains(s))
+                .ok_or_else(|| bad(format!("seconds={s:?} must be 1..={max_seconds}")))?,
+        ),
+    };
+    let frequency = match q.get("frequency") {
+        None => default_frequency,
+        Some(_) if seconds.is_none() => {
+            return Err(bad(
+                "frequency applies to captures (with seconds=N); recent stacks were sampled continuously",
+            ));
+        }
+        Some(f) => f
+            .parse::<u64>()
+            .ok()
+            .filter(|f| (1..=1000).contains(f))
+            .ok_or_else(|| bad(format!("frequency={f:?} must be 1..=1000")))?,
+    };
+    let format = match q.get("format").map(String::as_str) {
+        None | Some("svg") => Format::Svg,
+        Some("collapsed") => Format::Collapsed,
+        Some("json") => Format::Json,
+        Some(f) => return Err(bad(format!("format={f:?} must be svg, collapsed or json"))),
+    };
+    Ok(FlameRequest {
+        selector,
+        seconds,
+        frequency,
+        format,
+    })
+}
+
+/// The targets a selector names.
+fn select(snapshot: &[Target], selector: &Selector) -> Vec<Target> {
+    snapshot
+        .iter()
+        .filter(|t| match selector {
+            Selector::Pid(pid) => t.pid == *pid,
+            Selector::Container(name) => {
+                !t.labels.container_id.is_empty()
+                    && (t.labels.container == *name
+                        || (name.len() >= 4 && t.labels.container_id.starts_with(name.as_str())))
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+async fn flamegraph(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let cfg = &shared.config.sampling;
+    let req = match parse_request(&q, cfg.max_capture_seconds, cfg.on_demand_frequency_hz) {
+        Ok(r) => r,
+        Err((status, message)) => return error(status, message),
+    };
+    let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
+    let chosen = select(&snapshot, &req.selector);
+    let what = match &req.selector {
+        Selector::Pid(pid) => format!("pid {pid}"),
+        Selector::Container(c) => format!("container {c}"),
+    };
+    if chosen.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{what} is not a profiled target (see /targets)"),
+        );
+    }
+    let describe = describe(&chosen, &what);
+    let (folded, title) = match req.seconds {
+        None => {
+            let window = Duration::from_secs(cfg.retention_seconds);
+            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+            let folded = match shared.aggregator.lock() {
+                Ok(agg) => agg.recent(window, |pid, _| pids.contains(&pid)),
+                Err(_) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "aggregator poisoned".into(),
+                    );
+                }
+            };
+            let title = format!(
+                "{describe} — last {}s of continuous sampling at {} Hz",
+                cfg.retention_seconds, cfg.frequency_hz
+            );
+            (folded, title)
+        }
+        Some(seconds) => {
+            let Ok(permit) = shared.captures.try_acquire() else {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{} captures already running (sampling.max_concurrent_captures)",
+                        cfg.max_concurrent_captures
+                    ),
+                );
+            };
+            let targets: Vec<CaptureTarget> = chosen
+                .iter()
+                .map(|t| CaptureTarget {
+                    pid: t.pid,
+                    lua: match &t.lua {
+                        Lua::Known(l) => Some(l.clone()),
+                        _ => None,
+                    },
+                })
+                .collect();
+            let frequency = req.frequency;
+            let worker = shared.clone();
+            tracing::info!(target = what, seconds, frequency, "capture started");
+            let result = tokio::task::spawn_blocking(move || {
+                capture::capture(
+                    &targets,
+                    Duration::from_secs(seconds),
+                    frequency,
+                    NameStyle::FirstLine,
+                    &worker.stop,
+                    |_, _| {},
+                )
+            })
+            .await;
+            drop(permit);
+            let cap = match result {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
+                }
+                Err(e) => {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
+                }
+            };
+            tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
+            let title = format!(
+                "{describe} — {:.0}s at {frequency} Hz from {}",
+                cap.elapsed.as_secs_f64(),
+                utc_now()
+            );
+            (cap.folded, title)
+        }
+    };
+    render(&folded, req.format, &title)
+}
+
+fn describe(chosen: &[Target], what: &str) -> String {
+    let mut s = what.to_owned();
+    if let Some(t) = chosen.first() {
+        if !t.labels.container.is_empty() {
+            let _ = write!(s, " ({} {})", t.labels.container, t.labels.image);
+        }
+        let _ = write!(s, " — {} process(es) of {}", chosen.len(), t.labels.process);
+    }
+    s
+}
+
+fn render(folded: &Folded, format: Format, title: &str) -> Response {
+    match format {
+        Format::Svg => {
+            let mut out = Vec::new();
+            match folded.write_svg(title, &mut out) {
+                Ok(()) => ([(header::CONTENT_TYPE, "image/svg+xml")], out).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
+            }
+        }
+        Format::Collapsed => {
+            let mut out = Vec::new();
+            match folded.write_folded(&mut out) {
+                Ok(()) => {
+                    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response()
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
+            }
+        }
+        Format::Json => Json(serde_json::json!({
+            "title": title,
+            "total": folded.total(),
+            "root": folded.to_json(),
+        }))
+        .into_response(),
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn status(pairs: &[(&str, &str)]) -> Option<StatusCode> {
+        parse_request(&q(pairs), 120, 99).err().map(|(s, _)| s)
+    }
+
+    #[test]
+    fn valid_requests() {
+        let r = match parse_request(&q(&[("pid", "12"), ("seconds", "3")]), 120, 99) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert!(matches!(r.selector, Selector::Pid(12)));
+        assert_eq!(r.seconds, Some(3));
+        assert_eq!(r.frequency, 99);
+        assert_eq!(r.format, Format::Svg);
+        assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), 120, 99).is_ok());
+    }
+
+    #[test]
+    fn bad_requests_are_400() {
+        let b = Some(StatusCode::BAD_REQUEST);
+        assert_eq!(status(&[]), b);
+        assert_eq!(status(&[("pid", "1"), ("container", "x")]), b);
+        assert_eq!(status(&[("pid", "abc")]), b);
+        assert_eq!(status(&[("pid", "0")]), b);
+        assert_eq!(status(&[("pid", "1"), ("seconds", "121")]), b);
+        assert_eq!(status(&[("pid", "1"), ("seconds", "0")]), b);
+        assert_eq!(status(&[("pid", "1"), ("format", "png")]), b);
+        assert_eq!(status(&[("pid", "1"), ("frequency", "50")]), b);
+        assert_eq!(
+            status(&[("pid", "1"), ("seconds", "2"), ("frequency", "5000")]),
+            b
+        );
+        assert_eq!(status(&[("pid", "1"), ("file", "/etc/passwd")]), b);
+    }
+
+    #[test]
+    fn utc_format() {
+        let s = utc_now();
+        assert_eq!(s.len(), 23, "{s}");
+        assert!(s.starts_with("20"), "{s}");
+    }
+}

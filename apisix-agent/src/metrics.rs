@@ -1,0 +1,244 @@
+//! The daemon's Prometheus metrics (prometheus-client, OpenMetrics text on `/metrics`): the
+//! metric families, their typed label sets, and the agent's own CPU time and resident memory
+//! read from `/proc/self` at each scrape.
+//!
+//! Metrics produced (counters carry the `_total` suffix on the wire):
+//! - `apisix_profiler_lua_function_self_samples_total`, `…_lua_function_samples_total`
+//!   {function, file, line, container, image}
+//! - `apisix_profiler_c_function_self_samples_total`, `…_c_function_samples_total`
+//!   {function, module, container, image}
+//! - `apisix_profiler_samples_total`, `apisix_profiler_lost_samples_total`
+//!   {container, image, process}
+//! - `apisix_profiler_unwind_errors_total` {reason}
+//! - `apisix_profiler_targets` {flavour} (gauge)
+//! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
+//!   `apisix_profiler_sampling_frequency_hertz`
+//!
+//! Hooks: `/proc/self/stat`, `/proc/self/statm`.
+
+use std::sync::{Mutex, atomic::AtomicU64};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Labels of a Lua function series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LuaFunctionLabels {
+    pub function: String,
+    pub file: String,
+    pub line: String,
+    pub container: String,
+    pub image: String,
+}
+
+/// Labels of a C function series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CFunctionLabels {
+    pub function: String,
+    pub module: String,
+    pub container: String,
+    pub image: String,
+}
+
+/// Labels of per-target series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub container: String,
+    pub image: String,
+    pub process: String,
+}
+
+/// Labels of unwind error series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Labels of the targets gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlavourLabels {
+    pub flavour: String,
+}
+
+/// Every metric of the daemon.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub lua_self: Family<LuaFunctionLabels, Counter>,
+    pub lua_inclusive: Family<LuaFunctionLabels, Counter>,
+    pub c_self: Family<CFunctionLabels, Counter>,
+    pub c_inclusive: Family<CFunctionLabels, Counter>,
+    pub samples: Family<TargetLabels, Counter>,
+    pub lost: Family<TargetLabels, Counter>,
+    pub unwind_errors: Family<ReasonLabels, Counter>,
+    pub targets: Family<FlavourLabels, Gauge>,
+    agent_cpu: Counter<f64, AtomicU64>,
+    agent_rss: Gauge,
+    pub frequency: Gauge,
+    /// CPU time already added to `agent_cpu`, in clock ticks.
+    cpu_ticks_seen: Mutex<u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("apisix_profiler");
+        let m = Self {
+            registry: Registry::default(),
+            lua_self: Family::default(),
+            lua_inclusive: Family::default(),
+            c_self: Family::default(),
+            c_inclusive: Family::default(),
+            samples: Family::default(),
+            lost: Family::default(),
+            unwind_errors: Family::default(),
+            targets: Family::default(),
+            agent_cpu: Counter::default(),
+            agent_rss: Gauge::default(),
+            frequency: Gauge::default(),
+            cpu_ticks_seen: Mutex::new(0),
+        };
+        registry.register(
+            "lua_function_self_samples",
+            "CPU samples whose innermost Lua frame is this function (incl. C it calls directly)",
+            m.lua_self.clone(),
+        );
+        registry.register(
+            "lua_function_samples",
+            "CPU samples with this Lua function anywhere on the stack",
+            m.lua_inclusive.clone(),
+        );
+        registry.register(
+            "c_function_self_samples",
+            "CPU samples whose innermost user-space frame is this C function",
+            m.c_self.clone(),
+        );
+        registry.register(
+            "c_function_samples",
+            "CPU samples with this C function anywhere on the stack",
+            m.c_inclusive.clone(),
+        );
+        registry.register("samples", "CPU samples taken per target", m.samples.clone());
+        registry.register(
+            "lost_samples",
+            "CPU samples lost per target (ring buffer full)",
+            m.lost.clone(),
+        );
+        registry.register(
+            "unwind_errors",
+            "Stack walks that ended early, by reason",
+            m.unwind_errors.clone(),
+        );
+        registry.register(
+            "targets",
+            "Processes being profiled, by LuaJIT flavour",
+            m.targets.clone(),
+        );
+        registry.register(
+            "agent_cpu_seconds",
+            "CPU time used by the agent itself",
+            m.agent_cpu.clone(),
+        );
+        registry.register_with_unit(
+            "agent_resident_memory",
+            "Resident memory of the agent itself",
+            prometheus_client::registry::Unit::Bytes,
+            m.agent_rss.clone(),
+        );
+        registry.register_with_unit(
+            "sampling_frequency",
+            "Continuous sampling rate per CPU",
+            prometheus_client::registry::Unit::Other("hertz".to_owned()),
+            m.frequency.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Refreshes the agent's own figures and encodes everything as OpenMetrics text.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        self.refresh_self();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    fn refresh_self(&self) {
+        let usage = self_usage();
+        if let Some((ticks, rss)) = usage {
+            if let Ok(mut seen) = self.cpu_ticks_seen.lock()
+                && ticks > *seen
+            {
+                let hz = clock_ticks();
+                self.agent_cpu.inc_by((ticks - *seen) as f64 / hz);
+                *seen = ticks;
+            }
+            self.agent_rss.set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// The agent's CPU time (user + system, clock ticks) and resident memory (bytes).
+pub fn self_usage() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some((ticks, pages * u64::try_from(page).unwrap_or(4096)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_convention() {
+        let m = Metrics::new();
+        m.samples
+            .get_or_create(&TargetLabels {
+                container: "c".into(),
+                image: "i".into(),
+                process: "nginx".into(),
+            })
+            .inc();
+        m.unwind_errors
+            .get_or_create(&ReasonLabels {
+                reason: "lua_bad_frame".into(),
+            })
+            .inc();
+        let text = match m.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            text.contains(
+                "apisix_profiler_samples_total{container=\"c\",image=\"i\",process=\"nginx\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("apisix_profiler_unwind_errors_total{reason=\"lua_bad_frame\"} 1"));
+        assert!(text.contains("apisix_profiler_agent_cpu_seconds_total"));
+        assert!(text.contains("apisix_profiler_agent_resident_memory_bytes"));
+        assert!(text.contains("apisix_profiler_sampling_frequency_hertz"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
