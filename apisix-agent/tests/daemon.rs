@@ -1,0 +1,550 @@
+//! Root tests of the daemon (`apisix-agent run`) against real processes: a host nginx-lua
+//! worker and nginx-lua workers in real Docker containers (image built from Debian packages
+//! by `scripts/test-image.sh`, daemon started by `scripts/docker-up.sh`, host network only),
+//! all under bounded loopback load. Plus configuration errors, which need no root.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Lj, Load, Nginx, agent, free_port, require_root};
+
+const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";
+
+/// One HTTP/1.0 request on loopback: (status, body).
+fn http(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to the agent on {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response to {path}: {text}"));
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// The agent daemon, stopped with SIGTERM on drop.
+struct Agent {
+    child: Option<Child>,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = format!(
+            "http:\n  listen: 127.0.0.1:{port}\ndiscovery:\n  interval_seconds: 1\n{extra_config}"
+        );
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("agent.log");
+        let child = Command::new(agent())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start the agent");
+        let me = Self {
+            child: Some(child),
+            port,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.get("/healthz").0 == 200 {
+                return me;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the agent did not become healthy:\n{}", me.log());
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, path)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running agent");
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!(
+            "the agent did not stop within 10 s of SIGTERM:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("docker {args:?}: {e} (run scripts/docker-up.sh)"));
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn require_docker() {
+    let info = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
+    match info {
+        Ok(o) if o.status.success() => {}
+        other => {
+            panic!("these tests need a running Docker daemon (scripts/docker-up.sh): {other:?}")
+        }
+    }
+    let images = docker(&["images", "-q", IMAGE]);
+    assert!(
+        !images.is_empty(),
+        "test image {IMAGE} missing: run scripts/test-image.sh"
+    );
+}
+
+/// An nginx-lua container on the host network, removed on drop.
+struct Container {
+    name: String,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Container {
+    fn start(name_prefix: &str, module: &str, src: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let port = free_port();
+        std::fs::write(dir.path().join(format!("{module}.lua")), src).expect("lua");
+        let conf = format!(
+            r#"
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 1;
+error_log stderr warn;
+pid /tmp/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path /tmp; proxy_temp_path /tmp; fastcgi_temp_path /tmp;
+  uwsgi_temp_path /tmp; scgi_temp_path /tmp;
+  lua_package_path "/app/?.lua;/usr/share/lua/5.1/?.lua;;";
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ content_by_lua_block {{ ngx.say(require("{module}").run()) }} }}
+  }}
+}}
+"#
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
+        let name = format!("{name_prefix}-{}", std::process::id());
+        let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+        let mount = format!("{}:/app:ro", dir.path().display());
+        docker(&[
+            "run",
+            "-d",
+            "--network",
+            "host",
+            "--name",
+            &name,
+            "-v",
+            &mount,
+            IMAGE,
+            "nginx",
+            "-c",
+            "/app/nginx.conf",
+            "-g",
+            "daemon off;",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if common::get(port, "/").is_ok() {
+                return Self {
+                    name,
+                    port,
+                    _dir: dir,
+                };
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let logs = Command::new("docker").args(["logs", &name]).output();
+        panic!("container {name} did not serve on {port}: {logs:?}");
+    }
+
+    fn stop(&self) {
+        docker(&["stop", "-t", "2", &self.name]);
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}
+
+fn burner(name: &str) -> String {
+    format!(
+        r#"
+local _M = {{}}
+function _M.{name}(n)
+  local x = 0
+  for i = 1, n do x = (x * 31 + i) % 1000003 end
+  return x
+end
+function _M.run()
+  local r = _M.{name}(200000)
+  return r
+end
+return _M
+"#
+    )
+}
+
+/// Polls `f` until it returns `Some` or `secs` pass.
+fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if let Some(v) = f() {
+            return Some((v, start.elapsed()));
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+fn series(metrics: &str, name: &str, needles: &[&str]) -> Option<u64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .max()
+}
+
+#[test]
+fn host_and_docker_targets_are_profiled() {
+    require_root();
+    require_docker();
+    let host = Nginx::start(
+        Lj::Gc64,
+        &[("hostwork", &burner("host_burn"))],
+        "",
+        r#"location / { content_by_lua_block { ngx.say(require("hostwork").run()) } }"#,
+    );
+    let _host_load = Load::start(host.port, "/", 1, Duration::from_secs(120));
+    let before = Container::start("apisix-profiler-before", "ctrwork", &burner("ctr_burn"));
+    let _before_load = Load::start(before.port, "/", 1, Duration::from_secs(120));
+
+    let mut agent = Agent::start("sampling:\n  frequency_hz: 49\n  max_concurrent_captures: 1\n");
+    let host_fn = ["function=\"_M.host_burn\"", "container=\"\"", "image=\"\""];
+    let before_container = format!("container=\"{}\"", before.name);
+    let ctr_fn = [
+        "function=\"_M.ctr_burn\"",
+        &before_container,
+        "image=\"apisix-profiler-test/nginx-lua:bookworm\"",
+        "file=\"/app/ctrwork.lua\"",
+    ];
+    let seen = wait_for(15, || {
+        let (_, m) = agent.get("/metrics");
+        (series(
+            &m,
+            "apisix_profiler_lua_function_self_samples_total",
+            &host_fn,
+        )
+        .is_some()
+            && series(
+                &m,
+                "apisix_profiler_lua_function_self_samples_total",
+                &ctr_fn,
+            )
+            .is_some())
+        .then_some(())
+    });
+    let (_, m) = agent.get("/metrics");
+    let Some((_, took)) = seen else {
+        panic!(
+            "within 15 s, /metrics did not show both workloads' Lua functions:\n{m}\nagent log:\n{}",
+            agent.log()
+        );
+    };
+    eprintln!(
+        "both workloads in /metrics {:.1}s after the agent started",
+        took.as_secs_f64()
+    );
+    assert!(
+        series(&m, "apisix_profiler_lua_function_samples_total", &host_fn).is_some(),
+        "inclusive series missing:\n{m}"
+    );
+    assert!(
+        m.contains("apisix_profiler_c_function_self_samples_total{"),
+        "{m}"
+    );
+    assert!(
+        series(
+            &m,
+            "apisix_profiler_samples_total",
+            &[&before_container, "process=\"nginx\""]
+        )
+        .is_some_and(|n| n > 0),
+        "{m}"
+    );
+    assert!(
+        m.contains("apisix_profiler_targets{flavour=\"gc64\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("apisix_profiler_agent_resident_memory_bytes"),
+        "{m}"
+    );
+    assert!(!m.contains("pid="), "PIDs must not be labels:\n{m}");
+
+    // /targets lists both with their labels and flavour.
+    let (status, targets) = agent.get("/targets");
+    assert_eq!(status, 200);
+    let targets: serde_json::Value = serde_json::from_str(&targets).expect("targets JSON");
+    let list = targets.as_array().expect("array");
+    let host_worker = host.worker().expect("host worker");
+    let host_entry = list
+        .iter()
+        .find(|t| t["pid"] == host_worker)
+        .unwrap_or_else(|| panic!("host worker {host_worker} not in {targets}"));
+    assert_eq!(host_entry["container"], "");
+    assert_eq!(host_entry["flavour"], "gc64");
+    assert!(
+        list.iter()
+            .any(|t| t["container"] == before.name.as_str() && t["image"] == IMAGE),
+        "{targets}"
+    );
+
+    // A container started after the agent is picked up, and dropped when it stops.
+    let started = Instant::now();
+    let after = Container::start("apisix-profiler-after", "latework", &burner("late_burn"));
+    let _after_load = Load::start(after.port, "/", 1, Duration::from_secs(60));
+    let after_container = format!("container=\"{}\"", after.name);
+    let late = wait_for(15, || {
+        let (_, m) = agent.get("/metrics");
+        series(
+            &m,
+            "apisix_profiler_lua_function_self_samples_total",
+            &["function=\"_M.late_burn\"", &after_container],
+        )
+    });
+    assert!(
+        late.is_some(),
+        "container {} started after the agent never showed in /metrics:\n{}",
+        after.name,
+        agent.log()
+    );
+    eprintln!(
+        "container started after the agent: first metric {:.1}s after `docker run`",
+        started.elapsed().as_secs_f64()
+    );
+    let in_targets = |name: &str| {
+        let (_, t) = agent.get("/targets");
+        t.contains(&format!("\"container\":\"{name}\""))
+    };
+    assert!(in_targets(&after.name));
+    after.stop();
+    let gone = wait_for(10, || (!in_targets(&after.name)).then_some(()));
+    assert!(gone.is_some(), "stopped container still in /targets");
+
+    // On-demand flame graph of the host worker.
+    let (status, svg) = agent.get(&format!("/flamegraph?pid={host_worker}&seconds=3"));
+    assert_eq!(status, 200, "{svg}");
+    assert!(
+        svg.contains("<svg") && svg.trim_end().ends_with("</svg>"),
+        "not an SVG"
+    );
+    assert!(svg.contains("_M.host_burn"), "SVG lacks the Lua function");
+    let (status, folded) = agent.get(&format!(
+        "/flamegraph?pid={host_worker}&seconds=2&format=collapsed&frequency=199"
+    ));
+    assert_eq!(status, 200, "{folded}");
+    let lines: Vec<&str> = folded.lines().collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let (_, n) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+        assert!(n.parse::<u64>().is_ok(), "bad count in {l}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ngx_http_lua_run_thread") && l.contains("_M.host_burn@")),
+        "{folded}"
+    );
+    // Recent stacks of a container, at once, and as JSON.
+    let (status, recent) = agent.get(&format!(
+        "/flamegraph?container={}&format=collapsed",
+        before.name
+    ));
+    assert_eq!(status, 200);
+    assert!(recent.contains("_M.ctr_burn@/app/ctrwork.lua"), "{recent}");
+    let (status, json) = agent.get(&format!(
+        "/flamegraph?container={}&format=json",
+        before.name
+    ));
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("flame JSON");
+    assert!(json["total"].as_u64().is_some_and(|n| n > 0), "{json}");
+
+    // Errors.
+    let (s, body) = agent.get("/flamegraph?pid=99999999999&seconds=1");
+    assert_eq!(s, 400, "{body}");
+    let (s, body) = agent.get("/flamegraph?pid=4000000");
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (s, _) = agent.get("/flamegraph?container=no-such-container");
+    assert_eq!(s, 404);
+    let (s, _) = agent.get(&format!("/flamegraph?pid={host_worker}&seconds=121"));
+    assert_eq!(s, 400);
+    let (s, _) = agent.get(&format!("/flamegraph?pid={host_worker}&format=png"));
+    assert_eq!(s, 400);
+    let (s, _) = agent.get("/flamegraph?pid=1&path=/etc/shadow");
+    assert_eq!(s, 400);
+    // One capture at a time is configured: a second concurrent one is refused.
+    let port = agent.port;
+    let first = thread::spawn(move || {
+        http(
+            port,
+            &format!("/flamegraph?pid={host_worker}&seconds=3&format=collapsed"),
+        )
+        .0
+    });
+    thread::sleep(Duration::from_millis(800));
+    let (s, body) = agent.get(&format!("/flamegraph?pid={host_worker}&seconds=1"));
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(first.join().expect("first capture"), 200);
+
+    let status = agent.stop();
+    let log = agent.log();
+    assert!(status.success(), "agent exit {status:?}:\n{log}");
+    assert!(log.contains("continuous sampler detached"), "{log}");
+}
+
+#[test]
+fn docker_socket_absent_keeps_host_profiling() {
+    require_root();
+    let host = Nginx::start(
+        Lj::Gc64,
+        &[("hostwork", &burner("lonely_burn"))],
+        "",
+        r#"location / { content_by_lua_block { ngx.say(require("hostwork").run()) } }"#,
+    );
+    let _load = Load::start(host.port, "/", 1, Duration::from_secs(60));
+    let agent = Agent::start(
+        "  docker:\n    socket: /nonexistent/docker.sock\nsampling:\n  frequency_hz: 49\n",
+    );
+    let seen = wait_for(15, || {
+        let (_, m) = agent.get("/metrics");
+        series(
+            &m,
+            "apisix_profiler_lua_function_self_samples_total",
+            &["function=\"_M.lonely_burn\""],
+        )
+    });
+    assert!(
+        seen.is_some(),
+        "host process not profiled without Docker:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("Docker API unavailable").count(),
+        1,
+        "the missing Docker socket must be logged once:\n{log}"
+    );
+}
+
+fn config_error(yaml: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let out = Command::new(agent())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success(), "accepted bad config {yaml:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("bad.yaml"),
+        "error does not name the file: {err}"
+    );
+    err
+}
+
+#[test]
+fn bad_config_files_name_the_field() {
+    let e = config_error("sampling:\n  frequency_hz: 19\n  bogus: 1\n");
+    assert!(e.contains("sampling") && e.contains("bogus"), "{e}");
+    let e = config_error("sampling:\n  frequency_hz: often\n");
+    assert!(e.contains("sampling.frequency_hz"), "{e}");
+    let e = config_error("http:\n  listen: \"not an address\"\n");
+    assert!(e.contains("http.listen"), "{e}");
+    let e = config_error("discovery:\n  docker:\n    enabled: maybe\n");
+    assert!(e.contains("discovery.docker.enabled"), "{e}");
+    let missing = Command::new(agent())
+        .args(["run", "--config", "/nonexistent/agent.yaml"])
+        .output()
+        .expect("run agent");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/agent.yaml"));
+    // The example file is valid.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.yaml");
+    let ok = Command::new(agent())
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .expect("check-config");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
