@@ -89,21 +89,18 @@ impl Agent {
 
     /// SIGTERM, then the exit status.
     fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running agent");
+        let child = self.child.as_mut().expect("running agent");
         // SAFETY: plain syscall.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
                 return status;
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        panic!(
-            "the agent did not stop within 10 s of SIGTERM:\n{}",
-            self.log()
-        );
+        panic!("the agent did not stop within 10 s of SIGTERM:\n{}", self.log());
     }
 }
 
