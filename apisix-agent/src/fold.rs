@@ -40,6 +40,22 @@ impl Folded {
         self.total += weight;
     }
 
+    /// Parses folded text (`root;…;leaf COUNT` per line); returns the lines it could not
+    /// read along with the aggregate.
+    pub fn parse(text: &str) -> (Self, usize) {
+        let mut f = Self::new();
+        let mut bad = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match line.rsplit_once(' ').map(|(s, n)| (s, n.trim().parse::<u64>())) {
+                Some((stack, Ok(n))) if !stack.is_empty() => {
+                    f.add(stack.split(';').map(Arc::from).collect(), n);
+                }
+                _ => bad += 1,
+            }
+        }
+        (f, bad)
+    }
+
     /// Sum of all weights.
     pub fn total(&self) -> u64 {
         self.total
@@ -155,6 +171,13 @@ mod tests {
             svg, golden,
             "SVG differs from {path} (UPDATE_GOLDEN=1 rewrites it)"
         );
+    }
+
+    #[test]
+    fn parse_round_trips() {
+        let (f, bad) = Folded::parse("main;a 2\nmain;b 3\n\nbroken line\nmain;a 1\n");
+        assert_eq!(bad, 1);
+        assert_eq!(f.lines(), vec!["main;a 3", "main;b 3"]);
     }
 
     #[test]

@@ -62,6 +62,18 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Render folded stacks (`root;…;leaf COUNT` lines) as an SVG flame graph.
+    Render {
+        /// Folded input (default: standard input).
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+        /// SVG output (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Title of the graph.
+        #[arg(long, default_value = "Flame graph")]
+        title: String,
+    },
     /// Check a configuration file and print the effective configuration.
     CheckConfig {
         /// YAML configuration to check.
@@ -105,6 +117,11 @@ fn main() -> ExitCode {
         }),
         Command::Run { config } => daemon::run(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Render {
+            input,
+            output,
+            title,
+        } => render(input.as_deref(), output.as_deref(), &title),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,5 +139,46 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::Config::load(Some(path))?;
     let text = serde_yaml::to_string(&config)?;
     std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// `render`: folded text in, SVG out; says on stderr how long rendering took.
+fn render(
+    input: Option<&std::path::Path>,
+    output: Option<&std::path::Path>,
+    title: &str,
+) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+
+    use anyhow::Context as _;
+    let mut text = String::new();
+    match input {
+        Some(p) => {
+            text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        }
+        None => {
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading standard input")?;
+        }
+    }
+    let (folded, bad) = fold::Folded::parse(&text);
+    if bad > 0 {
+        eprintln!("skipped {bad} lines that are not `stack COUNT`");
+    }
+    let started = std::time::Instant::now();
+    let mut svg = Vec::new();
+    folded.write_svg(title, &mut svg).context("rendering")?;
+    let took = started.elapsed();
+    match output {
+        Some(p) => std::fs::write(p, &svg).with_context(|| format!("writing {}", p.display()))?,
+        None => std::io::stdout().write_all(&svg).context("writing standard output")?,
+    }
+    eprintln!(
+        "rendered {} samples ({} distinct stacks) in {:.1} ms",
+        folded.total(),
+        folded.lines().len(),
+        took.as_secs_f64() * 1000.0
+    );
     Ok(())
 }
