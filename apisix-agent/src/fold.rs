@@ -46,7 +46,10 @@ impl Folded {
         let mut f = Self::new();
         let mut bad = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match line.rsplit_once(' ').map(|(s, n)| (s, n.trim().parse::<u64>())) {
+            match line
+                .rsplit_once(' ')
+                .map(|(s, n)| (s, n.trim().parse::<u64>()))
+            {
                 Some((stack, Ok(n))) if !stack.is_empty() => {
                     f.add(stack.split(';').map(Arc::from).collect(), n);
                 }

@@ -154,7 +154,8 @@ fn render(
     let mut text = String::new();
     match input {
         Some(p) => {
-            text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         }
         None => {
             std::io::stdin()
@@ -172,7 +173,9 @@ fn render(
     let took = started.elapsed();
     match output {
         Some(p) => std::fs::write(p, &svg).with_context(|| format!("writing {}", p.display()))?,
-        None => std::io::stdout().write_all(&svg).context("writing standard output")?,
+        None => std::io::stdout()
+            .write_all(&svg)
+            .context("writing standard output")?,
     }
     eprintln!(
         "rendered {} samples ({} distinct stacks) in {:.1} ms",

@@ -100,7 +100,10 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!("the agent did not stop within 10 s of SIGTERM:\n{}", self.log());
+        panic!(
+            "the agent did not stop within 10 s of SIGTERM:\n{}",
+            self.log()
+        );
     }
 }
 
