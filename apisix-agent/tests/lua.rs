@@ -82,6 +82,31 @@ function _M.co(n)
     return r
 end
 
+local ffi = require "ffi"
+ffi.cdef [[ void *memset(void *s, int c, size_t n); ]]
+local buf = ffi.new("uint8_t[?]", 1048576)
+
+local function ffi_fill(n)
+    for i = 1, n do ffi.C.memset(buf, i % 256, 1048576) end
+    return buf[7]
+end
+
+function _M.ffi(n)
+    local r = ffi_fill(n)
+    return r
+end
+
+local function churn(n)
+    local keep
+    for i = 1, n do keep = { i, tostring(i), { i } } end
+    return keep[1]
+end
+
+function _M.gc(n)
+    local r = churn(n)
+    return r
+end
+
 function _M.rep(n)
     local len = 0
     for i = 1, n do len = len + #string.rep("abc", 3000) end
@@ -103,6 +128,8 @@ const SERVER: &str = r#"
     location /deep { content_by_lua_block { ngx.say(require("bench").deep(20000)) } }
     location /co { content_by_lua_block { ngx.say(require("bench").co(200000)) } }
     location /rep { content_by_lua_block { ngx.say(require("bench").rep(300)) } }
+    location /ffi { content_by_lua_block { ngx.say(require("bench").ffi(200)) } }
+    location /gc { content_by_lua_block { ngx.say(require("bench").gc(100000)) } }
 "#;
 
 fn start(lj: Lj, jit: bool) -> Nginx {
@@ -296,6 +323,107 @@ fn shape_gc32_jit_off() {
 #[test]
 fn shape_gc32_jit_on() {
     shape(Lj::Gc32, true);
+}
+
+/// `--lines` names frames by their current line: inside the function, not its first line.
+#[test]
+fn lines_option_names_the_current_line() {
+    require_root();
+    let nginx = start(Lj::Gc64, false);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(8));
+    std::thread::sleep(Duration::from_millis(300));
+    let line_of = |label: &str| -> u32 {
+        label
+            .rsplit_once(':')
+            .and_then(|(_, l)| l.parse().ok())
+            .unwrap_or_else(|| panic!("no line in {label}"))
+    };
+    let spin_lines = |rec: &Recorded| -> std::collections::BTreeSet<u32> {
+        rec.stacks
+            .keys()
+            .flat_map(|s| s.split(';').map(str::to_owned).collect::<Vec<_>>())
+            .filter(|f| f.starts_with("spin@"))
+            .map(|f| line_of(&f))
+            .collect()
+    };
+    let plain = record(worker, 2, &[]);
+    assert!(plain.status.success(), "{}", plain.dump());
+    let first = spin_lines(&plain);
+    assert_eq!(first.len(), 1, "one first line for spin: {first:?}");
+    let first = *first.iter().next().expect("spin line");
+    let lines = record(worker, 2, &["--lines"]);
+    assert!(lines.status.success(), "{}", lines.dump());
+    let current = spin_lines(&lines);
+    assert!(
+        !current.is_empty() && current.iter().all(|l| *l > first && *l <= first + 3),
+        "spin starts at line {first}; --lines gave {current:?}\n{}",
+        lines.dump()
+    );
+}
+
+/// A C function called through the FFI appears under the Lua function that called it.
+fn ffi(lj: Lj, jit: bool) {
+    require_root();
+    let nginx = start(lj, jit);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = record(worker, 3, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    // libc's memset is an IFUNC variant without a dynamic symbol: `libc.so.6+0x…` unless
+    // debug symbols are installed.
+    let is_memset = |x: &str| x.contains("memset") || x.starts_with("libc.so.6+");
+    let in_fill = rec.count(|f| f.iter().any(|x| x.starts_with("ffi_fill@")));
+    // Trace code calls memset directly; the interpreter goes through the FFI's call
+    // machinery (`builtin:ffi.meta___call;lj_cf_ffi_meta___call;…;lj_vm_ffi_call`), which
+    // shows between the two, but no other Lua frame may.
+    let under_lua = rec.count(|f| {
+        let Some(lua) = f.iter().position(|x| x.starts_with("ffi_fill@")) else {
+            return false;
+        };
+        let Some(c) = f.iter().rposition(|x| is_memset(x)) else {
+            return false;
+        };
+        c > lua && !f[lua + 1..c].iter().any(|x| x.contains('@'))
+    });
+    assert!(
+        in_fill > 30 && under_lua * 100 >= in_fill * 80,
+        "memset under ffi_fill in {under_lua}/{in_fill} samples of ffi_fill\n{}",
+        rec.dump()
+    );
+}
+
+#[test]
+fn ffi_gc64_jit_on() {
+    ffi(Lj::Gc64, true);
+}
+
+#[test]
+fn ffi_gc32_jit_off() {
+    ffi(Lj::Gc32, false);
+}
+
+/// Allocation-heavy code shows garbage-collector samples as `[lua:gc]` under its frame.
+#[test]
+fn gc_marker() {
+    require_root();
+    let nginx = start(Lj::Gc64, false);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = record(worker, 3, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let gc = rec.count(|f| {
+        f.windows(2)
+            .any(|w| w[0].starts_with("churn@") && w[1] == "[lua:gc]")
+    });
+    assert!(
+        gc * 100 >= rec.total() * 3,
+        "[lua:gc] under churn in {gc}/{} samples\n{}",
+        rec.total(),
+        rec.dump()
+    );
 }
 
 fn builtin(lj: Lj) {
