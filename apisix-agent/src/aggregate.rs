@@ -253,6 +253,9 @@ impl Aggregator {
     pub fn flush(&mut self) {
         for (target, n) in self.pending_samples.drain() {
             self.metrics.samples.get_or_create(&target).inc_by(n);
+            // The lost series exists from the first sample on, so rates over it are 0, not
+            // absent, until a loss happens.
+            drop(self.metrics.lost.get_or_create(&target));
             let group = Group {
                 container: target.container.clone(),
                 image: target.image.clone(),

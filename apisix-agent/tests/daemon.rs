@@ -335,6 +335,10 @@ fn host_and_docker_targets_are_profiled() {
         "{m}"
     );
     assert!(
+        series(&m, "apisix_profiler_lost_samples_total", &[&before_container]).is_some(),
+        "lost samples series missing:\n{m}"
+    );
+    assert!(
         m.contains("apisix_profiler_targets{flavour=\"gc64\"}"),
         "{m}"
     );
