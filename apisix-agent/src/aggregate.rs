@@ -125,6 +125,7 @@ pub struct Aggregator {
     max_recent: usize,
     pending: HashMap<Group, Pending>,
     pending_samples: HashMap<TargetLabels, u64>,
+    pending_offcpu: HashMap<(Group, LuaKey), u64>,
     admitted: HashMap<Group, Admitted>,
     gone_since: HashMap<Group, Instant>,
     recent: VecDeque<Recent>,
@@ -145,6 +146,7 @@ impl Aggregator {
             max_recent,
             pending: HashMap::new(),
             pending_samples: HashMap::new(),
+            pending_offcpu: HashMap::new(),
             admitted: HashMap::new(),
             gone_since: HashMap::new(),
             recent: VecDeque::new(),
@@ -212,6 +214,35 @@ impl Aggregator {
             pending.c.entry(k).or_default().1 += 1;
         }
         self.remember(pid, &target.container, stack);
+    }
+
+    /// Adds one off-CPU block of `us` microseconds to the innermost Lua source function of
+    /// `stack`: fast functions (`builtin:ffi.meta___call`, `builtin:io.read`) and markers are
+    /// skipped, so the block lands on the Lua code that made the call. Idle `epoll_wait`
+    /// blocks and blocks outside Lua are not counted.
+    pub fn add_offcpu(&mut self, target: &TargetLabels, stack: &[Arc<str>], us: u64) {
+        if crate::capture::is_idle(stack) {
+            return;
+        }
+        let innermost = stack.iter().rev().find_map(|l| match classify(l) {
+            FrameClass::Lua {
+                function,
+                file,
+                line,
+            } if !file.is_empty() && file != "[builtin]" => Some(LuaKey {
+                function: function.to_owned(),
+                file: file.to_owned(),
+                line: line.to_owned(),
+            }),
+            _ => None,
+        });
+        if let Some(key) = innermost {
+            let group = Group {
+                container: target.container.clone(),
+                image: target.image.clone(),
+            };
+            *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
+        }
     }
 
     fn remember(&mut self, pid: u32, container: &str, stack: Vec<Arc<str>>) {
@@ -320,6 +351,30 @@ impl Aggregator {
                     .inc_by(incl_n);
             }
         }
+        for ((group, key), us) in self.pending_offcpu.drain() {
+            let admitted = self.admitted.entry(group.clone()).or_default();
+            let key = if admitted.lua.contains(&key) || admitted.lua.len() < self.top {
+                admitted.lua.insert(key.clone());
+                key
+            } else {
+                LuaKey {
+                    function: OTHER.to_owned(),
+                    file: String::new(),
+                    line: String::new(),
+                }
+            };
+            let labels = LuaFunctionLabels {
+                function: key.function,
+                file: key.file,
+                line: key.line,
+                container: group.container.clone(),
+                image: group.image.clone(),
+            };
+            self.metrics
+                .lua_offcpu
+                .get_or_create(&labels)
+                .inc_by(us as f64 / 1e6);
+        }
         self.expire_recent();
     }
 
@@ -375,6 +430,7 @@ impl Aggregator {
                 };
                 self.metrics.lua_self.remove(&labels);
                 self.metrics.lua_inclusive.remove(&labels);
+                self.metrics.lua_offcpu.remove(&labels);
             }
             let other_c = CKey {
                 function: OTHER.to_owned(),
@@ -488,7 +544,7 @@ mod tests {
 
     #[test]
     fn self_and_inclusive_counts() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(false));
         let mut agg = Aggregator::new(metrics.clone(), 10, Duration::from_secs(60), 1000);
         let t = target();
         // Recursion counts once inclusively; the innermost Lua frame takes self even with a
@@ -557,7 +613,7 @@ mod tests {
 
     #[test]
     fn functions_beyond_the_cap_go_to_other() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(false));
         let mut agg = Aggregator::new(metrics.clone(), 2, Duration::from_secs(60), 1000);
         let t = target();
         for (name, n) in [("a", 5), ("b", 4), ("c", 3), ("d", 1)] {
@@ -602,7 +658,7 @@ mod tests {
 
     #[test]
     fn recent_window_filters_by_pid_and_container() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(false));
         let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 3);
         let t = target();
         for i in 0..5 {

@@ -10,13 +10,14 @@ use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
     COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS,
-    MAP_SAMPLES, MAP_TARGETS, PROG_LEARN_VM, PROG_SAMPLE, Sample, Target,
+    MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_LEARN_VM, PROG_OFFCPU_EXIT, PROG_OFFCPU_SWITCH,
+    PROG_SAMPLE, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        PerfEvent, ProgramError, UProbe,
+        BtfTracePoint, PerfEvent, ProgramError, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeLinkId, UProbeScope},
     },
@@ -66,6 +67,14 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
+    /// Off-CPU mode needs kernel BTF.
+    #[error(
+        "off-CPU profiling needs the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)"
+    )]
+    NoBtf {
+        #[source]
+        source: aya::BtfError,
+    },
     /// Listing CPUs failed.
     #[error("listing online CPUs ({what})")]
     Cpus {
@@ -99,18 +108,10 @@ impl std::fmt::Debug for Sampler {
 impl Sampler {
     /// Loads the programs and attaches the sampler on every online CPU at `frequency` Hz.
     pub fn start(frequency: u64) -> Result<Self, BpfError> {
-        if OBJECT.is_empty() {
-            return Err(BpfError::NotBuilt);
-        }
-        raise_memlock();
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| {
-            if is_permission(&source) {
-                BpfError::Permission { source }
-            } else {
-                BpfError::Load { source }
-            }
-        })?;
-        let prog: &mut PerfEvent = ebpf
+        let mut sampler = Self::load()?;
+        sampler.frequency = frequency;
+        let prog: &mut PerfEvent = sampler
+            .ebpf
             .program_mut(PROG_SAMPLE)
             .ok_or(BpfError::Missing {
                 what: "the sample program",
@@ -120,15 +121,7 @@ impl Sampler {
                 what: "sample is not a perf_event program".into(),
                 source,
             })?;
-        prog.load().map_err(|source| {
-            // The verifier log can be megabytes: keep its end, which says what failed.
-            let text = source.to_string();
-            let tail: Vec<&str> = text.lines().rev().take(12).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            BpfError::Verifier {
-                log_tail: tail.join("\n"),
-            }
-        })?;
+        prog.load().map_err(verifier)?;
         let cpus = online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         for cpu in cpus {
             prog.attach(
@@ -142,6 +135,80 @@ impl Sampler {
                 source,
             })?;
         }
+        Ok(sampler)
+    }
+
+    /// Loads the programs and attaches the off-CPU pair (BTF tracepoints on `sched_switch`
+    /// and `sys_exit`): each block of a target thread inside a system call of at least
+    /// `min_block_us` comes out as a sample weighted by its microseconds. Needs kernel BTF,
+    /// no tracefs and no kprobes.
+    pub fn start_offcpu(min_block_us: u64) -> Result<Self, BpfError> {
+        let mut sampler = Self::load()?;
+        let btf = aya::Btf::from_sys_fs().map_err(|source| BpfError::NoBtf { source })?;
+        let switch: &mut BtfTracePoint = sampler
+            .ebpf
+            .program_mut(PROG_OFFCPU_SWITCH)
+            .ok_or(BpfError::Missing {
+                what: "the offcpu_switch program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "offcpu_switch is not a BTF tracepoint".into(),
+                source,
+            })?;
+        switch.load("sched_switch", &btf).map_err(verifier)?;
+        switch.attach().map_err(|source| BpfError::Program {
+            what: "attaching to sched_switch".into(),
+            source,
+        })?;
+        let exit: &mut BtfTracePoint = sampler
+            .ebpf
+            .program_mut(PROG_OFFCPU_EXIT)
+            .ok_or(BpfError::Missing {
+                what: "the offcpu_exit program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "offcpu_exit is not a BTF tracepoint".into(),
+                source,
+            })?;
+        exit.load("sys_exit", &btf).map_err(verifier)?;
+        exit.attach().map_err(|source| BpfError::Program {
+            what: "attaching to sys_exit".into(),
+            source,
+        })?;
+        let map = sampler
+            .ebpf
+            .map_mut(MAP_OFFCPU_MIN)
+            .ok_or(BpfError::Missing {
+                what: "the off-CPU minimum",
+            })?;
+        let mut min: Array<_, u64> = Array::try_from(map).map_err(|source| BpfError::Map {
+            map: MAP_OFFCPU_MIN,
+            source,
+        })?;
+        min.set(0, min_block_us.saturating_mul(1000), 0)
+            .map_err(|source| BpfError::Map {
+                map: MAP_OFFCPU_MIN,
+                source,
+            })?;
+        Ok(sampler)
+    }
+
+    /// Loads the object, the ring buffer, the `lua_resume` uprobe and the layouts; attaches
+    /// nothing that samples.
+    fn load() -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
+        raise_memlock();
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| {
+            if is_permission(&source) {
+                BpfError::Permission { source }
+            } else {
+                BpfError::Load { source }
+            }
+        })?;
         let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).ok_or(BpfError::Missing {
             what: "the samples ring buffer",
         })?)
@@ -166,7 +233,7 @@ impl Sampler {
         let mut sampler = Self {
             ebpf,
             ring,
-            frequency,
+            frequency: 0,
             learners: std::collections::HashMap::new(),
         };
         for (slot, layout) in crate::luajit::LAYOUT_SLOTS {
@@ -396,6 +463,17 @@ impl Sampler {
             }
         }
         n
+    }
+}
+
+/// A verifier rejection, with the end of its log (which says what failed; the whole log can
+/// be megabytes).
+fn verifier(source: ProgramError) -> BpfError {
+    let text = source.to_string();
+    let tail: Vec<&str> = text.lines().rev().take(12).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    BpfError::Verifier {
+        log_tail: tail.join("\n"),
     }
 }
 

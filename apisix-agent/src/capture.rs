@@ -29,30 +29,89 @@ pub struct CaptureTarget {
     pub lua: Option<LuaTarget>,
 }
 
+/// What a capture measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// CPU samples at `frequency` Hz per CPU; a stack's weight is its sample count.
+    Cpu { frequency: u64 },
+    /// Blocked time: each block of at least `min_block_us` weighs its microseconds. With
+    /// `exclude_idle`, blocks in `epoll_wait` (an idle nginx worker) are left out.
+    OffCpu {
+        min_block_us: u64,
+        exclude_idle: bool,
+    },
+}
+
+impl Mode {
+    /// What one unit of weight is, for flame graph legends.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Mode::Cpu { .. } => "samples",
+            Mode::OffCpu { .. } => "us",
+        }
+    }
+
+    /// A short description for titles.
+    pub fn describe(self) -> String {
+        match self {
+            Mode::Cpu { frequency } => format!("on-CPU at {frequency} Hz"),
+            Mode::OffCpu {
+                min_block_us,
+                exclude_idle,
+            } => format!(
+                "off-CPU, blocks ≥ {min_block_us} µs{}",
+                if exclude_idle {
+                    ", idle epoll waits excluded"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// Whether a stack is an nginx worker waiting for events (the normal idle state).
+pub fn is_idle(stack: &[std::sync::Arc<str>]) -> bool {
+    stack.iter().any(|f| {
+        matches!(
+            &**f,
+            "ep_poll_[k]" | "do_epoll_wait_[k]" | "epoll_wait" | "epoll_pwait" | "epoll_pwait2"
+        )
+    })
+}
+
 /// What a capture produced.
 #[derive(Debug)]
 pub struct Capture {
     pub folded: Folded,
     pub counters: [u64; COUNTER_SLOTS as usize],
+    /// Off-CPU stacks left out as idle, and their microseconds.
+    pub idle_excluded: u64,
     /// Every target exited before the end; the capture stopped early.
     pub all_exited: bool,
     pub elapsed: Duration,
     pub stats: StackStats,
 }
 
-/// Samples `targets` at `frequency` Hz for `duration` (or until every target exited, or
-/// `stop` is set). `progress` is called about every 250 ms with the time so far and the
-/// number of stacks.
+/// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
+/// set). `progress` is called about every 250 ms with the time so far and the total weight.
 pub fn capture(
     targets: &[CaptureTarget],
     duration: Duration,
-    frequency: u64,
+    mode: Mode,
     style: NameStyle,
     stop: &AtomicBool,
     mut progress: impl FnMut(Duration, u64),
 ) -> Result<Capture, BpfError> {
     let mut builder = StackBuilder::new(style);
-    let mut sampler = Sampler::start(frequency)?;
+    let (mut sampler, exclude_idle) = match mode {
+        Mode::Cpu { frequency } => (Sampler::start(frequency)?, false),
+        Mode::OffCpu {
+            min_block_us,
+            exclude_idle,
+        } => (Sampler::start_offcpu(min_block_us)?, exclude_idle),
+    };
+    let mut idle_excluded = 0;
     for t in targets {
         if let Some(lua) = &t.lua {
             builder.set_lua_target(t.pid, lua.clone());
@@ -64,11 +123,19 @@ pub fn capture(
     let mut folded = Folded::new();
     let mut last_progress = Instant::now();
     let mut all_exited = false;
+    let mut take =
+        |builder: &mut StackBuilder, folded: &mut Folded, s: &apisix_ebpf_common::Sample| {
+            if let Some(stack) = builder.build(s) {
+                if exclude_idle && is_idle(&stack) {
+                    idle_excluded += s.weight;
+                } else {
+                    folded.add(stack, s.weight.max(1));
+                }
+            }
+        };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            if let Some(stack) = builder.build(s) {
-                folded.add(stack, 1);
-            }
+            take(&mut builder, &mut folded, s)
         });
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
@@ -83,9 +150,7 @@ pub fn capture(
     let elapsed = started.elapsed();
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
-        if let Some(stack) = builder.build(s) {
-            folded.add(stack, 1);
-        }
+        take(&mut builder, &mut folded, s);
     }) > 0
     {}
     let counters = sampler.counters()?;
@@ -93,6 +158,7 @@ pub fn capture(
     Ok(Capture {
         folded,
         counters,
+        idle_excluded,
         all_exited,
         elapsed,
         stats: builder.stats(),

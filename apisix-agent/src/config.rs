@@ -69,6 +69,28 @@ pub struct Sampling {
     pub retention_seconds: u64,
     /// Upper bound on retained stacks (oldest dropped first).
     pub max_retained_samples: usize,
+    /// Continuous off-CPU (blocked time) profiling.
+    pub offcpu: OffCpu,
+}
+
+/// Continuous off-CPU profiling: feeds `apisix_profiler_lua_function_offcpu_seconds_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffCpu {
+    /// Off by default: it hooks every context switch and system call exit of the host.
+    pub enabled: bool,
+    /// Blocks shorter than this are dropped in the kernel (also the default of on-demand
+    /// off-CPU captures).
+    pub min_block_us: u64,
+}
+
+impl Default for OffCpu {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_block_us: 1000,
+        }
+    }
 }
 
 /// Prometheus metrics.
@@ -132,6 +154,7 @@ impl Default for Sampling {
             max_concurrent_captures: 2,
             retention_seconds: 300,
             max_retained_samples: 200_000,
+            offcpu: OffCpu::default(),
         }
     }
 }
@@ -256,6 +279,12 @@ impl Config {
             return Err(bad(
                 "sampling.max_retained_samples",
                 format!("{} is outside 1000..=10000000", s.max_retained_samples),
+            ));
+        }
+        if !(1..=10_000_000).contains(&s.offcpu.min_block_us) {
+            return Err(bad(
+                "sampling.offcpu.min_block_us",
+                format!("{} is outside 1..=10000000", s.offcpu.min_block_us),
             ));
         }
         if !(1..=10_000).contains(&self.metrics.top_functions) {

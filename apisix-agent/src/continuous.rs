@@ -3,9 +3,11 @@
 //! their LuaJIT layout, gone ones removed), turns samples into stacks for the
 //! [`Aggregator`], and once a second moves BPF counters into metrics.
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]) for the daemon's lifetime; dropping it at the end
-//! of [`run`] detaches every program. Metrics: `apisix_profiler_unwind_errors_total`,
-//! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets` and, through the
+//! Hooks: the BPF sampler ([`crate::bpf`]) for the daemon's lifetime, plus the off-CPU
+//! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
+//! every program. Metrics: `apisix_profiler_unwind_errors_total`,
+//! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
+//! `apisix_profiler_lua_function_offcpu_seconds_total` (when enabled) and, through the
 //! aggregator, the per-function and per-target sample counters.
 
 use std::{
@@ -30,7 +32,11 @@ use crate::{
 fn is_error(c: Counter) -> bool {
     !matches!(
         c,
-        Counter::Samples | Counter::RingbufFull | Counter::LuaWalked | Counter::LuaIdle
+        Counter::Samples
+            | Counter::RingbufFull
+            | Counter::LuaWalked
+            | Counter::LuaIdle
+            | Counter::OffcpuShort
     )
 }
 
@@ -49,6 +55,8 @@ fn metric_labels(t: &Target) -> TargetLabels {
 
 struct State {
     sampler: Sampler,
+    /// The off-CPU sampler, when `sampling.offcpu.enabled`.
+    offcpu: Option<Sampler>,
     builder: StackBuilder,
     tracked: HashMap<u32, Tracked>,
     counters_seen: HashMap<&'static str, u64>,
@@ -70,6 +78,9 @@ impl State {
             .collect();
         for pid in gone {
             self.sampler.remove_target(pid);
+            if let Some(off) = self.offcpu.as_mut() {
+                off.remove_target(pid);
+            }
             self.builder.forget(pid);
             self.lost_seen.remove(&pid);
             if let Some(tr) = self.tracked.remove(&pid) {
@@ -95,6 +106,11 @@ impl State {
             if let Err(e) = self.sampler.add_process(t.pid, lua) {
                 tracing::warn!(pid = t.pid, error = %e, "cannot sample target");
                 continue;
+            }
+            if let Some(off) = self.offcpu.as_mut()
+                && let Err(e) = off.add_process(t.pid, lua)
+            {
+                tracing::warn!(pid = t.pid, error = %e, "cannot trace target off-CPU");
             }
             self.builder.prepare(t.pid);
             tracing::info!(
@@ -143,6 +159,9 @@ impl State {
 
     fn tick(&mut self, shared: &Shared) {
         self.sampler.retire_learners();
+        if let Some(off) = self.offcpu.as_mut() {
+            off.retire_learners();
+        }
         match self.sampler.counters() {
             Ok(counters) => {
                 for c in Counter::ALL.into_iter().filter(|c| is_error(*c)) {
@@ -196,15 +215,31 @@ pub fn run(
 ) {
     let frequency = shared.config.sampling.frequency_hz;
     let sampler = match Sampler::start(frequency) {
-        Ok(s) => {
-            let _ = started.send(Ok(()));
-            s
-        }
+        Ok(s) => s,
         Err(e) => {
             let _ = started.send(Err(e));
             return;
         }
     };
+    let offcpu_cfg = &shared.config.sampling.offcpu;
+    let offcpu = if offcpu_cfg.enabled {
+        match Sampler::start_offcpu(offcpu_cfg.min_block_us) {
+            Ok(s) => {
+                tracing::info!(
+                    min_block_us = offcpu_cfg.min_block_us,
+                    "off-CPU tracing attached"
+                );
+                Some(s)
+            }
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let _ = started.send(Ok(()));
     shared
         .metrics
         .frequency
@@ -213,6 +248,7 @@ pub fn run(
     tracing::info!(frequency_hz = frequency, "continuous sampler attached");
     let mut state = State {
         sampler,
+        offcpu,
         builder: StackBuilder::new(NameStyle::FirstLine),
         tracked: HashMap::new(),
         counters_seen: HashMap::new(),
@@ -220,6 +256,7 @@ pub fn run(
     };
     let mut last_tick = Instant::now();
     let mut batch: Vec<(u32, Vec<Arc<str>>)> = Vec::new();
+    let mut blocked: Vec<(u32, Vec<Arc<str>>, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut latest = None;
         while let Ok(s) = snapshots.try_recv() {
@@ -229,14 +266,24 @@ pub fn run(
             state.apply(&shared, &s);
         }
         let State {
-            sampler, builder, ..
+            sampler,
+            offcpu,
+            builder,
+            ..
         } = &mut state;
         sampler.poll(Duration::from_millis(200), |s| {
             if let Some(stack) = builder.build(s) {
                 batch.push((s.pid, stack));
             }
         });
-        if !batch.is_empty()
+        if let Some(off) = offcpu.as_mut() {
+            off.poll(Duration::ZERO, |s| {
+                if let Some(stack) = builder.build(s) {
+                    blocked.push((s.pid, stack, s.weight));
+                }
+            });
+        }
+        if !(batch.is_empty() && blocked.is_empty())
             && let Ok(mut agg) = shared.aggregator.lock()
         {
             for (pid, stack) in batch.drain(..) {
@@ -244,8 +291,14 @@ pub fn run(
                     agg.add(pid, &tr.labels, stack, |l| state.builder.module_of(l));
                 }
             }
+            for (pid, stack, us) in blocked.drain(..) {
+                if let Some(tr) = state.tracked.get(&pid) {
+                    agg.add_offcpu(&tr.labels, &stack, us);
+                }
+            }
         }
         batch.clear();
+        blocked.clear();
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             state.tick(&shared);

@@ -55,7 +55,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let listen = config
         .listen_addr()
         .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
     let shared = Arc::new(Shared {
         aggregator: Mutex::new(Aggregator::new(
             metrics.clone(),

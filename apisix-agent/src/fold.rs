@@ -86,12 +86,17 @@ impl Folded {
         Ok(())
     }
 
-    /// Renders an SVG flame graph titled `title`.
+    /// Renders an SVG flame graph titled `title`, weights counted as samples.
     pub fn write_svg(&self, title: &str, w: impl io::Write) -> io::Result<()> {
+        self.write_svg_unit(title, "samples", w)
+    }
+
+    /// Renders an SVG flame graph titled `title` whose weights are in `unit`.
+    pub fn write_svg_unit(&self, title: &str, unit: &str, w: impl io::Write) -> io::Result<()> {
         let lines = self.lines();
         let mut opts = inferno::flamegraph::Options::default();
         opts.title = title.to_owned();
-        opts.count_name = "samples".to_owned();
+        opts.count_name = unit.to_owned();
         // Colours from a hash of the name: the same function keeps its colour across graphs.
         opts.hash = true;
         opts.deterministic = true;

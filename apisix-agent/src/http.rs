@@ -1,7 +1,9 @@
 //! The daemon's HTTP endpoint (axum):
-//! - `GET /metrics`: OpenMetrics text ([`crate::metrics`]).
+//! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
+//!   format ([`crate::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
-//!   [&frequency=HZ]`: with `seconds`, an on-demand capture at the on-demand rate
+//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include]`: with `seconds`, an
+//!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
 //!   ([`crate::capture`]); without, the continuously collected recent stacks at once.
 //! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
@@ -61,14 +63,28 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// OpenMetrics for clients that accept it (Prometheus does), else the Prometheus text format.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
     match shared.metrics.encode() {
-        Ok(text) => (
+        Ok(text) if openmetrics => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             text,
+        )
+            .into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::to_prometheus_text(&text),
         )
             .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
@@ -107,6 +123,10 @@ struct FlameRequest {
     seconds: Option<u64>,
     frequency: u64,
     format: Format,
+    /// Off-CPU capture (blocked time) instead of CPU samples.
+    offcpu: bool,
+    /// Off-CPU: keep idle `epoll_wait` blocks.
+    include_idle: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -126,7 +146,15 @@ fn parse_request(
     max_seconds: u64,
     default_frequency: u64,
 ) -> Result<FlameRequest, BadRequest> {
-    const KNOWN: [&str; 5] = ["pid", "container", "seconds", "format", "frequency"];
+    const KNOWN: [&str; 7] = [
+        "pid",
+        "container",
+        "seconds",
+        "format",
+        "frequency",
+        "mode",
+        "idle",
+    ];
     if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(format!(
             "unknown parameter {k:?}; known: {}",
@@ -172,11 +200,31 @@ fn parse_request(
         Some("json") => Format::Json,
         Some(f) => return Err(bad(format!("format={f:?} must be svg, collapsed or json"))),
     };
+    let offcpu = match q.get("mode").map(String::as_str) {
+        None | Some("cpu") => false,
+        Some("off-cpu") => true,
+        Some(m) => return Err(bad(format!("mode={m:?} must be cpu or off-cpu"))),
+    };
+    if offcpu && seconds.is_none() {
+        return Err(bad(
+            "mode=off-cpu needs seconds=N (blocked time is captured on demand)",
+        ));
+    }
+    if offcpu && q.contains_key("frequency") {
+        return Err(bad("frequency does not apply to mode=off-cpu"));
+    }
+    let include_idle = match q.get("idle").map(String::as_str) {
+        None | Some("exclude") => false,
+        Some("include") => true,
+        Some(i) => return Err(bad(format!("idle={i:?} must be exclude or include"))),
+    };
     Ok(FlameRequest {
         selector,
         seconds,
         frequency,
         format,
+        offcpu,
+        include_idle,
     })
 }
 
@@ -218,7 +266,7 @@ async fn flamegraph(
         );
     }
     let describe = describe(&chosen, &what);
-    let (folded, title) = match req.seconds {
+    let (folded, title, unit) = match req.seconds {
         None => {
             let window = Duration::from_secs(cfg.retention_seconds);
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
@@ -235,7 +283,7 @@ async fn flamegraph(
                 "{describe} — last {}s of continuous sampling at {} Hz",
                 cfg.retention_seconds, cfg.frequency_hz
             );
-            (folded, title)
+            (folded, title, "samples")
         }
         Some(seconds) => {
             let Ok(permit) = shared.captures.try_acquire() else {
@@ -257,14 +305,28 @@ async fn flamegraph(
                     },
                 })
                 .collect();
-            let frequency = req.frequency;
+            let mode = if req.offcpu {
+                capture::Mode::OffCpu {
+                    min_block_us: cfg.offcpu.min_block_us,
+                    exclude_idle: !req.include_idle,
+                }
+            } else {
+                capture::Mode::Cpu {
+                    frequency: req.frequency,
+                }
+            };
             let worker = shared.clone();
-            tracing::info!(target = what, seconds, frequency, "capture started");
+            tracing::info!(
+                target = what,
+                seconds,
+                mode = mode.describe(),
+                "capture started"
+            );
             let result = tokio::task::spawn_blocking(move || {
                 capture::capture(
                     &targets,
                     Duration::from_secs(seconds),
-                    frequency,
+                    mode,
                     NameStyle::FirstLine,
                     &worker.stop,
                     |_, _| {},
@@ -283,14 +345,15 @@ async fn flamegraph(
             };
             tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
             let title = format!(
-                "{describe} — {:.0}s at {frequency} Hz from {}",
+                "{describe} — {:.0}s {} from {}",
                 cap.elapsed.as_secs_f64(),
+                mode.describe(),
                 utc_now()
             );
-            (cap.folded, title)
+            (cap.folded, title, mode.unit())
         }
     };
-    render(&folded, req.format, &title)
+    render(&folded, req.format, &title, unit)
 }
 
 fn describe(chosen: &[Target], what: &str) -> String {
@@ -304,11 +367,11 @@ fn describe(chosen: &[Target], what: &str) -> String {
     s
 }
 
-fn render(folded: &Folded, format: Format, title: &str) -> Response {
+fn render(folded: &Folded, format: Format, title: &str, unit: &str) -> Response {
     match format {
         Format::Svg => {
             let mut out = Vec::new();
-            match folded.write_svg(title, &mut out) {
+            match folded.write_svg_unit(title, unit, &mut out) {
                 Ok(()) => ([(header::CONTENT_TYPE, "image/svg+xml")], out).into_response(),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
             }
@@ -324,6 +387,7 @@ fn render(folded: &Folded, format: Format, title: &str) -> Response {
         }
         Format::Json => Json(serde_json::json!({
             "title": title,
+            "unit": unit,
             "total": folded.total(),
             "root": folded.to_json(),
         }))
@@ -400,6 +464,16 @@ mod tests {
             b
         );
         assert_eq!(status(&[("pid", "1"), ("file", "/etc/passwd")]), b);
+        assert_eq!(status(&[("pid", "1"), ("mode", "off-cpu")]), b);
+        assert_eq!(status(&[("pid", "1"), ("mode", "wall")]), b);
+        assert!(
+            parse_request(
+                &q(&[("pid", "1"), ("mode", "off-cpu"), ("seconds", "2")]),
+                120,
+                99
+            )
+            .is_ok()
+        );
     }
 
     #[test]

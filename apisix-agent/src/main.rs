@@ -42,9 +42,18 @@ enum Command {
         /// How long to sample, in seconds.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Samples per second per CPU.
+        /// What to record: CPU time, or time blocked off the CPU.
+        #[arg(long, value_enum, default_value_t = record::RecordMode::Cpu)]
+        mode: record::RecordMode,
+        /// Samples per second per CPU (on-CPU mode).
         #[arg(long, default_value_t = 99)]
         frequency: u64,
+        /// Off-CPU mode: ignore blocks shorter than this many microseconds (dropped in BPF).
+        #[arg(long, default_value_t = 100)]
+        min_block_us: u64,
+        /// Off-CPU mode: keep idle `epoll_wait` blocks (left out by default).
+        #[arg(long)]
+        include_idle: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = record::Format::Svg)]
         format: record::Format,
@@ -99,14 +108,20 @@ fn main() -> ExitCode {
         Command::Record {
             pid,
             duration,
+            mode,
             frequency,
+            min_block_us,
+            include_idle,
             format,
             output,
             lines,
         } => record::run(&record::RecordOptions {
             pid,
             duration: Duration::from_secs(duration),
+            mode,
             frequency,
+            min_block_us,
+            include_idle,
             format,
             output,
             style: if lines {

@@ -69,6 +69,8 @@ pub struct Metrics {
     registry: Registry,
     pub lua_self: Family<LuaFunctionLabels, Counter>,
     pub lua_inclusive: Family<LuaFunctionLabels, Counter>,
+    /// Registered only when continuous off-CPU profiling is enabled.
+    pub lua_offcpu: Family<LuaFunctionLabels, Counter<f64, AtomicU64>>,
     pub c_self: Family<CFunctionLabels, Counter>,
     pub c_inclusive: Family<CFunctionLabels, Counter>,
     pub samples: Family<TargetLabels, Counter>,
@@ -84,18 +86,19 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Metrics {
-    /// Registers every family.
-    pub fn new() -> Self {
+    /// Registers every family (the off-CPU one only with `offcpu`).
+    pub fn new(offcpu: bool) -> Self {
         let mut registry = Registry::with_prefix("apisix_profiler");
         let m = Self {
             registry: Registry::default(),
             lua_self: Family::default(),
             lua_inclusive: Family::default(),
+            lua_offcpu: Family::default(),
             c_self: Family::default(),
             c_inclusive: Family::default(),
             samples: Family::default(),
@@ -117,6 +120,13 @@ impl Metrics {
             "CPU samples with this Lua function anywhere on the stack",
             m.lua_inclusive.clone(),
         );
+        if offcpu {
+            registry.register(
+                "lua_function_offcpu_seconds",
+                "Time threads spent blocked in system calls with this Lua function innermost",
+                m.lua_offcpu.clone(),
+            );
+        }
         registry.register(
             "c_function_self_samples",
             "CPU samples whose innermost user-space frame is this C function",
@@ -186,6 +196,40 @@ impl Metrics {
     }
 }
 
+/// Rewrites OpenMetrics text into the Prometheus text format 0.0.4, for clients that do not
+/// ask for OpenMetrics (curl, `promtool check metrics`): counter families are named with
+/// their `_total` suffix in `# HELP`/`# TYPE`, and `# UNIT`/`# EOF` lines are dropped.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        if let Some((kind, rest)) = meta
+            && let Some((name, tail)) = rest.split_once(' ')
+            && counters.contains(name)
+        {
+            out.push_str(kind);
+            out.push_str(name);
+            out.push_str("_total ");
+            out.push_str(tail);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -212,7 +256,7 @@ mod tests {
 
     #[test]
     fn names_follow_the_convention() {
-        let m = Metrics::new();
+        let m = Metrics::new(false);
         m.samples
             .get_or_create(&TargetLabels {
                 container: "c".into(),
@@ -240,5 +284,19 @@ mod tests {
         assert!(text.contains("apisix_profiler_agent_resident_memory_bytes"));
         assert!(text.contains("apisix_profiler_sampling_frequency_hertz"));
         assert!(text.ends_with("# EOF\n"));
+        let plain = to_prometheus_text(&text);
+        assert!(
+            plain.contains("# TYPE apisix_profiler_samples_total counter\n"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("# HELP apisix_profiler_samples_total CPU samples"),
+            "{plain}"
+        );
+        assert!(plain.contains("# TYPE apisix_profiler_agent_resident_memory_bytes gauge\n"));
+        assert!(
+            !plain.contains("# EOF") && !plain.contains("# UNIT"),
+            "{plain}"
+        );
     }
 }

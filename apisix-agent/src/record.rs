@@ -31,12 +31,26 @@ pub enum Format {
     Collapsed,
 }
 
+/// What to record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecordMode {
+    /// Where the CPU time goes (sampled at --frequency).
+    Cpu,
+    /// Where threads block, weighted by blocked microseconds (the `sample-bt-off-cpu` port).
+    OffCpu,
+}
+
 /// Options of one recording.
 #[derive(Debug, Clone)]
 pub struct RecordOptions {
     pub pid: u32,
     pub duration: Duration,
+    pub mode: RecordMode,
     pub frequency: u64,
+    /// Off-CPU: blocks shorter than this are dropped in the kernel.
+    pub min_block_us: u64,
+    /// Off-CPU: keep idle `epoll_wait` blocks.
+    pub include_idle: bool,
     pub format: Format,
     pub output: Option<PathBuf>,
     pub style: NameStyle,
@@ -51,6 +65,8 @@ pub struct Recording {
     pub elapsed: Duration,
     pub stats: crate::stacks::StackStats,
     pub flavour: Option<String>,
+    pub mode: capture::Mode,
+    pub idle_excluded: u64,
 }
 
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
@@ -83,20 +99,30 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
     };
     let show_progress = io::stderr().is_terminal();
     let stop = AtomicBool::new(false);
+    let mode = match opts.mode {
+        RecordMode::Cpu => capture::Mode::Cpu {
+            frequency: opts.frequency,
+        },
+        RecordMode::OffCpu => capture::Mode::OffCpu {
+            min_block_us: opts.min_block_us,
+            exclude_idle: !opts.include_idle,
+        },
+    };
     let cap = capture::capture(
         &[CaptureTarget { pid: opts.pid, lua }],
         opts.duration,
-        opts.frequency,
+        mode,
         opts.style,
         &stop,
-        |elapsed, stacks| {
+        |elapsed, weight| {
             if show_progress {
                 eprint!(
-                    "\rrecording pid {}: {:>5.1}s / {}s, {} samples ",
+                    "\rrecording pid {}: {:>5.1}s / {}s, {} {} ",
                     opts.pid,
                     elapsed.as_secs_f64(),
                     opts.duration.as_secs(),
-                    stacks
+                    weight,
+                    mode.unit()
                 );
             }
         },
@@ -111,6 +137,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         elapsed: cap.elapsed,
         stats: cap.stats,
         flavour,
+        mode,
+        idle_excluded: cap.idle_excluded,
     })
 }
 
@@ -124,10 +152,10 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     }
     let rec = record(opts)?;
     let title = format!(
-        "pid {} — {:.0}s at {} Hz{}",
+        "pid {} — {:.0}s {}{}",
         opts.pid,
         rec.elapsed.as_secs_f64(),
-        opts.frequency,
+        rec.mode.describe(),
         rec.flavour
             .as_deref()
             .map(|f| format!(" — {f}"))
@@ -135,7 +163,7 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     );
     let write = |w: &mut dyn io::Write| -> io::Result<()> {
         match opts.format {
-            Format::Svg => rec.folded.write_svg(&title, &mut *w),
+            Format::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
             Format::Collapsed => rec.folded.write_folded(&mut *w),
         }
     };
@@ -164,16 +192,29 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     let c = &rec.counters;
     let s = &rec.stats;
     let unwound = s.native_complete + s.native_truncated;
-    eprintln!(
-        "{} samples taken, {} lost (ring buffer full), {} stacks written{}",
-        c[Counter::Samples as usize],
-        c[Counter::RingbufFull as usize],
-        rec.folded.total(),
-        opts.output
-            .as_ref()
-            .map(|p| format!(" to {}", p.display()))
-            .unwrap_or_default()
-    );
+    let written_to = opts
+        .output
+        .as_ref()
+        .map(|p| format!(" to {}", p.display()))
+        .unwrap_or_default();
+    match rec.mode {
+        capture::Mode::Cpu { .. } => eprintln!(
+            "{} samples taken, {} lost (ring buffer full), {} stacks written{written_to}",
+            c[Counter::Samples as usize],
+            c[Counter::RingbufFull as usize],
+            rec.folded.total(),
+        ),
+        capture::Mode::OffCpu { min_block_us, .. } => eprintln!(
+            "{} blocks of ≥ {min_block_us} µs captured, {} lost (ring buffer full), {} shorter \
+             blocks dropped in the kernel; {:.1} ms blocked written{written_to}, {:.1} ms idle \
+             (epoll_wait) excluded",
+            c[Counter::Samples as usize],
+            c[Counter::RingbufFull as usize],
+            c[Counter::OffcpuShort as usize],
+            rec.folded.total() as f64 / 1000.0,
+            rec.idle_excluded as f64 / 1000.0,
+        ),
+    }
     if unwound > 0 {
         eprintln!(
             "native unwinding: {:.1}% complete, {} truncated",
@@ -187,7 +228,11 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             .filter(|c| {
                 !matches!(
                     c,
-                    Counter::Samples | Counter::RingbufFull | Counter::LuaWalked | Counter::LuaIdle
+                    Counter::Samples
+                        | Counter::RingbufFull
+                        | Counter::LuaWalked
+                        | Counter::LuaIdle
+                        | Counter::OffcpuShort
                 )
             })
             .filter(|c| rec.counters[**c as usize] > 0)

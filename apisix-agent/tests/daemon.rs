@@ -6,115 +6,19 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Lj, Load, Nginx, agent, free_port, require_root};
+use common::{
+    Lj, Load, Nginx, agent,
+    daemon::{Agent, http, series, wait_for},
+    free_port, require_root,
+};
 
 const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";
-
-/// One HTTP/1.0 request on loopback: (status, body).
-fn http(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to the agent on {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read response");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad response to {path}: {text}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_owned())
-}
-
-/// The agent daemon, stopped with SIGTERM on drop.
-struct Agent {
-    child: Option<Child>,
-    port: u16,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(extra_config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let config = format!(
-            "http:\n  listen: 127.0.0.1:{port}\ndiscovery:\n  interval_seconds: 1\n{extra_config}"
-        );
-        let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.path().join("agent.log");
-        let child = Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start the agent");
-        let me = Self {
-            child: Some(child),
-            port,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.get("/healthz").0 == 200 {
-                return me;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the agent did not become healthy:\n{}", me.log());
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        http(self.port, path)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let child = self.child.as_mut().expect("running agent");
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return status;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "the agent did not stop within 10 s of SIGTERM:\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
@@ -247,26 +151,6 @@ return _M
     )
 }
 
-/// Polls `f` until it returns `Some` or `secs` pass.
-fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if let Some(v) = f() {
-            return Some((v, start.elapsed()));
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-    None
-}
-
-fn series(metrics: &str, name: &str, needles: &[&str]) -> Option<u64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .max()
-}
-
 #[test]
 fn host_and_docker_targets_are_profiled() {
     require_root();
@@ -335,7 +219,12 @@ fn host_and_docker_targets_are_profiled() {
         "{m}"
     );
     assert!(
-        series(&m, "apisix_profiler_lost_samples_total", &[&before_container]).is_some(),
+        series(
+            &m,
+            "apisix_profiler_lost_samples_total",
+            &[&before_container]
+        )
+        .is_some(),
         "lost samples series missing:\n{m}"
     );
     assert!(

@@ -8,6 +8,14 @@
 /// Program name of the CPU sampler (a `perf_event` program attached on every CPU).
 pub const PROG_SAMPLE: &str = "sample";
 
+/// Program name of the off-CPU hook on `sched_switch` (BTF tracepoint): notes when a target
+/// thread blocks.
+pub const PROG_OFFCPU_SWITCH: &str = "offcpu_switch";
+
+/// Program name of the off-CPU hook on `sys_exit` (BTF tracepoint): runs in the thread back
+/// from a blocking system call and writes its stack weighted by the time it was blocked.
+pub const PROG_OFFCPU_EXIT: &str = "offcpu_exit";
+
 /// Program name of the uprobe on `lua_resume` that learns a process's `global_State` from its
 /// first argument, for targets that run trace code before any interpreter sample.
 pub const PROG_LEARN_VM: &str = "learn_vm";
@@ -24,6 +32,11 @@ pub const MAP_SAMPLES: &str = "SAMPLES";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// `PerCpuHashMap<u32 tgid, u64>`: samples of each process lost because the ring buffer was full.
 pub const MAP_LOST: &str = "LOST";
+
+/// `HashMap<u32 tid, u64 ns>`: when each blocked target thread went off CPU.
+pub const MAP_OFF_START: &str = "OFF_START";
+/// `Array<u64>` of one entry: blocks shorter than this many nanoseconds are dropped.
+pub const MAP_OFFCPU_MIN: &str = "OFFCPU_MIN";
 
 /// Bytes of user stack copied from the stack pointer upwards (the largest size tried).
 pub const STACK_COPY_MAX: usize = 16384;
@@ -185,6 +198,8 @@ pub struct Sample {
     pub tid: u32,
     /// `bpf_ktime_get_ns()` at the sample.
     pub time_ns: u64,
+    /// Weight of the sample: 1 for a CPU sample, microseconds blocked for an off-CPU one.
+    pub weight: u64,
     /// User-mode registers at the sample.
     pub regs: UserRegs,
     /// The walked `lua_State`, or 0.
@@ -243,6 +258,8 @@ pub enum Counter {
     LuaIdle = 11,
     /// Samples with a complete Lua walk.
     LuaWalked = 12,
+    /// Off-CPU: blocks shorter than the minimum, dropped in the kernel (not an error).
+    OffcpuShort = 13,
 }
 
 /// Number of slots in [`MAP_COUNTERS`].
@@ -250,7 +267,7 @@ pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
     /// All counters, in slot order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Samples,
         Counter::RingbufFull,
         Counter::RegsUnavailable,
@@ -264,6 +281,7 @@ impl Counter {
         Counter::LuaNoLayout,
         Counter::LuaIdle,
         Counter::LuaWalked,
+        Counter::OffcpuShort,
     ];
 
     /// Stable snake_case name, used as a metric label and in reports.
@@ -282,6 +300,7 @@ impl Counter {
             Counter::LuaNoLayout => "lua_no_layout",
             Counter::LuaIdle => "lua_idle",
             Counter::LuaWalked => "lua_walked",
+            Counter::OffcpuShort => "offcpu_short",
         }
     }
 
@@ -300,6 +319,7 @@ const _: () = {
     assert!(
         core::mem::size_of::<Sample>()
             == 4 + 4
+                + 8
                 + 8
                 + 24
                 + 8

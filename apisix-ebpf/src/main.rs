@@ -1,4 +1,8 @@
-//! The CPU sampler: a `perf_event` program attached on every CPU.
+//! The CPU sampler: a `perf_event` program attached on every CPU; and the off-CPU pair: a
+//! `sched_switch` BTF tracepoint noting when a target thread blocks, and a kprobe on
+//! `finish_task_switch` that, in the thread switched back in, writes the same kind of sample
+//! weighted by the microseconds it was blocked (blocks shorter than `OFFCPU_MIN` are only
+//! counted).
 //!
 //! For each sample of a process listed in `TARGETS` it writes one `Sample` into the
 //! `SAMPLES` ring buffer: the user registers, a copy of the top of the user stack (user
@@ -18,6 +22,7 @@ use apisix_ebpf_common::{
 };
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -28,9 +33,9 @@ use aya_ebpf::{
             bpf_task_pt_regs,
         },
     },
-    macros::{map, perf_event, uprobe},
+    macros::{btf_tracepoint, map, perf_event, uprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{PerfEventContext, ProbeContext},
+    programs::{BtfTracePointContext, PerfEventContext, ProbeContext},
 };
 
 #[map]
@@ -47,6 +52,23 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// A block in progress: when it began and the kernel stack at that point.
+#[repr(C)]
+struct OffStart {
+    start_ns: u64,
+    kstack_len: u64,
+    kstack: [u64; MAX_KERNEL_FRAMES],
+}
+
+#[map]
+static OFF_START: HashMap<u32, OffStart> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+static OFF_SCRATCH: PerCpuArray<OffStart> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static OFFCPU_MIN: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static LOST: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(4096, 0);
@@ -82,6 +104,96 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
             0
         }
     }
+}
+
+/// `sched_switch(preempt, prev, next, prev_state)`, in `prev`'s context: a target thread that
+/// blocks (not preempted, state not running) has its switch-out time and kernel stack noted.
+/// A block already noted (several inside one system call) keeps its start.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch(ctx: BtfTracePointContext) -> u32 {
+    let preempt: u64 = ctx.arg(0);
+    let prev_state: u64 = ctx.arg(3);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    if preempt & 0xff != 0 || prev_state & 0xffff_ffff == 0 {
+        // Preempted while runnable: waiting for a CPU, not blocked.
+        return 0;
+    }
+    let Some(scratch) = OFF_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch, exclusively ours for this program run.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: helper without preconditions.
+    scratch.start_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the buffer is the scratch's array and its size is passed along.
+    let klen = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            scratch.kstack.as_mut_ptr().cast(),
+            (MAX_KERNEL_FRAMES * 8) as u32,
+            0,
+        )
+    };
+    scratch.kstack_len = if klen > 0 { (klen as u64) / 8 } else { 0 };
+    let _ = OFF_START.insert(&tid, scratch, u64::from(BPF_NOEXIST));
+    0
+}
+
+/// `sys_exit(regs, ret)`, in the thread's own context: a target thread back from a block
+/// inside this system call has its stack written, weighted by the blocked microseconds. The
+/// user registers are those of the system call, the kernel stack the one noted at the block.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn offcpu_exit(ctx: BtfTracePointContext) -> u32 {
+    match try_offcpu_exit(&ctx) {
+        Ok(()) => 0,
+        Err(counter) => {
+            count(counter);
+            0
+        }
+    }
+}
+
+fn try_offcpu_exit(ctx: &BtfTracePointContext) -> Result<(), Counter> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(start) = OFF_START.get_ptr(&tid) else {
+        return Ok(());
+    };
+    // SAFETY: a map value; copied out before the entry is removed.
+    let (start_ns, kstack_len) = unsafe { ((*start).start_ns, (*start).kstack_len) };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let blocked = now.saturating_sub(start_ns);
+    let min = OFFCPU_MIN.get(0).copied().unwrap_or(0);
+    if blocked < min {
+        let _ = OFF_START.remove(&tid);
+        return Err(Counter::OffcpuShort);
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: read-only lookup of a plain value.
+    let Some(target) = (unsafe { TARGETS.get(&tgid) }) else {
+        let _ = OFF_START.remove(&tid);
+        return Ok(());
+    };
+    let result = match task_user_regs() {
+        Some(regs) => emit(
+            ctx.as_ptr(),
+            pid_tgid,
+            target,
+            &regs,
+            (blocked / 1000).max(1),
+            Some((start.cast::<u8>(), kstack_len)),
+        ),
+        None => Err(Counter::RegsUnavailable),
+    };
+    let _ = OFF_START.remove(&tid);
+    result
 }
 
 /// Uprobe on `lua_resume(L, nargs)`: remembers `G(L)` of a target process. Attached per
@@ -140,7 +252,21 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     };
     let target = *target;
     let regs = user_regs(ctx).ok_or(Counter::RegsUnavailable)?;
+    emit(ctx.as_ptr(), pid_tgid, &target, &regs, 1, None)
+}
 
+/// Writes one sample of the current thread: registers, kernel stack, user stack copy, Lua
+/// frames. `ctx` is the program's context (for `bpf_get_stack`).
+#[inline(always)]
+fn emit(
+    ctx: *mut c_void,
+    pid_tgid: u64,
+    target: &Target,
+    regs: &Regs,
+    weight: u64,
+    kstack: Option<(*const u8, u64)>,
+) -> Result<(), Counter> {
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
         count_lost(tgid);
         return Err(Counter::RingbufFull);
@@ -152,6 +278,7 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     s.tid = pid_tgid as u32;
     // SAFETY: helper without preconditions.
     s.time_ns = unsafe { bpf_ktime_get_ns() };
+    s.weight = weight;
     s.regs = UserRegs {
         ip: regs.rip,
         sp: regs.rsp,
@@ -159,16 +286,37 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     };
     s.comm = bpf_get_current_comm().unwrap_or_default();
 
-    // SAFETY: the buffer is part of our reservation and its size is passed along.
-    let klen = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            s.kstack.as_mut_ptr().cast(),
-            (MAX_KERNEL_FRAMES * 8) as u32,
-            0,
-        )
+    s.kstack_len = match kstack {
+        // A kernel stack taken earlier (off-CPU: where the thread blocked), at offset 16 of
+        // its `OffStart`.
+        Some((start, len)) => {
+            // SAFETY: copies the stack array of a live map value into our reservation.
+            let ok = unsafe {
+                bpf_probe_read_kernel_raw(
+                    s.kstack.as_mut_ptr().cast(),
+                    (MAX_KERNEL_FRAMES * 8) as u32,
+                    start.add(16).cast(),
+                )
+            } == 0;
+            if ok {
+                (len as u32).min(MAX_KERNEL_FRAMES as u32)
+            } else {
+                0
+            }
+        }
+        None => {
+            // SAFETY: the buffer is part of our reservation and its size is passed along.
+            let klen = unsafe {
+                bpf_get_stack(
+                    ctx,
+                    s.kstack.as_mut_ptr().cast(),
+                    (MAX_KERNEL_FRAMES * 8) as u32,
+                    0,
+                )
+            };
+            if klen > 0 { (klen as u32) / 8 } else { 0 }
+        }
     };
-    s.kstack_len = if klen > 0 { (klen as u32) / 8 } else { 0 };
 
     s.stack_len = 0;
     for size in STACK_SIZES {
@@ -190,7 +338,7 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     s.lua_error = 0;
     s.vmstate = 0;
     if target.layout != LAYOUT_NONE {
-        match walk_lua(tgid, &target, &regs, s) {
+        match walk_lua(tgid, target, regs, s) {
             Ok(true) => count(Counter::LuaWalked),
             Ok(false) => count(Counter::LuaIdle),
             Err(reason) => {
@@ -204,21 +352,57 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     Ok(())
 }
 
+/// The user-mode registers the sampler needs (a `pt_regs` is too big for the BPF stack twice).
+#[derive(Clone, Copy)]
+struct Regs {
+    rip: u64,
+    rsp: u64,
+    rbp: u64,
+    rbx: u64,
+    rdx: u64,
+    r14: u64,
+}
+
 /// The registers of the interrupted user context: from the perf context when the sample hit
 /// user mode, else from the task's saved user registers.
-fn user_regs(ctx: &PerfEventContext) -> Option<pt_regs> {
+#[inline(always)]
+fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
     // SAFETY: direct context loads, rewritten by the verifier.
-    let ctx_regs = unsafe { (*ctx.ctx).regs };
-    if ctx_regs.cs & 3 == 3 {
-        return Some(ctx_regs);
+    let r: &pt_regs = unsafe { &(*ctx.ctx).regs };
+    if r.cs & 3 == 3 {
+        return Some(Regs {
+            rip: r.rip,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            rdx: r.rdx,
+            r14: r.r14,
+        });
     }
+    task_user_regs()
+}
+
+/// The current task's saved user-mode registers.
+#[inline(always)]
+fn task_user_regs() -> Option<Regs> {
     // SAFETY: helpers without preconditions; the pointer is only read through probe_read.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    if regs.is_null() {
+    let p = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if p.is_null() {
         return None;
     }
-    // SAFETY: probe read, fails cleanly on a bad pointer.
-    let regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
+    // SAFETY: probe reads of fields of the task's saved registers; they fail cleanly.
+    let field = |f: *const u64| unsafe { bpf_probe_read_kernel(f) }.ok();
+    // SAFETY: address computations only; nothing is dereferenced directly.
+    let regs = unsafe {
+        Regs {
+            rip: field(core::ptr::addr_of!((*p).rip))?,
+            rsp: field(core::ptr::addr_of!((*p).rsp))?,
+            rbp: field(core::ptr::addr_of!((*p).rbp))?,
+            rbx: field(core::ptr::addr_of!((*p).rbx))?,
+            rdx: field(core::ptr::addr_of!((*p).rdx))?,
+            r14: field(core::ptr::addr_of!((*p).r14))?,
+        }
+    };
     if regs.rsp == 0 || regs.rip == 0 {
         None
     } else {
@@ -252,7 +436,7 @@ fn read_ref(layout: &LuaLayout, addr: u64) -> Result<u64, Counter> {
 fn find_state(
     tgid: u32,
     layout: &LuaLayout,
-    regs: &pt_regs,
+    regs: &Regs,
     in_vm: bool,
 ) -> Result<(u64, u64), Counter> {
     if in_vm {
@@ -295,7 +479,7 @@ fn find_state(
 /// Walks the Lua frames of the running coroutine into `s.lua`.
 ///
 /// Returns `Ok(false)` when the thread runs no Lua right now.
-fn walk_lua(tgid: u32, target: &Target, regs: &pt_regs, s: &mut Sample) -> Result<bool, Counter> {
+fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<bool, Counter> {
     let Some(layout) = LUA_LAYOUTS.get(target.layout) else {
         return Err(Counter::LuaNoLayout);
     };

@@ -3,6 +3,8 @@
 //! Everything panics with context when its real part cannot run.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod daemon;
+
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
