@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything apisix-agent needs to build and test on Debian 12, idempotently:
-# apt packages (LLVM 22 for bpf-linker, nginx + ngx_lua, compilers, tools), the nightly
+# apt packages (LLVM 22 for bpf-linker, nginx + ngx_lua, compilers, tools; Prometheus,
+# Chromium and systemd-analyze for the tests), the nightly
 # toolchain with rust-src (the BPF programs are built with -Z build-std), bpf-linker, and the
 # non-GC64 LuaJIT used by the test suite. Safe to run again: finished steps are skipped.
 set -euo pipefail
@@ -55,6 +56,27 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     log "cargo install bpf-linker 0.13 (LLVM 22)"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
         --no-default-features --features llvm-22
+fi
+
+# Tools of the test suite (real Prometheus + promtool, headless Chromium, systemd-analyze,
+# capsh). Installed without recommends and without starting their services: the tests start
+# their own instances on loopback.
+TEST_PACKAGES=(prometheus chromium systemd libcap2-bin python3)
+missing=()
+for p in "${TEST_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "apt-get install ${missing[*]} (test tools)"
+    own_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
 log "non-GC64 LuaJIT for the tests"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing (scripts/setup.sh), checks formatting and
-# lints, then runs unit tests and the root tests that load the real BPF programs against
-# real processes (a C program, nginx + ngx_lua on GC64 and non-GC64 LuaJIT).
+# The whole test suite: installs what is missing (scripts/setup.sh), starts a Docker daemon
+# without bridge networking and builds the nginx-lua test image from Debian packages
+# (scripts/docker-up.sh, scripts/test-image.sh), checks formatting and lints, then runs unit
+# tests and the root tests that load the real BPF programs against real processes (a C
+# program, nginx + ngx_lua on GC64 and non-GC64 LuaJIT, in containers too, a real
+# Prometheus, headless Chromium).
 # Must run as root: the tests load BPF programs and attach perf events.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 ./scripts/setup.sh
+./scripts/docker-up.sh
+./scripts/test-image.sh
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy" >&2

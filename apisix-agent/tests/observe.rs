@@ -1,0 +1,878 @@
+//! Root tests of the observability deliverables against real things: a host nginx + ngx_lua
+//! worker under bounded loopback load, the real agent daemon, Debian's real Prometheus
+//! (scraping the agent with deploy/prometheus's configuration and rules, evaluating the
+//! Grafana dashboard's expressions), headless Chromium rendering an on-demand flame graph,
+//! and the static checks of deploy/ (systemd unit, promtool, container image).
+//! Every test panics with context when its real part cannot run, except that the container
+//! image test is skipped, visibly, without a Docker daemon.
+
+mod common;
+
+use std::{
+    ffi::OsStr,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Lj, Load, Nginx, agent, free_port, require_root};
+
+/// The workload's Lua module: two named functions that burn CPU, called one after the other
+/// (not as tail calls, so each keeps its own frame under `run`).
+const WORKLOAD_LUA: &str = r#"
+local _M = {}
+function _M.handler_fn(n)
+  local x = 0
+  for i = 1, n do x = (x * 31 + i) % 1000003 end
+  return x
+end
+function _M.encode_fn(n)
+  local s = 0
+  for i = 1, n do s = (s + i * i) % 999983 end
+  return s
+end
+function _M.run()
+  local a = _M.handler_fn(150000)
+  local b = _M.encode_fn(100000)
+  return a + b
+end
+return _M
+"#;
+
+const FUNCTIONS: [&str; 2] = ["_M.handler_fn", "_M.encode_fn"];
+
+/// The repository root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Panics with `hint` when `program` cannot be started at all.
+fn require_program(program: &str, version_arg: &str, hint: &str) {
+    match Command::new(program)
+        .arg(version_arg)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(_) => {}
+        Err(e) => panic!("`{program}` cannot be run ({e}): {hint}"),
+    }
+}
+
+/// Minimal percent-encoding of a URL query value.
+fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One HTTP/1.0 request on loopback: (status, body).
+fn http(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read response");
+    let text = text(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response to {path}: {text}"));
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// Polls `f` every 250 ms until it returns `Some` or `secs` pass.
+fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if let Some(v) = f() {
+            return Some((v, start.elapsed()));
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+/// SIGTERM, up to `grace` to exit, then SIGKILL.
+fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: plain syscall on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Host nginx + ngx_lua (GC64 LuaJIT) running [`WORKLOAD_LUA`] under one client of loopback
+/// load. The load stops before nginx (field order).
+struct Workload {
+    _load: Load,
+    nginx: Nginx,
+}
+
+impl Workload {
+    fn start(secs: u64) -> Self {
+        let nginx = Nginx::start(
+            Lj::Gc64,
+            &[("obswork", WORKLOAD_LUA)],
+            "",
+            r#"location / { content_by_lua_block { ngx.say(require("obswork").run()) } }"#,
+        );
+        let load = Load::start(nginx.port, "/", 1, Duration::from_secs(secs));
+        Self { _load: load, nginx }
+    }
+
+    fn worker(&self) -> u32 {
+        self.nginx.worker().expect("nginx worker")
+    }
+}
+
+/// The agent daemon (`apisix-agent run`): loopback port, 1 s discovery, no Docker, 49 Hz.
+/// Killed on drop.
+struct Agent {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = format!(
+            "http:\n  listen: 127.0.0.1:{port}\ndiscovery:\n  interval_seconds: 1\n  docker:\n    \
+             enabled: false\nsampling:\n  frequency_hz: 49\n"
+        );
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("agent.log");
+        let child = Command::new(agent())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start the agent");
+        let me = Self {
+            child: Some(child),
+            port,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.get("/healthz").0 == 200 {
+                return me;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the agent did not become healthy:\n{}", me.log());
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, path)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/targets` lists `pid`.
+    fn wait_for_target(&self, pid: u32) {
+        let needle = format!("\"pid\":{pid},");
+        if wait_for(15, || {
+            self.get("/targets").1.contains(&needle).then_some(())
+        })
+        .is_none()
+        {
+            panic!(
+                "worker {pid} not in /targets within 15 s: {}\nagent log:\n{}",
+                self.get("/targets").1,
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(10));
+        }
+    }
+}
+
+/// Debian's `prometheus` on a free loopback port, with deploy/prometheus/prometheus.yml
+/// pointed at the agent (2 s scrape and rule evaluation, rules.yml by absolute path) and its
+/// storage in a temp dir. Stopped on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(agent_port: u16) -> Self {
+        require_program(
+            "prometheus",
+            "--version",
+            "Debian's Prometheus 2.42 is needed: apt-get install prometheus",
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(&config, prometheus_config(agent_port)).expect("write prometheus.yml");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start prometheus (apt-get install prometheus): {e}"));
+        let mut me = Self { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "/-/ready").0 == 200 {
+                return me;
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", me.log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("prometheus did not become ready:\n{}", me.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// GET an API path; the `data` member of a successful answer.
+    fn api(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http(self.port, path);
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: {status}, not JSON ({e}): {body}"));
+        assert!(
+            status == 200 && v["status"] == "success",
+            "GET {path}: {status} {body}"
+        );
+        v["data"].clone()
+    }
+
+    /// Instant query; the result vector.
+    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let data = self.api(&format!("/api/v1/query?query={}", urlencode(expr)));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+/// deploy/prometheus/prometheus.yml with the agent's port as the only target, 2 s scrape
+/// interval/timeout and evaluation interval, and its rule files by absolute path.
+fn prometheus_config(agent_port: u16) -> String {
+    use serde_yaml::Value;
+    let dir = root().join("deploy/prometheus");
+    let path = dir.join("prometheus.yml");
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut v: Value = serde_yaml::from_str(&src).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let two = Value::from("2s");
+    let global = v
+        .get_mut("global")
+        .and_then(Value::as_mapping_mut)
+        .unwrap_or_else(|| panic!("{path:?}: no global section"));
+    for key in ["scrape_interval", "scrape_timeout", "evaluation_interval"] {
+        global.insert(key.into(), two.clone());
+    }
+    let rules = v
+        .get_mut("rule_files")
+        .and_then(Value::as_sequence_mut)
+        .unwrap_or_else(|| panic!("{path:?}: no rule_files"));
+    assert!(!rules.is_empty(), "{path:?}: empty rule_files");
+    for r in rules.iter_mut() {
+        let rel = r.as_str().expect("rule file name").to_owned();
+        let abs = dir.join(&rel);
+        assert!(abs.exists(), "{path:?} names a missing rule file {abs:?}");
+        *r = Value::from(abs.display().to_string());
+    }
+    let jobs = v
+        .get_mut("scrape_configs")
+        .and_then(Value::as_sequence_mut)
+        .unwrap_or_else(|| panic!("{path:?}: no scrape_configs"));
+    let mut agent_jobs = 0;
+    for job in jobs.iter_mut() {
+        let job = job.as_mapping_mut().expect("scrape config");
+        if job.get("job_name").and_then(Value::as_str) != Some("apisix-agent") {
+            continue;
+        }
+        agent_jobs += 1;
+        for key in ["scrape_interval", "scrape_timeout"] {
+            if job.contains_key(key) {
+                job.insert(key.into(), two.clone());
+            }
+        }
+        let statics = job
+            .get_mut("static_configs")
+            .and_then(Value::as_sequence_mut)
+            .unwrap_or_else(|| panic!("{path:?}: job apisix-agent has no static_configs"));
+        for s in statics.iter_mut() {
+            s["targets"] = Value::Sequence(vec![Value::from(format!("127.0.0.1:{agent_port}"))]);
+        }
+    }
+    assert_eq!(agent_jobs, 1, "{path:?}: expected one job apisix-agent");
+    serde_yaml::to_string(&v).expect("serialize prometheus.yml")
+}
+
+/// The `record:` names of deploy/prometheus/rules.yml.
+fn recording_rules() -> Vec<String> {
+    let path = root().join("deploy/prometheus/rules.yml");
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&src).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut out = Vec::new();
+    for g in v["groups"].as_sequence().expect("groups") {
+        for r in g["rules"].as_sequence().expect("rules") {
+            if let Some(name) = r["record"].as_str() {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    assert!(!out.is_empty(), "{path:?}: no recording rules");
+    out
+}
+
+/// Runs `promtool check metrics` with `body` on stdin: (exit status, stdout + stderr).
+fn promtool_check_metrics(body: &str) -> (ExitStatus, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run promtool (apt-get install prometheus): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let mut all = text(&out.stdout);
+    all.push_str(&text(&out.stderr));
+    (out.status, all)
+}
+
+/// `promtool check metrics` on the agent's /metrics as a plain client gets it (the
+/// Prometheus text format; Prometheus itself asks for and gets OpenMetrics): no problems.
+fn check_metrics_with_promtool(body: &str) {
+    assert!(
+        !body.contains("# EOF"),
+        "a client without Accept: application/openmetrics-text got OpenMetrics:\n{body}"
+    );
+    let (status, out) = promtool_check_metrics(body);
+    assert!(
+        status.success() && out.trim().is_empty(),
+        "promtool check metrics ({status}) reports problems:\n{out}\n/metrics:\n{body}"
+    );
+}
+
+#[test]
+fn prometheus_scrapes_the_agent() {
+    require_root();
+    let started = Instant::now();
+    let workload = Workload::start(90);
+    let agent_started = Instant::now();
+    let agent = Agent::start();
+    let prom = Prometheus::start(agent.port);
+    let prom_started = Instant::now();
+
+    let series = format!(
+        "apisix_profiler_lua_function_self_samples_total{{function=\"{}\"}}",
+        FUNCTIONS[0]
+    );
+    let first = wait_for(60, || (!prom.query(&series).is_empty()).then_some(()));
+    let Some((_, took)) = first else {
+        let targets = prom.api("/api/v1/targets");
+        panic!(
+            "within 60 s Prometheus had no {series}\ntargets: {targets}\nagent /metrics:\n{}\n\
+             agent log:\n{}\nprometheus log:\n{}",
+            agent.get("/metrics").1,
+            agent.log(),
+            prom.log()
+        );
+    };
+    eprintln!(
+        "first {series} in Prometheus {:.1}s after Prometheus started, {:.1}s after the \
+         agent started",
+        took.as_secs_f64(),
+        (prom_started - agent_started + took).as_secs_f64()
+    );
+
+    // The scrape itself is healthy.
+    let targets = prom.api("/api/v1/targets");
+    let active = targets["activeTargets"].as_array().expect("activeTargets");
+    assert_eq!(active.len(), 1, "{targets}");
+    assert_eq!(active[0]["health"], "up", "{targets}");
+    assert_eq!(active[0]["labels"]["job"], "apisix-agent", "{targets}");
+
+    // Enough scrapes for rate() over any window of the dashboard (2 points needed; 3 here).
+    let enough = wait_for(20, || {
+        let n = prom.query(&format!("count_over_time({series}[1m])"));
+        n.first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .filter(|n| *n >= 3.0)
+    });
+    assert!(
+        enough.is_some(),
+        "fewer than 3 scrapes of {series} within 20 s"
+    );
+
+    // Every recording rule of rules.yml is loaded, healthy and has data.
+    let records = recording_rules();
+    let mut missing = Vec::new();
+    let rules_ok = wait_for(20, || {
+        let data = prom.api("/api/v1/rules");
+        let mut loaded = Vec::new();
+        let mut unhealthy = Vec::new();
+        for g in data["groups"].as_array().expect("groups") {
+            for r in g["rules"].as_array().expect("rules") {
+                let name = r["name"].as_str().unwrap_or("?").to_owned();
+                if r["health"] != "ok" {
+                    unhealthy.push(format!("{name}: {} {}", r["health"], r["lastError"]));
+                }
+                if r["type"] == "recording" {
+                    loaded.push(name);
+                }
+            }
+        }
+        missing = records
+            .iter()
+            .filter(|r| !loaded.contains(r))
+            .map(|r| format!("{r}: not loaded"))
+            .chain(unhealthy)
+            .chain(
+                records
+                    .iter()
+                    .filter(|r| prom.query(r).is_empty())
+                    .map(|r| format!("{r}: no series")),
+            )
+            .collect();
+        missing.is_empty().then_some(())
+    });
+    assert!(
+        rules_ok.is_some(),
+        "recording rules of deploy/prometheus/rules.yml without data after 20 s:\n{}\n\
+         prometheus log:\n{}",
+        missing.join("\n"),
+        prom.log()
+    );
+    for r in &records {
+        eprintln!("ok   {r}: {} series", prom.query(r).len());
+    }
+
+    // Both Lua functions are series of their own.
+    for f in FUNCTIONS {
+        let q = format!("apisix_profiler_lua_function_self_samples_total{{function=\"{f}\"}}");
+        assert!(!prom.query(&q).is_empty(), "no {q}");
+    }
+
+    // promtool lints the agent's exposition.
+    let (status, body) = agent.get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    check_metrics_with_promtool(&body);
+
+    // Every dashboard expression returns data.
+    let out = Command::new("python3")
+        .arg(root().join("grafana/exprs.py"))
+        .args(["--prometheus", &prom.url()])
+        .output()
+        .unwrap_or_else(|e| panic!("run python3 grafana/exprs.py: {e}"));
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "grafana/exprs.py against the real agent's data ({}):\n{report}",
+        out.status
+    );
+    eprint!("{report}");
+    drop(workload);
+    eprintln!("total {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// A process group we started (chromium forks helpers); the group is killed on drop.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall; the group is the one this test created (process_group(0)).
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs headless chromium with `args`; returns its output. At most `secs` seconds.
+fn chromium(dir: &Path, name: &str, args: &[&OsStr], secs: u64) -> Output {
+    let profile = dir.join(format!("profile-{name}"));
+    let stdout = dir.join(format!("{name}.stdout"));
+    let stderr = dir.join(format!("{name}.stderr"));
+    let child = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start chromium (apt-get install chromium): {e}"));
+    let mut group = Group(child);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = group.0.try_wait().expect("wait for chromium") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "chromium {name} still running after {secs} s:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    drop(group);
+    Output {
+        status,
+        stdout: std::fs::read(&stdout).unwrap_or_default(),
+        stderr: std::fs::read(&stderr).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn dashboard_flamegraph_renders_in_chromium() {
+    require_root();
+    require_program(
+        "chromium",
+        "--version",
+        "Debian's chromium is needed: apt-get install chromium",
+    );
+    let started = Instant::now();
+    let workload = Workload::start(60);
+    let agent = Agent::start();
+    let worker = workload.worker();
+    agent.wait_for_target(worker);
+
+    let (status, svg) = agent.get(&format!("/flamegraph?pid={worker}&seconds=3"));
+    assert_eq!(status, 200, "{svg}");
+    assert!(svg.contains("<svg"), "not an SVG: {svg}");
+    drop(workload);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg_path = dir.path().join("flamegraph.svg");
+    std::fs::write(&svg_path, &svg).expect("write svg");
+    let url = format!("file://{}", svg_path.display());
+    let png = dir.path().join("flamegraph.png");
+
+    let shot_arg = format!("--screenshot={}", png.display());
+    let shot = chromium(
+        dir.path(),
+        "screenshot",
+        &[
+            OsStr::new(&shot_arg),
+            OsStr::new("--window-size=1600,1000"),
+            OsStr::new(&url),
+        ],
+        60,
+    );
+    assert!(
+        shot.status.success(),
+        "chromium --screenshot {}:\n{}",
+        shot.status,
+        text(&shot.stderr)
+    );
+    let bytes = std::fs::read(&png)
+        .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{png:?} is not a PNG"
+    );
+    assert!(
+        bytes.len() > 10 * 1024,
+        "screenshot only {} bytes: blank page?",
+        bytes.len()
+    );
+    let target = common::agent()
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("flamegraph-screenshot.png"));
+    if let Some(copy) = target {
+        std::fs::copy(&png, &copy).unwrap_or_else(|e| panic!("copy to {copy:?}: {e}"));
+        eprintln!("screenshot: {} ({} bytes)", copy.display(), bytes.len());
+    }
+
+    let dom = chromium(
+        dir.path(),
+        "dump-dom",
+        &[OsStr::new("--dump-dom"), OsStr::new(&url)],
+        60,
+    );
+    assert!(
+        dom.status.success(),
+        "chromium --dump-dom {}:\n{}",
+        dom.status,
+        text(&dom.stderr)
+    );
+    let dom = text(&dom.stdout);
+    for f in FUNCTIONS {
+        assert!(
+            dom.contains(&format!("{f}@")),
+            "the rendered flame graph lacks {f}@:\n{dom}"
+        );
+    }
+    eprintln!("total {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Runs a repository script; asserts success and prints its output.
+fn run_script(rel: &str) -> String {
+    let out = Command::new("bash")
+        .arg(root().join(rel))
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {rel}: {e}"));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{rel} failed ({}):\n{all}",
+        out.status
+    );
+    eprint!("{all}");
+    all
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    require_program(
+        "systemd-analyze",
+        "--version",
+        "systemd-analyze is needed: apt-get install systemd",
+    );
+    let out = run_script("deploy/systemd/verify.sh");
+    assert!(out.contains("verify: OK"), "{out}");
+}
+
+#[test]
+fn prometheus_rules_check() {
+    require_program(
+        "promtool",
+        "--version",
+        "promtool is needed: apt-get install prometheus",
+    );
+    let out = run_script("deploy/prometheus/check.sh");
+    assert!(out.contains("check: OK"), "{out}");
+}
+
+const BASE_IMAGE: &str = "apisix-profiler-test/debian:bookworm";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
+}
+
+/// An image tag removed on drop.
+struct Image(String);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = docker(&["image", "rm", "-f", &self.0]);
+    }
+}
+
+#[test]
+fn container_image_builds() {
+    let info = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdin(Stdio::null())
+        .output();
+    if !info.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "\n*** SKIPPED container_image_builds: no Docker daemon (start one with \
+             scripts/docker-up.sh) ***\n"
+        );
+        return;
+    }
+    let started = Instant::now();
+    assert!(
+        docker(&["image", "inspect", BASE_IMAGE]).status.success(),
+        "base image {BASE_IMAGE} missing: run scripts/test-image.sh"
+    );
+
+    // deploy/Dockerfile.prebuilt copies target/release/apisix-agent of the build context.
+    // That is this test's agent when cargo's target dir is the repository's; otherwise a
+    // context with just the files the Dockerfile copies.
+    let bin = agent();
+    let context_dir;
+    let context = if bin == root().join("target/release/apisix-agent") {
+        root()
+    } else {
+        context_dir = tempfile::tempdir().expect("tempdir");
+        let c = context_dir.path();
+        std::fs::create_dir_all(c.join("target/release")).expect("mkdir");
+        std::fs::copy(&bin, c.join("target/release/apisix-agent")).expect("copy agent");
+        std::fs::copy(
+            root().join("config.example.yaml"),
+            c.join("config.example.yaml"),
+        )
+        .expect("copy config");
+        c.to_path_buf()
+    };
+    let image = Image(format!("apisix-agent:observe-test-{}", std::process::id()));
+    let dockerfile = root().join("deploy/Dockerfile.prebuilt");
+    let build_arg = format!("BASE_IMAGE={BASE_IMAGE}");
+    let out = docker(&[
+        "build",
+        "--network",
+        "host",
+        "--force-rm",
+        "-f",
+        dockerfile.to_str().expect("path"),
+        "--build-arg",
+        &build_arg,
+        "-t",
+        &image.0,
+        context.to_str().expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "docker build -f deploy/Dockerfile.prebuilt failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    eprintln!(
+        "built {} in {:.1}s",
+        image.0,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Privileged in the host's PID namespace, as deployed. Where the host's capability
+    // bounding set lacks one Docker grants privileged containers ("unable to apply caps"),
+    // the flags of deploy/docker-compose.nopriv.yml instead.
+    let privileged: &[&str] = &["--privileged"];
+    let nopriv: &[&str] = &[
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+    ];
+    let mut mode = privileged;
+    let mut run = |args: &[&str]| {
+        loop {
+            let mut all = vec!["run", "--rm", "--network", "host"];
+            all.extend_from_slice(mode);
+            all.extend_from_slice(&[
+                "--pid",
+                "host",
+                "-v",
+                "/sys/kernel/debug:/sys/kernel/debug:ro",
+                &image.0,
+            ]);
+            all.extend_from_slice(args);
+            let out = docker(&all);
+            let stderr = text(&out.stderr);
+            if !out.status.success()
+                && mode == privileged
+                && stderr.contains("unable to apply caps")
+            {
+                eprintln!(
+                    "note: --privileged cannot start a container on this host ({}); using \
+                     the flags of deploy/docker-compose.nopriv.yml",
+                    stderr.lines().next().unwrap_or("").trim()
+                );
+                mode = nopriv;
+                continue;
+            }
+            assert!(
+                out.status.success(),
+                "docker {all:?} failed ({}):\n{}{stderr}",
+                out.status,
+                text(&out.stdout),
+            );
+            return text(&out.stdout);
+        }
+    };
+    let host_version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .expect("agent --version");
+    let version = run(&["--version"]);
+    assert_eq!(version.trim(), text(&host_version.stdout).trim());
+    let config = run(&["check-config", "/etc/apisix-agent/config.yaml"]);
+    assert!(
+        config.contains("listen: 127.0.0.1:9464"),
+        "check-config in the image:\n{config}"
+    );
+    eprintln!(
+        "{} in the image; check-config OK; total {:.1}s",
+        version.trim(),
+        started.elapsed().as_secs_f64()
+    );
+}
