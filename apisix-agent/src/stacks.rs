@@ -256,6 +256,7 @@ impl StackBuilder {
             .iter()
             .filter(|a| **a != 0)
             .map(|a| self.symbolizer.kernel(*a))
+            .skip_while(|f| is_tracing_frame(f))
             .collect();
         out.extend(kframes.into_iter().rev());
         if out.is_empty() {
@@ -263,6 +264,14 @@ impl StackBuilder {
         }
         Some(out)
     }
+}
+
+/// Kernel frames of the tracing machinery itself (the off-CPU hook's own stack above the
+/// scheduler): dropped from the leaf end of kernel stacks.
+fn is_tracing_frame(label: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "trace_call_bpf"]
+        .iter()
+        .any(|p| label.starts_with(p))
 }
 
 /// Splices Lua segments (root first, each root first) into native frames (root first, with a
@@ -407,6 +416,14 @@ mod tests {
             &mut out,
         );
         assert_eq!(joined(&out), "main;a@x:1;b@x:2");
+    }
+
+    #[test]
+    fn tracing_frames_are_recognised() {
+        assert!(is_tracing_frame("bpf_prog_0d31a7097d574274_offcpu_switch_[k]"));
+        assert!(is_tracing_frame("__bpf_trace_sched_switch_[k]"));
+        assert!(is_tracing_frame("bpf_trace_run4_[k]"));
+        assert!(!is_tracing_frame("__schedule_[k]"));
     }
 
     #[test]
