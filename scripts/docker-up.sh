@@ -22,23 +22,10 @@ DOCKERD_ARGS=(--bridge=none --iptables=false --ip-forward=false --host "unix://$
 WAIT_SECS="${DOCKER_UP_TIMEOUT:-60}"
 
 # --- packages ------------------------------------------------------------------------------
-missing=()
-for p in docker.io debootstrap; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "apt-get install ${missing[*]}"
-    # Keep the package from starting its own daemon (with the default docker0 bridge).
-    own_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
+# The package may not start its own daemon (it would use the default docker0 bridge).
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+apt_ensure --quiet-services docker.io debootstrap
 command -v dockerd >/dev/null || die "dockerd not found after installing docker.io"
 command -v docker >/dev/null || die "docker CLI not found"
 

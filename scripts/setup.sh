@@ -7,6 +7,8 @@
 set -euo pipefail
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh installs packages and must run as root" >&2
@@ -21,15 +23,7 @@ APT_PACKAGES=(
     nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2
     dpkg-dev procps util-linux wrk
 )
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "apt-get install ${missing[*]}"
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+apt_ensure "${APT_PACKAGES[@]}"
 # The packaged nginx starts a system instance on port 80; the tools never need it.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
     systemctl stop nginx || true
@@ -61,23 +55,7 @@ fi
 # Tools of the test suite (real Prometheus + promtool, headless Chromium, systemd-analyze,
 # capsh). Installed without recommends and without starting their services: the tests start
 # their own instances on loopback.
-TEST_PACKAGES=(prometheus chromium systemd libcap2-bin python3)
-missing=()
-for p in "${TEST_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "apt-get install ${missing[*]} (test tools)"
-    own_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
+apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3
 
 log "non-GC64 LuaJIT for the tests"
 "$(dirname "$0")/build-luajit-nogc64.sh" >/dev/null

@@ -94,6 +94,41 @@ struct CKey {
     module: String,
 }
 
+impl LuaKey {
+    fn other() -> Self {
+        Self {
+            function: OTHER.to_owned(),
+            file: String::new(),
+            line: String::new(),
+        }
+    }
+}
+
+impl CKey {
+    fn other() -> Self {
+        Self {
+            function: OTHER.to_owned(),
+            module: String::new(),
+        }
+    }
+}
+
+/// The key under which `key` is counted: itself if already admitted or if there is room
+/// (then it is admitted for good), else the `[other]` key.
+fn admit<K: Clone + Eq + std::hash::Hash>(
+    admitted: &mut HashSet<K>,
+    key: K,
+    top: usize,
+    other: fn() -> K,
+) -> K {
+    if admitted.contains(&key) || admitted.len() < top {
+        admitted.insert(key.clone());
+        key
+    } else {
+        other()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     lua: HashMap<LuaKey, (u64, u64)>,
@@ -302,16 +337,7 @@ impl Aggregator {
             let mut lua: Vec<(LuaKey, (u64, u64))> = pending.lua.into_iter().collect();
             lua.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(b.1.0.cmp(&a.1.0)));
             for (key, (self_n, incl_n)) in lua {
-                let key = if admitted.lua.contains(&key) || admitted.lua.len() < self.top {
-                    admitted.lua.insert(key.clone());
-                    key
-                } else {
-                    LuaKey {
-                        function: OTHER.to_owned(),
-                        file: String::new(),
-                        line: String::new(),
-                    }
-                };
+                let key = admit(&mut admitted.lua, key, self.top, LuaKey::other);
                 let labels = LuaFunctionLabels {
                     function: key.function,
                     file: key.file,
@@ -329,15 +355,7 @@ impl Aggregator {
             let mut c: Vec<(CKey, (u64, u64))> = pending.c.into_iter().collect();
             c.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
             for (key, (self_n, incl_n)) in c {
-                let key = if admitted.c.contains(&key) || admitted.c.len() < self.top {
-                    admitted.c.insert(key.clone());
-                    key
-                } else {
-                    CKey {
-                        function: OTHER.to_owned(),
-                        module: String::new(),
-                    }
-                };
+                let key = admit(&mut admitted.c, key, self.top, CKey::other);
                 let labels = CFunctionLabels {
                     function: key.function,
                     module: key.module,
@@ -353,16 +371,7 @@ impl Aggregator {
         }
         for ((group, key), us) in self.pending_offcpu.drain() {
             let admitted = self.admitted.entry(group.clone()).or_default();
-            let key = if admitted.lua.contains(&key) || admitted.lua.len() < self.top {
-                admitted.lua.insert(key.clone());
-                key
-            } else {
-                LuaKey {
-                    function: OTHER.to_owned(),
-                    file: String::new(),
-                    line: String::new(),
-                }
-            };
+            let key = admit(&mut admitted.lua, key, self.top, LuaKey::other);
             let labels = LuaFunctionLabels {
                 function: key.function,
                 file: key.file,
@@ -415,12 +424,7 @@ impl Aggregator {
             let Some(admitted) = self.admitted.remove(&g) else {
                 continue;
             };
-            let other_lua = LuaKey {
-                function: OTHER.to_owned(),
-                file: String::new(),
-                line: String::new(),
-            };
-            for key in admitted.lua.into_iter().chain([other_lua]) {
+            for key in admitted.lua.into_iter().chain([LuaKey::other()]) {
                 let labels = LuaFunctionLabels {
                     function: key.function,
                     file: key.file,
@@ -432,11 +436,7 @@ impl Aggregator {
                 self.metrics.lua_inclusive.remove(&labels);
                 self.metrics.lua_offcpu.remove(&labels);
             }
-            let other_c = CKey {
-                function: OTHER.to_owned(),
-                module: String::new(),
-            };
-            for key in admitted.c.into_iter().chain([other_c]) {
+            for key in admitted.c.into_iter().chain([CKey::other()]) {
                 let labels = CFunctionLabels {
                     function: key.function,
                     module: key.module,

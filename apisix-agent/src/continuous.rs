@@ -28,18 +28,6 @@ use crate::{
     stacks::StackBuilder,
 };
 
-/// BPF counters that are errors (the rest count successes or idle samples).
-fn is_error(c: Counter) -> bool {
-    !matches!(
-        c,
-        Counter::Samples
-            | Counter::RingbufFull
-            | Counter::LuaWalked
-            | Counter::LuaIdle
-            | Counter::OffcpuShort
-    )
-}
-
 struct Tracked {
     start_time: u64,
     labels: TargetLabels,
@@ -164,7 +152,7 @@ impl State {
         }
         match self.sampler.counters() {
             Ok(counters) => {
-                for c in Counter::ALL.into_iter().filter(|c| is_error(*c)) {
+                for c in Counter::ALL.into_iter().filter(|c| c.is_error()) {
                     self.bump(shared, c.name(), counters[c as usize]);
                 }
             }

@@ -225,16 +225,7 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     if rec.flavour.is_some() {
         let errors: Vec<String> = Counter::ALL
             .iter()
-            .filter(|c| {
-                !matches!(
-                    c,
-                    Counter::Samples
-                        | Counter::RingbufFull
-                        | Counter::LuaWalked
-                        | Counter::LuaIdle
-                        | Counter::OffcpuShort
-                )
-            })
+            .filter(|c| c.is_error())
             .filter(|c| rec.counters[**c as usize] > 0)
             .map(|c| format!("{}={}", c.name(), rec.counters[*c as usize]))
             .collect();

@@ -269,9 +269,15 @@ impl StackBuilder {
 /// Kernel frames of the tracing machinery itself (the off-CPU hook's own stack above the
 /// scheduler): dropped from the leaf end of kernel stacks.
 fn is_tracing_frame(label: &str) -> bool {
-    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "trace_call_bpf"]
-        .iter()
-        .any(|p| label.starts_with(p))
+    [
+        "bpf_prog_",
+        "bpf_trace_run",
+        "__bpf_trace_",
+        "__traceiter_",
+        "trace_call_bpf",
+    ]
+    .iter()
+    .any(|p| label.starts_with(p))
 }
 
 /// Splices Lua segments (root first, each root first) into native frames (root first, with a
@@ -420,7 +426,9 @@ mod tests {
 
     #[test]
     fn tracing_frames_are_recognised() {
-        assert!(is_tracing_frame("bpf_prog_0d31a7097d574274_offcpu_switch_[k]"));
+        assert!(is_tracing_frame(
+            "bpf_prog_0d31a7097d574274_offcpu_switch_[k]"
+        ));
         assert!(is_tracing_frame("__bpf_trace_sched_switch_[k]"));
         assert!(is_tracing_frame("bpf_trace_run4_[k]"));
         assert!(!is_tracing_frame("__schedule_[k]"));

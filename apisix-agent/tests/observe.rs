@@ -10,7 +10,7 @@ mod common;
 
 use std::{
     ffi::OsStr,
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::TcpStream,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -19,7 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lj, Load, Nginx, agent, free_port, require_root};
+use common::{
+    Lj, Load, Nginx, agent,
+    daemon::{Agent, http, wait_for},
+    free_port, require_root,
+};
 
 /// The workload's Lua module: two named functions that burn CPU, called one after the other
 /// (not as tail calls, so each keeps its own frame under `run`).
@@ -82,37 +86,6 @@ fn urlencode(s: &str) -> String {
     out
 }
 
-/// One HTTP/1.0 request on loopback: (status, body).
-fn http(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read response");
-    let text = text(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad response to {path}: {text}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_owned())
-}
-
-/// Polls `f` every 250 ms until it returns `Some` or `secs` pass.
-fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if let Some(v) = f() {
-            return Some((v, start.elapsed()));
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-    None
-}
-
 /// SIGTERM, up to `grace` to exit, then SIGKILL.
 fn terminate(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
@@ -156,80 +129,23 @@ impl Workload {
 }
 
 /// The agent daemon (`apisix-agent run`): loopback port, 1 s discovery, no Docker, 49 Hz.
-/// Killed on drop.
-struct Agent {
-    child: Option<Child>,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+fn start_agent() -> Agent {
+    Agent::start("  docker:\n    enabled: false\nsampling:\n  frequency_hz: 49\n")
 }
 
-impl Agent {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let config = format!(
-            "http:\n  listen: 127.0.0.1:{port}\ndiscovery:\n  interval_seconds: 1\n  docker:\n    \
-             enabled: false\nsampling:\n  frequency_hz: 49\n"
+/// Waits until the agent's `/targets` lists `pid`.
+fn wait_for_target(agent: &Agent, pid: u32) {
+    let needle = format!("\"pid\":{pid},");
+    if wait_for(15, || {
+        agent.get("/targets").1.contains(&needle).then_some(())
+    })
+    .is_none()
+    {
+        panic!(
+            "worker {pid} not in /targets within 15 s: {}\nagent log:\n{}",
+            agent.get("/targets").1,
+            agent.log()
         );
-        let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.path().join("agent.log");
-        let child = Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start the agent");
-        let me = Self {
-            child: Some(child),
-            port,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.get("/healthz").0 == 200 {
-                return me;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the agent did not become healthy:\n{}", me.log());
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        http(self.port, path)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `/targets` lists `pid`.
-    fn wait_for_target(&self, pid: u32) {
-        let needle = format!("\"pid\":{pid},");
-        if wait_for(15, || {
-            self.get("/targets").1.contains(&needle).then_some(())
-        })
-        .is_none()
-        {
-            panic!(
-                "worker {pid} not in /targets within 15 s: {}\nagent log:\n{}",
-                self.get("/targets").1,
-                self.log()
-            );
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&mut c, Duration::from_secs(10));
-        }
     }
 }
 
@@ -428,7 +344,7 @@ fn prometheus_scrapes_the_agent() {
     let started = Instant::now();
     let workload = Workload::start(90);
     let agent_started = Instant::now();
-    let agent = Agent::start();
+    let agent = start_agent();
     let prom = Prometheus::start(agent.port);
     let prom_started = Instant::now();
 
@@ -611,9 +527,9 @@ fn dashboard_flamegraph_renders_in_chromium() {
     );
     let started = Instant::now();
     let workload = Workload::start(60);
-    let agent = Agent::start();
+    let agent = start_agent();
     let worker = workload.worker();
-    agent.wait_for_target(worker);
+    wait_for_target(&agent, worker);
 
     let (status, svg) = agent.get(&format!("/flamegraph?pid={worker}&seconds=3"));
     assert_eq!(status, 200, "{svg}");

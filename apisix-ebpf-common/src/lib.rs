@@ -304,6 +304,19 @@ impl Counter {
         }
     }
 
+    /// Whether the counter counts walks that ended early (the rest count successes, idle
+    /// samples and dropped short blocks).
+    pub const fn is_error(self) -> bool {
+        !matches!(
+            self,
+            Counter::Samples
+                | Counter::RingbufFull
+                | Counter::LuaWalked
+                | Counter::LuaIdle
+                | Counter::OffcpuShort
+        )
+    }
+
     /// Decodes a slot index.
     pub fn from_raw(raw: u32) -> Option<Self> {
         Self::ALL.get(raw as usize).copied()
