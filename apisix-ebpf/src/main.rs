@@ -634,8 +634,8 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
         return Ok(false);
     }
     let (func, link) = if fr2 != 0 {
-        let link: u64 = read(frame)?;
-        let func: u64 = read(frame - 8)?;
+        // Two-slot frame: the function below the link, read in one go.
+        let [func, link]: [u64; 2] = read(frame - 8)?;
         (func & GCV_MASK, link)
     } else {
         let slot: u64 = read(frame)?;
@@ -680,11 +680,11 @@ fn read_frame(
     link: u64,
     out: &mut LuaFrame,
 ) -> Result<(), Counter> {
-    let gct: u8 = read(func + u64::from(layout.fn_gct))?;
+    // `gct` and `ffid` are adjacent in every layout (checked by the agent's layout tests).
+    let [gct, ffid]: [u8; 2] = read(func + u64::from(layout.fn_gct))?;
     if gct != GCT_FUNC {
         return Err(Counter::LuaBadFrame);
     }
-    let ffid: u8 = read(func + u64::from(layout.fn_ffid))?;
     out.func = func;
     out.pc = pc;
     out.ffid = ffid;
@@ -695,8 +695,16 @@ fn read_frame(
         let proto = bc.wrapping_sub(u64::from(layout.pt_size));
         out.kind = LuaFrameKind::Lua as u8;
         out.code = proto;
-        out.chunkname = read_ref(layout, proto + u64::from(layout.pt_chunkname))?;
-        out.firstline = read(proto + u64::from(layout.pt_firstline))?;
+        // `firstline` directly follows the `chunkname` reference in every layout (checked by
+        // the agent's layout tests): one read for both.
+        let pair: [u32; 4] = read(proto + u64::from(layout.pt_chunkname))?;
+        if layout.gc64 != 0 {
+            out.chunkname = u64::from(pair[0]) | (u64::from(pair[1]) << 32);
+            out.firstline = pair[2];
+        } else {
+            out.chunkname = u64::from(pair[0]);
+            out.firstline = pair[1];
+        }
     } else {
         out.kind = if ffid == 1 {
             LuaFrameKind::C

@@ -113,6 +113,16 @@ pub const GC32: Layout = Layout {
 mod tests {
     use super::*;
 
+    /// The BPF walker reads `gct`+`ffid` and `chunkname`+`firstline` in one read each.
+    #[test]
+    fn fields_read_together_are_adjacent() {
+        for l in [&GC64, &GC32] {
+            assert_eq!(l.bpf.fn_ffid, l.bpf.fn_gct + 1);
+            let refsize = if l.bpf.gc64 != 0 { 8 } else { 4 };
+            assert_eq!(l.bpf.pt_firstline, l.bpf.pt_chunkname + refsize);
+        }
+    }
+
     #[test]
     fn layouts_are_self_consistent() {
         for l in [GC64, GC32] {
