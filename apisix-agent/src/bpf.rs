@@ -108,6 +108,14 @@ impl std::fmt::Debug for Sampler {
 impl Sampler {
     /// Loads the programs and attaches the sampler on every online CPU at `frequency` Hz.
     pub fn start(frequency: u64) -> Result<Self, BpfError> {
+        let mut sampler = Self::prepare(frequency)?;
+        sampler.attach_cpu()?;
+        Ok(sampler)
+    }
+
+    /// Loads the programs for CPU sampling at `frequency` Hz without sampling yet: targets
+    /// can be added (and their VMs learned) before [`Self::attach_cpu`].
+    pub fn prepare(frequency: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load()?;
         sampler.frequency = frequency;
         let prog: &mut PerfEvent = sampler
@@ -122,6 +130,23 @@ impl Sampler {
                 source,
             })?;
         prog.load().map_err(verifier)?;
+        Ok(sampler)
+    }
+
+    /// Attaches the prepared sampler on every online CPU.
+    pub fn attach_cpu(&mut self) -> Result<(), BpfError> {
+        let frequency = self.frequency;
+        let prog: &mut PerfEvent = self
+            .ebpf
+            .program_mut(PROG_SAMPLE)
+            .ok_or(BpfError::Missing {
+                what: "the sample program",
+            })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                what: "sample is not a perf_event program".into(),
+                source,
+            })?;
         let cpus = online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         for cpu in cpus {
             prog.attach(
@@ -135,7 +160,7 @@ impl Sampler {
                 source,
             })?;
         }
-        Ok(sampler)
+        Ok(())
     }
 
     /// Loads the programs and attaches the off-CPU pair (BTF tracepoints on `sched_switch`
@@ -290,12 +315,7 @@ impl Sampler {
             .filter(|pid| self.vm_known(*pid) || !crate::process::exists(*pid))
             .collect();
         for pid in done {
-            if let Some(link) = self.learners.remove(&pid)
-                && let Some(prog) = self.ebpf.program_mut(PROG_LEARN_VM)
-                && let Ok(prog) = <&mut UProbe>::try_from(prog)
-            {
-                let _ = prog.detach(link);
-            }
+            self.retire_learner(pid);
         }
     }
 
@@ -358,11 +378,24 @@ impl Sampler {
                 }
             }
         }
+        self.retire_learner(pid);
+    }
+
+    /// Detaches the learning uprobe of `pid` on a thread of its own: unregistering a uprobe
+    /// waits for RCU grace periods (seconds on a loaded machine), during which the ring
+    /// buffer must keep being drained.
+    fn retire_learner(&mut self, pid: u32) {
         if let Some(link) = self.learners.remove(&pid)
             && let Some(prog) = self.ebpf.program_mut(PROG_LEARN_VM)
             && let Ok(prog) = <&mut UProbe>::try_from(prog)
+            && let Ok(link) = prog.take_link(link)
         {
-            let _ = prog.detach(link);
+            let spawned = std::thread::Builder::new()
+                .name("uprobe-detach".into())
+                .spawn(move || drop(link));
+            if let Err(e) = spawned {
+                tracing::debug!(pid, error = %e, "detaching a uprobe inline");
+            }
         }
     }
 

@@ -21,6 +21,9 @@ use crate::{
     stacks::{StackBuilder, StackStats},
 };
 
+/// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
+const LEARN_WAIT: Duration = Duration::from_secs(1);
+
 /// A process to capture.
 #[derive(Debug, Clone)]
 pub struct CaptureTarget {
@@ -105,7 +108,7 @@ pub fn capture(
 ) -> Result<Capture, BpfError> {
     let mut builder = StackBuilder::new(style);
     let (mut sampler, exclude_idle) = match mode {
-        Mode::Cpu { frequency } => (Sampler::start(frequency)?, false),
+        Mode::Cpu { frequency } => (Sampler::prepare(frequency)?, false),
         Mode::OffCpu {
             min_block_us,
             exclude_idle,
@@ -118,6 +121,21 @@ pub fn capture(
         }
         sampler.add_process(t.pid, t.lua.as_ref())?;
         builder.prepare(t.pid);
+    }
+    if let Mode::Cpu { .. } = mode {
+        // Learn the Lua VMs first (the `lua_resume` uprobe fires at the next request), so
+        // that samples in JIT-compiled code of builds that do not keep the VM in a register
+        // are walked from the start; an idle process is not waited for long.
+        let deadline = Instant::now() + LEARN_WAIT;
+        while Instant::now() < deadline
+            && !stop.load(Ordering::Relaxed)
+            && targets
+                .iter()
+                .any(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sampler.attach_cpu()?;
     }
     let started = Instant::now();
     let mut folded = Folded::new();

@@ -179,15 +179,26 @@ impl StackBuilder {
         let stack_len = (s.stack_len as usize).min(STACK_COPY_MAX);
         let stack = &s.stack[..stack_len];
 
-        // Native frames, leaf first.
-        let mut native = Vec::with_capacity(64);
-        let end = proc
-            .unwinder
-            .unwind(s.regs.ip, s.regs.sp, s.regs.bp, stack, &mut native);
         let lua_len = (s.lua_len as usize).min(MAX_LUA_FRAMES);
         let lua_frames = &s.lua[..lua_len];
         let vm = proc.lua.as_ref().map(|t| t.vm_range.clone());
         let in_vm = |a: u64| vm.as_ref().is_some_and(|r| r.contains(&a));
+
+        // Native frames, leaf first.
+        let mut native = Vec::with_capacity(64);
+        let end = match vm_subroutine_return(s.regs.ip, stack, &in_vm) {
+            // Inside a leaf subroutine the interpreter calls (`lj_vm_mod`, `lj_vm_floor`…):
+            // its return address is on top of the stack, under the VM's own frame, which
+            // the VM's unwind rule does not account for.
+            Some(ret) => {
+                native.push(s.regs.ip);
+                proc.unwinder
+                    .unwind(ret, s.regs.sp + 8, s.regs.bp, &stack[8..], &mut native)
+            }
+            None => proc
+                .unwinder
+                .unwind(s.regs.ip, s.regs.sp, s.regs.bp, stack, &mut native),
+        };
 
         // Unwinding stops in JIT-compiled trace code (no unwind info): resume below the VM's
         // C frame, whose address the BPF side read from `L->cframe`.
@@ -264,6 +275,17 @@ impl StackBuilder {
         }
         Some(out)
     }
+}
+
+/// The return address into the interpreter when `ip` is in a VM subroutine called from the
+/// interpreter: both `ip` and the word on top of the stack lie in the VM's code.
+fn vm_subroutine_return(ip: u64, stack: &[u8], in_vm: &impl Fn(u64) -> bool) -> Option<u64> {
+    if !in_vm(ip) {
+        return None;
+    }
+    let top: [u8; 8] = stack.get(..8)?.try_into().ok()?;
+    let ret = u64::from_le_bytes(top);
+    in_vm(ret).then_some(ret)
 }
 
 /// Kernel frames of the tracing machinery itself (the off-CPU hook's own stack above the
@@ -422,6 +444,18 @@ mod tests {
             &mut out,
         );
         assert_eq!(joined(&out), "main;a@x:1;b@x:2");
+    }
+
+    #[test]
+    fn vm_subroutine_return_address_is_taken_from_the_stack_top() {
+        let vm = |a: u64| (0x1000..0x2000).contains(&a);
+        let mut stack = 0x1234u64.to_le_bytes().to_vec();
+        stack.extend([0u8; 8]);
+        assert_eq!(vm_subroutine_return(0x1800, &stack, &vm), Some(0x1234));
+        // Outside the VM, or a stack top that is not VM code: the normal rule applies.
+        assert_eq!(vm_subroutine_return(0x3000, &stack, &vm), None);
+        let data = 0x7fff_0000u64.to_le_bytes();
+        assert_eq!(vm_subroutine_return(0x1800, &data, &vm), None);
     }
 
     #[test]

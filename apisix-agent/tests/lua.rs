@@ -292,6 +292,19 @@ fn shape(lj: Lj, jit: bool) {
             rec.dump()
         );
         assert!(rec.stderr.contains("deepest 12"), "{}", rec.stderr);
+        // The seam: the Lua frames hang under ngx_lua's native frames, not under an unknown
+        // root (the interpreter's subroutines such as lj_vm_mod push a return address).
+        let seamed = rec.count(|f| {
+            let run = f.iter().position(|x| *x == "ngx_http_lua_run_thread");
+            let lua = f.iter().position(|x| x.starts_with("rec@"));
+            matches!((run, lua), (Some(r), Some(l)) if r < l)
+                && f.first().is_some_and(|x| *x == "_start" || *x == "main")
+        });
+        assert!(
+            seamed * 100 >= in_spin * 95,
+            "{seamed}/{in_spin} samples in spin hang under ngx_http_lua_run_thread\n{}",
+            rec.dump()
+        );
     }
 
     // A coroutine shows its own frames.
