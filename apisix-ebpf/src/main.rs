@@ -546,6 +546,8 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     w.n = 0;
     w.error = 0;
     w.done = 0;
+    w.last_func = 0;
+    w.last_link = 0;
     // The walk runs in a bpf_loop callback: verified once, whatever the depth.
     // SAFETY: the callback is a static BPF function; no context is passed.
     unsafe {
@@ -597,6 +599,13 @@ pub struct Walk {
     error: u32,
     done: u32,
     reserved: u32,
+    /// The last function read and what was read of it (recursion repeats it frame after
+    /// frame; it cannot change during one walk), or 0.
+    last_func: u64,
+    last_frame: LuaFrame,
+    /// The last return PC whose CALL instruction was read, and that instruction's A operand.
+    last_link: u64,
+    last_a: u64,
     frames: [LuaFrame; MAX_LUA_FRAMES],
 }
 
@@ -648,13 +657,30 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
         let Some(out) = w.frames.get_mut(n) else {
             return Err(Counter::LuaTooDeep);
         };
-        read_frame(&layout, func, w.pc, typep, out)?;
+        if func == w.last_func {
+            // Same function as the frame above (recursion): only the PC differs.
+            *out = w.last_frame;
+            out.pc = w.pc;
+            out.link = typep as u8;
+        } else {
+            read_frame(&layout, func, w.pc, typep, out)?;
+            w.last_func = func;
+            w.last_frame = *out;
+        }
         w.n += 1;
     }
     if link & FRAME_TYPE == FRAME_LUA {
-        // The link is the return PC; the caller's CALL instruction encodes the frame size.
-        let ins: u32 = read(link - 4)?;
-        let a = u64::from((ins >> 8) & 0xff);
+        // The link is the return PC; the caller's CALL instruction encodes the frame size
+        // (the same for every frame a recursion returns to).
+        let a = if link == w.last_link {
+            w.last_a
+        } else {
+            let ins: u32 = read(link - 4)?;
+            let a = u64::from((ins >> 8) & 0xff);
+            w.last_link = link;
+            w.last_a = a;
+            a
+        };
         w.pc = link;
         w.frame = frame - 8 * (1 + fr2 + a);
     } else {
