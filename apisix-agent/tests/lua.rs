@@ -427,13 +427,20 @@ fn gc_marker() {
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
+    // The collector runs where an allocation triggers it: in churn itself or in a fast
+    // function it calls (`churn@…;builtin:tostring;[lua:gc]`); the marker is the leaf-most
+    // Lua-side frame either way.
     let gc = rec.count(|f| {
-        f.windows(2)
-            .any(|w| w[0].starts_with("churn@") && w[1] == "[lua:gc]")
+        let churn = f.iter().position(|x| x.starts_with("churn@"));
+        let marker = f.iter().position(|x| *x == "[lua:gc]");
+        matches!((churn, marker), (Some(c), Some(m))
+            if c < m && f[c + 1..m].iter().all(|x| x.starts_with("builtin:")))
     });
+    let stray =
+        rec.count(|f| f.iter().any(|x| *x == "[lua:gc]") && !f.iter().any(|x| x.contains('@')));
     assert!(
-        gc * 100 >= rec.total() * 3,
-        "[lua:gc] under churn in {gc}/{} samples\n{}",
+        gc >= 5 && gc * 100 >= rec.total() * 2 && stray == 0,
+        "[lua:gc] under churn in {gc}/{} samples, {stray} without Lua frames\n{}",
         rec.total(),
         rec.dump()
     );
