@@ -118,17 +118,7 @@ impl Sampler {
     pub fn prepare(frequency: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load()?;
         sampler.frequency = frequency;
-        let prog: &mut PerfEvent = sampler
-            .ebpf
-            .program_mut(PROG_SAMPLE)
-            .ok_or(BpfError::Missing {
-                what: "the sample program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "sample is not a perf_event program".into(),
-                source,
-            })?;
+        let prog: &mut PerfEvent = program(&mut sampler.ebpf, PROG_SAMPLE)?;
         prog.load().map_err(verifier)?;
         Ok(sampler)
     }
@@ -136,17 +126,7 @@ impl Sampler {
     /// Attaches the prepared sampler on every online CPU.
     pub fn attach_cpu(&mut self) -> Result<(), BpfError> {
         let frequency = self.frequency;
-        let prog: &mut PerfEvent = self
-            .ebpf
-            .program_mut(PROG_SAMPLE)
-            .ok_or(BpfError::Missing {
-                what: "the sample program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "sample is not a perf_event program".into(),
-                source,
-            })?;
+        let prog: &mut PerfEvent = program(&mut self.ebpf, PROG_SAMPLE)?;
         let cpus = online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         for cpu in cpus {
             prog.attach(
@@ -170,33 +150,13 @@ impl Sampler {
     pub fn start_offcpu(min_block_us: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load()?;
         let btf = aya::Btf::from_sys_fs().map_err(|source| BpfError::NoBtf { source })?;
-        let switch: &mut BtfTracePoint = sampler
-            .ebpf
-            .program_mut(PROG_OFFCPU_SWITCH)
-            .ok_or(BpfError::Missing {
-                what: "the offcpu_switch program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "offcpu_switch is not a BTF tracepoint".into(),
-                source,
-            })?;
+        let switch: &mut BtfTracePoint = program(&mut sampler.ebpf, PROG_OFFCPU_SWITCH)?;
         switch.load("sched_switch", &btf).map_err(verifier)?;
         switch.attach().map_err(|source| BpfError::Program {
             what: "attaching to sched_switch".into(),
             source,
         })?;
-        let exit: &mut BtfTracePoint = sampler
-            .ebpf
-            .program_mut(PROG_OFFCPU_EXIT)
-            .ok_or(BpfError::Missing {
-                what: "the offcpu_exit program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "offcpu_exit is not a BTF tracepoint".into(),
-                source,
-            })?;
+        let exit: &mut BtfTracePoint = program(&mut sampler.ebpf, PROG_OFFCPU_EXIT)?;
         exit.load("sys_exit", &btf).map_err(verifier)?;
         exit.attach().map_err(|source| BpfError::Program {
             what: "attaching to sys_exit".into(),
@@ -241,16 +201,7 @@ impl Sampler {
             map: MAP_SAMPLES,
             source,
         })?;
-        let learn: &mut UProbe = ebpf
-            .program_mut(PROG_LEARN_VM)
-            .ok_or(BpfError::Missing {
-                what: "the learn_vm program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "learn_vm is not a uprobe".into(),
-                source,
-            })?;
+        let learn: &mut UProbe = program(&mut ebpf, PROG_LEARN_VM)?;
         learn.load().map_err(|source| BpfError::Program {
             what: "loading the learn_vm program".into(),
             source,
@@ -284,17 +235,7 @@ impl Sampler {
         let Some(nz) = std::num::NonZeroU32::new(pid) else {
             return Ok(());
         };
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(PROG_LEARN_VM)
-            .ok_or(BpfError::Missing {
-                what: "the learn_vm program",
-            })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                what: "learn_vm is not a uprobe".into(),
-                source,
-            })?;
+        let prog: &mut UProbe = program(&mut self.ebpf, PROG_LEARN_VM)?;
         let path = format!("/proc/{pid}/root{library}");
         let link = prog
             .attach("lua_resume", &path, UProbeScope::OneProcess(nz))
@@ -497,6 +438,20 @@ impl Sampler {
         }
         n
     }
+}
+
+/// The program `name` of the object, as its type `T` (`PerfEvent`, `UProbe`, …).
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing { what: name })?
+        .try_into()
+        .map_err(|source| BpfError::Program {
+            what: format!("{name} has an unexpected program type"),
+            source,
+        })
 }
 
 /// A verifier rejection, with the end of its log (which says what failed; the whole log can
