@@ -162,12 +162,16 @@ impl Sampler {
             what: "attaching to sys_exit".into(),
             source,
         })?;
-        let map = sampler
-            .ebpf
-            .map_mut(MAP_OFFCPU_MIN)
-            .ok_or(BpfError::Missing {
-                what: "the off-CPU minimum",
-            })?;
+        sampler.set_offcpu_min(min_block_us)?;
+        Ok(sampler)
+    }
+
+    /// Sets the shortest block the off-CPU programs write; `u64::MAX` holds them (every
+    /// block counts as short).
+    pub fn set_offcpu_min(&mut self, min_block_us: u64) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(MAP_OFFCPU_MIN).ok_or(BpfError::Missing {
+            what: "the off-CPU minimum",
+        })?;
         let mut min: Array<_, u64> = Array::try_from(map).map_err(|source| BpfError::Map {
             map: MAP_OFFCPU_MIN,
             source,
@@ -176,8 +180,7 @@ impl Sampler {
             .map_err(|source| BpfError::Map {
                 map: MAP_OFFCPU_MIN,
                 source,
-            })?;
-        Ok(sampler)
+            })
     }
 
     /// Loads the object, the ring buffer, the `lua_resume` uprobe and the layouts; attaches

@@ -109,10 +109,8 @@ pub fn capture(
     let mut builder = StackBuilder::new(style);
     let (mut sampler, exclude_idle) = match mode {
         Mode::Cpu { frequency } => (Sampler::prepare(frequency)?, false),
-        Mode::OffCpu {
-            min_block_us,
-            exclude_idle,
-        } => (Sampler::start_offcpu(min_block_us)?, exclude_idle),
+        // Held (every block counts as short) until the Lua VMs are learned.
+        Mode::OffCpu { exclude_idle, .. } => (Sampler::start_offcpu(u64::MAX)?, exclude_idle),
     };
     let mut idle_excluded = 0;
     for t in targets {
@@ -122,21 +120,24 @@ pub fn capture(
         sampler.add_process(t.pid, t.lua.as_ref())?;
         builder.prepare(t.pid);
     }
-    if let Mode::Cpu { .. } = mode {
-        // Learn the Lua VMs first (the `lua_resume` uprobe fires at the next request), so
-        // that samples in JIT-compiled code of builds that do not keep the VM in a register
-        // are walked from the start; an idle process is not waited for long.
-        let deadline = Instant::now() + LEARN_WAIT;
-        while Instant::now() < deadline
-            && !stop.load(Ordering::Relaxed)
-            && targets
-                .iter()
-                .any(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sampler.attach_cpu()?;
+    // Learn the Lua VMs first (the `lua_resume` uprobe fires at the next request), so that
+    // stacks in JIT-compiled code of builds that do not keep the VM in a register are walked
+    // from the start; an idle process is not waited for long.
+    let deadline = Instant::now() + LEARN_WAIT;
+    while Instant::now() < deadline
+        && !stop.load(Ordering::Relaxed)
+        && targets
+            .iter()
+            .any(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    match mode {
+        Mode::Cpu { .. } => sampler.attach_cpu()?,
+        Mode::OffCpu { min_block_us, .. } => sampler.set_offcpu_min(min_block_us)?,
+    }
+    // Counters from here on: blocks held while learning are not the capture's.
+    let baseline = sampler.counters()?;
     let started = Instant::now();
     let mut folded = Folded::new();
     let mut last_progress = Instant::now();
@@ -171,7 +172,10 @@ pub fn capture(
         take(&mut builder, &mut folded, s);
     }) > 0
     {}
-    let counters = sampler.counters()?;
+    let mut counters = sampler.counters()?;
+    for (c, b) in counters.iter_mut().zip(baseline) {
+        *c = c.saturating_sub(b);
+    }
     drop(sampler);
     Ok(Capture {
         folded,
