@@ -186,7 +186,7 @@ impl StackBuilder {
 
         // Native frames, leaf first.
         let mut native = Vec::with_capacity(64);
-        let end = match vm_subroutine_return(s.regs.ip, stack, &in_vm) {
+        let mut end = match vm_subroutine_return(s.regs.ip, stack, &in_vm) {
             // Inside a leaf subroutine the interpreter calls (`lj_vm_mod`, `lj_vm_floor`…):
             // its return address is on top of the stack, under the VM's own frame, which
             // the VM's unwind rule does not account for.
@@ -213,7 +213,9 @@ impl StackBuilder {
                 let body = vm.start + (vm.end - vm.start) / 2;
                 let off = (cframe - s.regs.sp) as usize;
                 let mut below = Vec::new();
-                proc.unwinder
+                // The stack is as complete as the part below the VM's C frame.
+                end = proc
+                    .unwinder
                     .unwind(body, cframe, 0, &stack[off..], &mut below);
                 native.extend(below);
             }
