@@ -81,6 +81,16 @@ pub struct Group {
     pub image: String,
 }
 
+impl Group {
+    /// The group of a target.
+    pub fn of(target: &TargetLabels) -> Self {
+        Self {
+            container: target.container.clone(),
+            image: target.image.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct LuaKey {
     function: String,
@@ -95,6 +105,17 @@ struct CKey {
 }
 
 impl LuaKey {
+    /// The series labels of this function in `group`.
+    fn labels(self, group: &Group) -> LuaFunctionLabels {
+        LuaFunctionLabels {
+            function: self.function,
+            file: self.file,
+            line: self.line,
+            container: group.container.clone(),
+            image: group.image.clone(),
+        }
+    }
+
     fn other() -> Self {
         Self {
             function: OTHER.to_owned(),
@@ -105,6 +126,16 @@ impl LuaKey {
 }
 
 impl CKey {
+    /// The series labels of this function in `group`.
+    fn labels(self, group: &Group) -> CFunctionLabels {
+        CFunctionLabels {
+            function: self.function,
+            module: self.module,
+            container: group.container.clone(),
+            image: group.image.clone(),
+        }
+    }
+
     fn other() -> Self {
         Self {
             function: OTHER.to_owned(),
@@ -200,10 +231,7 @@ impl Aggregator {
         module_of: impl Fn(&str) -> Option<&'m Arc<str>>,
     ) {
         *self.pending_samples.entry(target.clone()).or_insert(0) += 1;
-        let group = Group {
-            container: target.container.clone(),
-            image: target.image.clone(),
-        };
+        let group = Group::of(target);
         let pending = self.pending.entry(group).or_default();
         let mut lua_seen: HashSet<LuaKey> = HashSet::new();
         let mut c_seen: HashSet<CKey> = HashSet::new();
@@ -272,10 +300,7 @@ impl Aggregator {
             _ => None,
         });
         if let Some(key) = innermost {
-            let group = Group {
-                container: target.container.clone(),
-                image: target.image.clone(),
-            };
+            let group = Group::of(target);
             *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
         }
     }
@@ -322,10 +347,7 @@ impl Aggregator {
             // The lost series exists from the first sample on, so rates over it are 0, not
             // absent, until a loss happens.
             drop(self.metrics.lost.get_or_create(&target));
-            let group = Group {
-                container: target.container.clone(),
-                image: target.image.clone(),
-            };
+            let group = Group::of(&target);
             self.admitted
                 .entry(group)
                 .or_default()
@@ -338,13 +360,7 @@ impl Aggregator {
             lua.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(b.1.0.cmp(&a.1.0)));
             for (key, (self_n, incl_n)) in lua {
                 let key = admit(&mut admitted.lua, key, self.top, LuaKey::other);
-                let labels = LuaFunctionLabels {
-                    function: key.function,
-                    file: key.file,
-                    line: key.line,
-                    container: group.container.clone(),
-                    image: group.image.clone(),
-                };
+                let labels = key.labels(&group);
                 // Both series exist for every admitted function, so ratios never miss one.
                 self.metrics.lua_self.get_or_create(&labels).inc_by(self_n);
                 self.metrics
@@ -356,12 +372,7 @@ impl Aggregator {
             c.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
             for (key, (self_n, incl_n)) in c {
                 let key = admit(&mut admitted.c, key, self.top, CKey::other);
-                let labels = CFunctionLabels {
-                    function: key.function,
-                    module: key.module,
-                    container: group.container.clone(),
-                    image: group.image.clone(),
-                };
+                let labels = key.labels(&group);
                 self.metrics.c_self.get_or_create(&labels).inc_by(self_n);
                 self.metrics
                     .c_inclusive
@@ -372,13 +383,7 @@ impl Aggregator {
         for ((group, key), us) in self.pending_offcpu.drain() {
             let admitted = self.admitted.entry(group.clone()).or_default();
             let key = admit(&mut admitted.lua, key, self.top, LuaKey::other);
-            let labels = LuaFunctionLabels {
-                function: key.function,
-                file: key.file,
-                line: key.line,
-                container: group.container.clone(),
-                image: group.image.clone(),
-            };
+            let labels = key.labels(&group);
             self.metrics
                 .lua_offcpu
                 .get_or_create(&labels)
@@ -425,24 +430,13 @@ impl Aggregator {
                 continue;
             };
             for key in admitted.lua.into_iter().chain([LuaKey::other()]) {
-                let labels = LuaFunctionLabels {
-                    function: key.function,
-                    file: key.file,
-                    line: key.line,
-                    container: g.container.clone(),
-                    image: g.image.clone(),
-                };
+                let labels = key.labels(&g);
                 self.metrics.lua_self.remove(&labels);
                 self.metrics.lua_inclusive.remove(&labels);
                 self.metrics.lua_offcpu.remove(&labels);
             }
             for key in admitted.c.into_iter().chain([CKey::other()]) {
-                let labels = CFunctionLabels {
-                    function: key.function,
-                    module: key.module,
-                    container: g.container.clone(),
-                    image: g.image.clone(),
-                };
+                let labels = key.labels(&g);
                 self.metrics.c_self.remove(&labels);
                 self.metrics.c_inclusive.remove(&labels);
             }

@@ -135,10 +135,7 @@ impl State {
         }
         let groups: HashSet<Group> = snapshot
             .iter()
-            .map(|t| Group {
-                container: t.labels.container.clone(),
-                image: t.labels.image.clone(),
-            })
+            .map(|t| Group::of(&metric_labels(t)))
             .collect();
         if let Ok(mut agg) = shared.aggregator.lock() {
             agg.retain_groups(&groups);

@@ -93,9 +93,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every family (the off-CPU one only with `offcpu`).
     pub fn new(offcpu: bool) -> Self {
-        let mut registry = Registry::with_prefix("apisix_profiler");
-        let m = Self {
-            registry: Registry::default(),
+        let mut m = Self {
+            registry: Registry::with_prefix("apisix_profiler"),
             lua_self: Family::default(),
             lua_inclusive: Family::default(),
             lua_offcpu: Family::default(),
@@ -110,67 +109,68 @@ impl Metrics {
             frequency: Gauge::default(),
             cpu_ticks_seen: Mutex::new(0),
         };
-        registry.register(
+        m.registry.register(
             "lua_function_self_samples",
             "CPU samples whose innermost Lua frame is this function (incl. C it calls directly)",
             m.lua_self.clone(),
         );
-        registry.register(
+        m.registry.register(
             "lua_function_samples",
             "CPU samples with this Lua function anywhere on the stack",
             m.lua_inclusive.clone(),
         );
         if offcpu {
-            registry.register(
+            m.registry.register(
                 "lua_function_offcpu_seconds",
                 "Time threads spent blocked in system calls with this Lua function innermost",
                 m.lua_offcpu.clone(),
             );
         }
-        registry.register(
+        m.registry.register(
             "c_function_self_samples",
             "CPU samples whose innermost user-space frame is this C function",
             m.c_self.clone(),
         );
-        registry.register(
+        m.registry.register(
             "c_function_samples",
             "CPU samples with this C function anywhere on the stack",
             m.c_inclusive.clone(),
         );
-        registry.register("samples", "CPU samples taken per target", m.samples.clone());
-        registry.register(
+        m.registry
+            .register("samples", "CPU samples taken per target", m.samples.clone());
+        m.registry.register(
             "lost_samples",
             "CPU samples lost per target (ring buffer full)",
             m.lost.clone(),
         );
-        registry.register(
+        m.registry.register(
             "unwind_errors",
             "Stack walks that ended early, by reason",
             m.unwind_errors.clone(),
         );
-        registry.register(
+        m.registry.register(
             "targets",
             "Processes being profiled, by LuaJIT flavour",
             m.targets.clone(),
         );
-        registry.register(
+        m.registry.register(
             "agent_cpu_seconds",
             "CPU time used by the agent itself",
             m.agent_cpu.clone(),
         );
-        registry.register_with_unit(
+        m.registry.register_with_unit(
             "agent_resident_memory",
             "Resident memory of the agent itself",
             prometheus_client::registry::Unit::Bytes,
             m.agent_rss.clone(),
         );
-        registry.register_with_unit(
+        m.registry.register_with_unit(
             "sampling_frequency",
             "Continuous sampling rate per CPU",
             prometheus_client::registry::Unit::Other("hertz".to_owned()),
             m.frequency.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 
     /// Refreshes the agent's own figures and encodes everything as OpenMetrics text.
@@ -238,11 +238,9 @@ fn clock_ticks() -> f64 {
 
 /// The agent's CPU time (user + system, clock ticks) and resident memory (bytes).
 pub fn self_usage() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let f = crate::process::stat_fields("self")?;
+    // Fields 14 and 15 of stat: utime, stime.
+    let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no memory-safety preconditions.

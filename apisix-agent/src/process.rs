@@ -93,16 +93,20 @@ pub fn comm(pid: u32) -> Result<String, ProcessError> {
     }
 }
 
+/// The fields of a `/proc/…/stat` file (`who` is a pid or `self`) from field 3 (the state)
+/// on: index `i` holds field `i + 3`. The command name before them is skipped whole (it is
+/// parenthesised and may contain spaces).
+pub fn stat_fields(who: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Whether a process exists and runs right now (a zombie has exited).
 pub fn exists(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may contain spaces.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    stat_fields(&pid.to_string())
+        .and_then(|f| f.into_iter().next())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// An ELF file mapped into the agent's memory.

@@ -40,16 +40,14 @@ pub struct Scanner {
     cache: HashMap<u32, (u64, Lua)>,
 }
 
-/// What `/proc/PID/stat` says that discovery needs.
+/// The start time of a running process (field 22 of `/proc/PID/stat`); `None` when it is
+/// gone or a zombie.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+    let fields = crate::process::stat_fields(&pid.to_string())?;
+    if matches!(fields.first().map(String::as_str), Some("Z" | "X")) {
         return None;
     }
-    // Field 22 of stat; `rest` starts at field 3.
-    fields.get(19)?.parse().ok()
+    fields.get(22 - 3)?.parse().ok()
 }
 
 /// The Docker container id in a `/proc/PID/cgroup` text, if any: 64 hex digits in a path
