@@ -270,13 +270,15 @@ impl Sampler {
         pid: u32,
         lua: Option<&crate::luajit::LuaTarget>,
     ) -> Result<(), BpfError> {
-        let target = lua.map_or(
+        let mut target = lua.map_or(
             Target {
                 layout: apisix_ebpf_common::LAYOUT_NONE,
                 ..Default::default()
             },
             crate::luajit::LuaTarget::bpf_target,
         );
+        // Without it the main thread's stack copy probes for the end of the mapping.
+        target.stack_top = crate::process::main_stack_top(pid).unwrap_or(0);
         self.add_target(pid, target)?;
         if let Some(lua) = lua
             && let Err(e) = self.learn_vm(pid, &lua.library)

@@ -4,7 +4,7 @@
 //!
 //! Files are opened once and memory-mapped; the mapping keeps the file readable after the
 //! process exits, so samples taken before the exit can still be unwound and symbolized.
-//! Hooks: `/proc/PID/maps`, `/proc/PID/root`, `/proc/PID/status`. Metrics: none.
+//! Hooks: `/proc/PID/maps`, `/proc/PID/root`, `/proc/PID/status`, `/proc/PID/stat`. Metrics: none.
 
 use std::{collections::HashMap, fs::File, io, ops::Range, path::PathBuf, sync::Arc};
 
@@ -100,6 +100,13 @@ pub fn stat_fields(who: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
     Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The top of the main thread's stack (`startstack`, field 28 of `/proc/PID/stat`): the
+/// address of `argc`, above every frame of the program. `None` when unreadable or zero.
+pub fn main_stack_top(pid: u32) -> Option<u64> {
+    let f = stat_fields(&pid.to_string())?;
+    f.get(28 - 3)?.parse().ok().filter(|&top| top != 0)
 }
 
 /// Whether a process exists and runs right now (a zombie has exited).

@@ -47,6 +47,60 @@ fn c_program_without_frame_pointers_unwinds_fully() {
     assert!(rec.stderr.contains("samples taken"), "{}", rec.stderr);
 }
 
+/// The hot loop below a frame of 9 000 bytes: the main thread's live stack is 9–10 KiB and
+/// its mapping ends within 16 KiB of the leaf, so only a copy sized to the stack's top gets
+/// it whole (probing power-of-two sizes gets 8 KiB and loses `main`).
+const DEEP_MAIN_C: &str = r#"
+#include <stdint.h>
+volatile uint64_t sink;
+__attribute__((noinline)) uint64_t leaf(uint64_t n) {
+    uint64_t x = n;
+    for (uint64_t i = 0; i < 2000000; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    return x;
+}
+__attribute__((noinline)) uint64_t padded(uint64_t n) {
+    volatile char buf[9000];
+    for (unsigned i = 0; i < sizeof buf; i += 512) buf[i] = (char)n;  /* every page touched */
+    buf[sizeof buf - 1] = (char)n;
+    uint64_t r = leaf(n) ^ buf[0] ^ buf[sizeof buf - 1];
+    sink += r;
+    return r;
+}
+int main(void) {
+    for (uint64_t i = 0;; i++) sink += padded(i);
+}
+"#;
+
+#[test]
+fn main_thread_with_a_deep_stack_unwinds_to_main() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = compile_c(
+        dir.path(),
+        "deepmain",
+        DEEP_MAIN_C,
+        &["-O2", "-fomit-frame-pointer"],
+    );
+    // A small environment: the arguments and environment above the frames stay small.
+    let mut child = Command::new(&bin)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .spawn()
+        .expect("start deepmain");
+    let rec = record(child.id(), 3, &["--frequency", "99"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let total = rec.total();
+    assert!(total >= 200, "too few samples ({total}): {}", rec.dump());
+    let good = rec.count(|f| f.ends_with(&["main", "padded", "leaf"]));
+    assert!(
+        good * 100 >= total * 90,
+        "only {good}/{total} samples fold to …main;padded;leaf\n{}",
+        rec.dump()
+    );
+}
+
 #[test]
 fn stripped_nginx_worker_unwinds_through_static_functions() {
     require_root();

@@ -61,6 +61,9 @@ pub struct Target {
     pub vm_start: u64,
     /// End (exclusive) of the LuaJIT interpreter's machine code in this process.
     pub vm_end: u64,
+    /// Top of the main thread's stack (`/proc/PID/stat` `startstack`), or 0 when unknown:
+    /// the main thread's stack copy stops there instead of probing for the mapping's end.
+    pub stack_top: u64,
 }
 
 /// Byte offsets and sizes of one LuaJIT build's structures, as the BPF walker needs them.
@@ -325,7 +328,7 @@ impl Counter {
 
 // No implicit padding: every size is the sum of its fields.
 const _: () = {
-    assert!(core::mem::size_of::<Target>() == 24);
+    assert!(core::mem::size_of::<Target>() == 32);
     assert!(core::mem::size_of::<LuaLayout>() == 18 * 4);
     assert!(core::mem::size_of::<LuaFrame>() == 40);
     assert!(core::mem::size_of::<UserRegs>() == 24);

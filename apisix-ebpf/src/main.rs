@@ -1,14 +1,15 @@
 //! The CPU sampler: a `perf_event` program attached on every CPU; and the off-CPU pair: a
-//! `sched_switch` BTF tracepoint noting when a target thread blocks, and a kprobe on
-//! `finish_task_switch` that, in the thread switched back in, writes the same kind of sample
-//! weighted by the microseconds it was blocked (blocks shorter than `OFFCPU_MIN` are only
-//! counted).
+//! `sched_switch` BTF tracepoint noting when a target thread blocks, and a `sys_exit` BTF
+//! tracepoint that, back in the thread at the end of that system call, writes the same kind
+//! of sample weighted by the microseconds it was blocked (blocks shorter than `OFFCPU_MIN`
+//! are only counted).
 //!
 //! For each sample of a process listed in `TARGETS` it writes one `Sample` into the
 //! `SAMPLES` ring buffer: the user registers, a copy of the top of the user stack (user
 //! space unwinds it from `.eh_frame`), the kernel stack, and — for LuaJIT targets — the
 //! Lua frames of the running coroutine, walked here at sample time because the Lua stack
-//! lives in the heap and changes right after. This side knows bytes and offsets only: the
+//! lives in the heap and changes right after (from one copy of the stack's top 8 KiB, frames
+//! below it read one by one). This side knows bytes and offsets only: the
 //! offsets come from `LUA_LAYOUTS`, filled by the agent. Every read of target memory may
 //! fail; every loop is bounded. Outcomes are counted per reason in `COUNTERS`.
 #![no_std]
@@ -22,8 +23,8 @@ use apisix_ebpf_common::{
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
     bindings::pt_regs,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
@@ -73,9 +74,17 @@ static OFFCPU_MIN: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static LOST: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
-/// Stack copy sizes tried in turn: a read that crosses the top of the stack mapping fails.
+/// Stack copy sizes tried in turn for a thread whose stack top is unknown: a read that
+/// crosses the top of the stack mapping fails.
 const STACK_SIZES: [u32; 6] = [STACK_COPY_MAX as u32, 8192, 4096, 2048, 1024, 512];
 
+/// How far below `Target::stack_top` the stack pointer may be and still be on the main
+/// thread's stack (the default stack limit).
+const MAIN_STACK_WINDOW: u64 = 8 << 20;
+/// Data waiting in the ring buffer from which a sample wakes the reader up. Below it the
+/// reader is not woken (a wakeup is an interrupt, 5-7 µs per sample measured on a VM): it
+/// drains the buffer on its own every 100-200 ms.
+const WAKEUP_BYTES: u64 = 1 << 20;
 /// `GCfunc.gct` of a function: the GC type `~LJ_TFUNC`, i.e. 8.
 const GCT_FUNC: u8 = 8;
 /// Mask of the address bits of a tagged 64-bit TValue (`LJ_GCVMASK`).
@@ -318,15 +327,7 @@ fn emit(
         }
     };
 
-    s.stack_len = 0;
-    for size in STACK_SIZES {
-        // SAFETY: writes at most `size` <= STACK_COPY_MAX bytes into our reservation.
-        let ret = unsafe { read_raw(s.stack.as_mut_ptr().cast(), size, regs.rsp as *const _) };
-        if ret == 0 {
-            s.stack_len = size;
-            break;
-        }
-    }
+    s.stack_len = copy_stack(pid_tgid, target, regs.rsp, &mut s.stack);
     if s.stack_len == 0 {
         count(Counter::StackCopyFailed);
     }
@@ -347,9 +348,38 @@ fn emit(
             }
         }
     }
-    entry.submit(0);
+    let wake = if SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wake));
     count(Counter::Samples);
     Ok(())
+}
+
+/// Copies the top of the user stack, from `rsp` up, into `out`; returns the bytes copied.
+///
+/// On the main thread, whose stack top the agent supplies, exactly the live part is copied
+/// (up to the buffer's size); other threads try decreasing sizes until a read stays inside
+/// the stack mapping.
+#[inline(always)]
+fn copy_stack(pid_tgid: u64, target: &Target, rsp: u64, out: &mut [u8; STACK_COPY_MAX]) -> u32 {
+    let top = target.stack_top;
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 && top > rsp && top - rsp <= MAIN_STACK_WINDOW {
+        let size = (top - rsp).min(STACK_COPY_MAX as u64) as u32 & (2 * STACK_COPY_MAX as u32 - 1);
+        // SAFETY: writes at most `size` <= STACK_COPY_MAX bytes into `out`.
+        if size > 0 && unsafe { read_raw(out.as_mut_ptr().cast(), size, rsp as *const _) } == 0 {
+            return size;
+        }
+    }
+    for size in STACK_SIZES {
+        // SAFETY: writes at most `size` <= STACK_COPY_MAX bytes into `out`.
+        if unsafe { read_raw(out.as_mut_ptr().cast(), size, rsp as *const _) } == 0 {
+            return size;
+        }
+    }
+    0
 }
 
 /// The user-mode registers the sampler needs (a `pt_regs` is too big for the BPF stack twice).
@@ -548,6 +578,15 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     w.done = 0;
     w.last_func = 0;
     w.last_link = 0;
+    // One read of the Lua stack below BASE (up to the window's size) serves the frame links
+    // of the walk; frames below the window are read one by one.
+    let size =
+        (base - stack).min(LUA_WINDOW_BYTES as u64) as u32 & (2 * LUA_WINDOW_BYTES as u32 - 1);
+    let lo = base - u64::from(size);
+    // SAFETY: writes at most `size` <= LUA_WINDOW_BYTES bytes into the window buffer.
+    let ok =
+        size > 0 && unsafe { read_raw(w.window.as_mut_ptr().cast(), size, lo as *const _) } == 0;
+    (w.win_lo, w.win_hi) = if ok { (lo, base) } else { (0, 0) };
     // The walk runs in a bpf_loop callback: verified once, whatever the depth.
     // SAFETY: the callback is a static BPF function; no context is passed.
     unsafe {
@@ -606,7 +645,26 @@ pub struct Walk {
     /// The last return PC whose CALL instruction was read, and that instruction's A operand.
     last_link: u64,
     last_a: u64,
+    /// The Lua stack `[win_lo, win_hi)`, copied at the start of the walk (empty: 0, 0).
+    win_lo: u64,
+    win_hi: u64,
+    window: [u64; LUA_WINDOW_BYTES / 8],
     frames: [LuaFrame; MAX_LUA_FRAMES],
+}
+
+/// Bytes of the Lua stack copied in one read per walk (about 200 frames of a recursion).
+const LUA_WINDOW_BYTES: usize = 8192;
+
+/// Two slots of the Lua stack at `addr`, from the walk's window or else from the target.
+#[inline(always)]
+fn read_slots(w: &Walk, addr: u64) -> Result<[u64; 2], Counter> {
+    if addr >= w.win_lo && addr < w.win_hi {
+        let i = ((addr - w.win_lo) / 8) as usize;
+        if let (Some(a), Some(b)) = (w.window.get(i), w.window.get(i + 1)) {
+            return Ok([*a, *b]);
+        }
+    }
+    read(addr)
 }
 
 #[map]
@@ -643,11 +701,11 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
         return Ok(false);
     }
     let (func, link) = if fr2 != 0 {
-        // Two-slot frame: the function below the link, read in one go.
-        let [func, link]: [u64; 2] = read(frame - 8)?;
+        // Two-slot frame: the function below the link.
+        let [func, link] = read_slots(w, frame - 8)?;
         (func & GCV_MASK, link)
     } else {
-        let slot: u64 = read(frame)?;
+        let [slot, _] = read_slots(w, frame)?;
         (slot & 0xffff_ffff, slot >> 32)
     };
     let typep = link & FRAME_TYPEP;

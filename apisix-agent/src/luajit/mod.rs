@@ -113,6 +113,7 @@ impl LuaTarget {
             flags: 0,
             vm_start: self.vm_range.start,
             vm_end: self.vm_range.end,
+            stack_top: 0,
         }
     }
 }
