@@ -3,7 +3,7 @@
 # daemon on vs off (19 and 99 Hz), BPF cost per sample (shallow vs 100-frame Lua stacks),
 # the agent's CPU and peak RSS, and SVG render time of 100 000 samples. Writes BENCHMARKS.md.
 #
-#   sudo ./bench/overhead.sh            # full run, ~8-9 minutes
+#   sudo ./bench/overhead.sh            # full run, ~11 minutes
 #   sudo ./bench/overhead.sh --quick    # smoke run, ~2 minutes (figures indicative only)
 #
 # Other options are passed to bench/overhead.py (--pairs N, --duration S, --workers N,
