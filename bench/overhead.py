@@ -582,7 +582,7 @@ class Bench:
             for name, deep in self.BPF_CASES:
                 log(f"BPF cost: {name} handler under load for {self.a.bpf_seconds}s at 99 Hz")
                 a = snap()
-                self.run_wrk(self.a.bpf_seconds, deep=deep, conns=(4 if deep is not False else None))
+                self.run_wrk(self.a.bpf_seconds, deep=deep)
                 time.sleep(1.5)  # let the agent drain the ring buffer
                 phases[name] = (a, snap())
             frames = self.lua_frames()
@@ -1032,7 +1032,7 @@ def report(a, meta, res):
     add("## 2. Cost of the `sample` BPF program")
     add("")
     add(f"`kernel.bpf_stats_enabled=1` (restored afterwards), daemon at 99 Hz, load for {a.bpf_seconds}s per case "
-        "(`/deep` with 4 connections). run_time_ns / run_cnt are read from the agent's fdinfo of the "
+        f"(`wrk -c{a.wrk_conns}`, so that both workers get load). run_time_ns / run_cnt are read from the agent's fdinfo of the "
         "perf_event program. The program fires on every CPU whatever runs there and leaves at once when the "
         "current process is not a target, so the mean per run mixes those early exits with real samples; "
         "\"per target sample\" removes the early exits (their cost measured with no load: "
