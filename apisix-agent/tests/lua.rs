@@ -107,6 +107,22 @@ function _M.gc(n)
     return r
 end
 
+-- `#big` runs lj_tab_len, which the interpreter calls without storing L->base (a binary
+-- search here: the array part has trailing nils).
+local big = {}
+for i = 1, 100000 do big[i] = i end
+
+local function lenloop(n)
+    local s = 0
+    for i = 1, n do s = s + #big end
+    return s
+end
+
+function _M.len(n)
+    local r = lenloop(n)
+    return r
+end
+
 function _M.rep(n)
     local len = 0
     for i = 1, n do len = len + #string.rep("abc", 3000) end
@@ -130,6 +146,7 @@ const SERVER: &str = r#"
     location /rep { content_by_lua_block { ngx.say(require("bench").rep(300)) } }
     location /ffi { content_by_lua_block { ngx.say(require("bench").ffi(200)) } }
     location /gc { content_by_lua_block { ngx.say(require("bench").gc(100000)) } }
+    location /len { content_by_lua_block { ngx.say(require("bench").len(2000000)) } }
 "#;
 
 fn start(lj: Lj, jit: bool) -> Nginx {
@@ -443,6 +460,41 @@ fn gc_marker() {
         rec.total(),
         rec.dump()
     );
+}
+
+/// Time in a C helper the interpreter calls without storing `L->base` (`lj_tab_len` for
+/// `#t`) stays under the Lua function that called it, without unwind errors.
+fn c_helper(lj: Lj) {
+    require_root();
+    let nginx = start(lj, false);
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = record(worker, 3, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let total = rec.total();
+    let in_len = rec.count(|f| has(f, "lenloop@"));
+    assert!(
+        total > 100 && in_len * 100 >= total * 90,
+        "lenloop in only {in_len}/{total} samples\n{}",
+        rec.dump()
+    );
+    let errors = lua_errors(&rec);
+    assert!(
+        errors * 100 <= total,
+        "more than 1% Lua unwind errors ({errors}/{total}): {}",
+        rec.stderr
+    );
+}
+
+#[test]
+fn c_helper_gc64() {
+    c_helper(Lj::Gc64);
+}
+
+#[test]
+fn c_helper_gc32() {
+    c_helper(Lj::Gc32);
 }
 
 fn builtin(lj: Lj) {

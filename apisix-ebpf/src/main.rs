@@ -470,14 +470,17 @@ fn find_state(
     in_vm: bool,
 ) -> Result<(u64, u64), Counter> {
     if in_vm {
-        // The VM saves L as a full pointer with GC64, as 32 bits without.
-        let l = read_ref(layout, regs.rsp + u64::from(layout.save_l))?;
-        if l != 0 {
-            let g = read_ref(layout, l + u64::from(layout.l_glref))?;
-            if g != 0 && read_ref(layout, g + u64::from(layout.g_cur_l))? == l {
-                let _ = LUA_VMS.insert(&tgid, &g, 0);
-                return Ok((l, g));
-            }
+        // The VM saves L as a full pointer with GC64, as 32 bits without. In a subroutine of
+        // the VM (a return address pushed) the slot is elsewhere: any failure here falls
+        // through to the remembered G.
+        if let Ok(l) = read_ref(layout, regs.rsp + u64::from(layout.save_l))
+            && l != 0
+            && let Ok(g) = read_ref(layout, l + u64::from(layout.l_glref))
+            && g != 0
+            && read_ref(layout, g + u64::from(layout.g_cur_l)) == Ok(l)
+        {
+            let _ = LUA_VMS.insert(&tgid, &g, 0);
+            return Ok((l, g));
         }
     }
     // SAFETY: read-only lookup of a plain value.
@@ -543,6 +546,15 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
         let jit_base = read_ref(&layout, g + u64::from(layout.g_jit_base))?;
         let base = if jit_base != 0 { jit_base } else { l_base };
         (LuaState::Trace, base, 0)
+    } else if vmstate == VMST_INTERP
+        && regs.rbp > stack
+        && regs.rbp <= stack_end
+        && (regs.rbp - stack) % 8 == 0
+    {
+        // In a C helper the interpreter called without storing `L->base` (`lj_tab_len`,
+        // `lj_tab_next`, `lj_tab_getinth`, libm's `pow`…): it keeps BASE in rbp, callee-saved,
+        // across such calls. Walked from there, and from `L->base` if that walk fails.
+        (LuaState::C, regs.rbp, 0)
     } else {
         let state = match vmstate {
             VMST_INTERP | VMST_C => LuaState::C,
@@ -561,7 +573,6 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
         }
     }
 
-    let fr2 = u64::from(layout.gc64 != 0);
     let Some(w) = LUA_WALK.get_ptr_mut(0) else {
         return Err(Counter::LuaReadFailed);
     };
@@ -569,34 +580,18 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     let w = unsafe { &mut *w };
     w.layout = layout;
     w.l = l;
-    w.frame = base - 8;
-    w.pc = leaf_pc;
-    w.bottom = stack + 8 * fr2;
+    w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
     w.stack_end = stack_end;
-    w.n = 0;
-    w.error = 0;
-    w.done = 0;
-    w.last_func = 0;
-    w.last_link = 0;
-    // One read of the Lua stack below BASE (up to the window's size) serves the frame links
-    // of the walk; frames below the window are read one by one.
-    let size =
-        (base - stack).min(LUA_WINDOW_BYTES as u64) as u32 & (2 * LUA_WINDOW_BYTES as u32 - 1);
-    let lo = base - u64::from(size);
-    // SAFETY: writes at most `size` <= LUA_WINDOW_BYTES bytes into the window buffer.
-    let ok =
-        size > 0 && unsafe { read_raw(w.window.as_mut_ptr().cast(), size, lo as *const _) } == 0;
-    (w.win_lo, w.win_hi) = if ok { (lo, base) } else { (0, 0) };
-    // The walk runs in a bpf_loop callback: verified once, whatever the depth.
-    // SAFETY: the callback is a static BPF function; no context is passed.
-    unsafe {
-        bpf_loop(
-            (2 * MAX_LUA_FRAMES) as u32,
-            walk_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    walk_frames(w, stack, base, leaf_pc);
+    if w.error != 0
+        && base == regs.rbp
+        && !in_vm
+        && base != l_base
+        && l_base > stack
+        && l_base <= stack_end
+    {
+        walk_frames(w, stack, l_base, 0);
+    }
     let mut n = w.n as usize;
     if n > MAX_LUA_FRAMES {
         n = MAX_LUA_FRAMES;
@@ -623,6 +618,38 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
         return Err(Counter::LuaTooDeep);
     }
     Ok(true)
+}
+
+/// Walks the frames below `base` into `w.frames` (`w.n`, `w.error`, `w.done` tell the
+/// outcome); `pc` is the innermost frame's PC, or 0.
+#[inline(always)]
+fn walk_frames(w: &mut Walk, stack: u64, base: u64, pc: u64) {
+    w.frame = base - 8;
+    w.pc = pc;
+    w.n = 0;
+    w.error = 0;
+    w.done = 0;
+    w.last_func = 0;
+    w.last_link = 0;
+    // One read of the Lua stack below BASE (up to the window's size) serves the frame links
+    // of the walk; frames below the window are read one by one.
+    let size =
+        (base - stack).min(LUA_WINDOW_BYTES as u64) as u32 & (2 * LUA_WINDOW_BYTES as u32 - 1);
+    let lo = base - u64::from(size);
+    // SAFETY: writes at most `size` <= LUA_WINDOW_BYTES bytes into the window buffer.
+    let ok =
+        size > 0 && unsafe { read_raw(w.window.as_mut_ptr().cast(), size, lo as *const _) } == 0;
+    (w.win_lo, w.win_hi) = if ok { (lo, base) } else { (0, 0) };
+    // The walk runs in a bpf_loop callback: verified once, whatever the depth.
+    // SAFETY: the callback is a static BPF function; no context is passed.
+    unsafe {
+        bpf_loop(
+            (2 * MAX_LUA_FRAMES) as u32,
+            walk_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
 }
 
 /// Scratch state of one Lua walk (per CPU).
