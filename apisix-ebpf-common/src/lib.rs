@@ -119,7 +119,8 @@ pub enum LuaState {
     None = 0,
     /// The IP was in the interpreter; BASE and PC came from registers.
     Interpreter = 1,
-    /// In C code called from Lua (C function, FFI callee, VM helper); `L->base` used.
+    /// In C code called from Lua (C function, FFI callee, VM helper); `L->base` used, or
+    /// rbp in a helper the interpreter called without storing `L->base`.
     C = 2,
     /// In the garbage collector.
     Gc = 3,
