@@ -34,8 +34,6 @@ NGINX = "/usr/sbin/nginx"
 # The workload's nginx runs from a copy of the binary with this name, so the agent's host
 # discovery (`discovery.process_names`) selects our workers and nothing else on the machine.
 NGINX_COMM = "nginx-bench"
-# The paired-instance control's second nginx: same workload, never profiled.
-CTL_COMM = "nginx-ctl"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PERF_EVENT_PROG = 7  # BPF_PROG_TYPE_PERF_EVENT: the `sample` program
 
@@ -227,9 +225,9 @@ class Bench:
             f.write(f"{pid} {kind}\n")
 
     # ---- nginx
-    def start_nginx(self, workers, comm=NGINX_COMM):
+    def start_nginx(self, workers):
         self.stop_nginx()
-        prefix = os.path.join(self.work, f"{comm}-{workers}w")
+        prefix = os.path.join(self.work, f"nginx-{workers}w")
         if os.path.exists(prefix):
             shutil.rmtree(prefix)
         for d in ("logs", "tmp", "sbin"):
@@ -239,7 +237,7 @@ class Bench:
             os.chmod(root, 0o755)
             for f in files:
                 os.chmod(os.path.join(root, f), 0o644)
-        binary = os.path.join(prefix, "sbin", comm)
+        binary = os.path.join(prefix, "sbin", NGINX_COMM)
         shutil.copy2(NGINX, binary)
         os.chmod(binary, 0o755)
         with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
@@ -252,7 +250,7 @@ class Bench:
         conf_path = os.path.join(prefix, "nginx.conf")
         with open(conf_path, "w") as f:
             f.write(conf)
-        log(f"starting {comm} ({workers} workers) on 127.0.0.1:{self.port}")
+        log(f"starting nginx ({workers} workers) on 127.0.0.1:{self.port}")
         errlog = open(os.path.join(prefix, "logs", "stderr.log"), "w")
         self.nginx = subprocess.Popen(
             [binary, "-p", prefix, "-c", conf_path, "-e", os.path.join(prefix, "logs/error.log")],
@@ -261,7 +259,7 @@ class Bench:
         )
         errlog.close()
         self.master = self.nginx.pid
-        self.track(self.master, comm)
+        self.track(self.master, NGINX_COMM)
         self.prefix = prefix
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -406,18 +404,12 @@ class Bench:
             f"agent not healthy or workers {self.workers} not in /targets after 60 s:\n{self.agent_log_tail()}"
         )
 
-    def prime(self, also=None):
+    def prime(self):
         """A short light load: JIT warm before either kind of run, and with the agent, what makes
         it take its first samples and learn each worker's Lua VM (its `lua_resume` uprobe fires
         on the first requests)."""
         # Enough connections that reuseport spreads them over every worker.
-        if also is None:
-            self.run_wrk(1, conns=max(16, 8 * len(self.workers)))
-            return
-        procs = [subprocess.Popen(b.wrk_cmd(1, conns=8, threads=1), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for b in (self, also)]
-        for p in procs:
-            p.wait()
+        self.run_wrk(1, conns=max(16, 8 * len(self.workers)))
 
     def agent_blocked(self):
         """Threads of the agent in uninterruptible sleep, with their kernel wait channel."""
@@ -434,14 +426,14 @@ class Bench:
                 continue
         return out
 
-    def start_agent_steady(self, frequency=None, timeout=40, also=None):
+    def start_agent_steady(self, frequency=None, timeout=40):
         """Starts the agent and primes the workers with light load until the agent is in steady
         state: samples flow, its VM-learning `lua_resume` uprobes are detached and no thread of it
         waits in the kernel (detaching a uprobe waits for an RCU grace period)."""
         pid = self.start_agent(frequency)
         t0 = time.monotonic()
         while True:
-            self.prime(also=also)
+            self.prime()
             samples = self.agent_samples()[0]
             links = uprobe_links(pid)
             blocked = self.agent_blocked()
@@ -569,52 +561,6 @@ class Bench:
             )
             pairs.append(pair)
         return pairs, offs
-
-    def pair_run(self, ctl, with_agent, frequency):
-        """One run of the paired-instance control: wrk drives the profiled instance (self) and
-        the control instance (ctl) at the same time; returns their throughputs."""
-        d = self.a.control_duration
-        time.sleep(1)
-        if with_agent:
-            self.start_agent_steady(frequency, also=ctl)
-        else:
-            self.prime(also=ctl)
-            time.sleep(1)
-        procs = []
-        for b in (self, ctl):
-            p = subprocess.Popen(b.wrk_cmd(d, threads=1, conns=8), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-            self.track(p.pid, "wrk")
-            procs.append(p)
-        outs = [p.communicate()[0] for p in procs]
-        for p, out in zip(procs, outs):
-            if p.returncode != 0:
-                raise BenchError(f"wrk failed ({p.returncode}):\n{out}")
-        if with_agent:
-            self.stop_agent()
-        a, c = (parse_wrk(o)["rps"] for o in outs)
-        return {"rps": a, "ctl_rps": c, "r": a / c}
-
-    def control(self, ctl, frequency):
-        """The paired-instance control: a chain off, on, off, … of runs in which both instances
-        are loaded at once, the daemon profiling only the first. Whatever slows the machine down
-        during a run slows both; the ratio of their throughputs cancels it, and its change with
-        the daemon on is the cost inside the profiled workers (BPF program, caches). The
-        daemon's own CPU comes out of the shared CPUs and slows both instances alike, so it is
-        not in this figure (it is measured directly in section 1). Returns (ratios, A/A)."""
-        n = self.a.control_runs
-        offs = [self.pair_run(ctl, False, frequency)]
-        ratios = []
-        for i in range(n):
-            on = self.pair_run(ctl, True, frequency)
-            offs.append(self.pair_run(ctl, False, frequency))
-            ref = (offs[-2]["r"] + offs[-1]["r"]) / 2
-            ratios.append(on["r"] / ref)
-            log(f"control {frequency} Hz run {i + 1}/{n}: profiled/control throughput off {offs[-2]['r']:.3f}"
-                f" / {offs[-1]['r']:.3f}, on {on['r']:.3f} ({on['rps']:.0f} / {on['ctl_rps']:.0f} rps)"
-                f" -> ratio {ratios[-1]:.3f}")
-        aa = [offs[j]["r"] / ((offs[j - 1]["r"] + offs[j + 1]["r"]) / 2) for j in range(1, len(offs) - 1)]
-        return {"ratios": ratios, "aa": aa, "offs": offs}
 
     BPF_CASES = (("shallow", False), ("deep50", 50), ("deep", True))
 
@@ -807,24 +753,9 @@ class Bench:
         set_group_nice(0)
         log("== BPF cost per sample (kernel.bpf_stats_enabled=1)")
         self.results["bpf"] = self.bpf_cost()
-        log("== paired-instance control: a profiled and an unprofiled nginx loaded at once")
-        self.start_nginx(1)
-        ctl = Bench(self.a)
-        try:
-            ctl.start_nginx(1, comm=CTL_COMM)
-            for _ in range(max(2, self.a.warmup // 2)):
-                self.prime(also=ctl)
-            set_group_nice(self.a.nice)
-            for hz in (19, 99):
-                log(f"== control at {hz} Hz: {self.a.control_runs} runs with the daemon between "
-                    f"{self.a.control_runs + 1} without, {self.a.control_duration}s each")
-                self.results[f"control_{hz}"] = self.control(ctl, hz)
-        finally:
-            set_group_nice(0)
-            ctl.stop_nginx()
         log("== SVG render time")
         self.results["render"] = self.render()
-        if self.a.rss_workers != len(self.workers):
+        if self.a.rss_workers != self.a.workers:
             self.start_nginx(self.a.rss_workers)
             self.run_wrk(max(2, self.a.warmup // 2))
         log(f"== agent footprint with {len(self.workers)} workers")
@@ -1096,49 +1027,6 @@ def report(a, meta, res):
         "every resume of an ngx_lua coroutine — the plugin chain's `coroutine.wrap` yields 5 times); and "
         "detaching it waits for an RCU grace period in the thread that drains the samples.")
     add("")
-    # 1b. paired-instance control
-    add("### Paired-instance control")
-    add("")
-    add(f"A second estimate that cancels what the chain above cannot: two nginx instances with the same workload "
-        f"and one worker each, `{NGINX_COMM}` (profiled) and `{CTL_COMM}` (not a target), loaded at the same "
-        f"time by one `wrk -t1 -c8` each, {a.control_duration}s per run, in a chain off, on, off, … of "
-        f"{a.control_runs} runs with the daemon per rate. Whatever slows the machine down during a run slows "
-        "both instances, so the ratio of their throughputs (profiled / control) is steady; its change with the "
-        "daemon on (on / mean of the neighbouring off runs) is the cost inside the profiled worker — the BPF "
-        "program and what it does to caches, measured rather than estimated. The daemon's own process CPU "
-        "comes out of the shared CPUs and slows both instances alike, so it is not in that ratio; \"with the "
-        "daemon's CPU\" subtracts it as measured in the runs of section 1 (its share of the 2 CPUs).")
-    add("")
-    add("| Sampling rate | Profiled / control, on vs off | 95% interval of the median | A/A control (no agent) | A/A standard deviation | Daemon CPU (section 1) | Throughput ratio with the daemon's CPU | Target | Result |")
-    add("|---|---|---|---|---|---|---|---|---|")
-    ncpu = os.cpu_count() or 1
-    for hz, target in ((19, 0.99), (99, 0.97)):
-        c = res.get(f"control_{hz}")
-        if not c:
-            continue
-        r, aa = c["ratios"], c["aa"]
-        lo, hi = median_interval(r)
-        agent = median([p["with"]["agent_cpu_pct"] for p in res[f"tput_{hz}"]])
-        combined = median(r) - agent / 100 / ncpu
-        sd = f"{100 * statistics.pstdev(aa):.1f}%" if len(aa) > 1 else "n/a"
-        add(f"| {hz} Hz{' (default)' if hz == 19 else ''} | {fmt_ratio(r)} | {lo:.3f}–{hi:.3f} | "
-            f"{fmt_ratio(aa) if aa else 'n/a'} | {sd} | {agent:.2f}% of a core | {combined:.3f} | "
-            f"throughput ratio ≥ {target} | {pass_fail(combined >= target)} |")
-    add("")
-    add("<details><summary>Per-run figures (profiled / control throughput)</summary>")
-    add("")
-    add("| Rate | Runs without the daemon (chain order) | Ratios of the runs with it |")
-    add("|---|---|---|")
-    for hz in (19, 99):
-        c = res.get(f"control_{hz}")
-        if c:
-            offs = ", ".join(f"{o['r']:.3f}" for o in c["offs"])
-            ons = ", ".join(f"{x:.3f}" for x in c["ratios"])
-            add(f"| {hz} Hz | {offs} | {ons} |")
-    add("")
-    add("</details>")
-    add("")
-
     # 2. BPF cost
     b = res["bpf"]
     add("## 2. Cost of the `sample` BPF program")
@@ -1241,10 +1129,6 @@ def main():
     p.add_argument("--pairs", type=int,
                    help="runs with the daemon per rate, each between two without (10; quick 2)")
     p.add_argument("--duration", type=int, help="seconds per wrk run (6; quick 3)")
-    p.add_argument("--control-runs", type=int,
-                   help="paired-instance control: runs with the daemon per rate (8; quick 2)")
-    p.add_argument("--control-duration", type=int,
-                   help="paired-instance control: seconds per run (5; quick 3)")
     p.add_argument("--workers", type=int, default=2, help="nginx workers for sections 1-2 (2 = cores)")
     p.add_argument("--rss-workers", type=int, default=4, help="nginx workers for the footprint section")
     p.add_argument("--wrk-threads", type=int, default=2)
@@ -1257,8 +1141,6 @@ def main():
     q = a.quick
     a.pairs = a.pairs or (2 if q else 10)
     a.duration = a.duration or (3 if q else 6)
-    a.control_runs = a.control_runs or (2 if q else 8)
-    a.control_duration = a.control_duration or (3 if q else 5)
     a.warmup = 3 if q else 8
     a.bpf_idle = 3 if q else 5
     a.bpf_seconds = 4 if q else 15

@@ -3,8 +3,8 @@
 # daemon on vs off (19 and 99 Hz), BPF cost per sample (shallow vs 100-frame Lua stacks),
 # the agent's CPU and peak RSS, and SVG render time of 100 000 samples. Writes BENCHMARKS.md.
 #
-#   sudo ./bench/overhead.sh            # full run, ~15 minutes
-#   sudo ./bench/overhead.sh --quick    # smoke run, ~3-4 minutes (figures indicative only)
+#   sudo ./bench/overhead.sh            # full run, ~11 minutes
+#   sudo ./bench/overhead.sh --quick    # smoke run, ~2 minutes (figures indicative only)
 #
 # Other options are passed to bench/overhead.py (--pairs N, --duration S, --workers N,
 # --rss-workers N, --nice N, --output FILE, --strict; --no-build/--build here); see
