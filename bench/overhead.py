@@ -999,7 +999,11 @@ def report(a, meta, res):
         f"(A/A control, both rates) still scatters by {aa_sd:.1f}% (standard deviation); a throughput cost below "
         "that is within the noise of one run, and the median over the runs resolves about "
         f"{aa_sd * 1.25 / max(1, a.pairs) ** 0.5:.1f}% (its standard error). The last column, built from the "
-        "agent's directly measured costs, is the steadier estimate of the direct cost.")
+        "agent's directly measured costs, is the steadier estimate of the direct cost. (A paired design — a "
+        "profiled and an unprofiled nginx loaded at the same time, compared by the ratio of their throughputs — "
+        "was tried on this machine and dropped: that ratio varied as much, 0.93–1.14 from one 4 s run to the "
+        "next even with each instance pinned to its own vCPU, so the slowdowns hit each vCPU separately rather "
+        "than the machine as a whole.)")
     add("")
     add("<details><summary>Per-run figures</summary>")
     add("")

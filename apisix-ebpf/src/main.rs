@@ -682,13 +682,12 @@ pub struct Walk {
 /// Bytes of the Lua stack copied in one read per walk (about 200 frames of a recursion).
 const LUA_WINDOW_BYTES: usize = 8192;
 
-/// Two slots of the Lua stack at `addr`, from the walk's window or else from the target.
+/// The Lua stack slot at `addr`, from the walk's window or else from the target.
 #[inline(always)]
-fn read_slots(w: &Walk, addr: u64) -> Result<[u64; 2], Counter> {
-    if addr >= w.win_lo && addr < w.win_hi {
-        let i = ((addr - w.win_lo) / 8) as usize;
-        if let (Some(a), Some(b)) = (w.window.get(i), w.window.get(i + 1)) {
-            return Ok([*a, *b]);
+fn read_slot(w: &Walk, addr: u64) -> Result<u64, Counter> {
+    if addr >= w.win_lo && addr + 8 <= w.win_hi {
+        if let Some(v) = w.window.get(((addr - w.win_lo) / 8) as usize) {
+            return Ok(*v);
         }
     }
     read(addr)
@@ -729,10 +728,9 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
     }
     let (func, link) = if fr2 != 0 {
         // Two-slot frame: the function below the link.
-        let [func, link] = read_slots(w, frame - 8)?;
-        (func & GCV_MASK, link)
+        (read_slot(w, frame - 8)? & GCV_MASK, read_slot(w, frame)?)
     } else {
-        let [slot, _] = read_slots(w, frame)?;
+        let slot = read_slot(w, frame)?;
         (slot & 0xffff_ffff, slot >> 32)
     };
     let typep = link & FRAME_TYPEP;
