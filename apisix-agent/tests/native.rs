@@ -5,9 +5,10 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{Lj, Load, Nginx, compile_c, in_order, record, require_root};
+use common::{Lj, Load, Nginx, Recorded, compile_c, in_order, record, require_root};
 
-const HOT_C: &str = r#"
+/// A leaf that burns CPU, shared by the test programs.
+const LEAF_C: &str = r#"
 #include <stdint.h>
 #include <stdlib.h>
 volatile uint64_t sink;
@@ -16,6 +17,15 @@ __attribute__((noinline)) uint64_t leaf(uint64_t n) {
     for (uint64_t i = 0; i < 2000000; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
     return x;
 }
+"#;
+
+/// A test program: the leaf, then `body`.
+fn program(body: &str) -> String {
+    format!("{LEAF_C}{body}")
+}
+
+/// `main;outer;middle;leaf`.
+const HOT_C: &str = r#"
 __attribute__((noinline)) uint64_t middle(uint64_t n) { uint64_t r = leaf(n) ^ n; sink += r; return r; }
 __attribute__((noinline)) uint64_t outer(uint64_t n) { uint64_t r = middle(n + 1); sink += r; return r + 1; }
 int main(int argc, char **argv) {
@@ -25,12 +35,25 @@ int main(int argc, char **argv) {
 }
 "#;
 
-#[test]
-fn c_program_without_frame_pointers_unwinds_fully() {
+/// Compiles `body` without frame pointers, starts it (`setup` adjusts the command), records
+/// it for 3 s at 99 Hz and asserts that at least 90% of the samples end with `chain`.
+fn unwinds_to(
+    name: &str,
+    body: &str,
+    setup: impl FnOnce(&mut Command),
+    chain: &[&str],
+) -> Recorded {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2", "-fomit-frame-pointer"]);
-    let mut child = Command::new(&bin).spawn().expect("start hot");
+    let bin = compile_c(
+        dir.path(),
+        name,
+        &program(body),
+        &["-O2", "-fomit-frame-pointer"],
+    );
+    let mut cmd = Command::new(&bin);
+    setup(&mut cmd);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
     let rec = record(child.id(), 3, &["--frequency", "99"]);
     let _ = child.kill();
     let _ = child.wait();
@@ -38,12 +61,19 @@ fn c_program_without_frame_pointers_unwinds_fully() {
     let total = rec.total();
     // 99 Hz for 3 s of one busy thread.
     assert!(total >= 200, "too few samples ({total}): {}", rec.dump());
-    let good = rec.count(|f| f.ends_with(&["main", "outer", "middle", "leaf"]));
+    let good = rec.count(|f| f.ends_with(chain));
     assert!(
         good * 100 >= total * 90,
-        "only {good}/{total} samples fold to …main;outer;middle;leaf\n{}",
+        "only {good}/{total} samples fold to …{}\n{}",
+        chain.join(";"),
         rec.dump()
     );
+    rec
+}
+
+#[test]
+fn c_program_without_frame_pointers_unwinds_fully() {
+    let rec = unwinds_to("hot", HOT_C, |_| {}, &["main", "outer", "middle", "leaf"]);
     assert!(rec.stderr.contains("samples taken"), "{}", rec.stderr);
 }
 
@@ -51,13 +81,6 @@ fn c_program_without_frame_pointers_unwinds_fully() {
 /// its mapping ends within 16 KiB of the leaf, so only a copy sized to the stack's top gets
 /// it whole (probing power-of-two sizes gets 8 KiB and loses `main`).
 const DEEP_MAIN_C: &str = r#"
-#include <stdint.h>
-volatile uint64_t sink;
-__attribute__((noinline)) uint64_t leaf(uint64_t n) {
-    uint64_t x = n;
-    for (uint64_t i = 0; i < 2000000; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-    return x;
-}
 __attribute__((noinline)) uint64_t padded(uint64_t n) {
     volatile char buf[9000];
     for (unsigned i = 0; i < sizeof buf; i += 512) buf[i] = (char)n;  /* every page touched */
@@ -73,31 +96,15 @@ int main(void) {
 
 #[test]
 fn main_thread_with_a_deep_stack_unwinds_to_main() {
-    require_root();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bin = compile_c(
-        dir.path(),
+    // A small environment: the arguments and environment above the frames stay small.
+    let small_env = |cmd: &mut Command| {
+        cmd.env_clear().env("PATH", "/usr/bin:/bin");
+    };
+    unwinds_to(
         "deepmain",
         DEEP_MAIN_C,
-        &["-O2", "-fomit-frame-pointer"],
-    );
-    // A small environment: the arguments and environment above the frames stay small.
-    let mut child = Command::new(&bin)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .spawn()
-        .expect("start deepmain");
-    let rec = record(child.id(), 3, &["--frequency", "99"]);
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(rec.status.success(), "record failed: {}", rec.dump());
-    let total = rec.total();
-    assert!(total >= 200, "too few samples ({total}): {}", rec.dump());
-    let good = rec.count(|f| f.ends_with(&["main", "padded", "leaf"]));
-    assert!(
-        good * 100 >= total * 90,
-        "only {good}/{total} samples fold to …main;padded;leaf\n{}",
-        rec.dump()
+        small_env,
+        &["main", "padded", "leaf"],
     );
 }
 
@@ -178,7 +185,7 @@ fn bad_arguments_are_rejected() {
 fn missing_privilege_is_a_clear_error() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2"]);
+    let bin = compile_c(dir.path(), "hot", &program(HOT_C), &["-O2"]);
     let mut child = Command::new(&bin).spawn().expect("start hot");
     // Drop to nobody with no capabilities.
     let out = Command::new("setpriv")
@@ -219,7 +226,12 @@ fn missing_privilege_is_a_clear_error() {
 fn target_exiting_mid_recording_keeps_its_samples() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = compile_c(dir.path(), "hot", HOT_C, &["-O2", "-fomit-frame-pointer"]);
+    let bin = compile_c(
+        dir.path(),
+        "hot",
+        &program(HOT_C),
+        &["-O2", "-fomit-frame-pointer"],
+    );
     // About one to two seconds of work, then exit.
     let mut child = Command::new(&bin).arg("400").spawn().expect("start hot");
     let started = std::time::Instant::now();
