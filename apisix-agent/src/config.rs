@@ -245,61 +245,23 @@ impl Config {
         };
         self.listen_addr().map_err(|e| bad("http.listen", e))?;
         let s = &self.sampling;
-        if !(1..=1000).contains(&s.frequency_hz) {
-            return Err(bad(
-                "sampling.frequency_hz",
-                format!("{} is outside 1..=1000", s.frequency_hz),
-            ));
-        }
-        if !(1..=10_000).contains(&s.on_demand_frequency_hz) {
-            return Err(bad(
-                "sampling.on_demand_frequency_hz",
-                format!("{} is outside 1..=10000", s.on_demand_frequency_hz),
-            ));
-        }
-        if !(1..=3600).contains(&s.max_capture_seconds) {
-            return Err(bad(
-                "sampling.max_capture_seconds",
-                format!("{} is outside 1..=3600", s.max_capture_seconds),
-            ));
-        }
-        if !(1..=16).contains(&s.max_concurrent_captures) {
-            return Err(bad(
-                "sampling.max_concurrent_captures",
-                format!("{} is outside 1..=16", s.max_concurrent_captures),
-            ));
-        }
-        if !(1..=86_400).contains(&s.retention_seconds) {
-            return Err(bad(
-                "sampling.retention_seconds",
-                format!("{} is outside 1..=86400", s.retention_seconds),
-            ));
-        }
-        if !(1000..=10_000_000).contains(&s.max_retained_samples) {
-            return Err(bad(
-                "sampling.max_retained_samples",
-                format!("{} is outside 1000..=10000000", s.max_retained_samples),
-            ));
-        }
-        if !(1..=10_000_000).contains(&s.offcpu.min_block_us) {
-            return Err(bad(
-                "sampling.offcpu.min_block_us",
-                format!("{} is outside 1..=10000000", s.offcpu.min_block_us),
-            ));
-        }
-        if !(1..=10_000).contains(&self.metrics.top_functions) {
-            return Err(bad(
-                "metrics.top_functions",
-                format!("{} is outside 1..=10000", self.metrics.top_functions),
-            ));
-        }
+        in_range(s.frequency_hz, 1..=1000).map_err(|e| bad("sampling.frequency_hz", e))?;
+        in_range(s.on_demand_frequency_hz, 1..=10_000)
+            .map_err(|e| bad("sampling.on_demand_frequency_hz", e))?;
+        in_range(s.max_capture_seconds, 1..=3600)
+            .map_err(|e| bad("sampling.max_capture_seconds", e))?;
+        in_range(s.max_concurrent_captures, 1..=16)
+            .map_err(|e| bad("sampling.max_concurrent_captures", e))?;
+        in_range(s.retention_seconds, 1..=86_400)
+            .map_err(|e| bad("sampling.retention_seconds", e))?;
+        in_range(s.max_retained_samples, 1000..=10_000_000)
+            .map_err(|e| bad("sampling.max_retained_samples", e))?;
+        in_range(s.offcpu.min_block_us, 1..=10_000_000)
+            .map_err(|e| bad("sampling.offcpu.min_block_us", e))?;
+        in_range(self.metrics.top_functions, 1..=10_000)
+            .map_err(|e| bad("metrics.top_functions", e))?;
         let d = &self.discovery;
-        if !(1..=300).contains(&d.interval_seconds) {
-            return Err(bad(
-                "discovery.interval_seconds",
-                format!("{} is outside 1..=300", d.interval_seconds),
-            ));
-        }
+        in_range(d.interval_seconds, 1..=300).map_err(|e| bad("discovery.interval_seconds", e))?;
         check_globs(&d.process_names).map_err(|e| bad("discovery.process_names", e))?;
         check_globs(&d.docker.names).map_err(|e| bad("discovery.docker.names", e))?;
         check_globs(&d.docker.images).map_err(|e| bad("discovery.docker.images", e))?;
@@ -328,6 +290,18 @@ impl Config {
     /// Time between two discovery scans.
     pub fn scan_interval(&self) -> Duration {
         Duration::from_secs(self.discovery.interval_seconds)
+    }
+}
+
+/// `value` within `range`, or the message saying it is not.
+fn in_range<T: PartialOrd + std::fmt::Display + std::fmt::Debug>(
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{value} is outside {range:?}"))
     }
 }
 
@@ -401,6 +375,8 @@ mod tests {
         assert!(e.contains("http.listen"), "{e}");
         let e = err("sampling:\n  frequency_hz: 0\n");
         assert!(e.contains("sampling.frequency_hz"), "{e}");
+        assert!(e.contains("0 is outside 1..=1000"), "{e}");
+        assert!(e.contains("0 is outside 1..=1000"), "{e}");
         let e = err("discovery:\n  docker:\n    images: ['[']\n");
         assert!(e.contains("discovery.docker.images"), "{e}");
         let e = err("discovery:\n  docker:\n    socket: relative.sock\n");
