@@ -133,6 +133,10 @@ pub fn offcpu_switch(ctx: BtfTracePointContext) -> u32 {
         // Preempted while runnable: waiting for a CPU, not blocked.
         return 0;
     }
+    if OFF_START.get_ptr(&tid).is_some() {
+        // Already blocked once in this system call: its start and stack stand.
+        return 0;
+    }
     let Some(scratch) = OFF_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -296,15 +300,14 @@ fn emit(
     s.comm = bpf_get_current_comm().unwrap_or_default();
 
     s.kstack_len = match kstack {
-        // A kernel stack taken earlier (off-CPU: where the thread blocked), at offset 16 of
-        // its `OffStart`.
+        // A kernel stack taken earlier (off-CPU: where the thread blocked), in its `OffStart`.
         Some((start, len)) => {
             // SAFETY: copies the stack array of a live map value into our reservation.
             let ok = unsafe {
                 bpf_probe_read_kernel_raw(
                     s.kstack.as_mut_ptr().cast(),
                     (MAX_KERNEL_FRAMES * 8) as u32,
-                    start.add(16).cast(),
+                    start.add(core::mem::offset_of!(OffStart, kstack)).cast(),
                 )
             } == 0;
             if ok {
