@@ -122,6 +122,19 @@ def uprobe_links(agent_pid):
     return n
 
 
+def terminate(p, timeout, what):
+    """SIGTERM to a child still running, SIGKILL after `timeout` seconds; waits for it."""
+    if p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"warning: {what} ignored SIGTERM for {timeout} s, killing it")
+        p.kill()
+        p.wait()
+
+
 def metric_sum(text, name):
     total = 0.0
     for line in text.splitlines():
@@ -291,13 +304,7 @@ class Bench:
     def stop_nginx(self):
         if not self.master:
             return
-        if self.nginx.poll() is None:
-            self.nginx.send_signal(signal.SIGTERM)
-            try:
-                self.nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
+        terminate(self.nginx, 10, "nginx")
         deadline = time.time() + 10
         while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in self.workers):
             time.sleep(0.1)
@@ -469,14 +476,7 @@ class Bench:
     def stop_agent(self):
         if not self.agent:
             return
-        if self.agent.poll() is None:
-            self.agent.send_signal(signal.SIGTERM)
-            try:
-                self.agent.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                log("warning: agent ignored SIGTERM for 15 s, killing it")
-                self.agent.kill()
-                self.agent.wait()
+        terminate(self.agent, 15, "agent")
         if self.agent.returncode not in (0, -signal.SIGTERM):
             log(f"warning: agent exited with {self.agent.returncode}:\n{self.agent_log_tail()}")
         self.agent = None
