@@ -71,10 +71,6 @@ fn start() -> Nginx {
     )
 }
 
-fn weight(rec: &common::Recorded, f: impl Fn(&[&str]) -> bool) -> u64 {
-    rec.count(f)
-}
-
 #[test]
 fn blocking_lua_function_carries_the_blocked_time() {
     require_root();
@@ -87,8 +83,9 @@ fn blocking_lua_function_carries_the_blocked_time() {
     let measured: f64 = nginx.get("/stats").trim().parse().expect("stats");
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let total = rec.total();
-    let in_blocker = weight(&rec, |f| f.iter().any(|x| x.starts_with("blocker@")));
-    let with_kernel = weight(&rec, |f| {
+    // Off-CPU stacks count blocked microseconds.
+    let in_blocker = rec.count(|f| f.iter().any(|x| x.starts_with("blocker@")));
+    let with_kernel = rec.count(|f| {
         f.iter().any(|x| x.starts_with("blocker@")) && f.iter().any(|x| x.ends_with("_[k]"))
     });
     eprintln!(
@@ -130,7 +127,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
     let rec = record(worker, 3, &["--mode", "off-cpu"]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     // Idle epoll waits are excluded by default: what remains is small and not under sleeper.
-    let in_sleeper = weight(&rec, |f| f.iter().any(|x| x.starts_with("sleeper@")));
+    let in_sleeper = rec.count(|f| f.iter().any(|x| x.starts_with("sleeper@")));
     assert!(
         in_sleeper < 30_000,
         "ngx.sleep shows as {in_sleeper} µs of blocked worker time\n{}",
@@ -144,7 +141,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
     // With idle waits kept, the worker's time shows in epoll_wait.
     let idle = record(worker, 2, &["--mode", "off-cpu", "--include-idle"]);
     assert!(idle.status.success(), "{}", idle.dump());
-    let in_epoll = weight(&idle, |f| {
+    let in_epoll = idle.count(|f| {
         f.iter()
             .any(|x| *x == "ep_poll_[k]" || *x == "do_epoll_wait_[k]" || x.contains("epoll_wait"))
     });
