@@ -151,16 +151,21 @@ return _M
     )
 }
 
+/// An nginx on the host whose every request runs `burner(name)`.
+fn host_nginx(name: &str) -> Nginx {
+    Nginx::start(
+        Lj::Gc64,
+        &[("hostwork", &burner(name))],
+        "",
+        r#"location / { content_by_lua_block { ngx.say(require("hostwork").run()) } }"#,
+    )
+}
+
 #[test]
 fn host_and_docker_targets_are_profiled() {
     require_root();
     require_docker();
-    let host = Nginx::start(
-        Lj::Gc64,
-        &[("hostwork", &burner("host_burn"))],
-        "",
-        r#"location / { content_by_lua_block { ngx.say(require("hostwork").run()) } }"#,
-    );
+    let host = host_nginx("host_burn");
     let _host_load = Load::start(host.port, "/", 1, Duration::from_secs(120));
     let before = Container::start("apisix-profiler-before", "ctrwork", &burner("ctr_burn"));
     let _before_load = Load::start(before.port, "/", 1, Duration::from_secs(120));
@@ -363,12 +368,7 @@ fn host_and_docker_targets_are_profiled() {
 #[test]
 fn docker_socket_absent_keeps_host_profiling() {
     require_root();
-    let host = Nginx::start(
-        Lj::Gc64,
-        &[("hostwork", &burner("lonely_burn"))],
-        "",
-        r#"location / { content_by_lua_block { ngx.say(require("hostwork").run()) } }"#,
-    );
+    let host = host_nginx("lonely_burn");
     let _load = Load::start(host.port, "/", 1, Duration::from_secs(60));
     let agent = Agent::start(
         "  docker:\n    socket: /nonexistent/docker.sock\nsampling:\n  frequency_hz: 49\n",
