@@ -444,18 +444,12 @@ fn prometheus_scrapes_the_agent() {
     check_metrics_with_promtool(&body);
 
     // Every dashboard expression returns data.
-    let out = Command::new("python3")
-        .arg(root().join("grafana/exprs.py"))
-        .args(["--prometheus", &prom.url()])
-        .output()
-        .unwrap_or_else(|e| panic!("run python3 grafana/exprs.py: {e}"));
-    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(
-        out.status.success(),
-        "grafana/exprs.py against the real agent's data ({}):\n{report}",
-        out.status
+    run_checked(
+        Command::new("python3")
+            .arg(root().join("grafana/exprs.py"))
+            .args(["--prometheus", &prom.url()]),
+        "grafana/exprs.py against the real agent's data",
     );
-    eprint!("{report}");
     drop(workload);
     eprintln!("total {:.1}s", started.elapsed().as_secs_f64());
 }
@@ -602,16 +596,22 @@ fn dashboard_flamegraph_renders_in_chromium() {
 
 /// Runs a repository script; asserts success and prints its output.
 fn run_script(rel: &str) -> String {
-    let out = Command::new("bash")
-        .arg(root().join(rel))
-        .current_dir(root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run {rel}: {e}"));
+    run_checked(
+        Command::new("bash")
+            .arg(root().join(rel))
+            .current_dir(root())
+            .stdin(Stdio::null()),
+        rel,
+    )
+}
+
+/// Runs `cmd`; asserts success (naming it `what`) and prints and returns its output.
+fn run_checked(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
         out.status.success(),
-        "{rel} failed ({}):\n{all}",
+        "{what} failed ({}):\n{all}",
         out.status
     );
     eprint!("{all}");
