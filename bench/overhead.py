@@ -81,21 +81,25 @@ def proc_status_kb(pid, field):
     raise BenchError(f"no {field} in /proc/{pid}/status")
 
 
+def anon_fdinfo(pid, kind):
+    """The fdinfo fields of each open fd of `pid` that is an anonymous inode of `kind`
+    (`bpf-prog`, `bpf_link`); fds that close meanwhile are skipped."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)) != f"anon_inode:{kind}":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        yield {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+
+
 def bpf_sample_stats(agent_pid):
     """(run_time_ns, run_cnt) summed over the agent's perf_event programs (`sample`)."""
     seen = {}
-    fd_dir = f"/proc/{agent_pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            if os.readlink(os.path.join(fd_dir, fd)) != "anon_inode:bpf-prog":
-                continue
-            with open(f"/proc/{agent_pid}/fdinfo/{fd}") as f:
-                info = dict(
-                    line.split(":", 1) for line in f.read().splitlines() if ":" in line
-                )
-        except OSError:
-            continue
-        info = {k.strip(): v.strip() for k, v in info.items()}
+    for info in anon_fdinfo(agent_pid, "bpf-prog"):
         if int(info.get("prog_type", -1)) != PERF_EVENT_PROG:
             continue
         if "run_time_ns" not in info:
@@ -108,18 +112,7 @@ def bpf_sample_stats(agent_pid):
 
 def uprobe_links(agent_pid):
     """How many uprobe links the agent holds (its `lua_resume` VM-learning probes)."""
-    n = 0
-    fd_dir = f"/proc/{agent_pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            if os.readlink(os.path.join(fd_dir, fd)) != "anon_inode:bpf_link":
-                continue
-            with open(f"/proc/{agent_pid}/fdinfo/{fd}") as f:
-                if re.search(r"^event_type:\s*uprobe", f.read(), re.M):
-                    n += 1
-        except OSError:
-            continue
-    return n
+    return sum(1 for info in anon_fdinfo(agent_pid, "bpf_link") if info.get("event_type") == "uprobe")
 
 
 def terminate(p, timeout, what):
