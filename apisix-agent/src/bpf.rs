@@ -150,18 +150,17 @@ impl Sampler {
     pub fn start_offcpu(min_block_us: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load()?;
         let btf = aya::Btf::from_sys_fs().map_err(|source| BpfError::NoBtf { source })?;
-        let switch: &mut BtfTracePoint = program(&mut sampler.ebpf, PROG_OFFCPU_SWITCH)?;
-        switch.load("sched_switch", &btf).map_err(verifier)?;
-        switch.attach().map_err(|source| BpfError::Program {
-            what: "attaching to sched_switch".into(),
-            source,
-        })?;
-        let exit: &mut BtfTracePoint = program(&mut sampler.ebpf, PROG_OFFCPU_EXIT)?;
-        exit.load("sys_exit", &btf).map_err(verifier)?;
-        exit.attach().map_err(|source| BpfError::Program {
-            what: "attaching to sys_exit".into(),
-            source,
-        })?;
+        for (name, tracepoint) in [
+            (PROG_OFFCPU_SWITCH, "sched_switch"),
+            (PROG_OFFCPU_EXIT, "sys_exit"),
+        ] {
+            let prog: &mut BtfTracePoint = program(&mut sampler.ebpf, name)?;
+            prog.load(tracepoint, &btf).map_err(verifier)?;
+            prog.attach().map_err(|source| BpfError::Program {
+                what: format!("attaching to {tracepoint}"),
+                source,
+            })?;
+        }
         sampler.set_offcpu_min(min_block_us)?;
         Ok(sampler)
     }
