@@ -465,7 +465,8 @@ impl Drop for Group {
     }
 }
 
-/// Runs headless chromium with `args`; returns its output. At most `secs` seconds.
+/// Runs headless chromium with `args`; asserts it succeeds within `secs` seconds and returns
+/// its output.
 fn chromium(dir: &Path, name: &str, args: &[&OsStr], secs: u64) -> Output {
     let profile = dir.join(format!("profile-{name}"));
     let stdout = dir.join(format!("{name}.stdout"));
@@ -504,11 +505,18 @@ fn chromium(dir: &Path, name: &str, args: &[&OsStr], secs: u64) -> Output {
         thread::sleep(Duration::from_millis(50));
     };
     drop(group);
-    Output {
+    let out = Output {
         status,
         stdout: std::fs::read(&stdout).unwrap_or_default(),
         stderr: std::fs::read(&stderr).unwrap_or_default(),
-    }
+    };
+    assert!(
+        out.status.success(),
+        "chromium {name} {}:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    out
 }
 
 #[test]
@@ -546,12 +554,6 @@ fn dashboard_flamegraph_renders_in_chromium() {
         ],
         60,
     );
-    assert!(
-        shot.status.success(),
-        "chromium --screenshot {}:\n{}",
-        shot.status,
-        text(&shot.stderr)
-    );
     let bytes = std::fs::read(&png)
         .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
     assert!(
@@ -577,12 +579,6 @@ fn dashboard_flamegraph_renders_in_chromium() {
         "dump-dom",
         &[OsStr::new("--dump-dom"), OsStr::new(&url)],
         60,
-    );
-    assert!(
-        dom.status.success(),
-        "chromium --dump-dom {}:\n{}",
-        dom.status,
-        text(&dom.stderr)
     );
     let dom = text(&dom.stdout);
     for f in FUNCTIONS {
