@@ -585,7 +585,7 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     w.l = l;
     w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
     w.stack_end = stack_end;
-    walk_frames(w, stack, base, leaf_pc);
+    walk_frames(w, stack, base, leaf_pc, in_vm);
     if w.error != 0
         && base == regs.rbp
         && !in_vm
@@ -593,7 +593,7 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
         && l_base > stack
         && l_base <= stack_end
     {
-        walk_frames(w, stack, l_base, 0);
+        walk_frames(w, stack, l_base, 0, false);
     }
     let mut n = w.n as usize;
     if n > MAX_LUA_FRAMES {
@@ -626,7 +626,8 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
 /// Walks the frames below `base` into `w.frames` (`w.n`, `w.error`, `w.done` tell the
 /// outcome); `pc` is the innermost frame's PC, or 0.
 #[inline(always)]
-fn walk_frames(w: &mut Walk, stack: u64, base: u64, pc: u64) {
+fn walk_frames(w: &mut Walk, stack: u64, base: u64, pc: u64, in_vm: bool) {
+    w.top_may_be_gone = u32::from(in_vm && w.layout.gc64 != 0);
     w.frame = base - 8;
     w.pc = pc;
     w.n = 0;
@@ -675,6 +676,10 @@ pub struct Walk {
     /// The last return PC whose CALL instruction was read, and that instruction's A operand.
     last_link: u64,
     last_a: u64,
+    /// Nonzero while the innermost frame of an interpreter sample with two-slot frames is
+    /// walked: its function slot may already hold a fast function's result.
+    top_may_be_gone: u32,
+    reserved2: u32,
     /// The Lua stack `[win_lo, win_hi)`, copied at the start of the walk (empty: 0, 0).
     win_lo: u64,
     win_hi: u64,
@@ -748,13 +753,23 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
             *out = w.last_frame;
             out.pc = w.pc;
             out.link = typep as u8;
+            w.n += 1;
         } else {
-            read_frame(&layout, func, w.pc, typep, out)?;
-            w.last_func = func;
-            w.last_frame = *out;
+            match read_frame(&layout, func, w.pc, typep, out) {
+                Ok(()) => {
+                    w.last_func = func;
+                    w.last_frame = *out;
+                    w.n += 1;
+                }
+                // A fast function returning writes its result over its own function slot
+                // before the interpreter moves BASE to the caller: that innermost frame is
+                // left out and the walk goes on from its link, which is still intact.
+                Err(_) if w.top_may_be_gone != 0 && link & FRAME_TYPE == FRAME_LUA => {}
+                Err(e) => return Err(e),
+            }
         }
-        w.n += 1;
     }
+    w.top_may_be_gone = 0;
     if link & FRAME_TYPE == FRAME_LUA {
         // The link is the return PC; the caller's CALL instruction encodes the frame size
         // (the same for every frame a recursion returns to).
