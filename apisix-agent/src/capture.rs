@@ -94,6 +94,8 @@ pub struct Capture {
     pub all_exited: bool,
     pub elapsed: Duration,
     pub stats: StackStats,
+    /// Traces read and decoded from the targets.
+    pub traces_decoded: u64,
 }
 
 /// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
@@ -184,5 +186,6 @@ pub fn capture(
         all_exited,
         elapsed,
         stats: builder.stats(),
+        traces_decoded: builder.traces_decoded(),
     })
 }

@@ -18,7 +18,7 @@ use apisix_ebpf_common::Counter;
 use crate::{
     capture::{self, CaptureTarget},
     fold::Folded,
-    luajit::{self, NameStyle},
+    luajit::{self, NameStyle, trace::TraceFallback},
     process,
 };
 
@@ -67,6 +67,8 @@ pub struct Recording {
     pub flavour: Option<String>,
     pub mode: capture::Mode,
     pub idle_excluded: u64,
+    /// Traces read and decoded from the target.
+    pub traces_decoded: u64,
 }
 
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
@@ -139,6 +141,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         flavour,
         mode,
         idle_excluded: cap.idle_excluded,
+        traces_decoded: cap.traces_decoded,
     })
 }
 
@@ -240,6 +243,38 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
                 errors.join(" ")
             }
         );
+        let in_lua: u64 = s.vm_states.iter().sum();
+        if in_lua > 0 {
+            let shares: Vec<String> = luajit::VmState::ALL
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} {:.1}%",
+                        v.name(),
+                        100.0 * s.vm_states[v.index()] as f64 / in_lua as f64
+                    )
+                })
+                .collect();
+            eprintln!("lua vm states: {}", shares.join(", "));
+        }
+        if s.trace_samples > 0 {
+            let fallbacks: Vec<String> = TraceFallback::ALL
+                .iter()
+                .filter(|f| s.trace_fallbacks[f.index()] > 0)
+                .map(|f| format!("{}={}", f.name(), s.trace_fallbacks[f.index()]))
+                .collect();
+            eprintln!(
+                "traces: {} samples, {} with inlined frames, {} traces decoded, fallbacks: {}",
+                s.trace_samples,
+                s.trace_inlined,
+                rec.traces_decoded,
+                if fallbacks.is_empty() {
+                    "none".to_owned()
+                } else {
+                    fallbacks.join(" ")
+                }
+            );
+        }
     }
     Ok(())
 }

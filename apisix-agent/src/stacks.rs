@@ -12,10 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apisix_ebpf_common::{LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
+use apisix_ebpf_common::{LuaFrame, LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
 
 use crate::{
-    luajit::{LuaNamer, LuaTarget, NameStyle},
+    luajit::{
+        LuaNamer, LuaTarget, NameStyle, VmState,
+        trace::{TraceFallback, TraceFrames, Tracer},
+    },
     process::{ElfFile, ProcessModules},
     symbolize::Symbolizer,
     unwind::{NativeUnwinder, UnwindEnd},
@@ -36,6 +39,14 @@ pub struct StackStats {
     pub unreadable: u64,
     /// Deepest Lua stack seen.
     pub max_lua_depth: u64,
+    /// Samples per LuaJIT VM state, indexed by [`VmState::index`].
+    pub vm_states: [u64; VmState::ALL.len()],
+    /// Samples taken while a trace ran (in its code or in C code it called).
+    pub trace_samples: u64,
+    /// Trace samples given at least one frame the trace inlined.
+    pub trace_inlined: u64,
+    /// Trace samples that kept only their physical frames, by [`TraceFallback::index`].
+    pub trace_fallbacks: [u64; TraceFallback::ALL.len()],
 }
 
 struct ProcState {
@@ -51,6 +62,9 @@ pub struct StackBuilder {
     files: HashMap<String, Arc<ElfFile>>,
     symbolizer: Symbolizer,
     namer: LuaNamer,
+    tracer: Tracer,
+    /// Whether a `[trace N]` pseudo-frame marks where a trace runs.
+    trace_marker: bool,
     style: NameStyle,
     stats: StackStats,
     /// LuaJIT targets registered by the caller (detected when the target was added).
@@ -79,6 +93,8 @@ impl StackBuilder {
             files: HashMap::new(),
             symbolizer: Symbolizer::new(),
             namer: LuaNamer::new(),
+            tracer: Tracer::new(),
+            trace_marker: false,
             style,
             stats: StackStats::default(),
             lua_targets: HashMap::new(),
@@ -91,6 +107,7 @@ impl StackBuilder {
         self.procs.remove(&pid);
         self.lua_targets.remove(&pid);
         self.namer.forget(pid);
+        self.tracer.forget(pid);
         // Files no process maps any more are closed.
         self.files.retain(|_, f| Arc::strong_count(f) > 1);
     }
@@ -103,6 +120,16 @@ impl StackBuilder {
     /// The module (file name) of a native frame label this builder produced.
     pub fn module_of(&self, label: &str) -> Option<&Arc<str>> {
         self.module_of.get(label)
+    }
+
+    /// Adds a `[trace N]` pseudo-frame where a trace runs (for JIT tuning).
+    pub fn set_trace_marker(&mut self, on: bool) {
+        self.trace_marker = on;
+    }
+
+    /// Traces read and decoded so far (the rest were served from the cache).
+    pub fn traces_decoded(&self) -> u64 {
+        self.tracer.decoded
     }
 
     /// Counters so far.
@@ -220,6 +247,72 @@ impl StackBuilder {
                 native.extend(below);
             }
         }
+        // Trace code: the frames the trace inlined, from the snapshot in effect at the
+        // sampled IP, or at the return address into the trace of the C code it called.
+        let state = LuaState::from_raw(s.lua_state);
+        let in_jit_code = proc.modules.find(s.regs.ip).is_none();
+        if let Some(v) = VmState::of(state, in_jit_code) {
+            self.stats.vm_states[v.index()] += 1;
+        }
+        let mut traced: Option<(i32, Option<TraceFrames>)> = None;
+        if state == LuaState::Trace
+            && s.vmstate >= 0
+            && !lua_frames.is_empty()
+            && let Some(lua) = proc.lua.as_ref()
+        {
+            self.stats.trace_samples += 1;
+            let ip = s.regs.ip;
+            let found = self.tracer.frames(
+                pid,
+                lua.flavour.layout(),
+                s.lua_l,
+                s.vmstate,
+                lua_frames.first(),
+                |mcode| {
+                    if mcode.contains(&ip) {
+                        Some(ip)
+                    } else {
+                        native
+                            .iter()
+                            .copied()
+                            .find(|a| mcode.contains(a))
+                            .or_else(|| trace_return(stack, s.regs.sp, s.lua_cframe, mcode))
+                    }
+                },
+            );
+            traced = Some((
+                s.vmstate,
+                match found {
+                    Ok(t) => {
+                        if !t.snap.frames.is_empty() {
+                            self.stats.trace_inlined += 1;
+                        }
+                        Some(t)
+                    }
+                    Err(e) => {
+                        self.stats.trace_fallbacks[e.index()] += 1;
+                        None
+                    }
+                },
+            ));
+        }
+        let with_inlined: Vec<LuaFrame>;
+        let lua_frames = match &traced {
+            Some((_, Some(t))) => {
+                let mut all = t.snap.frames.clone();
+                let first = all.len();
+                all.extend_from_slice(lua_frames);
+                if t.snap.base_pc != 0
+                    && let Some(base) = all.get_mut(first)
+                {
+                    base.pc = t.snap.base_pc;
+                }
+                with_inlined = all;
+                &with_inlined[..]
+            }
+            _ => lua_frames,
+        };
+
         match end {
             UnwindEnd::Complete => self.stats.native_complete += 1,
             UnwindEnd::Truncated => self.stats.native_truncated += 1,
@@ -255,6 +348,15 @@ impl StackBuilder {
                 &mut self.symbolizer,
                 &proc.modules,
             );
+            let mut segments = segments;
+            if self.trace_marker
+                && let Some((n, t)) = &traced
+                && let Some(last) = segments.last_mut()
+            {
+                let inlined = t.as_ref().map_or(0, |t| t.snap.frames.len());
+                let at = last.len().saturating_sub(inlined);
+                last.insert(at, Arc::from(format!("[trace {n}]")));
+            }
             let marker = match LuaState::from_raw(s.lua_state) {
                 LuaState::Gc => Some("[lua:gc]"),
                 LuaState::JitCompile => Some("[lua:jit-compile]"),
@@ -288,6 +390,27 @@ fn vm_subroutine_return(ip: u64, stack: &[u8], in_vm: &impl Fn(u64) -> bool) -> 
     let top: [u8; 8] = stack.get(..8)?.try_into().ok()?;
     let ret = u64::from_le_bytes(top);
     in_vm(ret).then_some(ret)
+}
+
+/// The return address into a trace's machine code `mcode` of the C code a trace called,
+/// when native unwinding did not reach it (a C function without unwind information for its
+/// current instruction): the first stack word between the stack pointer and the VM's C
+/// frame that points into the trace, minus one (the call instruction). Only a return
+/// address holds such a value: machine code is never data.
+fn trace_return(stack: &[u8], sp: u64, cframe: u64, mcode: &std::ops::Range<u64>) -> Option<u64> {
+    let cframe = cframe & !3;
+    let limit = if cframe > sp {
+        usize::try_from(cframe - sp)
+            .unwrap_or(usize::MAX)
+            .min(stack.len())
+    } else {
+        stack.len()
+    };
+    stack[..limit]
+        .chunks_exact(8)
+        .filter_map(|w| w.try_into().ok().map(u64::from_le_bytes))
+        .find(|a| mcode.contains(a))
+        .map(|a| a - 1)
 }
 
 /// Kernel frames of the tracing machinery itself (the off-CPU hook's own stack above the
@@ -458,6 +581,22 @@ mod tests {
         assert_eq!(vm_subroutine_return(0x3000, &stack, &vm), None);
         let data = 0x7fff_0000u64.to_le_bytes();
         assert_eq!(vm_subroutine_return(0x1800, &data, &vm), None);
+    }
+
+    #[test]
+    fn trace_return_address_is_found_below_the_vm_frame() {
+        let mcode = 0x7000_0000..0x7000_1000;
+        let mut stack = Vec::new();
+        for w in [0x55u64, 0x7000_0800, 0x7000_0900] {
+            stack.extend(w.to_le_bytes());
+        }
+        assert_eq!(trace_return(&stack, 0x1000, 0, &mcode), Some(0x7000_07ff));
+        // Only the words below the VM's C frame count.
+        assert_eq!(trace_return(&stack, 0x1000, 0x1008, &mcode), None);
+        assert_eq!(
+            trace_return(&stack, 0x1000, 0x1010, &mcode),
+            Some(0x7000_07ff)
+        );
     }
 
     #[test]

@@ -35,6 +35,46 @@ pub struct Layout {
     /// CFA offset from the stack pointer in the interpreter (`CFRAME_SIZE`), as `.eh_frame`
     /// states it: checked against the binary at detection.
     pub cframe_size: u64,
+    /// The JIT's structures: the trace table and a trace's header.
+    pub trace: TraceLayout,
+}
+
+/// Offsets of `jit_State` and `GCtrace` fields, for rebuilding the frames a trace inlined
+/// (measured with `offsetof` like the rest; a `GCtrace` without `LUAJIT_USE_GDBJIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceLayout {
+    /// `jit_State` minus `global_State` inside `GG_State` (`G2J`).
+    pub g_to_j: u32,
+    /// `jit_State.trace`: a native pointer to the array of trace GC references.
+    pub j_trace: u32,
+    /// `jit_State.sizetrace`: bounds a trace number.
+    pub j_sizetrace: u32,
+    /// `GCtrace.nsnap` (u16).
+    pub t_nsnap: u32,
+    /// `GCtrace.nins` (u32, biased IR reference).
+    pub t_nins: u32,
+    /// `GCtrace.ir` (native pointer, biased so that `ir + 8 * ref` is instruction `ref`).
+    pub t_ir: u32,
+    /// `GCtrace.nk` (u32, lowest constant's biased reference).
+    pub t_nk: u32,
+    /// `GCtrace.nsnapmap` (u32).
+    pub t_nsnapmap: u32,
+    /// `GCtrace.snap` (native pointer).
+    pub t_snap: u32,
+    /// `GCtrace.snapmap` (native pointer).
+    pub t_snapmap: u32,
+    /// `GCtrace.startpt` (GC reference to the starting prototype).
+    pub t_startpt: u32,
+    /// `GCtrace.szmcode` (u32).
+    pub t_szmcode: u32,
+    /// `GCtrace.mcode` (native pointer).
+    pub t_mcode: u32,
+    /// `GCtrace.traceno` (u16).
+    pub t_traceno: u32,
+    /// `GCtrace.root` (u16; 0 for a root trace).
+    pub t_root: u32,
+    /// `sizeof(GCtrace)`.
+    pub t_size: u32,
 }
 
 /// GC64 (64-bit GC references, two-slot frames): OpenResty's default.
@@ -71,6 +111,24 @@ pub const GC64: Layout = Layout {
     str_len: 20,
     str_size: 24,
     cframe_size: 80,
+    trace: TraceLayout {
+        g_to_j: 736,
+        j_trace: 384,
+        j_sizetrace: 396,
+        t_nsnap: 10,
+        t_nins: 12,
+        t_ir: 32,
+        t_nk: 40,
+        t_nsnapmap: 44,
+        t_snap: 48,
+        t_snapmap: 56,
+        t_startpt: 64,
+        t_szmcode: 84,
+        t_mcode: 88,
+        t_traceno: 104,
+        t_root: 108,
+        t_size: 120,
+    },
 };
 
 /// Non-GC64 (32-bit GC references, one-slot frames): `-DLUAJIT_DISABLE_GC64`.
@@ -107,6 +165,24 @@ pub const GC32: Layout = Layout {
     str_len: 16,
     str_size: 20,
     cframe_size: 80,
+    trace: TraceLayout {
+        g_to_j: 496,
+        j_trace: 360,
+        j_sizetrace: 372,
+        t_nsnap: 6,
+        t_nins: 8,
+        t_ir: 16,
+        t_nk: 24,
+        t_nsnapmap: 28,
+        t_snap: 32,
+        t_snapmap: 40,
+        t_startpt: 48,
+        t_szmcode: 60,
+        t_mcode: 64,
+        t_traceno: 80,
+        t_root: 84,
+        t_size: 96,
+    },
 };
 
 #[cfg(test)]
@@ -137,6 +213,33 @@ mod tests {
             assert_eq!(l.bpf.fn_gct, refw + 1);
             assert_eq!(l.bpf.fn_ffid, l.bpf.fn_gct + 1);
             assert!(l.str_len + 4 <= l.str_size);
+        }
+    }
+
+    /// The trace header fields follow `GCtrace`'s declaration order and widths.
+    #[test]
+    fn trace_layouts_follow_the_struct() {
+        for l in [GC64, GC32] {
+            let t = l.trace;
+            let refw = if l.bpf.gc64 != 0 { 8 } else { 4 };
+            // GC header (next ref, marked, gct), then nsnap (u16) and nins (u32).
+            assert_eq!(t.t_nsnap, l.bpf.fn_gct + 1);
+            assert_eq!(t.t_nins, t.t_nsnap + 2);
+            // ir is a native pointer, then nk and nsnapmap (u32 each), snap and snapmap.
+            assert_eq!(t.t_nk, t.t_ir + 8);
+            assert_eq!(t.t_nsnapmap, t.t_nk + 4);
+            assert_eq!(t.t_snap, t.t_nsnapmap + 4);
+            assert_eq!(t.t_snapmap, t.t_snap + 8);
+            assert_eq!(t.t_startpt, t.t_snapmap + 8);
+            // startpt, startpc (refs), startins (u32), szmcode (u32), mcode (pointer).
+            assert_eq!(t.t_szmcode, t.t_startpt + 2 * refw + 4);
+            assert_eq!(t.t_mcode % 8, 0);
+            // mcode, mcloop (u32), nchild, spadjust, traceno, link, root (u16 each).
+            assert_eq!(t.t_traceno, t.t_mcode + 8 + 4 + 2 + 2);
+            assert_eq!(t.t_root, t.t_traceno + 4);
+            assert_eq!(t.j_sizetrace, t.j_trace + 8 + 4);
+            // The trace table lies inside `GG_State` after `global_State`.
+            assert!(t.g_to_j > l.bpf.g_jit_base);
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod detect;
 pub mod ffnames;
 pub mod layout;
 pub mod names;
+pub mod trace;
 
 use std::{fmt, ops::Range};
 
@@ -26,6 +27,70 @@ pub enum NameStyle {
     FirstLine,
     /// `NAME@FILE:CURRENTLINE`.
     CurrentLine,
+}
+
+/// What the LuaJIT VM was doing at a sample (the port of stapxx's `lj-vm-states`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmState {
+    /// Running bytecode in the interpreter.
+    Interpreted,
+    /// Running a trace's machine code.
+    Compiled,
+    /// In C code called from Lua: C functions, FFI callees, fast functions, VM helpers, also
+    /// when called from a trace.
+    C,
+    /// In the garbage collector.
+    Gc,
+    /// Leaving a trace for the interpreter (restoring a snapshot).
+    TraceExit,
+    /// Recording, optimizing or assembling a trace.
+    JitCompiler,
+}
+
+impl VmState {
+    /// Every state, in a fixed order (index = position).
+    pub const ALL: [VmState; 6] = [
+        VmState::Interpreted,
+        VmState::Compiled,
+        VmState::C,
+        VmState::Gc,
+        VmState::TraceExit,
+        VmState::JitCompiler,
+    ];
+
+    /// Stable snake_case name, used as a metric label and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            VmState::Interpreted => "interpreted",
+            VmState::Compiled => "compiled",
+            VmState::C => "c",
+            VmState::Gc => "gc",
+            VmState::TraceExit => "trace_exit",
+            VmState::JitCompiler => "jit_compiler",
+        }
+    }
+
+    /// Position in [`VmState::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The state of a sample the BPF walker classified as `state`; `in_jit_code` tells
+    /// whether the sampled IP lies outside every mapped file (machine code of a trace).
+    /// `None` for a thread running no Lua.
+    pub fn of(state: apisix_ebpf_common::LuaState, in_jit_code: bool) -> Option<Self> {
+        use apisix_ebpf_common::LuaState as S;
+        match state {
+            S::None => None,
+            S::Interpreter => Some(Self::Interpreted),
+            S::C => Some(Self::C),
+            S::Gc => Some(Self::Gc),
+            S::JitCompile => Some(Self::JitCompiler),
+            S::TraceExit => Some(Self::TraceExit),
+            S::Trace if in_jit_code => Some(Self::Compiled),
+            S::Trace => Some(Self::C),
+        }
+    }
 }
 
 /// A LuaJIT build the agent knows how to walk.

@@ -1,0 +1,399 @@
+//! Root tests of JIT-compiled Lua: the frames of functions LuaJIT inlined into a trace come
+//! back from the trace's snapshots, on Debian's GC64 LuaJIT and on the non-GC64 build, with
+//! the JIT on. Shares are checked against CPU measured in Lua with `os.clock` around whole
+//! loops; that the functions really were inlined is shown from inside the VM (they are
+//! constants of live traces, which call no Lua function without inlining it).
+
+mod common;
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use common::{Lj, Load, Nginx, Recorded, record, require_root};
+
+/// Statements of work in each plugin-sized function (loop-free; each reads a table, so the
+/// trace has guards and snapshots inside it).
+const WORK: [(&str, usize); 5] = [("pa", 40), ("pb", 24), ("pc", 8), ("pd", 8), ("pe", 12)];
+
+/// The Lua module: `pc` calls `pd` calls `pe` (three levels of inlining); `run` is the
+/// runner loop, `poly` an APISIX-style plugin list walked with stride 2 (a polymorphic call
+/// site), `branchy` a function whose branch spawns side traces, `ffi` an inlined function
+/// that calls C through the FFI.
+fn module() -> String {
+    let mut m = String::from(
+        r#"local _M = {}
+local bit = require "bit"
+local band, bxor = bit.band, bit.bxor
+local ffi = require "ffi"
+ffi.cdef [[ void *memset(void *s, int c, size_t n); ]]
+local buf = ffi.new("uint8_t[?]", 65536)
+local T = {}
+for i = 1, 256 do T[i] = (i * 40503) % 65521 end
+-- What the plugins write to, like APISIX's api_ctx: each store gives the trace a snapshot.
+local ctx = { 0, 0, 0, 0, 0, 0, 0, 0 }
+"#,
+    );
+    let body = |n: usize| -> String {
+        (0..n)
+            .map(|k| {
+                format!(
+                    "    h = band(bxor(h, T[band(h + i + {k}, 255) + 1]) * 33 + {k}, 0xfffff)\n    \
+                     ctx[{}] = h\n",
+                    k % 8 + 1
+                )
+            })
+            .collect()
+    };
+    let work = |name: &str| WORK.iter().find(|(n, _)| *n == name).map_or(0, |w| w.1);
+    for (name, calls) in [
+        ("pe", None),
+        ("pd", Some("pe")),
+        ("pc", Some("pd")),
+        ("pb", None),
+        ("pa", None),
+    ] {
+        let _ = write!(m, "local function {name}(h, i)\n{}", body(work(name)));
+        if let Some(callee) = calls {
+            let _ = writeln!(m, "    h = {callee}(h, i)");
+        }
+        m.push_str("    return h\nend\n");
+    }
+    let _ = write!(
+        m,
+        r#"local function pbr(h, i)
+    if i % 3 == 0 then
+{}    else
+{}    end
+    return h
+end
+local function pf(h, i)
+    local v = T[band(h + i, 255) + 1]
+    ffi.C.memset(buf, band(v, 255), 65536)
+    h = band(bxor(h, T[band(h + v, 255) + 1]) * 33, 0xfffff)
+    ctx[1] = h
+    return h
+end
+"#,
+        body(16),
+        body(16)
+    );
+    m.push_str(
+        r#"local funcs = { pa = pa, pb = pb, pc = pc, pd = pd, pe = pe, pbr = pbr, pf = pf }
+
+-- CPU seconds per call of one function, measured in this worker: os.clock around a whole
+-- loop that calls it, the same way the runners do.
+function _M.calib(which)
+    local f = funcs[which]
+    local h, n, reps = 0, 200000, 0
+    for i = 1, n do h = f(h, i) end
+    local t0 = os.clock()
+    repeat
+        for i = 1, n do h = f(h, i) end
+        reps = reps + 1
+    until os.clock() - t0 > 0.4
+    return (os.clock() - t0) / (reps * n), h
+end
+
+function _M.run(n)
+    local h = 0
+    for i = 1, n do
+        h = pa(h, i)
+        h = pb(h, i)
+        h = pc(h, i)
+    end
+    return h
+end
+
+local plugins = { pa, { name = "a" }, pb, { name = "b" }, pc, { name = "c" } }
+
+function _M.poly(n)
+    local h = 0
+    for i = 1, n do
+        for j = 1, #plugins, 2 do
+            h = plugins[j](h, i)
+        end
+    end
+    return h
+end
+
+function _M.branchy(n)
+    local h = 0
+    for i = 1, n do
+        h = pa(h, i)
+        h = pbr(h, i)
+    end
+    return h
+end
+
+function _M.ffi(n)
+    local h = 0
+    for i = 1, n do h = pf(h, i) end
+    return h
+end
+
+function _M.hot(n)
+    local x = 0
+    for i = 1, n do x = (x * 31 + i) % 1000003 end
+    return x
+end
+
+-- `key .. number` in a loop: the interpreter's BC_CAT calls lj_meta_cat.
+function _M.cat(n)
+    local key, s = "key", nil
+    for i = 1, n do s = key .. (i % 17) end
+    return s
+end
+
+-- Which functions are constants of a live trace, i.e. inlined into compiled code (a
+-- trace calls no Lua function without inlining it).
+function _M.inlined()
+    local jutil = require "jit.util"
+    local consts = {}
+    for tr = 1, 4000 do
+        local info = jutil.traceinfo(tr)
+        if info then
+            -- Constants are numbered -1 downwards (the first is nil).
+            for k = -1, -info.nk, -1 do
+                local v = jutil.tracek(tr, k)
+                if type(v) == "function" then consts[v] = true end
+            end
+        end
+    end
+    local out = {}
+    for name, f in pairs(funcs) do
+        if consts[f] then out[#out + 1] = name end
+    end
+    table.sort(out)
+    return table.concat(out, ",")
+end
+
+return _M
+"#,
+    );
+    m
+}
+
+const SERVER: &str = r#"
+    location /calib { content_by_lua_block {
+        ngx.say(string.format("%.17g", (require("plug").calib(ngx.var.arg_f))))
+    } }
+    location /run { content_by_lua_block { ngx.say(require("plug").run(tonumber(ngx.var.arg_n))) } }
+    location /poly { content_by_lua_block { ngx.say(require("plug").poly(tonumber(ngx.var.arg_n))) } }
+    location /branchy { content_by_lua_block { ngx.say(require("plug").branchy(tonumber(ngx.var.arg_n))) } }
+    location /ffi { content_by_lua_block { ngx.say(require("plug").ffi(300)) } }
+    location /hot { content_by_lua_block { ngx.say(require("plug").hot(3000000)) } }
+    location /cat { content_by_lua_block { ngx.say(require("plug").cat(200000)) } }
+    location /inlined { content_by_lua_block { ngx.say(require("plug").inlined()) } }
+"#;
+
+fn start(lj: Lj, jit: bool, http_extra: &str) -> Nginx {
+    let init = if jit {
+        "init_by_lua_block { require('jit').on() }"
+    } else {
+        "init_by_lua_block { require('jit').off() }"
+    };
+    Nginx::start(
+        lj,
+        &[("plug", &module())],
+        &format!("{init}\n{http_extra}"),
+        SERVER,
+    )
+}
+
+/// Seconds of CPU per call of `f`, measured in the worker.
+fn calib(nginx: &Nginx, f: &str) -> f64 {
+    let body = nginx.get(&format!("/calib?f={f}"));
+    body.trim()
+        .parse::<f64>()
+        .unwrap_or_else(|_| panic!("calibration of {f}: {body:?}"))
+}
+
+fn has(frames: &[&str], prefix: &str) -> bool {
+    frames.iter().any(|f| f.starts_with(prefix))
+}
+
+/// First line of each function of the module, by name.
+fn def_lines() -> BTreeMap<String, u32> {
+    module()
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let name = l
+                .strip_prefix("local function ")
+                .or_else(|| l.strip_prefix("function _M."))?;
+            Some((name.split('(').next()?.to_owned(), i as u32 + 1))
+        })
+        .collect()
+}
+
+/// Whether a frame is function `name` of the module, whatever its call site called it
+/// (`plugins[j](…)` names it `anonymous`): by its file and first line.
+fn is_fn(frame: &str, name: &str) -> bool {
+    let line = def_lines()
+        .get(name)
+        .copied()
+        .unwrap_or_else(|| panic!("no function {name} in the module"));
+    frame.ends_with(&format!("/lua/plug.lua:{line}")) && frame.contains('@')
+}
+
+fn has_fn(frames: &[&str], name: &str) -> bool {
+    frames.iter().any(|f| is_fn(f, name))
+}
+
+/// Records `path` under load and checks each function's inclusive share of the samples in
+/// `roots` against `expected` (name → share), within 5 points.
+fn check_shares(
+    nginx: &Nginx,
+    path: &str,
+    roots: &[&str],
+    expected: &BTreeMap<&str, f64>,
+    what: &str,
+) -> Recorded {
+    let worker = nginx.worker().expect("worker");
+    nginx.get(path);
+    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(11));
+    std::thread::sleep(Duration::from_millis(800));
+    let rec = record(worker, 8, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let total = rec.count(|f| roots.iter().any(|r| has_fn(f, r)));
+    assert!(
+        total >= 300,
+        "{what}: too few samples ({total}): {}",
+        rec.dump()
+    );
+    let mut report = String::new();
+    let mut worst = 0.0f64;
+    for (name, want) in expected {
+        let got = rec.count(|f| has_fn(f, name)) as f64 / total as f64;
+        worst = worst.max((got - want).abs());
+        let _ = writeln!(
+            report,
+            "{name}: measured {:.1}% expected {:.1}%",
+            got * 100.0,
+            want * 100.0
+        );
+    }
+    eprintln!("{what}:\n{report}{}", rec.stderr);
+    assert!(
+        worst <= 0.05,
+        "{what}: a share is off by more than 5 points:\n{report}{}",
+        rec.dump()
+    );
+    rec
+}
+
+/// Inclusive CPU per call: `pc` includes `pd`, which includes `pe`.
+fn costs(nginx: &Nginx, names: &[&'static str]) -> BTreeMap<&'static str, f64> {
+    names.iter().map(|n| (*n, calib(nginx, n))).collect()
+}
+
+fn shares(costs: &BTreeMap<&'static str, f64>, of: &[&str]) -> BTreeMap<&'static str, f64> {
+    let sum: f64 = of.iter().map(|n| costs[n]).sum();
+    costs.iter().map(|(n, c)| (*n, c / sum)).collect()
+}
+
+fn inlined(lj: Lj) {
+    require_root();
+    let nginx = start(lj, true, "");
+    let cost = costs(&nginx, &["pa", "pb", "pc", "pd", "pe"]);
+    let want = shares(&cost, &["pa", "pb", "pc"]);
+    let rec = check_shares(
+        &nginx,
+        "/run?n=20000",
+        &["pa", "pb", "pc"],
+        &want,
+        &format!("{lj:?} runner loop"),
+    );
+    // Inlined for real: the functions are constants of live traces.
+    let consts = nginx.get("/inlined");
+    for f in ["pa", "pb", "pc", "pd", "pe"] {
+        assert!(
+            consts.trim().split(',').any(|c| c == f),
+            "{f} is not in a trace: {consts}"
+        );
+    }
+    // Three levels: pe under pd under pc under the runner, all in the worker's trace.
+    let nested = rec.count(|f| {
+        let pos = |p: &str| f.iter().position(|x| is_fn(x, p));
+        matches!(
+            (pos("run"), pos("pc"), pos("pd"), pos("pe")),
+            (Some(r), Some(c), Some(d), Some(e)) if r < c && c < d && d < e
+        )
+    });
+    let in_pe = rec.count(|f| has_fn(f, "pe"));
+    assert!(
+        in_pe > 20 && nested * 100 >= in_pe * 95,
+        "{nested}/{in_pe} samples in pe hang under run;pc;pd\n{}",
+        rec.dump()
+    );
+}
+
+#[test]
+fn inlined_gc64() {
+    inlined(Lj::Gc64);
+}
+
+#[test]
+fn inlined_gc32() {
+    inlined(Lj::Gc32);
+}
+
+/// A plugin list walked with stride 2 (a polymorphic call site: side traces per plugin) and a
+/// branchy inlined function.
+fn trace_shapes(lj: Lj) {
+    require_root();
+    let nginx = start(lj, true, "");
+    let cost = costs(&nginx, &["pa", "pb", "pc", "pbr"]);
+    let mut plugin_costs = cost.clone();
+    plugin_costs.remove("pbr");
+    let want = shares(&plugin_costs, &["pa", "pb", "pc"]);
+    check_shares(
+        &nginx,
+        "/poly?n=20000",
+        &["pa", "pb", "pc"],
+        &want,
+        &format!("{lj:?} plugin list"),
+    );
+    let mut branchy_costs = cost;
+    branchy_costs.retain(|n, _| *n == "pa" || *n == "pbr");
+    let want = shares(&branchy_costs, &["pa", "pbr"]);
+    check_shares(
+        &nginx,
+        "/branchy?n=20000",
+        &["pa", "pbr"],
+        &want,
+        &format!("{lj:?} branchy"),
+    );
+}
+
+#[test]
+fn trace_shapes_gc64() {
+    trace_shapes(Lj::Gc64);
+}
+
+#[test]
+fn trace_shapes_gc32() {
+    trace_shapes(Lj::Gc32);
+}
+
+/// A C function called through the FFI from an inlined function appears under it.
+#[test]
+fn ffi_from_inlined_function() {
+    require_root();
+    let nginx = start(Lj::Gc64, true, "");
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(8));
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = record(worker, 5, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let is_memset = |x: &str| x.contains("memset") || x.starts_with("libc.so.6+");
+    let in_memset = rec.count(|f| f.last().is_some_and(|x| is_memset(x)));
+    let under_pf = rec.count(|f| {
+        let n = f.len();
+        n >= 2 && is_memset(f[n - 1]) && is_fn(f[n - 2], "pf")
+    });
+    assert!(
+        in_memset > 50 && under_pf * 100 >= in_memset * 90,
+        "memset directly under pf in {under_pf}/{in_memset} samples\n{}",
+        rec.dump()
+    );
+}
