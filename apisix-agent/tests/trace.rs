@@ -397,3 +397,47 @@ fn ffi_from_inlined_function() {
         rec.dump()
     );
 }
+
+/// `key .. number` in the interpreter: samples in lj_meta_cat keep their Lua frames.
+fn concat(lj: Lj) {
+    require_root();
+    let nginx = start(lj, false, "");
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, "/cat", 2, Duration::from_secs(7));
+    std::thread::sleep(Duration::from_millis(400));
+    let rec = record(worker, 5, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    // In Lua: the stack runs through LuaJIT (its VM, a helper, the C API).
+    let luajit = |f: &[&str]| {
+        f.iter()
+            .any(|x| x.starts_with("lj_") || x.starts_with("lua_") || x.contains("libluajit"))
+    };
+    let in_lua = rec.count(|f| luajit(f) || f.iter().any(|x| x.contains('@')));
+    let without = rec.count(|f| luajit(f) && !f.iter().any(|x| x.contains('@')));
+    let in_cat = rec.count(|f| has(f, "cat@"));
+    let lualess: Vec<String> = rec
+        .stacks
+        .iter()
+        .filter(|(s, _)| {
+            let f: Vec<&str> = s.split(';').collect();
+            luajit(&f) && !s.contains('@')
+        })
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    assert!(
+        in_lua > 200 && without * 100 < in_lua && in_cat * 100 >= in_lua * 90,
+        "{lj:?}: {without}/{in_lua} samples in Lua without a Lua frame, {in_cat} under cat\n\
+         {lualess:#?}\n{}",
+        rec.dump()
+    );
+}
+
+#[test]
+fn concat_gc64() {
+    concat(Lj::Gc64);
+}
+
+#[test]
+fn concat_gc32() {
+    concat(Lj::Gc32);
+}

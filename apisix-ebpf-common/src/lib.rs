@@ -264,6 +264,8 @@ pub enum Counter {
     LuaWalked = 12,
     /// Off-CPU: blocks shorter than the minimum, dropped in the kernel (not an error).
     OffcpuShort = 13,
+    /// Lua: the thread runs Lua (its VM frame is on the stack) but the walk found no frame.
+    LuaNoFrames = 14,
 }
 
 /// Number of slots in [`MAP_COUNTERS`].
@@ -271,7 +273,7 @@ pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
     /// All counters, in slot order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Samples,
         Counter::RingbufFull,
         Counter::RegsUnavailable,
@@ -286,6 +288,7 @@ impl Counter {
         Counter::LuaIdle,
         Counter::LuaWalked,
         Counter::OffcpuShort,
+        Counter::LuaNoFrames,
     ];
 
     /// Stable snake_case name, used as a metric label and in reports.
@@ -305,6 +308,7 @@ impl Counter {
             Counter::LuaIdle => "lua_idle",
             Counter::LuaWalked => "lua_walked",
             Counter::OffcpuShort => "offcpu_short",
+            Counter::LuaNoFrames => "lua_no_frames",
         }
     }
 

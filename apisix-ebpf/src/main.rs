@@ -586,7 +586,10 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
     w.stack_end = stack_end;
     walk_frames(w, stack, base, leaf_pc, in_vm);
-    if w.error != 0
+    // rbp is BASE only in helpers the interpreter calls without storing `L->base`; in other
+    // C code it is any callee-saved value (lj_meta_cat keeps its `top`, a Lua stack slot,
+    // there). A walk from it that fails or finds no frame is redone from `L->base`.
+    if (w.error != 0 || w.n == 0)
         && base == regs.rbp
         && !in_vm
         && base != l_base
@@ -619,6 +622,10 @@ fn walk_lua(tgid: u32, target: &Target, regs: &Regs, s: &mut Sample) -> Result<b
     }
     if w.done == 0 {
         return Err(Counter::LuaTooDeep);
+    }
+    if n == 0 {
+        // The thread runs Lua (its VM frame is on this stack) but no frame was found.
+        return Err(Counter::LuaNoFrames);
     }
     Ok(true)
 }
