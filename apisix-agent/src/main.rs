@@ -1,27 +1,11 @@
 //! `apisix-agent`: eBPF profiler for Apache APISIX and OpenResty (nginx + ngx_lua + LuaJIT).
 //!
-//! This file only wires the command line to the modules that do the work.
-
-mod aggregate;
-mod bpf;
-mod capture;
-mod config;
-mod continuous;
-mod daemon;
-mod discovery;
-mod fold;
-mod http;
-mod luajit;
-mod memory;
-mod metrics;
-mod process;
-mod record;
-mod stacks;
-mod symbolize;
-mod unwind;
+//! This file only parses the command line and hands it to the library ([`apisix_agent`]),
+//! whose modules do the work.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use apisix_agent::{config, daemon, luajit, output, record};
 use clap::{Parser, Subcommand};
 
 /// eBPF CPU profiler for APISIX / OpenResty: mixed C + Lua flame graphs.
@@ -178,7 +162,7 @@ fn render(
                 .context("reading standard input")?;
         }
     }
-    let (folded, bad) = fold::Folded::parse(&text);
+    let (folded, bad) = output::Folded::parse(&text);
     if bad > 0 {
         eprintln!("skipped {bad} lines that are not `stack COUNT`");
     }

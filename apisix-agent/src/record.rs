@@ -1,7 +1,7 @@
 //! The one-shot `record` command: samples one process for a while and writes a flame graph
 //! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
 //!
-//! Hooks: a capture ([`crate::capture`]), `/proc/PID` (existence, LuaJIT detection).
+//! Hooks: a capture ([`crate::sampling::capture`]), `/proc/PID` (existence, LuaJIT detection).
 //! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr.
 
 use std::{
@@ -16,10 +16,10 @@ use anyhow::{Context as _, bail};
 use apisix_ebpf_common::Counter;
 
 use crate::{
-    capture::{self, CaptureTarget},
-    fold::Folded,
     luajit::{self, NameStyle},
-    process,
+    output::Folded,
+    sampling::capture::{self, CaptureTarget},
+    stacks::process,
 };
 
 /// Output formats.

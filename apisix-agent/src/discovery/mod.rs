@@ -5,6 +5,7 @@
 //!
 //! - [`procfs`]: scans `/proc` (names, worker command lines, cgroups → container ids, LuaJIT
 //!   detection cached per process start).
+//! - [`watch`]: the loop that rescans and publishes snapshots.
 //! - [`docker`]: follows the Docker API (bollard): lists containers, then its event stream,
 //!   reconnecting with backoff; each event triggers a scan at once.
 //!
@@ -13,6 +14,7 @@
 
 pub mod docker;
 pub mod procfs;
+pub mod watch;
 
 use std::sync::Arc;
 

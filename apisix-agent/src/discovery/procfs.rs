@@ -43,7 +43,7 @@ pub struct Scanner {
 /// The start time of a running process (field 22 of `/proc/PID/stat`); `None` when it is
 /// gone or a zombie.
 fn start_time(pid: u32) -> Option<u64> {
-    let fields = crate::process::stat_fields(&pid.to_string())?;
+    let fields = crate::stacks::process::stat_fields(&pid.to_string())?;
     if matches!(fields.first().map(String::as_str), Some("Z" | "X")) {
         return None;
     }
@@ -136,7 +136,7 @@ impl Scanner {
                 continue;
             }
             let forced = self.pids.contains(&pid);
-            let Ok(comm) = crate::process::comm(pid) else {
+            let Ok(comm) = crate::stacks::process::comm(pid) else {
                 continue;
             };
             if !forced && !self.names.is_match(&comm) {

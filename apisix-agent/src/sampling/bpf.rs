@@ -255,7 +255,7 @@ impl Sampler {
             .learners
             .keys()
             .copied()
-            .filter(|pid| self.vm_known(*pid) || !crate::process::exists(*pid))
+            .filter(|pid| self.vm_known(*pid) || !crate::stacks::process::exists(*pid))
             .collect();
         for pid in done {
             self.retire_learner(pid);
@@ -277,7 +277,7 @@ impl Sampler {
             crate::luajit::LuaTarget::bpf_target,
         );
         // Without it the main thread's stack copy probes for the end of the mapping.
-        target.stack_top = crate::process::main_stack_top(pid).unwrap_or(0);
+        target.stack_top = crate::stacks::process::main_stack_top(pid).unwrap_or(0);
         self.add_target(pid, target)?;
         if let Some(lua) = lua
             && let Err(e) = self.learn_vm(pid, &lua.library)

@@ -1,10 +1,10 @@
 //! The daemon's HTTP endpoint (axum):
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
-//!   format ([`crate::metrics`]).
+//!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
 //!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
-//!   ([`crate::capture`]); without, the continuously collected recent stacks at once.
+//!   ([`crate::sampling::capture`]); without, the continuously collected recent stacks at once.
 //! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
 //!
@@ -29,12 +29,12 @@ use axum::{
     routing::get,
 };
 
+use super::Shared;
 use crate::{
-    capture::{self, CaptureTarget},
-    daemon::Shared,
     discovery::{Lua, Target},
-    fold::Folded,
     luajit::NameStyle,
+    output::Folded,
+    sampling::capture::{self, CaptureTarget},
 };
 
 /// Serves until `shutdown` resolves.
@@ -84,7 +84,7 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            crate::metrics::to_prometheus_text(&text),
+            super::metrics::to_prometheus_text(&text),
         )
             .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),

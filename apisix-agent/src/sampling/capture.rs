@@ -3,7 +3,7 @@
 //! on-demand `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous,
 //! low-rate sampler running meanwhile).
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]) for the capture's duration. Metrics: none; the
+//! Hooks: the BPF sampler ([`super::bpf`]) for the capture's duration. Metrics: none; the
 //! outcome counters are returned in [`Capture`].
 
 use std::{
@@ -13,12 +13,11 @@ use std::{
 
 use apisix_ebpf_common::COUNTER_SLOTS;
 
+use super::bpf::{BpfError, Sampler};
 use crate::{
-    bpf::{BpfError, Sampler},
-    fold::Folded,
     luajit::{LuaTarget, NameStyle},
-    process,
-    stacks::{StackBuilder, StackStats},
+    output::Folded,
+    stacks::{StackBuilder, StackStats, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.

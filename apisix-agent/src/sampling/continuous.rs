@@ -3,7 +3,7 @@
 //! their LuaJIT layout, gone ones removed), turns samples into stacks for the
 //! [`Aggregator`], and once a second moves BPF counters into metrics.
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]) for the daemon's lifetime, plus the off-CPU
+//! Hooks: the BPF sampler ([`super::bpf`]) for the daemon's lifetime, plus the off-CPU
 //! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
@@ -18,13 +18,15 @@ use std::{
 
 use apisix_ebpf_common::Counter;
 
+use super::bpf::{BpfError, Sampler};
 use crate::{
-    aggregate::Group,
-    bpf::{BpfError, Sampler},
-    daemon::Shared,
+    daemon::{
+        Shared,
+        aggregate::Group,
+        metrics::{FlavourLabels, ReasonLabels, TargetLabels},
+    },
     discovery::{Lua, Snapshot, Target},
     luajit::NameStyle,
-    metrics::{FlavourLabels, ReasonLabels, TargetLabels},
     stacks::StackBuilder,
 };
 
