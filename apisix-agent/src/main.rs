@@ -39,8 +39,8 @@ enum Command {
         #[arg(long)]
         include_idle: bool,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = record::Format::Svg)]
-        format: record::Format,
+        #[arg(long, value_enum, default_value_t = record::RecordFormat::Svg)]
+        format: record::RecordFormat,
         /// Output file (default: standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,

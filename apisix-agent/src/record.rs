@@ -24,7 +24,7 @@ use crate::{
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub enum RecordFormat {
     /// An interactive SVG flame graph (inferno).
     Svg,
     /// Folded stacks, `root;…;leaf COUNT` per line.
@@ -51,7 +51,7 @@ pub struct RecordOptions {
     pub min_block_us: u64,
     /// Off-CPU: keep idle `epoll_wait` blocks.
     pub include_idle: bool,
-    pub format: Format,
+    pub format: RecordFormat,
     pub output: Option<PathBuf>,
     pub style: NameStyle,
 }
@@ -163,8 +163,8 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     );
     let write = |w: &mut dyn io::Write| -> io::Result<()> {
         match opts.format {
-            Format::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
-            Format::Collapsed => rec.folded.write_folded(&mut *w),
+            RecordFormat::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
+            RecordFormat::Collapsed => rec.folded.write_folded(&mut *w),
         }
     };
     match &opts.output {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use super::{Labels, Lua, Target, docker::Containers};
+use super::{Labels, Lua, TargetProcess, docker::Containers};
 use crate::{config, luajit};
 
 /// Errors of building a scanner.
@@ -107,7 +107,7 @@ impl Scanner {
         }
         let lua = match luajit::detect(pid) {
             Ok(Some(t)) => Lua::Known(t),
-            Ok(None) => Lua::None,
+            Ok(None) => Lua::Absent,
             Err(e) => {
                 tracing::warn!(pid, error = %e, "LuaJIT build not supported; native stacks only");
                 Lua::Unknown(e.to_string())
@@ -118,7 +118,7 @@ impl Scanner {
     }
 
     /// One pass over `/proc`.
-    pub fn scan(&mut self, containers: &Containers) -> Vec<Target> {
+    pub fn scan(&mut self, containers: &Containers) -> Vec<TargetProcess> {
         let mut out = Vec::new();
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return out;
@@ -181,10 +181,10 @@ impl Scanner {
                 }
             }
             let lua = self.lua(pid, start);
-            if !forced && lua == Lua::None {
+            if !forced && lua == Lua::Absent {
                 continue;
             }
-            out.push(Target {
+            out.push(TargetProcess {
                 pid,
                 start_time: start,
                 labels,

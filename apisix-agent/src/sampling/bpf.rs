@@ -1,10 +1,10 @@
 //! Loading and driving the BPF sampler: loads the object embedded at build time, attaches the
 //! `sample` perf_event program on every online CPU at a given frequency, and owns its maps
 //! (targets, LuaJIT layouts, the sample ring buffer, per-reason counters). Dropping the
-//! [`Sampler`] detaches everything.
+//! [`BpfSession`] detaches everything.
 //!
 //! Hooks: `perf_event_open` (software CPU clock, one per CPU), `bpf()`. Metrics: the
-//! per-reason counters read by [`Sampler::counters`].
+//! per-reason counters read by [`BpfSession::counters`].
 
 use std::{io, os::fd::AsRawFd as _, time::Duration};
 
@@ -89,23 +89,25 @@ fn is_permission(e: &EbpfError) -> bool {
     text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
 }
 
-/// The loaded and attached sampler.
-pub struct Sampler {
+/// One loaded BPF object with its maps and attachments: the CPU sampler
+/// ([`Self::start`], [`Self::prepare`]) or the off-CPU pair ([`Self::start_offcpu`]), plus
+/// the `lua_resume` learners of its targets.
+pub struct BpfSession {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     frequency: u64,
     learners: std::collections::HashMap<u32, UProbeLinkId>,
 }
 
-impl std::fmt::Debug for Sampler {
+impl std::fmt::Debug for BpfSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler")
+        f.debug_struct("BpfSession")
             .field("frequency", &self.frequency)
             .finish()
     }
 }
 
-impl Sampler {
+impl BpfSession {
     /// Loads the programs and attaches the sampler on every online CPU at `frequency` Hz.
     pub fn start(frequency: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::prepare(frequency)?;

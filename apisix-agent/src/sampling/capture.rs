@@ -13,7 +13,7 @@ use std::{
 
 use apisix_ebpf_common::COUNTER_SLOTS;
 
-use super::bpf::{BpfError, Sampler};
+use super::bpf::{BpfError, BpfSession};
 use crate::{
     luajit::{LuaTarget, NameStyle},
     output::Folded,
@@ -107,9 +107,9 @@ pub fn capture(
 ) -> Result<Capture, BpfError> {
     let mut builder = StackBuilder::new(style);
     let (mut sampler, exclude_idle) = match mode {
-        Mode::Cpu { frequency } => (Sampler::prepare(frequency)?, false),
+        Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
         // Held (every block counts as short) until the Lua VMs are learned.
-        Mode::OffCpu { exclude_idle, .. } => (Sampler::start_offcpu(u64::MAX)?, exclude_idle),
+        Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
     };
     let mut idle_excluded = 0;
     for t in targets {

@@ -18,14 +18,14 @@ use std::{
 
 use apisix_ebpf_common::Counter;
 
-use super::bpf::{BpfError, Sampler};
+use super::bpf::{BpfError, BpfSession};
 use crate::{
     daemon::{
         Shared,
         aggregate::Group,
         metrics::{FlavourLabels, ReasonLabels, TargetLabels},
     },
-    discovery::{Lua, Snapshot, Target},
+    discovery::{Lua, Snapshot, TargetProcess},
     luajit::NameStyle,
     stacks::StackBuilder,
 };
@@ -35,7 +35,7 @@ struct Tracked {
     labels: TargetLabels,
 }
 
-fn metric_labels(t: &Target) -> TargetLabels {
+fn metric_labels(t: &TargetProcess) -> TargetLabels {
     TargetLabels {
         container: t.labels.container.clone(),
         image: t.labels.image.clone(),
@@ -44,9 +44,9 @@ fn metric_labels(t: &Target) -> TargetLabels {
 }
 
 struct State {
-    sampler: Sampler,
+    sampler: BpfSession,
     /// The off-CPU sampler, when `sampling.offcpu.enabled`.
-    offcpu: Option<Sampler>,
+    offcpu: Option<BpfSession>,
     builder: StackBuilder,
     tracked: HashMap<u32, Tracked>,
     counters_seen: HashMap<&'static str, u64>,
@@ -55,7 +55,7 @@ struct State {
 
 impl State {
     fn apply(&mut self, shared: &Shared, snapshot: &Snapshot) {
-        let wanted: HashMap<u32, &Target> = snapshot.iter().map(|t| (t.pid, t)).collect();
+        let wanted: HashMap<u32, &TargetProcess> = snapshot.iter().map(|t| (t.pid, t)).collect();
         let gone: Vec<u32> = self
             .tracked
             .iter()
@@ -201,7 +201,7 @@ pub fn run(
     started: std::sync::mpsc::SyncSender<Result<(), BpfError>>,
 ) {
     let frequency = shared.config.sampling.frequency_hz;
-    let sampler = match Sampler::start(frequency) {
+    let sampler = match BpfSession::start(frequency) {
         Ok(s) => s,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -210,7 +210,7 @@ pub fn run(
     };
     let offcpu_cfg = &shared.config.sampling.offcpu;
     let offcpu = if offcpu_cfg.enabled {
-        match Sampler::start_offcpu(offcpu_cfg.min_block_us) {
+        match BpfSession::start_offcpu(offcpu_cfg.min_block_us) {
             Ok(s) => {
                 tracing::info!(
                     min_block_us = offcpu_cfg.min_block_us,

@@ -3,7 +3,7 @@
 //! capture with a sampler of its own (`record`, `/flamegraph?seconds=N`).
 //!
 //! Hooks: `perf_event_open`, BTF tracepoints, the `lua_resume` uprobe, `bpf()`. Metrics: the
-//! BPF counters (read by [`bpf::Sampler::counters`]) and, in the daemon, the unwind error,
+//! BPF counters (read by [`bpf::BpfSession::counters`]) and, in the daemon, the unwind error,
 //! lost sample and target gauges updated by [`continuous`].
 
 pub mod bpf;
