@@ -47,6 +47,10 @@ enum Command {
         /// Name Lua frames by their current line instead of the function's first line.
         #[arg(long)]
         lines: bool,
+        /// Also write the run's counts (samples, lost, unwinding and Lua outcomes) as JSON to
+        /// this file (`-`: standard output).
+        #[arg(long)]
+        summary: Option<PathBuf>,
     },
     /// Run the node daemon: discover targets (host and Docker), sample them continuously,
     /// serve /metrics, /flamegraph, /targets and /healthz.
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
             format,
             output,
             lines,
+            summary,
         } => record::run(&record::RecordOptions {
             pid,
             duration: Duration::from_secs(duration),
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
             include_idle,
             format,
             output,
+            summary,
             style: if lines {
                 luajit::NameStyle::CurrentLine
             } else {

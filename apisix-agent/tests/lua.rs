@@ -254,18 +254,12 @@ fn accuracy(lj: Lj, jit: bool) {
     );
 }
 
-/// Sum of the Lua unwind errors the summary line reports.
+/// Sum of the Lua walk errors of the BPF side, as `record --summary` reports them.
 fn lua_errors(rec: &Recorded) -> u64 {
-    let line = rec
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("lua:"))
-        .unwrap_or_else(|| panic!("no lua summary: {}", rec.stderr));
-    let errors = line.split("errors: ").nth(1).unwrap_or("none");
-    errors
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok()))
-        .sum()
+    let errors = rec.summary["lua"]["errors"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no lua.errors in the summary: {}", rec.summary));
+    errors.values().filter_map(serde_json::Value::as_u64).sum()
 }
 
 #[test]
@@ -308,7 +302,12 @@ fn shape(lj: Lj, jit: bool) {
             "{whole}/{in_spin} samples in spin have all 120 rec frames\n{}",
             rec.dump()
         );
-        assert!(rec.stderr.contains("deepest 12"), "{}", rec.stderr);
+        let deepest = rec.counter(&["deepest_lua"]);
+        assert!(
+            deepest >= 120,
+            "deepest Lua stack {deepest} < 120: {}",
+            rec.dump()
+        );
         // The seam: the Lua frames hang under ngx_lua's native frames, not under an unknown
         // root (the interpreter's subroutines such as lj_vm_mod push a return address).
         let seamed = rec.count(|f| {
@@ -544,7 +543,7 @@ fn reload_and_killed_workers_end_the_recording_cleanly() {
     assert!(st.success());
     let rec = handle.join().expect("record thread");
     assert!(rec.status.success(), "record failed: {}", rec.dump());
-    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert_eq!(rec.summary["exited"], true, "{}", rec.dump());
     assert!(rec.total() > 50, "samples lost: {}", rec.dump());
     // Now kill the new worker while recording it.
     std::thread::sleep(Duration::from_millis(500));
@@ -556,6 +555,6 @@ fn reload_and_killed_workers_end_the_recording_cleanly() {
         .status();
     let rec = handle.join().expect("record thread");
     assert!(rec.status.success(), "record failed: {}", rec.dump());
-    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert_eq!(rec.summary["exited"], true, "{}", rec.dump());
     assert!(rec.total() > 50, "samples lost: {}", rec.dump());
 }

@@ -93,6 +93,8 @@ pub struct Capture {
     pub all_exited: bool,
     pub elapsed: Duration,
     pub stats: StackStats,
+    /// Errors of naming Lua frames in user space, by reason.
+    pub lua_errors: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
@@ -183,5 +185,6 @@ pub fn capture(
         all_exited,
         elapsed,
         stats: builder.stats(),
+        lua_errors: builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect(),
     })
 }

@@ -39,11 +39,23 @@ pub fn require_root() {
 pub struct Recorded {
     pub status: std::process::ExitStatus,
     pub stderr: String,
+    /// The run's counts, as `record --summary` wrote them (`Null` when it wrote none).
+    pub summary: serde_json::Value,
     /// Folded stacks: stack → count.
     pub stacks: BTreeMap<String, u64>,
 }
 
 impl Recorded {
+    /// The summary's counter at `path` (e.g. `["lua", "walked"]`); panics when it is missing.
+    pub fn counter(&self, path: &[&str]) -> u64 {
+        let mut v = &self.summary;
+        for key in path {
+            v = &v[*key];
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no {path:?} in the summary: {}", self.summary))
+    }
+
     pub fn total(&self) -> u64 {
         self.stacks.values().sum()
     }
@@ -66,7 +78,12 @@ impl Recorded {
             .take(12)
             .map(|(s, n)| format!("{n:>6} {s}"))
             .collect();
-        format!("stderr:\n{}\ntop stacks:\n{}", self.stderr, top.join("\n"))
+        format!(
+            "stderr:\n{}\nsummary: {}\ntop stacks:\n{}",
+            self.stderr,
+            self.summary,
+            top.join("\n")
+        )
     }
 }
 
@@ -95,11 +112,14 @@ pub fn parse_folded(text: &str) -> BTreeMap<String, u64> {
 pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
+    let summary = dir.path().join("summary.json");
     let output = Command::new(agent())
         .args(["record", "--pid", &pid.to_string()])
         .args(["--duration", &secs.to_string(), "--format", "collapsed"])
         .arg("--output")
         .arg(&out)
+        .arg("--summary")
+        .arg(&summary)
         .args(extra)
         .output()
         .expect("run apisix-agent");
@@ -107,9 +127,15 @@ pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     let stacks = std::fs::read_to_string(&out)
         .map(|t| parse_folded(&t))
         .unwrap_or_default();
+    let summary = match std::fs::read_to_string(&summary) {
+        Ok(text) => serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("record --summary wrote bad JSON ({e}): {text}")),
+        Err(_) => serde_json::Value::Null,
+    };
     Recorded {
         status: output.status,
         stderr,
+        summary,
         stacks,
     }
 }
