@@ -15,18 +15,13 @@ pub mod state;
 
 use std::{
     path::Path,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    sync::{Arc, atomic::Ordering, mpsc},
     time::Duration,
 };
 
 use anyhow::Context as _;
 
 pub use self::state::Shared;
-use self::{aggregate::Aggregator, metrics::Metrics};
 use crate::{
     config::Config,
     discovery::{
@@ -44,21 +39,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let listen = config
         .listen_addr()
         .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
-    let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
-    let shared = Arc::new(Shared {
-        aggregator: Mutex::new(Aggregator::new(
-            metrics.clone(),
-            config.metrics.top_functions,
-            Duration::from_secs(config.sampling.retention_seconds),
-            config.sampling.max_retained_samples,
-        )),
-        metrics,
-        targets: RwLock::new(Arc::new(Vec::new())),
-        attached: AtomicBool::new(false),
-        captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
-        stop: AtomicBool::new(false),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,7 +5,10 @@
 //!
 //! Hooks: none. Metrics: owns the [`Metrics`] registry the others update.
 
-use std::sync::{Arc, Mutex, RwLock, atomic::AtomicBool};
+use std::{
+    sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
+    time::Duration,
+};
 
 use super::{aggregate::Aggregator, metrics::Metrics};
 use crate::{config::Config, discovery::Snapshot};
@@ -24,4 +27,25 @@ pub struct Shared {
     pub captures: tokio::sync::Semaphore,
     /// Set on shutdown: every loop and capture ends.
     pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// The state of a daemon with `config`, before anything runs: no targets, not attached.
+    pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
+        Self {
+            aggregator: Mutex::new(Aggregator::new(
+                metrics.clone(),
+                config.metrics.top_functions,
+                Duration::from_secs(config.sampling.retention_seconds),
+                config.sampling.max_retained_samples,
+            )),
+            metrics,
+            targets: RwLock::new(Arc::new(Vec::new())),
+            attached: AtomicBool::new(false),
+            captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
+            stop: AtomicBool::new(false),
+            config,
+        }
+    }
 }

@@ -18,7 +18,10 @@ use std::{
 
 use apisix_ebpf_common::Counter;
 
-use super::bpf::{BpfError, BpfSession};
+use super::{
+    bpf::{BpfError, BpfSession},
+    source::SampleSource,
+};
 use crate::{
     daemon::{
         Shared,
@@ -43,17 +46,17 @@ fn metric_labels(t: &TargetProcess) -> TargetLabels {
     }
 }
 
-struct State {
-    sampler: BpfSession,
+struct State<S> {
+    sampler: S,
     /// The off-CPU sampler, when `sampling.offcpu.enabled`.
-    offcpu: Option<BpfSession>,
+    offcpu: Option<S>,
     builder: StackBuilder,
     tracked: HashMap<u32, Tracked>,
     counters_seen: HashMap<&'static str, u64>,
     lost_seen: HashMap<u32, u64>,
 }
 
-impl State {
+impl<S: SampleSource> State<S> {
     fn apply(&mut self, shared: &Shared, snapshot: &Snapshot) {
         let wanted: HashMap<u32, &TargetProcess> = snapshot.iter().map(|t| (t.pid, t)).collect();
         let gone: Vec<u32> = self
@@ -227,6 +230,20 @@ pub fn run(
         None
     };
     let _ = started.send(Ok(()));
+    run_with(&shared, &snapshots, sampler, offcpu);
+}
+
+/// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until
+/// `shared.stop`: applies snapshots, builds and aggregates stacks, moves counters into
+/// metrics once a second. [`run`] calls it with the BPF sessions; root-free tests with a
+/// [`super::source::ReplaySource`].
+pub fn run_with<S: SampleSource>(
+    shared: &Shared,
+    snapshots: &mpsc::Receiver<Snapshot>,
+    sampler: S,
+    offcpu: Option<S>,
+) {
+    let frequency = shared.config.sampling.frequency_hz;
     shared
         .metrics
         .frequency
@@ -250,7 +267,7 @@ pub fn run(
             latest = Some(s);
         }
         if let Some(s) = latest {
-            state.apply(&shared, &s);
+            state.apply(shared, &s);
         }
         let State {
             sampler,
@@ -258,13 +275,13 @@ pub fn run(
             builder,
             ..
         } = &mut state;
-        sampler.poll(Duration::from_millis(200), |s| {
+        sampler.poll(Duration::from_millis(200), &mut |s| {
             if let Some(stack) = builder.build(s) {
                 batch.push((s.pid, stack));
             }
         });
         if let Some(off) = offcpu.as_mut() {
-            off.poll(Duration::ZERO, |s| {
+            off.poll(Duration::ZERO, &mut |s| {
                 if let Some(stack) = builder.build(s) {
                     blocked.push((s.pid, stack, s.weight));
                 }
@@ -288,7 +305,7 @@ pub fn run(
         blocked.clear();
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            state.tick(&shared);
+            state.tick(shared);
         }
     }
     shared.attached.store(false, Ordering::SeqCst);
