@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lj, Load, Nginx, Recorded, record, require_root};
+use common::{Lj, Load, Nginx, Recorded, record};
 
 const BENCH_LUA: &str = r#"
 local _M = {}
@@ -181,7 +181,6 @@ fn lua_flavour_line(rec: &Recorded, lj: Lj) {
 }
 
 fn accuracy(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
     // Calibrate: CPU time per iteration of each function alone, in this worker and mode.
@@ -264,26 +263,29 @@ fn lua_errors(rec: &Recorded) -> u64 {
 
 #[test]
 fn accuracy_gc64_jit_on() {
+    common::require_root!();
     accuracy(Lj::Gc64, true);
 }
 
 #[test]
 fn accuracy_gc64_jit_off() {
+    common::require_root!();
     accuracy(Lj::Gc64, false);
 }
 
 #[test]
 fn accuracy_gc32_jit_on() {
+    common::require_root!();
     accuracy(Lj::Gc32, true);
 }
 
 #[test]
 fn accuracy_gc32_jit_off() {
+    common::require_root!();
     accuracy(Lj::Gc32, false);
 }
 
 fn shape(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
 
@@ -341,23 +343,26 @@ fn shape(lj: Lj, jit: bool) {
 
 #[test]
 fn shape_gc64_jit_on() {
+    common::require_root!();
     shape(Lj::Gc64, true);
 }
 
 #[test]
 fn shape_gc32_jit_off() {
+    common::require_root!();
     shape(Lj::Gc32, false);
 }
 
 #[test]
 fn shape_gc32_jit_on() {
+    common::require_root!();
     shape(Lj::Gc32, true);
 }
 
 /// `--lines` names frames by their current line: inside the function, not its first line.
 #[test]
 fn lines_option_names_the_current_line() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(8));
@@ -393,7 +398,6 @@ fn lines_option_names_the_current_line() {
 
 /// A C function called through the FFI appears under the Lua function that called it.
 fn ffi(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(6));
@@ -425,18 +429,20 @@ fn ffi(lj: Lj, jit: bool) {
 
 #[test]
 fn ffi_gc64_jit_on() {
+    common::require_root!();
     ffi(Lj::Gc64, true);
 }
 
 #[test]
 fn ffi_gc32_jit_off() {
+    common::require_root!();
     ffi(Lj::Gc32, false);
 }
 
 /// Allocation-heavy code shows garbage-collector samples as `[lua:gc]` under its frame.
 #[test]
 fn gc_marker() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(6));
@@ -464,7 +470,6 @@ fn gc_marker() {
 /// Time in a C helper the interpreter calls without storing `L->base` (`lj_tab_len` for
 /// `#t`) stays under the Lua function that called it, without unwind errors.
 fn c_helper(lj: Lj) {
-    require_root();
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(6));
@@ -488,16 +493,17 @@ fn c_helper(lj: Lj) {
 
 #[test]
 fn c_helper_gc64() {
+    common::require_root!();
     c_helper(Lj::Gc64);
 }
 
 #[test]
 fn c_helper_gc32() {
+    common::require_root!();
     c_helper(Lj::Gc32);
 }
 
 fn builtin(lj: Lj) {
-    require_root();
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
@@ -519,17 +525,19 @@ fn builtin(lj: Lj) {
 
 #[test]
 fn builtin_gc64() {
+    common::require_root!();
     builtin(Lj::Gc64);
 }
 
 #[test]
 fn builtin_gc32() {
+    common::require_root!();
     builtin(Lj::Gc32);
 }
 
 #[test]
 fn reload_and_killed_workers_end_the_recording_cleanly() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, true);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));

@@ -24,15 +24,33 @@ pub fn agent() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_apisix-agent"))
 }
 
-/// Panics unless running as root: these tests load BPF programs.
-pub fn require_root() {
+/// Whether the tests run as root (effective uid 0).
+pub fn is_root() -> bool {
     // SAFETY: no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the root tests load BPF programs: run them as root (sudo -E cargo test)"
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Says on stderr, in one line, that the current test is skipped for lack of root. Written to
+/// the stream itself: the test harness would swallow `eprintln!` of a passing test.
+pub fn skip_not_root() {
+    let name = thread::current().name().unwrap_or("test").to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "{name}: skipped: needs root (loads BPF programs)"
     );
 }
+
+/// First line of a root test: as a normal user, says it is skipped (one line on stderr) and
+/// returns; as root (CI) the test runs, and whatever it needs but cannot find fails it.
+macro_rules! require_root {
+    () => {
+        if !$crate::common::is_root() {
+            $crate::common::skip_not_root();
+            return;
+        }
+    };
+}
+pub(crate) use require_root;
 
 /// Output of one `record` run.
 #[derive(Debug)]
