@@ -2,6 +2,8 @@
 //!
 //! This file only parses the command line and hands it to the library ([`apisix_agent`]),
 //! whose modules do the work.
+//!
+//! Hooks and metrics: those of the command run (`record`, `run`).
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 

@@ -15,6 +15,9 @@
 //!
 //! One module per program: [`sample`] (perf_event), [`offcpu`] (the two BTF tracepoints),
 //! [`learn_vm`] (uprobe); [`lua`] the Lua walk they share, [`maps`] every map.
+//!
+//! Hooks: `perf_event` (CPU clock), `tp_btf/sched_switch`, `tp_btf/sys_exit`, uprobe
+//! `lua_resume`. Metrics: `COUNTERS` (one slot per `Counter`) and `LOST`.
 #![no_std]
 #![no_main]
 

@@ -2,6 +2,8 @@
 //! are nginx workers (when `workers_only`), and that have LuaJIT mapped; plus the PIDs of
 //! `discovery.pids`. A process inside a Docker container (its cgroup names a container id) is
 //! kept when the container is selected; LuaJIT detection runs once per process start.
+//!
+//! Hooks: `/proc` (`comm`, `cmdline`, `stat`, `cgroup`, `maps`). Metrics: none.
 
 use std::collections::HashMap;
 
