@@ -676,6 +676,7 @@ class Bench:
     def render(self):
         w = self.workers[0]
         folded = os.path.join(self.work, "capture.folded")
+        summary_path = os.path.join(self.work, "capture.summary.json")
         log(f"render: {self.a.record}s collapsed capture of worker {w} at 99 Hz under mixed load")
         bgs = [
             self.wrk_background(self.a.record + 3, deep=False, conns=8),
@@ -686,6 +687,7 @@ class Bench:
             [
                 self.agent_bin, "record", "--pid", str(w), "--duration", str(self.a.record),
                 "--frequency", "99", "--format", "collapsed", "--lines", "-o", folded,
+                "--summary", summary_path,
             ],
             capture_output=True,
             text=True,
@@ -694,8 +696,9 @@ class Bench:
             p.communicate()
         if r.returncode != 0:
             raise BenchError(f"record failed:\n{r.stderr}")
-        m = re.search(r"(\d+) samples taken, (\d+) lost", r.stderr)
-        rec_taken, rec_lost = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        with open(summary_path) as f:
+            summary = json.load(f)
+        rec_taken, rec_lost = summary["samples"], summary["lost"]
         stacks = read_folded(folded)
         if not stacks:
             raise BenchError("the capture has no samples")

@@ -1,27 +1,13 @@
 //! `apisix-agent`: eBPF profiler for Apache APISIX and OpenResty (nginx + ngx_lua + LuaJIT).
 //!
-//! This file only wires the command line to the modules that do the work.
-
-mod aggregate;
-mod bpf;
-mod capture;
-mod config;
-mod continuous;
-mod daemon;
-mod discovery;
-mod fold;
-mod http;
-mod luajit;
-mod memory;
-mod metrics;
-mod process;
-mod record;
-mod stacks;
-mod symbolize;
-mod unwind;
+//! This file only parses the command line and hands it to the library ([`apisix_agent`]),
+//! whose modules do the work.
+//!
+//! Hooks and metrics: those of the command run (`record`, `run`).
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use apisix_agent::{config, daemon, luajit, output, record};
 use clap::{Parser, Subcommand};
 
 /// eBPF CPU profiler for APISIX / OpenResty: mixed C + Lua flame graphs.
@@ -55,14 +41,18 @@ enum Command {
         #[arg(long)]
         include_idle: bool,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = record::Format::Svg)]
-        format: record::Format,
+        #[arg(long, value_enum, default_value_t = record::RecordFormat::Svg)]
+        format: record::RecordFormat,
         /// Output file (default: standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Name Lua frames by their current line instead of the function's first line.
         #[arg(long)]
         lines: bool,
+        /// Also write the run's counts (samples, lost, unwinding and Lua outcomes) as JSON to
+        /// this file (`-`: standard output).
+        #[arg(long)]
+        summary: Option<PathBuf>,
     },
     /// Run the node daemon: discover targets (host and Docker), sample them continuously,
     /// serve /metrics, /flamegraph, /targets and /healthz.
@@ -115,6 +105,7 @@ fn main() -> ExitCode {
             format,
             output,
             lines,
+            summary,
         } => record::run(&record::RecordOptions {
             pid,
             duration: Duration::from_secs(duration),
@@ -124,6 +115,7 @@ fn main() -> ExitCode {
             include_idle,
             format,
             output,
+            summary,
             style: if lines {
                 luajit::NameStyle::CurrentLine
             } else {
@@ -178,7 +170,7 @@ fn render(
                 .context("reading standard input")?;
         }
     }
-    let (folded, bad) = fold::Folded::parse(&text);
+    let (folded, bad) = output::Folded::parse(&text);
     if bad > 0 {
         eprintln!("skipped {bad} lines that are not `stack COUNT`");
     }

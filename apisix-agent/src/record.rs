@@ -1,10 +1,12 @@
 //! The one-shot `record` command: samples one process for a while and writes a flame graph
 //! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
 //!
-//! Hooks: a capture ([`crate::capture`]), `/proc/PID` (existence, LuaJIT detection).
-//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr.
+//! Hooks: a capture ([`crate::sampling::capture`]), `/proc/PID` (existence, LuaJIT detection).
+//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr,
+//! and with `--summary FILE` the same counts as JSON ([`RecordSummary`]).
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io::{self, IsTerminal as _, Write as _},
     path::PathBuf,
@@ -16,15 +18,15 @@ use anyhow::{Context as _, bail};
 use apisix_ebpf_common::Counter;
 
 use crate::{
-    capture::{self, CaptureTarget},
-    fold::Folded,
     luajit::{self, NameStyle, trace::TraceFallback},
-    process,
+    output::Folded,
+    sampling::capture::{self, CaptureTarget},
+    stacks::process,
 };
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub enum RecordFormat {
     /// An interactive SVG flame graph (inferno).
     Svg,
     /// Folded stacks, `root;…;leaf COUNT` per line.
@@ -51,9 +53,122 @@ pub struct RecordOptions {
     pub min_block_us: u64,
     /// Off-CPU: keep idle `epoll_wait` blocks.
     pub include_idle: bool,
-    pub format: Format,
+    pub format: RecordFormat,
     pub output: Option<PathBuf>,
+    /// Where to write the run's counts as JSON (`-`: standard output).
+    pub summary: Option<PathBuf>,
     pub style: NameStyle,
+}
+
+/// The counts of one recording, written by `--summary FILE` as JSON. Stable field names:
+/// tests and benchmarks read them. To add a field, add it here (and to [`Self::of`]); readers
+/// ignore fields they do not know.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RecordSummary {
+    /// `cpu` or `off-cpu`.
+    pub mode: &'static str,
+    pub pid: u32,
+    /// How long was sampled (shorter than asked when the target exited).
+    pub duration_seconds: f64,
+    /// Samples (off-CPU: blocks) written by the BPF side.
+    pub samples: u64,
+    /// Samples lost because the ring buffer was full.
+    pub lost: u64,
+    /// Distinct stacks written.
+    pub stacks: u64,
+    pub native: NativeSummary,
+    pub lua: LuaSummary,
+    /// Deepest Lua stack seen, in frames.
+    pub deepest_lua: u64,
+    /// The target exited during the recording.
+    pub exited: bool,
+    /// Lua samples per VM state, by [`luajit::VmState::name`] (every state, zeros included).
+    pub vm_states: BTreeMap<&'static str, u64>,
+    /// Samples taken while a JIT trace ran, and their inlined frames.
+    pub trace: TraceSummary,
+}
+
+/// What became of the samples taken while a trace ran.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TraceSummary {
+    /// Samples in a trace's code or in C code it called.
+    pub samples: u64,
+    /// Of those, samples given at least one frame the trace inlined.
+    pub inlined: u64,
+    /// Traces read and decoded from the target (the rest came from the cache).
+    pub decoded: u64,
+    /// Samples that kept only their physical frames, by [`TraceFallback::name`] (every
+    /// reason, zeros included).
+    pub fallbacks: BTreeMap<&'static str, u64>,
+}
+
+/// Native unwinding outcomes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NativeSummary {
+    /// Unwinds that reached the outermost frame.
+    pub complete: u64,
+    /// Unwinds that stopped early.
+    pub truncated: u64,
+}
+
+/// Lua walk outcomes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LuaSummary {
+    /// Samples with a complete Lua walk.
+    pub walked: u64,
+    /// Samples of threads running no Lua at the time.
+    pub idle: u64,
+    /// The BPF side's error counters, by [`Counter::name`] (every one, zeros included).
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Errors of naming Lua frames in user space, by reason.
+    pub user_errors: BTreeMap<&'static str, u64>,
+}
+
+impl RecordSummary {
+    /// The summary of recording `pid`.
+    pub fn of(pid: u32, rec: &Recording) -> Self {
+        let c = &rec.counters;
+        Self {
+            mode: match rec.mode {
+                capture::Mode::Cpu { .. } => "cpu",
+                capture::Mode::OffCpu { .. } => "off-cpu",
+            },
+            pid,
+            duration_seconds: rec.elapsed.as_secs_f64(),
+            samples: c[Counter::Samples as usize],
+            lost: c[Counter::RingbufFull as usize],
+            stacks: rec.folded.lines().len() as u64,
+            native: NativeSummary {
+                complete: rec.stats.native_complete,
+                truncated: rec.stats.native_truncated,
+            },
+            lua: LuaSummary {
+                walked: c[Counter::LuaWalked as usize],
+                idle: c[Counter::LuaIdle as usize],
+                errors: Counter::ALL
+                    .into_iter()
+                    .filter(|c| c.is_error())
+                    .map(|counter| (counter.name(), c[counter as usize]))
+                    .collect(),
+                user_errors: rec.user_errors.iter().map(|(k, v)| (*k, *v)).collect(),
+            },
+            deepest_lua: rec.stats.max_lua_depth,
+            exited: rec.target_exited,
+            vm_states: luajit::VmState::ALL
+                .iter()
+                .map(|v| (v.name(), rec.stats.vm_states[v.index()]))
+                .collect(),
+            trace: TraceSummary {
+                samples: rec.stats.trace_samples,
+                inlined: rec.stats.trace_inlined,
+                decoded: rec.traces_decoded,
+                fallbacks: TraceFallback::ALL
+                    .iter()
+                    .map(|f| (f.name(), rec.stats.trace_fallbacks[f.index()]))
+                    .collect(),
+            },
+        }
+    }
 }
 
 /// What a recording produced.
@@ -69,6 +184,8 @@ pub struct Recording {
     pub idle_excluded: u64,
     /// Traces read and decoded from the target.
     pub traces_decoded: u64,
+    /// Errors of naming Lua frames in user space, by reason.
+    pub user_errors: BTreeMap<&'static str, u64>,
 }
 
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
@@ -142,6 +259,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         mode,
         idle_excluded: cap.idle_excluded,
         traces_decoded: cap.traces_decoded,
+        user_errors: cap.lua_errors,
     })
 }
 
@@ -166,8 +284,8 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     );
     let write = |w: &mut dyn io::Write| -> io::Result<()> {
         match opts.format {
-            Format::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
-            Format::Collapsed => rec.folded.write_folded(&mut *w),
+            RecordFormat::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
+            RecordFormat::Collapsed => rec.folded.write_folded(&mut *w),
         }
     };
     match &opts.output {
@@ -184,6 +302,9 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             let mut lock = stdout.lock();
             write(&mut lock).context("writing to stdout")?;
         }
+    }
+    if let Some(path) = &opts.summary {
+        write_summary(path, &RecordSummary::of(opts.pid, &rec))?;
     }
     if rec.target_exited {
         eprintln!(
@@ -277,4 +398,66 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `summary` as JSON to `path` (`-`: standard output).
+fn write_summary(path: &std::path::Path, summary: &RecordSummary) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string(summary).context("encoding the summary")?;
+    text.push('\n');
+    if path.as_os_str() == "-" {
+        io::stdout()
+            .write_all(text.as_bytes())
+            .context("writing the summary to stdout")
+    } else {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_has_the_documented_shape() {
+        let mut counters = [0; apisix_ebpf_common::COUNTER_SLOTS as usize];
+        counters[Counter::Samples as usize] = 800;
+        counters[Counter::LuaWalked as usize] = 700;
+        counters[Counter::LuaIdle as usize] = 90;
+        counters[Counter::LuaReadFailed as usize] = 3;
+        let mut folded = Folded::new();
+        folded.add(vec!["main".into(), "f".into()], 790);
+        let rec = Recording {
+            folded,
+            counters,
+            target_exited: false,
+            elapsed: Duration::from_secs(8),
+            stats: crate::stacks::StackStats {
+                native_complete: 790,
+                native_truncated: 10,
+                max_lua_depth: 123,
+                ..Default::default()
+            },
+            flavour: None,
+            mode: capture::Mode::Cpu { frequency: 99 },
+            idle_excluded: 0,
+            user_errors: BTreeMap::from([("proto_freed", 0)]),
+        };
+        let json = serde_json::to_value(RecordSummary::of(123, &rec)).expect("encode");
+        assert_eq!(json["mode"], "cpu");
+        assert_eq!(json["pid"], 123);
+        assert_eq!(json["duration_seconds"], 8.0);
+        assert_eq!(json["samples"], 800);
+        assert_eq!(json["lost"], 0);
+        assert_eq!(json["stacks"], 1);
+        assert_eq!(json["native"]["complete"], 790);
+        assert_eq!(json["native"]["truncated"], 10);
+        assert_eq!(json["lua"]["walked"], 700);
+        assert_eq!(json["lua"]["idle"], 90);
+        assert_eq!(json["lua"]["errors"]["lua_read_failed"], 3);
+        assert_eq!(json["lua"]["errors"]["map_insert_failed"], 0);
+        assert!(json["lua"]["errors"].get("lua_walked").is_none());
+        assert_eq!(json["lua"]["user_errors"]["proto_freed"], 0);
+        assert_eq!(json["deepest_lua"], 123);
+        assert_eq!(json["exited"], false);
+    }
 }

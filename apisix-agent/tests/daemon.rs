@@ -15,7 +15,7 @@ use std::{
 use common::{
     Lj, Load, Nginx, agent,
     daemon::{Agent, http, series, wait_for},
-    free_port, require_root,
+    free_port,
 };
 
 const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";
@@ -163,7 +163,7 @@ fn host_nginx(name: &str) -> Nginx {
 
 #[test]
 fn host_and_docker_targets_are_profiled() {
-    require_root();
+    common::require_root!();
     require_docker();
     let host = host_nginx("host_burn");
     let _host_load = Load::start(host.port, "/", 1, Duration::from_secs(120));
@@ -367,7 +367,7 @@ fn host_and_docker_targets_are_profiled() {
 
 #[test]
 fn docker_socket_absent_keeps_host_profiling() {
-    require_root();
+    common::require_root!();
     let host = host_nginx("lonely_burn");
     let _load = Load::start(host.port, "/", 1, Duration::from_secs(60));
     let agent = Agent::start(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lj, Load, Nginx, Recorded, record, require_root};
+use common::{Lj, Load, Nginx, Recorded, record};
 
 const BENCH_LUA: &str = r#"
 local _M = {}
@@ -181,7 +181,6 @@ fn lua_flavour_line(rec: &Recorded, lj: Lj) {
 }
 
 fn accuracy(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
     // Calibrate: CPU time per iteration of each function alone, in this worker and mode.
@@ -254,42 +253,39 @@ fn accuracy(lj: Lj, jit: bool) {
     );
 }
 
-/// Sum of the Lua unwind errors the summary line reports.
+/// Sum of the Lua walk errors of the BPF side, as `record --summary` reports them.
 fn lua_errors(rec: &Recorded) -> u64 {
-    let line = rec
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("lua:"))
-        .unwrap_or_else(|| panic!("no lua summary: {}", rec.stderr));
-    let errors = line.split("errors: ").nth(1).unwrap_or("none");
-    errors
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok()))
-        .sum()
+    let errors = rec.summary["lua"]["errors"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no lua.errors in the summary: {}", rec.summary));
+    errors.values().filter_map(serde_json::Value::as_u64).sum()
 }
 
 #[test]
 fn accuracy_gc64_jit_on() {
+    common::require_root!();
     accuracy(Lj::Gc64, true);
 }
 
 #[test]
 fn accuracy_gc64_jit_off() {
+    common::require_root!();
     accuracy(Lj::Gc64, false);
 }
 
 #[test]
 fn accuracy_gc32_jit_on() {
+    common::require_root!();
     accuracy(Lj::Gc32, true);
 }
 
 #[test]
 fn accuracy_gc32_jit_off() {
+    common::require_root!();
     accuracy(Lj::Gc32, false);
 }
 
 fn shape(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
 
@@ -308,7 +304,12 @@ fn shape(lj: Lj, jit: bool) {
             "{whole}/{in_spin} samples in spin have all 120 rec frames\n{}",
             rec.dump()
         );
-        assert!(rec.stderr.contains("deepest 12"), "{}", rec.stderr);
+        let deepest = rec.counter(&["deepest_lua"]);
+        assert!(
+            deepest >= 120,
+            "deepest Lua stack {deepest} < 120: {}",
+            rec.dump()
+        );
         // The seam: the Lua frames hang under ngx_lua's native frames, not under an unknown
         // root (the interpreter's subroutines such as lj_vm_mod push a return address).
         let seamed = rec.count(|f| {
@@ -342,23 +343,26 @@ fn shape(lj: Lj, jit: bool) {
 
 #[test]
 fn shape_gc64_jit_on() {
+    common::require_root!();
     shape(Lj::Gc64, true);
 }
 
 #[test]
 fn shape_gc32_jit_off() {
+    common::require_root!();
     shape(Lj::Gc32, false);
 }
 
 #[test]
 fn shape_gc32_jit_on() {
+    common::require_root!();
     shape(Lj::Gc32, true);
 }
 
 /// `--lines` names frames by their current line: inside the function, not its first line.
 #[test]
 fn lines_option_names_the_current_line() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(8));
@@ -394,7 +398,6 @@ fn lines_option_names_the_current_line() {
 
 /// A C function called through the FFI appears under the Lua function that called it.
 fn ffi(lj: Lj, jit: bool) {
-    require_root();
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(6));
@@ -426,18 +429,20 @@ fn ffi(lj: Lj, jit: bool) {
 
 #[test]
 fn ffi_gc64_jit_on() {
+    common::require_root!();
     ffi(Lj::Gc64, true);
 }
 
 #[test]
 fn ffi_gc32_jit_off() {
+    common::require_root!();
     ffi(Lj::Gc32, false);
 }
 
 /// Allocation-heavy code shows garbage-collector samples as `[lua:gc]` under its frame.
 #[test]
 fn gc_marker() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(6));
@@ -465,7 +470,6 @@ fn gc_marker() {
 /// Time in a C helper the interpreter calls without storing `L->base` (`lj_tab_len` for
 /// `#t`) stays under the Lua function that called it, without unwind errors.
 fn c_helper(lj: Lj) {
-    require_root();
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(6));
@@ -489,16 +493,17 @@ fn c_helper(lj: Lj) {
 
 #[test]
 fn c_helper_gc64() {
+    common::require_root!();
     c_helper(Lj::Gc64);
 }
 
 #[test]
 fn c_helper_gc32() {
+    common::require_root!();
     c_helper(Lj::Gc32);
 }
 
 fn builtin(lj: Lj) {
-    require_root();
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
@@ -520,17 +525,19 @@ fn builtin(lj: Lj) {
 
 #[test]
 fn builtin_gc64() {
+    common::require_root!();
     builtin(Lj::Gc64);
 }
 
 #[test]
 fn builtin_gc32() {
+    common::require_root!();
     builtin(Lj::Gc32);
 }
 
 #[test]
 fn reload_and_killed_workers_end_the_recording_cleanly() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, true);
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
@@ -544,7 +551,7 @@ fn reload_and_killed_workers_end_the_recording_cleanly() {
     assert!(st.success());
     let rec = handle.join().expect("record thread");
     assert!(rec.status.success(), "record failed: {}", rec.dump());
-    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert_eq!(rec.summary["exited"], true, "{}", rec.dump());
     assert!(rec.total() > 50, "samples lost: {}", rec.dump());
     // Now kill the new worker while recording it.
     std::thread::sleep(Duration::from_millis(500));
@@ -556,6 +563,6 @@ fn reload_and_killed_workers_end_the_recording_cleanly() {
         .status();
     let rec = handle.join().expect("record thread");
     assert!(rec.status.success(), "record failed: {}", rec.dump());
-    assert!(rec.stderr.contains("exited"), "{}", rec.stderr);
+    assert_eq!(rec.summary["exited"], true, "{}", rec.dump());
     assert!(rec.total() > 50, "samples lost: {}", rec.dump());
 }

@@ -22,7 +22,7 @@ use std::{
 use common::{
     Lj, Load, Nginx, agent,
     daemon::{Agent, http, wait_for},
-    free_port, require_root,
+    free_port,
 };
 
 /// The workload's Lua module: two named functions that burn CPU, called one after the other
@@ -340,7 +340,7 @@ fn check_metrics_with_promtool(body: &str) {
 
 #[test]
 fn prometheus_scrapes_the_agent() {
-    require_root();
+    common::require_root!();
     let started = Instant::now();
     let workload = Workload::start(90);
     let agent_started = Instant::now();
@@ -521,7 +521,7 @@ fn chromium(dir: &Path, name: &str, args: &[&OsStr], secs: u64) -> Output {
 
 #[test]
 fn dashboard_flamegraph_renders_in_chromium() {
-    require_root();
+    common::require_root!();
     require_program(
         "chromium",
         "--version",

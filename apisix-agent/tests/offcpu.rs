@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lj, Load, Nginx, record, require_root};
+use common::{Lj, Load, Nginx, record};
 
 const LUA: &str = r#"
 local ffi = require "ffi"
@@ -73,7 +73,7 @@ fn start() -> Nginx {
 
 #[test]
 fn blocking_lua_function_carries_the_blocked_time() {
-    require_root();
+    common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/block", 1, Duration::from_secs(10));
@@ -119,7 +119,7 @@ fn blocking_lua_function_carries_the_blocked_time() {
 
 #[test]
 fn ngx_sleep_is_not_blocked_worker_time() {
-    require_root();
+    common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/sleep", 2, Duration::from_secs(8));
@@ -155,7 +155,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
 
 #[test]
 fn daemon_serves_offcpu_metrics_and_flame_graphs() {
-    require_root();
+    common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/block", 1, Duration::from_secs(30));

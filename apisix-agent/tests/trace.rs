@@ -8,7 +8,7 @@ mod common;
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use common::{Lj, Load, Nginx, Recorded, record, require_root};
+use common::{Lj, Load, Nginx, Recorded, record};
 
 /// Statements of work in each plugin-sized function (loop-free; each reads a table, so the
 /// trace has guards and snapshots inside it).
@@ -292,7 +292,7 @@ fn shares(costs: &BTreeMap<&'static str, f64>, of: &[&str]) -> BTreeMap<&'static
 }
 
 fn inlined(lj: Lj) {
-    require_root();
+    common::require_root!();
     let nginx = start(lj, true, "");
     let cost = costs(&nginx, &["pa", "pb", "pc", "pd", "pe"]);
     let want = shares(&cost, &["pa", "pb", "pc"]);
@@ -302,6 +302,13 @@ fn inlined(lj: Lj) {
         &["pa", "pb", "pc"],
         &want,
         &format!("{lj:?} runner loop"),
+    );
+    let samples = summary_u64(&rec, &["trace", "samples"]);
+    let with_frames = summary_u64(&rec, &["trace", "inlined"]);
+    assert!(
+        samples > 300 && with_frames * 100 >= samples * 95,
+        "{lj:?}: {with_frames}/{samples} trace samples got inlined frames: {}",
+        rec.summary["trace"]
     );
     // Inlined for real: the functions are constants of live traces.
     let consts = nginx.get("/inlined");
@@ -340,7 +347,7 @@ fn inlined_gc32() {
 /// A plugin list walked with stride 2 (a polymorphic call site: side traces per plugin) and a
 /// branchy inlined function.
 fn trace_shapes(lj: Lj) {
-    require_root();
+    common::require_root!();
     let nginx = start(lj, true, "");
     let cost = costs(&nginx, &["pa", "pb", "pc", "pbr"]);
     let mut plugin_costs = cost.clone();
@@ -378,7 +385,7 @@ fn trace_shapes_gc32() {
 /// A C function called through the FFI from an inlined function appears under it.
 #[test]
 fn ffi_from_inlined_function() {
-    require_root();
+    common::require_root!();
     let nginx = start(Lj::Gc64, true, "");
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(8));
@@ -400,7 +407,7 @@ fn ffi_from_inlined_function() {
 
 /// `key .. number` in the interpreter: samples in lj_meta_cat keep their Lua frames.
 fn concat(lj: Lj) {
-    require_root();
+    common::require_root!();
     let nginx = start(lj, false, "");
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/cat", 2, Duration::from_secs(7));
@@ -424,6 +431,15 @@ fn concat(lj: Lj) {
         })
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
+    let errors: u64 = rec.summary["lua"]["errors"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+        .unwrap_or_else(|| panic!("no lua errors in the summary: {}", rec.summary));
+    assert!(
+        errors * 100 <= rec.total(),
+        "{lj:?}: more than 1% Lua unwind errors: {}",
+        rec.summary
+    );
     assert!(
         in_lua > 200 && without * 100 < in_lua && in_cat * 100 >= in_lua * 90,
         "{lj:?}: {without}/{in_lua} samples in Lua without a Lua frame, {in_cat} under cat\n\
@@ -440,4 +456,121 @@ fn concat_gc64() {
 #[test]
 fn concat_gc32() {
     concat(Lj::Gc32);
+}
+
+/// A summary count, 0 when absent.
+fn summary_u64(rec: &Recorded, path: &[&str]) -> u64 {
+    let mut v = &rec.summary;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or(0)
+}
+
+/// Share of Lua samples in the given VM states.
+fn vm_share(rec: &Recorded, states: &[&str]) -> f64 {
+    let all = rec.summary["vm_states"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no vm_states in the summary: {}", rec.summary));
+    let total: u64 = all.values().filter_map(|v| v.as_u64()).sum();
+    let some: u64 = states
+        .iter()
+        .filter_map(|s| all.get(*s).and_then(|v| v.as_u64()))
+        .sum();
+    assert!(total > 100, "too few Lua samples: {}", rec.summary);
+    some as f64 / total as f64
+}
+
+/// Traces flushed every 100 ms while recording: no crash, every fallback counted, no frame
+/// from a stale trace (every Lua frame names a function of the module at its own line).
+fn flush(lj: Lj) {
+    common::require_root!();
+    let nginx = start(
+        lj,
+        true,
+        "init_worker_by_lua_block { ngx.timer.every(0.1, function() require('jit').flush() end) }",
+    );
+    let worker = nginx.worker().expect("worker");
+    let path = "/run?n=4000";
+    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(9));
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = record(worker, 6, &[]);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    // Function definitions of the module: first line → name.
+    let defs: BTreeMap<u32, String> = def_lines().into_iter().map(|(n, l)| (l, n)).collect();
+    let file = format!("{}/lua/plug.lua:", nginx.prefix.path().display());
+    let mut bad = Vec::new();
+    for stack in rec.stacks.keys() {
+        for frame in stack.split(';') {
+            let Some((name, rest)) = frame.split_once('@') else {
+                continue;
+            };
+            let Some(line) = rest.strip_prefix(&file) else {
+                continue;
+            };
+            let line: u32 = line.parse().unwrap_or(0);
+            let ok = match defs.get(&line) {
+                Some(def) => name == def || name.ends_with(&format!(".{def}")),
+                None => false,
+            };
+            if !ok {
+                bad.push(frame.to_owned());
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "frames naming no function of the module: {bad:?}"
+    );
+    let samples = summary_u64(&rec, &["trace", "samples"]);
+    let inlined = summary_u64(&rec, &["trace", "inlined"]);
+    let fallbacks: u64 = rec.summary["trace"]["fallbacks"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+        .unwrap_or(0);
+    eprintln!(
+        "{lj:?} flush every 100 ms: {samples} trace samples, {inlined} with inlined frames, \
+         {fallbacks} fell back: {}",
+        rec.summary["trace"]
+    );
+    assert!(samples > 50 && inlined > 0, "{}", rec.dump());
+}
+
+#[test]
+fn flush_gc64() {
+    flush(Lj::Gc64);
+}
+
+#[test]
+fn flush_gc32() {
+    flush(Lj::Gc32);
+}
+
+/// The VM-state split: interpreted code with the JIT off, compiled code for a hot loop.
+#[test]
+fn vm_states() {
+    common::require_root!();
+    for (jit, path, states, min) in [
+        (false, "/run?n=3000", &["interpreted", "c"][..], 0.95),
+        (true, "/hot", &["compiled"][..], 0.80),
+    ] {
+        let nginx = start(Lj::Gc64, jit, "");
+        let worker = nginx.worker().expect("worker");
+        let _load = Load::start(nginx.port, path, 2, Duration::from_secs(6));
+        std::thread::sleep(Duration::from_millis(500));
+        let rec = record(worker, 4, &[]);
+        assert!(rec.status.success(), "record failed: {}", rec.dump());
+        let share = vm_share(&rec, states);
+        eprintln!(
+            "jit={jit} {path}: {states:?} {:.1}% {}",
+            share * 100.0,
+            rec.summary["vm_states"]
+        );
+        assert!(
+            share >= min,
+            "jit={jit} {path}: {states:?} only {:.1}%: {}",
+            share * 100.0,
+            rec.summary
+        );
+    }
 }

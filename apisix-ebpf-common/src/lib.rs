@@ -264,8 +264,11 @@ pub enum Counter {
     LuaWalked = 12,
     /// Off-CPU: blocks shorter than the minimum, dropped in the kernel (not an error).
     OffcpuShort = 13,
+    /// A BPF map insert failed (map full, or out of memory): what it would have recorded —
+    /// a learned Lua VM, a block's start, a per-process lost count — is missing.
+    MapInsertFailed = 14,
     /// Lua: the thread runs Lua (its VM frame is on the stack) but the walk found no frame.
-    LuaNoFrames = 14,
+    LuaNoFrames = 15,
 }
 
 /// Number of slots in [`MAP_COUNTERS`].
@@ -273,7 +276,7 @@ pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
     /// All counters, in slot order.
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Samples,
         Counter::RingbufFull,
         Counter::RegsUnavailable,
@@ -288,6 +291,7 @@ impl Counter {
         Counter::LuaIdle,
         Counter::LuaWalked,
         Counter::OffcpuShort,
+        Counter::MapInsertFailed,
         Counter::LuaNoFrames,
     ];
 
@@ -308,12 +312,13 @@ impl Counter {
             Counter::LuaIdle => "lua_idle",
             Counter::LuaWalked => "lua_walked",
             Counter::OffcpuShort => "offcpu_short",
+            Counter::MapInsertFailed => "map_insert_failed",
             Counter::LuaNoFrames => "lua_no_frames",
         }
     }
 
-    /// Whether the counter counts walks that ended early (the rest count successes, idle
-    /// samples and dropped short blocks).
+    /// Whether the counter counts something that went wrong: walks that ended early, a failed
+    /// map insert (the rest count successes, idle samples and dropped short blocks).
     pub const fn is_error(self) -> bool {
         !matches!(
             self,

@@ -4,6 +4,8 @@
 //! seconds. When the socket is absent or the daemon goes away, the last list is dropped (host
 //! processes keep being profiled), that is logged once, and the connection is retried with
 //! exponential backoff.
+//!
+//! Hooks: the Docker socket (`discovery.docker.socket`). Metrics: none.
 
 use std::{
     collections::HashMap,

@@ -5,6 +5,7 @@
 //!
 //! - [`procfs`]: scans `/proc` (names, worker command lines, cgroups → container ids, LuaJIT
 //!   detection cached per process start).
+//! - [`watch`]: the loop that rescans and publishes snapshots.
 //! - [`docker`]: follows the Docker API (bollard): lists containers, then its event stream,
 //!   reconnecting with backoff; each event triggers a scan at once.
 //!
@@ -13,6 +14,7 @@
 
 pub mod docker;
 pub mod procfs;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -41,7 +43,7 @@ pub enum Lua {
     /// LuaJIT is there but its build is not one whose layout is known: native stacks only.
     Unknown(String),
     /// No LuaJIT mapped (a PID given by hand): native stacks only.
-    None,
+    Absent,
 }
 
 impl Lua {
@@ -51,14 +53,14 @@ impl Lua {
             Lua::Known(t) if t.flavour.gc64 => "gc64",
             Lua::Known(_) => "gc32",
             Lua::Unknown(_) => "unknown",
-            Lua::None => "native",
+            Lua::Absent => "native",
         }
     }
 }
 
 /// One process to profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub struct TargetProcess {
     pub pid: u32,
     /// Process start time (clock ticks since boot): tells a reused PID from the old process.
     pub start_time: u64,
@@ -67,7 +69,7 @@ pub struct Target {
 }
 
 /// Every target found by one scan, sorted by PID.
-pub type Snapshot = Arc<Vec<Target>>;
+pub type Snapshot = Arc<Vec<TargetProcess>>;
 
 /// JSON view of a target for `/targets`.
 #[derive(Debug, Serialize)]
@@ -81,7 +83,7 @@ pub struct TargetView<'a> {
     pub luajit_error: Option<&'a str>,
 }
 
-impl Target {
+impl TargetProcess {
     /// The `/targets` view.
     pub fn view(&self) -> TargetView<'_> {
         TargetView {

@@ -2,12 +2,14 @@
 //! are nginx workers (when `workers_only`), and that have LuaJIT mapped; plus the PIDs of
 //! `discovery.pids`. A process inside a Docker container (its cgroup names a container id) is
 //! kept when the container is selected; LuaJIT detection runs once per process start.
+//!
+//! Hooks: `/proc` (`comm`, `cmdline`, `stat`, `cgroup`, `maps`). Metrics: none.
 
 use std::collections::HashMap;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use super::{Labels, Lua, Target, docker::Containers};
+use super::{Labels, Lua, TargetProcess, docker::Containers};
 use crate::{config, luajit};
 
 /// Errors of building a scanner.
@@ -43,7 +45,7 @@ pub struct Scanner {
 /// The start time of a running process (field 22 of `/proc/PID/stat`); `None` when it is
 /// gone or a zombie.
 fn start_time(pid: u32) -> Option<u64> {
-    let fields = crate::process::stat_fields(&pid.to_string())?;
+    let fields = crate::stacks::process::stat_fields(&pid.to_string())?;
     if matches!(fields.first().map(String::as_str), Some("Z" | "X")) {
         return None;
     }
@@ -107,7 +109,7 @@ impl Scanner {
         }
         let lua = match luajit::detect(pid) {
             Ok(Some(t)) => Lua::Known(t),
-            Ok(None) => Lua::None,
+            Ok(None) => Lua::Absent,
             Err(e) => {
                 tracing::warn!(pid, error = %e, "LuaJIT build not supported; native stacks only");
                 Lua::Unknown(e.to_string())
@@ -118,7 +120,7 @@ impl Scanner {
     }
 
     /// One pass over `/proc`.
-    pub fn scan(&mut self, containers: &Containers) -> Vec<Target> {
+    pub fn scan(&mut self, containers: &Containers) -> Vec<TargetProcess> {
         let mut out = Vec::new();
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return out;
@@ -136,7 +138,7 @@ impl Scanner {
                 continue;
             }
             let forced = self.pids.contains(&pid);
-            let Ok(comm) = crate::process::comm(pid) else {
+            let Ok(comm) = crate::stacks::process::comm(pid) else {
                 continue;
             };
             if !forced && !self.names.is_match(&comm) {
@@ -181,10 +183,10 @@ impl Scanner {
                 }
             }
             let lua = self.lua(pid, start);
-            if !forced && lua == Lua::None {
+            if !forced && lua == Lua::Absent {
                 continue;
             }
-            out.push(Target {
+            out.push(TargetProcess {
                 pid,
                 start_time: start,
                 labels,

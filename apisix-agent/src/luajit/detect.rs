@@ -14,13 +14,13 @@ use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use super::{Flavour, LuaTarget};
-use crate::process::{ElfFile, ProcessModules};
+use crate::stacks::process::{self, ElfFile, ProcessModules};
 
 /// Why a LuaJIT build was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
     #[error(transparent)]
-    Process(#[from] crate::process::ProcessError),
+    Process(#[from] process::ProcessError),
     #[error(
         "unknown LuaJIT build in {path} ({details}); Lua frames are disabled, native stacks are still profiled"
     )]

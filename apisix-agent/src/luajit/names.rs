@@ -13,7 +13,7 @@ use super::{
     ffnames,
     layout::Layout,
 };
-use crate::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
+use crate::stacks::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
 
 /// Largest prototype (with its colocated debug data) read from a target.
 const MAX_PROTO_BYTES: u32 = 1 << 20;

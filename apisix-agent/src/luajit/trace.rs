@@ -27,7 +27,7 @@ use std::{collections::HashMap, ops::Range, sync::Arc};
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
 use super::layout::Layout;
-use crate::memory::{MAX_READ, Memory};
+use crate::stacks::memory::{MAX_READ, Memory};
 
 /// `GCtrace.gct`: the GC type `~LJ_TTRACE`, i.e. 9.
 const GCT_TRACE: u8 = 9;

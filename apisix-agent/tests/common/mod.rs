@@ -24,26 +24,56 @@ pub fn agent() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_apisix-agent"))
 }
 
-/// Panics unless running as root: these tests load BPF programs.
-pub fn require_root() {
+/// Whether the tests run as root (effective uid 0).
+pub fn is_root() -> bool {
     // SAFETY: no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the root tests load BPF programs: run them as root (sudo -E cargo test)"
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Says on stderr, in one line, that the current test is skipped for lack of root. Written to
+/// the stream itself: the test harness would swallow `eprintln!` of a passing test.
+pub fn skip_not_root() {
+    let name = thread::current().name().unwrap_or("test").to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "{name}: skipped: needs root (loads BPF programs)"
     );
 }
+
+/// First line of a root test: as a normal user, says it is skipped (one line on stderr) and
+/// returns; as root (CI) the test runs, and whatever it needs but cannot find fails it.
+macro_rules! require_root {
+    () => {
+        if !$crate::common::is_root() {
+            $crate::common::skip_not_root();
+            return;
+        }
+    };
+}
+pub(crate) use require_root;
 
 /// Output of one `record` run.
 #[derive(Debug)]
 pub struct Recorded {
     pub status: std::process::ExitStatus,
     pub stderr: String,
+    /// The run's counts, as `record --summary` wrote them (`Null` when it wrote none).
+    pub summary: serde_json::Value,
     /// Folded stacks: stack → count.
     pub stacks: BTreeMap<String, u64>,
 }
 
 impl Recorded {
+    /// The summary's counter at `path` (e.g. `["lua", "walked"]`); panics when it is missing.
+    pub fn counter(&self, path: &[&str]) -> u64 {
+        let mut v = &self.summary;
+        for key in path {
+            v = &v[*key];
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no {path:?} in the summary: {}", self.summary))
+    }
+
     pub fn total(&self) -> u64 {
         self.stacks.values().sum()
     }
@@ -66,7 +96,12 @@ impl Recorded {
             .take(12)
             .map(|(s, n)| format!("{n:>6} {s}"))
             .collect();
-        format!("stderr:\n{}\ntop stacks:\n{}", self.stderr, top.join("\n"))
+        format!(
+            "stderr:\n{}\nsummary: {}\ntop stacks:\n{}",
+            self.stderr,
+            self.summary,
+            top.join("\n")
+        )
     }
 }
 
@@ -95,11 +130,14 @@ pub fn parse_folded(text: &str) -> BTreeMap<String, u64> {
 pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
+    let summary = dir.path().join("summary.json");
     let output = Command::new(agent())
         .args(["record", "--pid", &pid.to_string()])
         .args(["--duration", &secs.to_string(), "--format", "collapsed"])
         .arg("--output")
         .arg(&out)
+        .arg("--summary")
+        .arg(&summary)
         .args(extra)
         .output()
         .expect("run apisix-agent");
@@ -107,9 +145,15 @@ pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     let stacks = std::fs::read_to_string(&out)
         .map(|t| parse_folded(&t))
         .unwrap_or_default();
+    let summary = match std::fs::read_to_string(&summary) {
+        Ok(text) => serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("record --summary wrote bad JSON ({e}): {text}")),
+        Err(_) => serde_json::Value::Null,
+    };
     Recorded {
         status: output.status,
         stderr,
+        summary,
         stacks,
     }
 }

@@ -1,9 +1,9 @@
-//! Turns raw samples into named stacks, root first: native unwinding ([`crate::unwind`]),
-//! symbolization ([`crate::symbolize`]), Lua frame naming ([`crate::luajit`]) and the
+//! Turns raw samples into named stacks, root first: native unwinding ([`super::unwind`]),
+//! symbolization ([`super::symbolize`]), Lua frame naming ([`crate::luajit`]) and the
 //! splice of Lua frames into the native stack at the VM boundary.
 //!
 //! Per-process state (open files, unwinder, LuaJIT target) is kept here and created on the
-//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::process`]. Metrics: the
+//! first sample of a process. Hooks: `/proc/PID/*` through [`super::process`]. Metrics: the
 //! [`StackStats`] counters, read by the caller.
 
 use std::{
@@ -14,14 +14,14 @@ use std::{
 
 use apisix_ebpf_common::{LuaFrame, LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
 
-use crate::{
-    luajit::{
-        LuaNamer, LuaTarget, NameStyle, VmState,
-        trace::{TraceFallback, TraceFrames, Tracer},
-    },
+use super::{
     process::{ElfFile, ProcessModules},
     symbolize::Symbolizer,
     unwind::{NativeUnwinder, UnwindEnd},
+};
+use crate::luajit::{
+    LuaNamer, LuaTarget, NameStyle, VmState,
+    trace::{TraceFallback, TraceFrames, Tracer},
 };
 
 /// Outcome counters of stack building.

@@ -3,7 +3,7 @@
 //! their LuaJIT layout, gone ones removed), turns samples into stacks for the
 //! [`Aggregator`], and once a second moves BPF counters into metrics.
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]) for the daemon's lifetime, plus the off-CPU
+//! Hooks: the BPF sampler ([`super::bpf`]) for the daemon's lifetime, plus the off-CPU
 //! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
@@ -18,13 +18,18 @@ use std::{
 
 use apisix_ebpf_common::Counter;
 
+use super::{
+    bpf::{BpfError, BpfSession},
+    source::SampleSource,
+};
 use crate::{
-    aggregate::Group,
-    bpf::{BpfError, Sampler},
-    daemon::Shared,
-    discovery::{Lua, Snapshot, Target},
+    daemon::{
+        Shared,
+        aggregate::Group,
+        metrics::{FlavourLabels, ReasonLabels, TargetLabels},
+    },
+    discovery::{Lua, Snapshot, TargetProcess},
     luajit::NameStyle,
-    metrics::{FlavourLabels, ReasonLabels, TargetLabels},
     stacks::StackBuilder,
 };
 
@@ -33,7 +38,7 @@ struct Tracked {
     labels: TargetLabels,
 }
 
-fn metric_labels(t: &Target) -> TargetLabels {
+fn metric_labels(t: &TargetProcess) -> TargetLabels {
     TargetLabels {
         container: t.labels.container.clone(),
         image: t.labels.image.clone(),
@@ -41,19 +46,19 @@ fn metric_labels(t: &Target) -> TargetLabels {
     }
 }
 
-struct State {
-    sampler: Sampler,
+struct State<S> {
+    sampler: S,
     /// The off-CPU sampler, when `sampling.offcpu.enabled`.
-    offcpu: Option<Sampler>,
+    offcpu: Option<S>,
     builder: StackBuilder,
     tracked: HashMap<u32, Tracked>,
     counters_seen: HashMap<&'static str, u64>,
     lost_seen: HashMap<u32, u64>,
 }
 
-impl State {
+impl<S: SampleSource> State<S> {
     fn apply(&mut self, shared: &Shared, snapshot: &Snapshot) {
-        let wanted: HashMap<u32, &Target> = snapshot.iter().map(|t| (t.pid, t)).collect();
+        let wanted: HashMap<u32, &TargetProcess> = snapshot.iter().map(|t| (t.pid, t)).collect();
         let gone: Vec<u32> = self
             .tracked
             .iter()
@@ -199,7 +204,7 @@ pub fn run(
     started: std::sync::mpsc::SyncSender<Result<(), BpfError>>,
 ) {
     let frequency = shared.config.sampling.frequency_hz;
-    let sampler = match Sampler::start(frequency) {
+    let sampler = match BpfSession::start(frequency) {
         Ok(s) => s,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -208,7 +213,7 @@ pub fn run(
     };
     let offcpu_cfg = &shared.config.sampling.offcpu;
     let offcpu = if offcpu_cfg.enabled {
-        match Sampler::start_offcpu(offcpu_cfg.min_block_us) {
+        match BpfSession::start_offcpu(offcpu_cfg.min_block_us) {
             Ok(s) => {
                 tracing::info!(
                     min_block_us = offcpu_cfg.min_block_us,
@@ -225,6 +230,20 @@ pub fn run(
         None
     };
     let _ = started.send(Ok(()));
+    run_with(&shared, &snapshots, sampler, offcpu);
+}
+
+/// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until
+/// `shared.stop`: applies snapshots, builds and aggregates stacks, moves counters into
+/// metrics once a second. [`run`] calls it with the BPF sessions; root-free tests with a
+/// [`super::source::ReplaySource`].
+pub fn run_with<S: SampleSource>(
+    shared: &Shared,
+    snapshots: &mpsc::Receiver<Snapshot>,
+    sampler: S,
+    offcpu: Option<S>,
+) {
+    let frequency = shared.config.sampling.frequency_hz;
     shared
         .metrics
         .frequency
@@ -248,7 +267,7 @@ pub fn run(
             latest = Some(s);
         }
         if let Some(s) = latest {
-            state.apply(&shared, &s);
+            state.apply(shared, &s);
         }
         let State {
             sampler,
@@ -256,13 +275,13 @@ pub fn run(
             builder,
             ..
         } = &mut state;
-        sampler.poll(Duration::from_millis(200), |s| {
+        sampler.poll(Duration::from_millis(200), &mut |s| {
             if let Some(stack) = builder.build(s) {
                 batch.push((s.pid, stack));
             }
         });
         if let Some(off) = offcpu.as_mut() {
-            off.poll(Duration::ZERO, |s| {
+            off.poll(Duration::ZERO, &mut |s| {
                 if let Some(stack) = builder.build(s) {
                     blocked.push((s.pid, stack, s.weight));
                 }
@@ -286,7 +305,7 @@ pub fn run(
         blocked.clear();
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            state.tick(&shared);
+            state.tick(shared);
         }
     }
     shared.attached.store(false, Ordering::SeqCst);

@@ -1,10 +1,10 @@
 //! The daemon's HTTP endpoint (axum):
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
-//!   format ([`crate::metrics`]).
+//!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
 //!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
-//!   ([`crate::capture`]); without, the continuously collected recent stacks at once.
+//!   ([`crate::sampling::capture`]); without, the continuously collected recent stacks at once.
 //! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
 //!
@@ -29,12 +29,12 @@ use axum::{
     routing::get,
 };
 
+use super::Shared;
 use crate::{
-    capture::{self, CaptureTarget},
-    daemon::Shared,
-    discovery::{Lua, Target},
-    fold::Folded,
+    discovery::{Lua, TargetProcess},
     luajit::NameStyle,
+    output::Folded,
+    sampling::capture::{self, CaptureTarget},
 };
 
 /// Serves until `shutdown` resolves.
@@ -84,7 +84,7 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            crate::metrics::to_prometheus_text(&text),
+            super::metrics::to_prometheus_text(&text),
         )
             .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
@@ -93,7 +93,7 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
 
 async fn targets(State(shared): State<Arc<Shared>>) -> Response {
     let snap = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
-    let views: Vec<_> = snap.iter().map(Target::view).collect();
+    let views: Vec<_> = snap.iter().map(TargetProcess::view).collect();
     Json(views).into_response()
 }
 
@@ -110,7 +110,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+enum ResponseFormat {
     Svg,
     Collapsed,
     Json,
@@ -122,7 +122,7 @@ struct FlameRequest {
     selector: Selector,
     seconds: Option<u64>,
     frequency: u64,
-    format: Format,
+    format: ResponseFormat,
     /// Off-CPU capture (blocked time) instead of CPU samples.
     offcpu: bool,
     /// Off-CPU: keep idle `epoll_wait` blocks.
@@ -195,9 +195,9 @@ fn parse_request(
             .ok_or_else(|| bad(format!("frequency={f:?} must be 1..=1000")))?,
     };
     let format = match q.get("format").map(String::as_str) {
-        None | Some("svg") => Format::Svg,
-        Some("collapsed") => Format::Collapsed,
-        Some("json") => Format::Json,
+        None | Some("svg") => ResponseFormat::Svg,
+        Some("collapsed") => ResponseFormat::Collapsed,
+        Some("json") => ResponseFormat::Json,
         Some(f) => return Err(bad(format!("format={f:?} must be svg, collapsed or json"))),
     };
     let offcpu = match q.get("mode").map(String::as_str) {
@@ -229,7 +229,7 @@ fn parse_request(
 }
 
 /// The targets a selector names.
-fn select(snapshot: &[Target], selector: &Selector) -> Vec<Target> {
+fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess> {
     snapshot
         .iter()
         .filter(|t| match selector {
@@ -356,7 +356,7 @@ async fn flamegraph(
     render(&folded, req.format, &title, unit)
 }
 
-fn describe(chosen: &[Target], what: &str) -> String {
+fn describe(chosen: &[TargetProcess], what: &str) -> String {
     let mut s = what.to_owned();
     if let Some(t) = chosen.first() {
         if !t.labels.container.is_empty() {
@@ -367,16 +367,16 @@ fn describe(chosen: &[Target], what: &str) -> String {
     s
 }
 
-fn render(folded: &Folded, format: Format, title: &str, unit: &str) -> Response {
+fn render(folded: &Folded, format: ResponseFormat, title: &str, unit: &str) -> Response {
     match format {
-        Format::Svg => {
+        ResponseFormat::Svg => {
             let mut out = Vec::new();
             match folded.write_svg_unit(title, unit, &mut out) {
                 Ok(()) => ([(header::CONTENT_TYPE, "image/svg+xml")], out).into_response(),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
             }
         }
-        Format::Collapsed => {
+        ResponseFormat::Collapsed => {
             let mut out = Vec::new();
             match folded.write_folded(&mut out) {
                 Ok(()) => {
@@ -385,7 +385,7 @@ fn render(folded: &Folded, format: Format, title: &str, unit: &str) -> Response 
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
             }
         }
-        Format::Json => Json(serde_json::json!({
+        ResponseFormat::Json => Json(serde_json::json!({
             "title": title,
             "unit": unit,
             "total": folded.total(),
@@ -444,7 +444,7 @@ mod tests {
         assert!(matches!(r.selector, Selector::Pid(12)));
         assert_eq!(r.seconds, Some(3));
         assert_eq!(r.frequency, 99);
-        assert_eq!(r.format, Format::Svg);
+        assert_eq!(r.format, ResponseFormat::Svg);
         assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), 120, 99).is_ok());
     }
 

@@ -3,7 +3,7 @@
 //! on-demand `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous,
 //! low-rate sampler running meanwhile).
 //!
-//! Hooks: the BPF sampler ([`crate::bpf`]) for the capture's duration. Metrics: none; the
+//! Hooks: the BPF sampler ([`super::bpf`]) for the capture's duration. Metrics: none; the
 //! outcome counters are returned in [`Capture`].
 
 use std::{
@@ -13,12 +13,11 @@ use std::{
 
 use apisix_ebpf_common::COUNTER_SLOTS;
 
+use super::bpf::{BpfError, BpfSession};
 use crate::{
-    bpf::{BpfError, Sampler},
-    fold::Folded,
     luajit::{LuaTarget, NameStyle},
-    process,
-    stacks::{StackBuilder, StackStats},
+    output::Folded,
+    stacks::{StackBuilder, StackStats, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
@@ -96,6 +95,8 @@ pub struct Capture {
     pub stats: StackStats,
     /// Traces read and decoded from the targets.
     pub traces_decoded: u64,
+    /// Errors of naming Lua frames in user space, by reason.
+    pub lua_errors: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
@@ -110,9 +111,9 @@ pub fn capture(
 ) -> Result<Capture, BpfError> {
     let mut builder = StackBuilder::new(style);
     let (mut sampler, exclude_idle) = match mode {
-        Mode::Cpu { frequency } => (Sampler::prepare(frequency)?, false),
+        Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
         // Held (every block counts as short) until the Lua VMs are learned.
-        Mode::OffCpu { exclude_idle, .. } => (Sampler::start_offcpu(u64::MAX)?, exclude_idle),
+        Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
     };
     let mut idle_excluded = 0;
     for t in targets {
@@ -187,5 +188,6 @@ pub fn capture(
         elapsed,
         stats: builder.stats(),
         traces_decoded: builder.traces_decoded(),
+        lua_errors: builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect(),
     })
 }

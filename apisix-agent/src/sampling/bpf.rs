@@ -1,10 +1,10 @@
 //! Loading and driving the BPF sampler: loads the object embedded at build time, attaches the
 //! `sample` perf_event program on every online CPU at a given frequency, and owns its maps
 //! (targets, LuaJIT layouts, the sample ring buffer, per-reason counters). Dropping the
-//! [`Sampler`] detaches everything.
+//! [`BpfSession`] detaches everything.
 //!
 //! Hooks: `perf_event_open` (software CPU clock, one per CPU), `bpf()`. Metrics: the
-//! per-reason counters read by [`Sampler::counters`].
+//! per-reason counters read by [`BpfSession::counters`].
 
 use std::{io, os::fd::AsRawFd as _, time::Duration};
 
@@ -89,23 +89,25 @@ fn is_permission(e: &EbpfError) -> bool {
     text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
 }
 
-/// The loaded and attached sampler.
-pub struct Sampler {
+/// One loaded BPF object with its maps and attachments: the CPU sampler
+/// ([`Self::start`], [`Self::prepare`]) or the off-CPU pair ([`Self::start_offcpu`]), plus
+/// the `lua_resume` learners of its targets.
+pub struct BpfSession {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     frequency: u64,
     learners: std::collections::HashMap<u32, UProbeLinkId>,
 }
 
-impl std::fmt::Debug for Sampler {
+impl std::fmt::Debug for BpfSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler")
+        f.debug_struct("BpfSession")
             .field("frequency", &self.frequency)
             .finish()
     }
 }
 
-impl Sampler {
+impl BpfSession {
     /// Loads the programs and attaches the sampler on every online CPU at `frequency` Hz.
     pub fn start(frequency: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::prepare(frequency)?;
@@ -255,7 +257,7 @@ impl Sampler {
             .learners
             .keys()
             .copied()
-            .filter(|pid| self.vm_known(*pid) || !crate::process::exists(*pid))
+            .filter(|pid| self.vm_known(*pid) || !crate::stacks::process::exists(*pid))
             .collect();
         for pid in done {
             self.retire_learner(pid);
@@ -277,7 +279,7 @@ impl Sampler {
             crate::luajit::LuaTarget::bpf_target,
         );
         // Without it the main thread's stack copy probes for the end of the mapping.
-        target.stack_top = crate::process::main_stack_top(pid).unwrap_or(0);
+        target.stack_top = crate::stacks::process::main_stack_top(pid).unwrap_or(0);
         self.add_target(pid, target)?;
         if let Some(lua) = lua
             && let Err(e) = self.learn_vm(pid, &lua.library)

@@ -1,53 +1,37 @@
 //! `apisix-agent run`: wires the daemon together and owns its lifecycle.
 //!
-//! Threads and tasks: the continuous sampler thread ([`crate::continuous`]), the discovery
-//! thread (scans `/proc` every `discovery.interval_seconds` or when nudged), the Docker
-//! follower task ([`crate::discovery::docker`]) and the HTTP server ([`crate::http`]) on a
-//! tokio runtime. SIGTERM/SIGINT stop everything; the sampler thread detaches every BPF
+//! Threads and tasks: the continuous sampler thread ([`crate::sampling::continuous`]), the
+//! discovery thread ([`crate::discovery::watch`]: scans `/proc` every
+//! `discovery.interval_seconds` or when nudged), the Docker follower task
+//! ([`crate::discovery::docker`]) and the HTTP server ([`http`]) on a tokio runtime. SIGTERM/SIGINT stop everything; the sampler thread detaches every BPF
 //! program before the process exits.
 //!
 //! Hooks: those of its parts. Metrics: those of its parts.
 
+pub mod aggregate;
+pub mod http;
+pub mod metrics;
+pub mod state;
+
 use std::{
     path::Path,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    sync::{Arc, atomic::Ordering, mpsc},
     time::Duration,
 };
 
 use anyhow::Context as _;
 
+pub use self::state::Shared;
 use crate::{
-    aggregate::Aggregator,
     config::Config,
-    continuous,
     discovery::{
         Snapshot,
         docker::{self, SharedContainers},
         procfs::Scanner,
+        watch,
     },
-    http,
-    metrics::Metrics,
+    sampling::continuous,
 };
-
-/// State shared by the HTTP handlers, the sampler thread and discovery.
-#[derive(Debug)]
-pub struct Shared {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub aggregator: Mutex<Aggregator>,
-    /// The latest discovery snapshot.
-    pub targets: RwLock<Snapshot>,
-    /// The continuous sampler is attached.
-    pub attached: AtomicBool,
-    /// On-demand captures allowed at once.
-    pub captures: tokio::sync::Semaphore,
-    /// Set on shutdown: every loop and capture ends.
-    pub stop: AtomicBool,
-}
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
@@ -55,21 +39,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let listen = config
         .listen_addr()
         .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
-    let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
-    let shared = Arc::new(Shared {
-        aggregator: Mutex::new(Aggregator::new(
-            metrics.clone(),
-            config.metrics.top_functions,
-            Duration::from_secs(config.sampling.retention_seconds),
-            config.sampling.max_retained_samples,
-        )),
-        metrics,
-        targets: RwLock::new(Arc::new(Vec::new())),
-        attached: AtomicBool::new(false),
-        captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
-        stop: AtomicBool::new(false),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,7 +90,19 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let containers = containers.clone();
         std::thread::Builder::new()
             .name("discovery".into())
-            .spawn(move || discover(&shared, scanner, &containers, &nudge_rx, &snap_tx))
+            .spawn(move || {
+                watch::watch(
+                    &watch::Watch {
+                        interval: shared.config.scan_interval(),
+                        stop: &shared.stop,
+                        published: &shared.targets,
+                    },
+                    scanner,
+                    &containers,
+                    &nudge_rx,
+                    &snap_tx,
+                );
+            })
             .context("starting the discovery thread")?
     };
 
@@ -134,47 +116,6 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     served.context("HTTP server")?;
     Ok(())
-}
-
-/// Scans `/proc` until shutdown, publishing each changed snapshot.
-fn discover(
-    shared: &Shared,
-    mut scanner: Scanner,
-    containers: &SharedContainers,
-    nudges: &mpsc::Receiver<()>,
-    out: &mpsc::Sender<Snapshot>,
-) {
-    let interval = shared.config.scan_interval();
-    let mut last: Option<Snapshot> = None;
-    while !shared.stop.load(Ordering::Relaxed) {
-        let view = containers.read().map(|c| c.clone()).unwrap_or_default();
-        let snap: Snapshot = Arc::new(scanner.scan(&view));
-        if last.as_ref() != Some(&snap) {
-            if let Ok(mut t) = shared.targets.write() {
-                *t = snap.clone();
-            }
-            if out.send(snap.clone()).is_err() {
-                break;
-            }
-            last = Some(snap);
-        }
-        // Wake up on the interval, a Docker event, or (in slices) shutdown.
-        let mut waited = Duration::ZERO;
-        while waited < interval && !shared.stop.load(Ordering::Relaxed) {
-            let slice = Duration::from_millis(250);
-            match nudges.recv_timeout(slice) {
-                Ok(()) => {
-                    while nudges.try_recv().is_ok() {}
-                    break;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => waited += slice,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(slice);
-                    waited += slice;
-                }
-            }
-        }
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -238,7 +238,7 @@ fn clock_ticks() -> f64 {
 
 /// The agent's CPU time (user + system, clock ticks) and resident memory (bytes).
 pub fn self_usage() -> Option<(u64, u64)> {
-    let f = crate::process::stat_fields("self")?;
+    let f = crate::stacks::process::stat_fields("self")?;
     // Fields 14 and 15 of stat: utime, stime.
     let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

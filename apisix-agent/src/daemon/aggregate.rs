@@ -7,7 +7,7 @@
 //! any other function go to `function="[other]"`. Series of groups gone for a minute are
 //! removed. Stacks in the recent window are interned, so a repeated stack costs one pointer.
 //!
-//! Hooks: none. Metrics: the per-function, per-target sample families of [`crate::metrics`].
+//! Hooks: none. Metrics: the per-function, per-target sample families of [`super::metrics`].
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -15,10 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    fold::Folded,
-    metrics::{CFunctionLabels, LuaFunctionLabels, Metrics, TargetLabels},
-};
+use super::metrics::{CFunctionLabels, LuaFunctionLabels, Metrics, TargetLabels};
+use crate::output::Folded;
 
 /// The label given to functions beyond the cardinality cap.
 pub const OTHER: &str = "[other]";
@@ -284,7 +282,7 @@ impl Aggregator {
     /// skipped, so the block lands on the Lua code that made the call. Idle `epoll_wait`
     /// blocks and blocks outside Lua are not counted.
     pub fn add_offcpu(&mut self, target: &TargetLabels, stack: &[Arc<str>], us: u64) {
-        if crate::capture::is_idle(stack) {
+        if crate::sampling::capture::is_idle(stack) {
             return;
         }
         let innermost = stack.iter().rev().find_map(|l| match classify(l) {

@@ -3,7 +3,7 @@
 //! `/proc/kallsyms`. An address without a symbol is named `module+0xOFFSET` (offset as the
 //! binary states it), never an error. Results are cached per file and address.
 //!
-//! Hooks: the target's files (read through the descriptors [`crate::process`] keeps open),
+//! Hooks: the target's files (read through the descriptors [`super::process`] keeps open),
 //! `/proc/kallsyms`. Metrics: none.
 
 use std::{collections::HashMap, sync::Arc};
@@ -16,7 +16,7 @@ use blazesym::{
     },
 };
 
-use crate::process::Module;
+use super::process::Module;
 
 /// Caching symbolizer for native and kernel addresses.
 pub struct Symbolizer {

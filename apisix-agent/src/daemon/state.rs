@@ -1,0 +1,51 @@
+//! The daemon's shared state: configuration, metrics, the aggregator, the latest discovery
+//! snapshot and the flags the threads and HTTP handlers coordinate through. It imports no
+//! part of the daemon that uses it (sampler thread, HTTP server), so they depend on it and
+//! not on each other.
+//!
+//! Hooks: none. Metrics: owns the [`Metrics`] registry the others update.
+
+use std::{
+    sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
+    time::Duration,
+};
+
+use super::{aggregate::Aggregator, metrics::Metrics};
+use crate::{config::Config, discovery::Snapshot};
+
+/// State shared by the HTTP handlers, the sampler thread and discovery.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub aggregator: Mutex<Aggregator>,
+    /// The latest discovery snapshot.
+    pub targets: RwLock<Snapshot>,
+    /// The continuous sampler is attached.
+    pub attached: AtomicBool,
+    /// On-demand captures allowed at once.
+    pub captures: tokio::sync::Semaphore,
+    /// Set on shutdown: every loop and capture ends.
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// The state of a daemon with `config`, before anything runs: no targets, not attached.
+    pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
+        Self {
+            aggregator: Mutex::new(Aggregator::new(
+                metrics.clone(),
+                config.metrics.top_functions,
+                Duration::from_secs(config.sampling.retention_seconds),
+                config.sampling.max_retained_samples,
+            )),
+            metrics,
+            targets: RwLock::new(Arc::new(Vec::new())),
+            attached: AtomicBool::new(false),
+            captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
+            stop: AtomicBool::new(false),
+            config,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! `apisix_agent`: the library behind the `apisix-agent` binary, one folder per concern,
+//! in the order data flows (see ARCHITECTURE.md):
+//!
+//! - [`discovery`]: which processes to profile (`/proc`, Docker), as snapshots of targets.
+//! - [`sampling`]: the BPF side seen from user space — loading and attaching the programs,
+//!   the daemon's continuous sampler thread, bounded captures.
+//! - [`stacks`]: one raw sample → a named stack (native unwinding, symbols, target memory,
+//!   Lua frames spliced in at the VM boundary).
+//! - [`luajit`]: everything LuaJIT (layouts, build detection, bytecode, frame naming).
+//! - [`daemon`]: `apisix-agent run` — shared state, aggregation, metrics, the HTTP server.
+//! - [`output`]: folded text, SVG and JSON flame graphs.
+//! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML.
+//!
+//! Hooks and metrics: those of the modules; each file's header lists its own.
+
+pub mod config;
+pub mod daemon;
+pub mod discovery;
+pub mod luajit;
+pub mod output;
+pub mod record;
+pub mod sampling;
+pub mod stacks;

@@ -1,0 +1,15 @@
+//! From a raw [`apisix_ebpf_common::Sample`] to a named stack, root first:
+//! [`builder`] drives it, [`unwind`] walks native frames over `.eh_frame`, [`symbolize`]
+//! names them, [`process`] opens a target's `/proc/PID` files and [`memory`] reads its
+//! memory (Lua prototypes and strings).
+//!
+//! Hooks: `/proc/PID/*` (maps, files through `/proc/PID/root`, `mem`). Metrics: the
+//! [`StackStats`] counters, read by the caller.
+
+pub mod builder;
+pub mod memory;
+pub mod process;
+pub mod symbolize;
+pub mod unwind;
+
+pub use builder::{StackBuilder, StackStats};

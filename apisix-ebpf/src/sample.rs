@@ -1,0 +1,248 @@
+//! The CPU sampler: a `perf_event` program attached on every CPU at the sampling frequency.
+//! For each sample of a process listed in `TARGETS` it writes one `Sample` into the
+//! `SAMPLES` ring buffer ([`emit`], shared with the off-CPU exit): the user registers, a copy
+//! of the top of the user stack (user space unwinds it from `.eh_frame`), the kernel stack
+//! and, for LuaJIT targets, the Lua frames walked by [`crate::lua::walk`].
+//!
+//! Hooks: `perf_event` (software CPU clock). Metrics: `Samples`, `RingbufFull`,
+//! `RegsUnavailable`, `StackCopyFailed`, the Lua walk outcomes, `LOST`.
+
+use core::ffi::c_void;
+
+use apisix_ebpf_common::{
+    Counter, LAYOUT_NONE, LuaState, MAX_KERNEL_FRAMES, STACK_COPY_MAX, Sample, Target, UserRegs,
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::pt_regs,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task_btf, bpf_get_stack,
+            bpf_probe_read_kernel as bpf_probe_read_kernel_raw, bpf_probe_read_user as read_raw,
+            bpf_task_pt_regs,
+        },
+    },
+    macros::perf_event,
+    programs::PerfEventContext,
+};
+
+use crate::{
+    lua::walk::walk_lua,
+    maps::{OffStart, SAMPLES, TARGETS, count, count_lost},
+};
+
+/// Stack copy sizes tried in turn for a thread whose stack top is unknown: a read that
+/// crosses the top of the stack mapping fails.
+const STACK_SIZES: [u32; 6] = [STACK_COPY_MAX as u32, 8192, 4096, 2048, 1024, 512];
+
+/// How far below `Target::stack_top` the stack pointer may be and still be on the main
+/// thread's stack (the default stack limit).
+const MAIN_STACK_WINDOW: u64 = 8 << 20;
+/// Data waiting in the ring buffer from which a sample wakes the reader up. Below it the
+/// reader is not woken (a wakeup is an interrupt, 5-7 µs per sample measured on a VM): it
+/// drains the buffer on its own every 100-200 ms.
+const WAKEUP_BYTES: u64 = 1 << 20;
+
+/// Mask bounding a stack copy's size for the verifier: `size & STACK_COPY_MASK` is provably
+/// below twice the buffer (and equals `size`, which is at most [`STACK_COPY_MAX`]).
+const STACK_COPY_MASK: u32 = 2 * STACK_COPY_MAX as u32 - 1;
+
+#[perf_event]
+pub fn sample(ctx: PerfEventContext) -> u32 {
+    match try_sample(&ctx) {
+        Ok(()) => 0,
+        Err(counter) => {
+            count(counter);
+            0
+        }
+    }
+}
+
+fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: read-only lookup of a plain value.
+    let Some(target) = (unsafe { TARGETS.get(tgid) }) else {
+        return Ok(());
+    };
+    let target = *target;
+    let regs = user_regs(ctx).ok_or(Counter::RegsUnavailable)?;
+    emit(ctx.as_ptr(), pid_tgid, &target, &regs, 1, None)
+}
+
+/// Writes one sample of the current thread: registers, kernel stack, user stack copy, Lua
+/// frames. `ctx` is the program's context (for `bpf_get_stack`).
+#[inline(always)]
+pub(crate) fn emit(
+    ctx: *mut c_void,
+    pid_tgid: u64,
+    target: &Target,
+    regs: &Regs,
+    weight: u64,
+    kstack: Option<(*const u8, u64)>,
+) -> Result<(), Counter> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+        count_lost(tgid);
+        return Err(Counter::RingbufFull);
+    };
+    // SAFETY: the reservation is exclusively ours until submitted or discarded; every
+    // field is written below before submission.
+    let s: &mut Sample = unsafe { &mut *entry.as_mut_ptr() };
+    s.pid = tgid;
+    s.tid = pid_tgid as u32;
+    // SAFETY: helper without preconditions.
+    s.time_ns = unsafe { bpf_ktime_get_ns() };
+    s.weight = weight;
+    s.regs = UserRegs {
+        ip: regs.rip,
+        sp: regs.rsp,
+        bp: regs.rbp,
+    };
+    s.comm = bpf_get_current_comm().unwrap_or_default();
+
+    s.kstack_len = match kstack {
+        // A kernel stack taken earlier (off-CPU: where the thread blocked), in its `OffStart`.
+        Some((start, len)) => {
+            // SAFETY: copies the stack array of a live map value into our reservation.
+            let ok = unsafe {
+                bpf_probe_read_kernel_raw(
+                    s.kstack.as_mut_ptr().cast(),
+                    (MAX_KERNEL_FRAMES * 8) as u32,
+                    start.add(core::mem::offset_of!(OffStart, kstack)).cast(),
+                )
+            } == 0;
+            if ok {
+                (len as u32).min(MAX_KERNEL_FRAMES as u32)
+            } else {
+                0
+            }
+        }
+        None => {
+            // SAFETY: the buffer is part of our reservation and its size is passed along.
+            let klen = unsafe {
+                bpf_get_stack(
+                    ctx,
+                    s.kstack.as_mut_ptr().cast(),
+                    (MAX_KERNEL_FRAMES * 8) as u32,
+                    0,
+                )
+            };
+            if klen > 0 { (klen as u32) / 8 } else { 0 }
+        }
+    };
+
+    s.stack_len = copy_stack(pid_tgid, target, regs.rsp, &mut s.stack);
+    if s.stack_len == 0 {
+        count(Counter::StackCopyFailed);
+    }
+
+    s.lua_l = 0;
+    s.lua_cframe = 0;
+    s.lua_len = 0;
+    s.lua_state = LuaState::None as u32;
+    s.lua_error = 0;
+    s.vmstate = 0;
+    if target.layout != LAYOUT_NONE {
+        match walk_lua(tgid, target, regs, s) {
+            Ok(true) => count(Counter::LuaWalked),
+            Ok(false) => count(Counter::LuaIdle),
+            Err(reason) => {
+                s.lua_error = reason as u32;
+                count(reason);
+            }
+        }
+    }
+    let wake = if SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wake));
+    count(Counter::Samples);
+    Ok(())
+}
+
+/// Copies the top of the user stack, from `rsp` up, into `out`; returns the bytes copied.
+///
+/// On the main thread, whose stack top the agent supplies, exactly the live part is copied
+/// (up to the buffer's size); other threads try decreasing sizes until a read stays inside
+/// the stack mapping.
+#[inline(always)]
+fn copy_stack(pid_tgid: u64, target: &Target, rsp: u64, out: &mut [u8; STACK_COPY_MAX]) -> u32 {
+    let top = target.stack_top;
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 && top > rsp && top - rsp <= MAIN_STACK_WINDOW {
+        let size = (top - rsp).min(STACK_COPY_MAX as u64) as u32 & STACK_COPY_MASK;
+        // SAFETY: writes at most `size` <= STACK_COPY_MAX bytes into `out`.
+        if size > 0 && unsafe { read_raw(out.as_mut_ptr().cast(), size, rsp as *const _) } == 0 {
+            return size;
+        }
+    }
+    for size in STACK_SIZES {
+        // SAFETY: writes at most `size` <= STACK_COPY_MAX bytes into `out`.
+        if unsafe { read_raw(out.as_mut_ptr().cast(), size, rsp as *const _) } == 0 {
+            return size;
+        }
+    }
+    0
+}
+
+/// The user-mode registers the sampler needs (a `pt_regs` is too big for the BPF stack twice).
+#[derive(Clone, Copy)]
+pub(crate) struct Regs {
+    pub(crate) rip: u64,
+    pub(crate) rsp: u64,
+    pub(crate) rbp: u64,
+    pub(crate) rbx: u64,
+    pub(crate) rdx: u64,
+    pub(crate) r14: u64,
+}
+
+/// The registers of the interrupted user context: from the perf context when the sample hit
+/// user mode, else from the task's saved user registers.
+#[inline(always)]
+fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
+    // SAFETY: direct context loads, rewritten by the verifier.
+    let r: &pt_regs = unsafe { &(*ctx.ctx).regs };
+    if r.cs & 3 == 3 {
+        return Some(Regs {
+            rip: r.rip,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            rdx: r.rdx,
+            r14: r.r14,
+        });
+    }
+    task_user_regs()
+}
+
+/// The current task's saved user-mode registers.
+#[inline(always)]
+pub(crate) fn task_user_regs() -> Option<Regs> {
+    // SAFETY: helpers without preconditions; the pointer is only read through probe_read.
+    let p = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: probe reads of fields of the task's saved registers; they fail cleanly.
+    let field = |f: *const u64| unsafe { bpf_probe_read_kernel(f) }.ok();
+    // SAFETY: address computations only; nothing is dereferenced directly.
+    let regs = unsafe {
+        Regs {
+            rip: field(core::ptr::addr_of!((*p).rip))?,
+            rsp: field(core::ptr::addr_of!((*p).rsp))?,
+            rbp: field(core::ptr::addr_of!((*p).rbp))?,
+            rbx: field(core::ptr::addr_of!((*p).rbx))?,
+            rdx: field(core::ptr::addr_of!((*p).rdx))?,
+            r14: field(core::ptr::addr_of!((*p).r14))?,
+        }
+    };
+    if regs.rsp == 0 || regs.rip == 0 {
+        None
+    } else {
+        Some(regs)
+    }
+}
