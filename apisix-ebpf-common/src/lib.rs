@@ -109,6 +109,11 @@ pub struct LuaLayout {
     /// `GG_G2DISP`: the interpreter's DISPATCH register (r14) minus the `global_State`
     /// address. GC64 JIT code keeps DISPATCH in r14 too.
     pub g2disp: u32,
+    /// `jit_State.trace` minus the `global_State` address: a native pointer to the array
+    /// of trace references (8 bytes each with GC64, 4 without).
+    pub g_trace: u32,
+    /// `GCtrace.mcode`: the start of a trace's machine code.
+    pub t_mcode: u32,
 }
 
 /// What the sampled thread's Lua VM was doing, from `global_State.vmstate` and the IP.
@@ -222,6 +227,10 @@ pub struct Sample {
     pub lua_error: u32,
     /// `global_State.vmstate` (a trace number when >= 0).
     pub vmstate: i32,
+    /// While a trace runs: the address of its `GCtrace` at sample time, or 0 if unread.
+    pub trace: u64,
+    /// While a trace runs: the start of its machine code at sample time, or 0 if unread.
+    pub trace_mcode: u64,
     /// Thread name.
     pub comm: [u8; 16],
     /// Kernel stack, leaf first.
@@ -339,7 +348,7 @@ impl Counter {
 // No implicit padding: every size is the sum of its fields.
 const _: () = {
     assert!(core::mem::size_of::<Target>() == 32);
-    assert!(core::mem::size_of::<LuaLayout>() == 18 * 4);
+    assert!(core::mem::size_of::<LuaLayout>() == 20 * 4);
     assert!(core::mem::size_of::<LuaFrame>() == 40);
     assert!(core::mem::size_of::<UserRegs>() == 24);
     assert!(
@@ -351,6 +360,7 @@ const _: () = {
                 + 8
                 + 8
                 + 6 * 4
+                + 2 * 8
                 + 16
                 + 8 * MAX_KERNEL_FRAMES
                 + 40 * MAX_LUA_FRAMES

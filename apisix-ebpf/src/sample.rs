@@ -145,6 +145,8 @@ pub(crate) fn emit(
     s.lua_state = LuaState::None as u32;
     s.lua_error = 0;
     s.vmstate = 0;
+    s.trace = 0;
+    s.trace_mcode = 0;
     if target.layout != LAYOUT_NONE {
         match walk_lua(tgid, target, regs, s) {
             Ok(true) => count(Counter::LuaWalked),

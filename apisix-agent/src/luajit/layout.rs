@@ -98,6 +98,8 @@ pub const GC64: Layout = Layout {
         pt_chunkname: 64,
         pt_firstline: 72,
         g2disp: 4008,
+        g_trace: 736 + 384,
+        t_mcode: 88,
     },
     pt_sizebc: 12,
     pt_k: 32,
@@ -152,6 +154,8 @@ pub const GC32: Layout = Layout {
         pt_chunkname: 40,
         pt_firstline: 44,
         g2disp: 3216,
+        g_trace: 496 + 360,
+        t_mcode: 64,
     },
     pt_sizebc: 8,
     pt_k: 16,
@@ -240,6 +244,9 @@ mod tests {
             assert_eq!(t.j_sizetrace, t.j_trace + 8 + 4);
             // The trace table lies inside `GG_State` after `global_State`.
             assert!(t.g_to_j > l.bpf.g_jit_base);
+            // The BPF side's copies of the same facts.
+            assert_eq!(l.bpf.g_trace, t.g_to_j + t.j_trace);
+            assert_eq!(l.bpf.t_mcode, t.t_mcode);
         }
     }
 }

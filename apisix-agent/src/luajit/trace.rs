@@ -671,7 +671,8 @@ impl Tracer {
     }
 
     /// The inlined frames of a sample of process `pid` taken while trace `vmstate` ran on
-    /// `lua_State` `l`. `addr_in` picks, given the trace's machine-code range, the address to
+    /// `lua_State` `l`. `at_sample` is the trace's `GCtrace` address and machine-code start
+    /// as the BPF side read them (0 where it could not). `addr_in` picks, given the trace's machine-code range, the address to
     /// look up: the sampled IP if it is inside, else the return address into it that native
     /// unwinding found (already minus one). `base` is the innermost physical frame walked
     /// from `G->jit_base`.
@@ -681,6 +682,7 @@ impl Tracer {
         layout: &'static Layout,
         l: u64,
         vmstate: i32,
+        at_sample: (u64, u64),
         base: Option<&LuaFrame>,
         addr_in: impl Fn(&Range<u64>) -> Option<u64>,
     ) -> Result<TraceFrames, TraceFallback> {
@@ -690,6 +692,14 @@ impl Tracer {
             .global(&mem, layout, pid, l)
             .ok_or(TraceFallback::ReadFailed)?;
         let h = read_header(&mem, layout, pid, g, traceno)?;
+        // The BPF side read the trace's address and machine code at sample time: a trace
+        // freed since (its number reused, the cache flushed) is not this one.
+        let (trace_then, mcode_then) = at_sample;
+        if (trace_then != 0 && trace_then != h.key.addr)
+            || (mcode_then != 0 && mcode_then != h.key.mcode)
+        {
+            return Err(TraceFallback::Gone);
+        }
         let trace = match self.cache.get(&h.key) {
             Some(t) => t.clone(),
             None => {

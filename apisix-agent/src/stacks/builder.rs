@@ -267,6 +267,7 @@ impl StackBuilder {
                 lua.flavour.layout(),
                 s.lua_l,
                 s.vmstate,
+                (s.trace, s.trace_mcode),
                 lua_frames.first(),
                 |mcode| {
                     if mcode.contains(&ip) {

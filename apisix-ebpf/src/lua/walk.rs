@@ -46,6 +46,8 @@ const VMST_INTERP: i32 = !0;
 const VMST_C: i32 = !1;
 const VMST_GC: i32 = !2;
 const VMST_EXIT: i32 = !3;
+/// Trace numbers are 16 bits (`TraceNo1`): bounds the trace table index for the verifier.
+const TRACENO_MASK: u64 = 0xffff;
 
 /// Iterations of the walk's `bpf_loop`: two per frame (a vararg pseudo-frame or a C frame
 /// may sit between two Lua frames).
@@ -144,6 +146,13 @@ pub(crate) fn walk_lua(
     } else if vmstate >= 0 {
         let jit_base = read_ref(&layout, g + u64::from(layout.g_jit_base))?;
         let base = if jit_base != 0 { jit_base } else { l_base };
+        // The running trace's identity at sample time, so that user space never decodes a
+        // trace that was freed and its number reused by the time it reads it. Optional:
+        // without it user space still validates what it reads.
+        if let Ok((trace, mcode)) = trace_identity(&layout, g, vmstate) {
+            s.trace = trace;
+            s.trace_mcode = mcode;
+        }
         (LuaState::Trace, base, 0)
     } else if vmstate == VMST_INTERP
         && regs.rbp > stack
@@ -224,6 +233,20 @@ pub(crate) fn walk_lua(
         return Err(Counter::LuaNoFrames);
     }
     Ok(true)
+}
+
+/// The `GCtrace` address and machine-code start of trace `traceno`: `J->trace[traceno]`,
+/// then its `mcode` (three reads).
+#[inline(always)]
+fn trace_identity(layout: &LuaLayout, g: u64, traceno: i32) -> Result<(u64, u64), Counter> {
+    let table: u64 = read(g + u64::from(layout.g_trace))?;
+    let width = if layout.gc64 != 0 { 8 } else { 4 };
+    let trace = read_ref(layout, table + width * (traceno as u64 & TRACENO_MASK))?;
+    if trace == 0 {
+        return Err(Counter::LuaReadFailed);
+    }
+    let mcode: u64 = read(trace + u64::from(layout.t_mcode))?;
+    Ok((trace, mcode))
 }
 
 /// Walks the frames below `base` into `w.frames` (`w.n`, `w.error`, `w.done` tell the
