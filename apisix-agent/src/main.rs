@@ -49,6 +49,9 @@ enum Command {
         /// Name Lua frames by their current line instead of the function's first line.
         #[arg(long)]
         lines: bool,
+        /// Add a `[trace N]` pseudo-frame where a JIT-compiled trace runs (for JIT tuning).
+        #[arg(long)]
+        trace_frames: bool,
         /// Also write the run's counts (samples, lost, unwinding and Lua outcomes) as JSON to
         /// this file (`-`: standard output).
         #[arg(long)]
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             format,
             output,
             lines,
+            trace_frames,
             summary,
         } => record::run(&record::RecordOptions {
             pid,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
             format,
             output,
             summary,
+            trace_frames,
             style: if lines {
                 luajit::NameStyle::CurrentLine
             } else {

@@ -21,7 +21,7 @@ use crate::{
     luajit::{self, NameStyle, trace::TraceFallback},
     output::Folded,
     sampling::capture::{self, CaptureTarget},
-    stacks::process,
+    stacks::{StackOptions, process},
 };
 
 /// Output formats.
@@ -58,6 +58,8 @@ pub struct RecordOptions {
     /// Where to write the run's counts as JSON (`-`: standard output).
     pub summary: Option<PathBuf>,
     pub style: NameStyle,
+    /// A `[trace N]` pseudo-frame where a JIT trace runs.
+    pub trace_frames: bool,
 }
 
 /// The counts of one recording, written by `--summary FILE` as JSON. Stable field names:
@@ -231,7 +233,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         &[CaptureTarget { pid: opts.pid, lua }],
         opts.duration,
         mode,
-        opts.style,
+        StackOptions {
+            style: opts.style,
+            trace_frames: opts.trace_frames,
+        },
         &stop,
         |elapsed, weight| {
             if show_progress {

@@ -214,6 +214,16 @@ fn host_and_docker_targets_are_profiled() {
         m.contains("apisix_profiler_c_function_self_samples_total{"),
         "{m}"
     );
+    // The VM-state split: the workload's Lua runs somewhere (its samples have a state).
+    assert!(
+        series(
+            &m,
+            "apisix_profiler_lua_vm_state_samples_total",
+            &[&before_container]
+        )
+        .is_some_and(|n| n > 0),
+        "no VM-state series for the container:\n{m}"
+    );
     assert!(
         series(
             &m,

@@ -558,8 +558,22 @@ fn vm_states() {
         let worker = nginx.worker().expect("worker");
         let _load = Load::start(nginx.port, path, 2, Duration::from_secs(6));
         std::thread::sleep(Duration::from_millis(500));
-        let rec = record(worker, 4, &[]);
+        let extra: &[&str] = if jit { &["--trace-frames"] } else { &[] };
+        let rec = record(worker, 4, extra);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
+        if jit {
+            // --trace-frames: the trace shows as a pseudo-frame right above its base frame.
+            let marked = rec.count(|f| {
+                f.windows(2)
+                    .any(|w| w[0].starts_with("hot@") && w[1].starts_with("[trace "))
+            });
+            let in_hot = rec.count(|f| has(f, "hot@"));
+            assert!(
+                in_hot > 100 && marked * 100 >= in_hot * 80,
+                "[trace N] under hot in {marked}/{in_hot} samples\n{}",
+                rec.dump()
+            );
+        }
         let share = vm_share(&rec, states);
         eprintln!(
             "jit={jit} {path}: {states:?} {:.1}% {}",

@@ -2,7 +2,7 @@
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
 //!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
-//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include]`: with `seconds`, an
+//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include][&trace_frames=1]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
 //!   ([`crate::sampling::capture`]); without, the continuously collected recent stacks at once.
 //! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
@@ -35,6 +35,7 @@ use crate::{
     luajit::NameStyle,
     output::Folded,
     sampling::capture::{self, CaptureTarget},
+    stacks::StackOptions,
 };
 
 /// Serves until `shutdown` resolves.
@@ -127,6 +128,8 @@ struct FlameRequest {
     offcpu: bool,
     /// Off-CPU: keep idle `epoll_wait` blocks.
     include_idle: bool,
+    /// Captures: a `[trace N]` pseudo-frame where a JIT trace runs.
+    trace_frames: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,7 +149,7 @@ fn parse_request(
     max_seconds: u64,
     default_frequency: u64,
 ) -> Result<FlameRequest, BadRequest> {
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 8] = [
         "pid",
         "container",
         "seconds",
@@ -154,6 +157,7 @@ fn parse_request(
         "frequency",
         "mode",
         "idle",
+        "trace_frames",
     ];
     if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(format!(
@@ -218,6 +222,16 @@ fn parse_request(
         Some("include") => true,
         Some(i) => return Err(bad(format!("idle={i:?} must be exclude or include"))),
     };
+    let trace_frames = match q.get("trace_frames").map(String::as_str) {
+        None | Some("0") => false,
+        Some("1") if seconds.is_some() => true,
+        Some("1") => {
+            return Err(bad(
+                "trace_frames=1 applies to captures (with seconds=N); recent stacks were sampled without it",
+            ));
+        }
+        Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
+    };
     Ok(FlameRequest {
         selector,
         seconds,
@@ -225,6 +239,7 @@ fn parse_request(
         format,
         offcpu,
         include_idle,
+        trace_frames,
     })
 }
 
@@ -316,6 +331,7 @@ async fn flamegraph(
                 }
             };
             let worker = shared.clone();
+            let trace_frames = req.trace_frames;
             tracing::info!(
                 target = what,
                 seconds,
@@ -327,7 +343,10 @@ async fn flamegraph(
                     &targets,
                     Duration::from_secs(seconds),
                     mode,
-                    NameStyle::FirstLine,
+                    StackOptions {
+                        style: NameStyle::FirstLine,
+                        trace_frames,
+                    },
                     &worker.stop,
                     |_, _| {},
                 )
@@ -455,6 +474,15 @@ mod tests {
         assert_eq!(status(&[("pid", "1"), ("container", "x")]), b);
         assert_eq!(status(&[("pid", "abc")]), b);
         assert_eq!(status(&[("pid", "0")]), b);
+        assert_eq!(
+            status(&[("pid", "1"), ("trace_frames", "1")]),
+            b,
+            "trace_frames without a capture"
+        );
+        assert_eq!(
+            status(&[("pid", "1"), ("seconds", "2"), ("trace_frames", "2")]),
+            b
+        );
         assert_eq!(status(&[("pid", "1"), ("seconds", "121")]), b);
         assert_eq!(status(&[("pid", "1"), ("seconds", "0")]), b);
         assert_eq!(status(&[("pid", "1"), ("format", "png")]), b);

@@ -9,7 +9,10 @@
 //!   {function, module, container, image}
 //! - `apisix_profiler_samples_total`, `apisix_profiler_lost_samples_total`
 //!   {container, image, process}
-//! - `apisix_profiler_unwind_errors_total` {reason}
+//! - `apisix_profiler_unwind_errors_total` {reason} (BPF walk errors, user-side naming
+//!   errors, and JIT trace samples that kept only their physical frames, `trace_*`)
+//! - `apisix_profiler_lua_vm_state_samples_total` {state, container, image}: CPU samples per
+//!   LuaJIT VM state (interpreted, compiled, c, gc, trace_exit, jit_compiler)
 //! - `apisix_profiler_targets` {flavour} (gauge)
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
@@ -51,6 +54,15 @@ pub struct TargetLabels {
     pub process: String,
 }
 
+/// Labels of the VM-state series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmStateLabels {
+    /// One of [`crate::luajit::VmState::name`].
+    pub state: &'static str,
+    pub container: String,
+    pub image: String,
+}
+
 /// Labels of unwind error series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -76,6 +88,7 @@ pub struct Metrics {
     pub samples: Family<TargetLabels, Counter>,
     pub lost: Family<TargetLabels, Counter>,
     pub unwind_errors: Family<ReasonLabels, Counter>,
+    pub vm_states: Family<VmStateLabels, Counter>,
     pub targets: Family<FlavourLabels, Gauge>,
     agent_cpu: Counter<f64, AtomicU64>,
     agent_rss: Gauge,
@@ -103,6 +116,7 @@ impl Metrics {
             samples: Family::default(),
             lost: Family::default(),
             unwind_errors: Family::default(),
+            vm_states: Family::default(),
             targets: Family::default(),
             agent_cpu: Counter::default(),
             agent_rss: Gauge::default(),
@@ -147,6 +161,12 @@ impl Metrics {
             "unwind_errors",
             "Stack walks that ended early, by reason",
             m.unwind_errors.clone(),
+        );
+        m.registry.register(
+            "lua_vm_state_samples",
+            "CPU samples in Lua by LuaJIT VM state (interpreted, compiled trace, C, GC, trace \
+             exit, JIT compiler)",
+            m.vm_states.clone(),
         );
         m.registry.register(
             "targets",

@@ -15,9 +15,9 @@ use apisix_ebpf_common::COUNTER_SLOTS;
 
 use super::bpf::{BpfError, BpfSession};
 use crate::{
-    luajit::{LuaTarget, NameStyle},
+    luajit::LuaTarget,
     output::Folded,
-    stacks::{StackBuilder, StackStats, process},
+    stacks::{StackBuilder, StackOptions, StackStats, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
@@ -105,11 +105,11 @@ pub fn capture(
     targets: &[CaptureTarget],
     duration: Duration,
     mode: Mode,
-    style: NameStyle,
+    labels: StackOptions,
     stop: &AtomicBool,
     mut progress: impl FnMut(Duration, u64),
 ) -> Result<Capture, BpfError> {
-    let mut builder = StackBuilder::new(style);
+    let mut builder = StackBuilder::new(labels);
     let (mut sampler, exclude_idle) = match mode {
         Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
         // Held (every block counts as short) until the Lua VMs are learned.

@@ -7,7 +7,8 @@
 //! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
-//! `apisix_profiler_lua_function_offcpu_seconds_total` (when enabled) and, through the
+//! `apisix_profiler_lua_function_offcpu_seconds_total` (when enabled),
+//! `apisix_profiler_lua_vm_state_samples_total` and, through the
 //! aggregator, the per-function and per-target sample counters.
 
 use std::{
@@ -26,11 +27,11 @@ use crate::{
     daemon::{
         Shared,
         aggregate::Group,
-        metrics::{FlavourLabels, ReasonLabels, TargetLabels},
+        metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
     },
     discovery::{Lua, Snapshot, TargetProcess},
-    luajit::NameStyle,
-    stacks::StackBuilder,
+    luajit::{VmState, trace::TraceFallback},
+    stacks::{StackBuilder, StackOptions},
 };
 
 struct Tracked {
@@ -169,6 +170,10 @@ impl<S: SampleSource> State<S> {
         for (reason, total) in lua_errors {
             self.bump(shared, reason, total);
         }
+        let stats = self.builder.stats();
+        for f in TraceFallback::ALL {
+            self.bump(shared, f.name(), stats.trace_fallbacks[f.index()]);
+        }
         let lost = self.sampler.lost();
         let Ok(mut agg) = shared.aggregator.lock() else {
             return;
@@ -253,13 +258,13 @@ pub fn run_with<S: SampleSource>(
     let mut state = State {
         sampler,
         offcpu,
-        builder: StackBuilder::new(NameStyle::FirstLine),
+        builder: StackBuilder::new(StackOptions::default()),
         tracked: HashMap::new(),
         counters_seen: HashMap::new(),
         lost_seen: HashMap::new(),
     };
     let mut last_tick = Instant::now();
-    let mut batch: Vec<(u32, Vec<Arc<str>>)> = Vec::new();
+    let mut batch: Vec<(u32, Vec<Arc<str>>, Option<VmState>)> = Vec::new();
     let mut blocked: Vec<(u32, Vec<Arc<str>>, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut latest = None;
@@ -277,7 +282,7 @@ pub fn run_with<S: SampleSource>(
         } = &mut state;
         sampler.poll(Duration::from_millis(200), &mut |s| {
             if let Some(stack) = builder.build(s) {
-                batch.push((s.pid, stack));
+                batch.push((s.pid, stack, builder.last_vm_state()));
             }
         });
         if let Some(off) = offcpu.as_mut() {
@@ -290,9 +295,20 @@ pub fn run_with<S: SampleSource>(
         if !(batch.is_empty() && blocked.is_empty())
             && let Ok(mut agg) = shared.aggregator.lock()
         {
-            for (pid, stack) in batch.drain(..) {
+            for (pid, stack, vm_state) in batch.drain(..) {
                 if let Some(tr) = state.tracked.get(&pid) {
                     agg.add(pid, &tr.labels, stack, |l| state.builder.module_of(l));
+                    if let Some(v) = vm_state {
+                        shared
+                            .metrics
+                            .vm_states
+                            .get_or_create(&VmStateLabels {
+                                state: v.name(),
+                                container: tr.labels.container.clone(),
+                                image: tr.labels.image.clone(),
+                            })
+                            .inc();
+                    }
                 }
             }
             for (pid, stack, us) in blocked.drain(..) {

@@ -24,6 +24,25 @@ use crate::luajit::{
     trace::{TraceFallback, TraceFrames, Tracer},
 };
 
+/// How stacks are labelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackOptions {
+    /// First or current line of Lua frames.
+    pub style: NameStyle,
+    /// A `[trace N]` pseudo-frame where a JIT trace runs, above its physical base frame
+    /// (for JIT tuning).
+    pub trace_frames: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            style: NameStyle::FirstLine,
+            trace_frames: false,
+        }
+    }
+}
+
 /// Outcome counters of stack building.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StackStats {
@@ -63,6 +82,7 @@ pub struct StackBuilder {
     symbolizer: Symbolizer,
     namer: LuaNamer,
     tracer: Tracer,
+    last_vm_state: Option<VmState>,
     /// Whether a `[trace N]` pseudo-frame marks where a trace runs.
     trace_marker: bool,
     style: NameStyle,
@@ -87,14 +107,19 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 impl StackBuilder {
     /// A builder naming Lua frames in `style`.
-    pub fn new(style: NameStyle) -> Self {
+    pub fn new(opts: StackOptions) -> Self {
+        let StackOptions {
+            style,
+            trace_frames,
+        } = opts;
         Self {
             procs: HashMap::new(),
             files: HashMap::new(),
             symbolizer: Symbolizer::new(),
             namer: LuaNamer::new(),
             tracer: Tracer::new(),
-            trace_marker: false,
+            last_vm_state: None,
+            trace_marker: trace_frames,
             style,
             stats: StackStats::default(),
             lua_targets: HashMap::new(),
@@ -122,9 +147,9 @@ impl StackBuilder {
         self.module_of.get(label)
     }
 
-    /// Adds a `[trace N]` pseudo-frame where a trace runs (for JIT tuning).
-    pub fn set_trace_marker(&mut self, on: bool) {
-        self.trace_marker = on;
+    /// The LuaJIT VM state of the sample last built (`None`: no Lua running).
+    pub fn last_vm_state(&self) -> Option<VmState> {
+        self.last_vm_state
     }
 
     /// Traces read and decoded so far (the rest were served from the cache).
@@ -251,7 +276,8 @@ impl StackBuilder {
         // sampled IP, or at the return address into the trace of the C code it called.
         let state = LuaState::from_raw(s.lua_state);
         let in_jit_code = proc.modules.find(s.regs.ip).is_none();
-        if let Some(v) = VmState::of(state, in_jit_code) {
+        self.last_vm_state = VmState::of(state, in_jit_code);
+        if let Some(v) = self.last_vm_state {
             self.stats.vm_states[v.index()] += 1;
         }
         let mut traced: Option<(i32, Option<TraceFrames>)> = None;

@@ -12,4 +12,4 @@ pub mod process;
 pub mod symbolize;
 pub mod unwind;
 
-pub use builder::{StackBuilder, StackStats};
+pub use builder::{StackBuilder, StackOptions, StackStats};
