@@ -440,12 +440,17 @@ mod tests {
                 native_complete: 790,
                 native_truncated: 10,
                 max_lua_depth: 123,
+                vm_states: [5, 600, 80, 10, 3, 2],
+                trace_samples: 610,
+                trace_inlined: 590,
+                trace_fallbacks: [0, 12, 0, 8, 0, 0, 0],
                 ..Default::default()
             },
             flavour: None,
             mode: capture::Mode::Cpu { frequency: 99 },
             idle_excluded: 0,
             user_errors: BTreeMap::from([("proto_freed", 0)]),
+            traces_decoded: 4,
         };
         let json = serde_json::to_value(RecordSummary::of(123, &rec)).expect("encode");
         assert_eq!(json["mode"], "cpu");
@@ -464,5 +469,14 @@ mod tests {
         assert_eq!(json["lua"]["user_errors"]["proto_freed"], 0);
         assert_eq!(json["deepest_lua"], 123);
         assert_eq!(json["exited"], false);
+        assert_eq!(json["vm_states"]["interpreted"], 5);
+        assert_eq!(json["vm_states"]["compiled"], 600);
+        assert_eq!(json["vm_states"]["jit_compiler"], 2);
+        assert_eq!(json["trace"]["samples"], 610);
+        assert_eq!(json["trace"]["inlined"], 590);
+        assert_eq!(json["trace"]["decoded"], 4);
+        assert_eq!(json["trace"]["fallbacks"]["trace_gone"], 12);
+        assert_eq!(json["trace"]["fallbacks"]["trace_addr_outside"], 8);
+        assert_eq!(json["trace"]["fallbacks"]["trace_invalid"], 0);
     }
 }

@@ -624,6 +624,20 @@ impl Trace {
     }
 }
 
+/// What a sample taken in trace code says about that trace.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceSample<'a> {
+    /// The running `lua_State`.
+    pub l: u64,
+    /// `global_State.vmstate`: the trace number.
+    pub vmstate: i32,
+    /// The trace's `GCtrace` address and machine-code start as the BPF side read them at
+    /// sample time (0 where it could not).
+    pub at_sample: (u64, u64),
+    /// The innermost physical frame, walked from `G->jit_base`.
+    pub base: Option<&'a LuaFrame>,
+}
+
 /// Decoded traces of every target, and the counts of what happened.
 #[derive(Debug, Default)]
 pub struct Tracer {
@@ -670,22 +684,22 @@ impl Tracer {
         Some(g)
     }
 
-    /// The inlined frames of a sample of process `pid` taken while trace `vmstate` ran on
-    /// `lua_State` `l`. `at_sample` is the trace's `GCtrace` address and machine-code start
-    /// as the BPF side read them (0 where it could not). `addr_in` picks, given the trace's machine-code range, the address to
-    /// look up: the sampled IP if it is inside, else the return address into it that native
-    /// unwinding found (already minus one). `base` is the innermost physical frame walked
-    /// from `G->jit_base`.
+    /// The inlined frames of `sample`, taken in process `pid`. `addr_in` picks, given the
+    /// trace's machine-code range, the address to look up: the sampled IP if it is inside,
+    /// else the return address into it that native unwinding found (already minus one).
     pub fn frames(
         &mut self,
         pid: u32,
         layout: &'static Layout,
-        l: u64,
-        vmstate: i32,
-        at_sample: (u64, u64),
-        base: Option<&LuaFrame>,
+        sample: &TraceSample<'_>,
         addr_in: impl Fn(&Range<u64>) -> Option<u64>,
     ) -> Result<TraceFrames, TraceFallback> {
+        let TraceSample {
+            l,
+            vmstate,
+            at_sample,
+            base,
+        } = *sample;
         let traceno = u16::try_from(vmstate).map_err(|_| TraceFallback::Gone)?;
         let mem = Memory::new(pid);
         let g = self

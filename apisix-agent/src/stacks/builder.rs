@@ -21,7 +21,7 @@ use super::{
 };
 use crate::luajit::{
     LuaNamer, LuaTarget, NameStyle, VmState,
-    trace::{TraceFallback, TraceFrames, Tracer},
+    trace::{TraceFallback, TraceFrames, TraceSample, Tracer},
 };
 
 /// How stacks are labelled.
@@ -291,10 +291,12 @@ impl StackBuilder {
             let found = self.tracer.frames(
                 pid,
                 lua.flavour.layout(),
-                s.lua_l,
-                s.vmstate,
-                (s.trace, s.trace_mcode),
-                lua_frames.first(),
+                &TraceSample {
+                    l: s.lua_l,
+                    vmstate: s.vmstate,
+                    at_sample: (s.trace, s.trace_mcode),
+                    base: lua_frames.first(),
+                },
                 |mcode| {
                     if mcode.contains(&ip) {
                         Some(ip)
