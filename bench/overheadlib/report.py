@@ -3,6 +3,7 @@
 import statistics
 
 from .harness import NGINX_COMM
+from .prose import PROSE
 from .stats import aa_ratios, direct_ratio, median, median_interval
 
 
@@ -32,47 +33,28 @@ def report(a, meta, res):
         "libnginx-mod-http-lua (Debian LuaJIT 2.1, GC64)")
     add(f"- Reproduce (as root, from the repository root): `{cmd}`")
     add("")
-    add("Workload (`bench/workload/`): an APISIX-like handler on 127.0.0.1 — `access_by_lua` matches the URI "
-        "against 300 routes (string.lower/sub/find, host and method checks), then runs a plugin chain "
-        "(key-auth with string.find, limit-count keyed by string.format, proxy-rewrite with ngx.re.sub and "
-        "gmatch, request-id hashing, response-rewrite with table.sort/concat and ngx.re.match) inside a "
-        "coroutine.wrap that yields after each plugin; `content_by_lua` encodes a ~2 KB JSON body with a "
-        "recursive table.concat encoder. `/deep` recurses 100 Lua frames (`?depth=N` for N) and burns CPU at the bottom. "
-        f"Load: `wrk -t{a.wrk_threads} -c{a.wrk_conns} -d{a.duration}s --latency` spreading requests over the "
-        "routes (`bench/workload/wrk-routes.lua`). The workers run a copy of `/usr/sbin/nginx` named "
-        f"`{NGINX_COMM}` so that the daemon's host discovery (`process_names: [{NGINX_COMM}]`, Docker off) "
-        "profiles exactly them and no other nginx on the machine.")
+    add(PROSE["workload"].substitute(
+        wrk_threads=a.wrk_threads,
+        wrk_conns=a.wrk_conns,
+        duration=a.duration,
+        nginx_comm=NGINX_COMM,
+    ))
     add("")
-    add(f"nginx runs {a.workers} workers (one per core) for the throughput and BPF sections, and "
-        f"{res['footprint']['workers']} workers for the footprint section (the RSS target is for 4 workers); "
-        "wrk shares the same 2 cores, so the machine is saturated and any agent CPU shows up as lost throughput. "
-        f"nginx runs in the foreground under the bench, so workers, wrk and agent share one scheduler autogroup "
-        f"(their own session) and compete among themselves as on a dedicated machine. During the throughput "
-        f"runs that group runs at nice {a.nice} against whatever else runs on the (shared) machine (\"bench "
-        "share\" in the per-run table says how much of the 2 CPUs it got), elsewhere at nice 0: a raised "
-        "group starves the kernel's RCU threads, and the agent waits for RCU grace periods when it detaches "
-        "uprobes.")
+    add(PROSE["setup"].substitute(
+        workers=a.workers,
+        footprint_workers=res['footprint']['workers'],
+        nice=a.nice,
+    ))
     add("")
 
     # 1. throughput
     add("## 1. Throughput and p99 latency, daemon on vs off")
     add("")
-    add(f"Per rate a chain of {a.pairs + 1} runs without the daemon with {a.pairs} runs with it in between "
-        f"(off, on, off, …, off), {a.duration}s each; each \"on\" run is compared with the mean of the \"off\" "
-        "runs just before and after it, which cancels drift over a few runs (the main noise on this machine). "
-        "Before each \"on\" run the daemon is started and waited for until `/healthz` answers and `/targets` "
-        "lists the workers; then, as before every \"off\" run, 1 s of light load primes the workers, and the "
-        "\"on\" run also waits until the daemon has learned the workers' Lua VMs and detached its `lua_resume` "
-        "uprobes (see the start-up note below); the daemon is stopped with SIGTERM after the run. So the ratios "
-        "are the steady-state cost of an always-on daemon. Ratios are on / mean(off before, off after): median "
-        "(min–max), and a 95% bootstrap interval of the median. \"A/A control\" applies the same estimator to "
-        "the runs without the daemon (each inner \"off\" run against its two neighbouring \"off\" runs): it "
-        "shows how far from 1.0 the ratio strays with no agent at all, i.e. the resolution of this measurement "
-        "here. \"CPU/request ratio\": CPU time of the workers + wrk + agent per request, off / on (1.0 = no "
-        "extra CPU per request). \"Ratio expected from direct costs\" adds up what the agent is measured to cost "
-        "during the \"on\" runs — its own process CPU plus the BPF program's time (samples × the per-sample cost "
-        "of section 2, other firings × the early-exit cost) — against the CPU the bench used; it leaves out "
-        "indirect effects (caches, scheduling) but is not subject to run-to-run noise.")
+    add(PROSE["throughput_method"].substitute(
+        runs_off=a.pairs + 1,
+        pairs=a.pairs,
+        duration=a.duration,
+    ))
     add("")
     add("| Sampling rate | req/s off | req/s on | Throughput ratio | 95% interval of the median | A/A control (no agent) | p99 off (ms) | p99 on (ms) | p99 ratio | CPU/request ratio | Agent CPU | Ratio expected from direct costs | Target | Result |")
     add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -101,19 +83,18 @@ def report(a, meta, res):
     cpr = [r["cpu_per_req_us"] for r in offs]
     share = [100 * r["cpu_share"] for r in offs]
     aa_sd = 100 * statistics.pstdev(aa_all) if len(aa_all) > 1 else float("nan")
-    add(f"**Noise:** the \"off\" runs alone vary by {cv:.1f}% (coefficient of variation; "
-        f"{min(base):.0f}–{max(base):.0f} req/s); their CPU time per request by "
-        f"{100 * statistics.pstdev(cpr) / statistics.mean(cpr):.1f}% ({min(cpr):.0f}–{max(cpr):.0f} µs) while "
-        f"the bench got {min(share):.0f}–{max(share):.0f}% of the 2 CPUs — the variation is in how much CPU a "
-        "request takes, not in how much CPU the bench gets. The drift-cancelling estimator with no agent "
-        f"(A/A control, both rates) still scatters by {aa_sd:.1f}% (standard deviation); a throughput cost below "
-        "that is within the noise of one run, and the median over the runs resolves about "
-        f"{aa_sd * 1.25 / max(1, a.pairs) ** 0.5:.1f}% (its standard error). The last column, built from the "
-        "agent's directly measured costs, is the steadier estimate of the direct cost. (A paired design — a "
-        "profiled and an unprofiled nginx loaded at the same time, compared by the ratio of their throughputs — "
-        "was tried on this machine and dropped: that ratio varied as much, 0.93–1.14 from one 4 s run to the "
-        "next even with each instance pinned to its own vCPU, so the slowdowns hit each vCPU separately rather "
-        "than the machine as a whole.)")
+    add(PROSE["noise"].substitute(
+        cv=f"{cv:.1f}",
+        off_rps_min=f"{min(base):.0f}",
+        off_rps_max=f"{max(base):.0f}",
+        cpu_per_req_cv=f"{100 * statistics.pstdev(cpr) / statistics.mean(cpr):.1f}",
+        cpu_per_req_min=f"{min(cpr):.0f}",
+        cpu_per_req_max=f"{max(cpr):.0f}",
+        share_min=f"{min(share):.0f}",
+        share_max=f"{max(share):.0f}",
+        aa_sd=f"{aa_sd:.1f}",
+        median_resolution=f"{aa_sd * 1.25 / max(1, a.pairs) ** 0.5:.1f}",
+    ))
     add("")
     add("<details><summary>Per-run figures</summary>")
     add("")
@@ -134,25 +115,21 @@ def report(a, meta, res):
     add("</details>")
     add("")
     learn = [p["with"]["learn_s"] for hz in (19, 99) for p in res[f"tput_{hz}"]]
-    add(f"Start-up note: the \"on\" runs begin once the daemon is steady — samples flowing, its `lua_resume` "
-        "uprobes detached, none of its threads blocked in the kernel — which took "
-        f"{min(learn):.1f}–{max(learn):.1f} s of priming load here. Until a worker's Lua VM is learned the daemon "
-        "keeps a uprobe on `lua_resume`, which ngx_lua calls several times per request (each phase handler and "
-        "every resume of an ngx_lua coroutine — the plugin chain's `coroutine.wrap` yields 5 times); and "
-        "detaching it waits for an RCU grace period in the thread that drains the samples.")
+    add(PROSE["startup_note"].substitute(
+        learn_min=f"{min(learn):.1f}",
+        learn_max=f"{max(learn):.1f}",
+    ))
     add("")
     # 2. BPF cost
     b = res["bpf"]
     add("## 2. Cost of the `sample` BPF program")
     add("")
-    add(f"`kernel.bpf_stats_enabled=1` (restored afterwards), daemon at 99 Hz, load for {a.bpf_seconds}s per case "
-        f"(`wrk -c{a.wrk_conns}`, so that both workers get load). run_time_ns / run_cnt are read from the agent's fdinfo of the "
-        "perf_event program. The program fires on every CPU whatever runs there and leaves at once when the "
-        "current process is not a target, so the mean per run mixes those early exits with real samples; "
-        "\"per target sample\" removes the early exits (their cost measured with no load: "
-        f"{b['idle']['mean_us']:.2f} µs over {b['idle']['runs']} runs) and divides by the samples the agent "
-        "received (taken + lost); the upper bound charges all the run time to the target samples. "
-        "Lua frames per sample: median (max) over the retained samples that are in Lua.")
+    add(PROSE["bpf_method"].substitute(
+        bpf_seconds=a.bpf_seconds,
+        wrk_conns=a.wrk_conns,
+        b_idle_mean_us=f"{b['idle']['mean_us']:.2f}",
+        b_idle_runs=b['idle']['runs'],
+    ))
     add("")
     add("| Case | Lua frames per sample | Program runs | Target samples | Mean per run (µs) | Per target sample (µs) | Upper bound (µs) | Target | Result |")
     add("|---|---|---|---|---|---|---|---|---|")
@@ -165,20 +142,20 @@ def report(a, meta, res):
         add(f"| {labels[name]} | {x['lua_frames'][0]:.0f} ({x['lua_frames'][1]}) | {x['runs']} | {x['target_samples']:.0f} | "
             f"{x['mean_us']:.2f} | {x['per_target_us']:.2f} | {x['per_target_upper_us']:.2f} | {target} | {result} |")
     add("")
-    add(f"Linear fit between the two `/deep` depths: **{b['per_frame_us']:.2f} µs per Lua frame walked**, "
-        f"{b['fixed_us']:.1f} µs per sample independent of the Lua depth (registers, kernel stack, user stack copy, "
-        "ring buffer). Where the time goes step by step, before and after this code's changes, measured "
-        "with an instrumented build: [docs/bpf-cost.md](docs/bpf-cost.md).")
+    add(PROSE["bpf_fit"].substitute(
+        b_per_frame_us=f"{b['per_frame_us']:.2f}",
+        b_fixed_us=f"{b['fixed_us']:.1f}",
+    ))
     add("")
 
     # 3. footprint
     f = res["footprint"]
     add("## 3. Agent footprint")
     add("")
-    add(f"Daemon with its defaults (19 Hz continuous, 99 Hz on demand) profiling {f['workers']} workers, measured after "
-        f"priming load until it is steady ({f['learn_s']:.1f} s, as in section 1). CPU share = "
-        "(utime+stime delta of the agent process) / wall time, in % of one core; peak RSS = VmHWM (peak since "
-        "the agent started, so each row includes the rows above it).")
+    add(PROSE["footprint_method"].substitute(
+        f_workers=f['workers'],
+        f_learn_s=f"{f['learn_s']:.1f}",
+    ))
     add("")
     add("| Phase | Duration (s) | CPU (% of one core) | Peak RSS VmHWM (MiB) | RSS at end (MiB) | Notes |")
     add("|---|---|---|---|---|---|")
@@ -197,13 +174,16 @@ def report(a, meta, res):
     r = res["render"]
     add("## 4. SVG render time, 100 000 samples")
     add("")
-    add(f"Input: a {a.record}s `record --frequency 99 --format collapsed --lines` capture of one worker under mixed "
-        f"load (routes + `/deep`): {r['capture_samples']} samples ({r['capture_lost']} lost, ring buffer full), "
-        f"{r['capture_stacks']} distinct stacks; scaled to "
-        f"{r['samples']} samples over {r['stacks']} distinct stacks (variants differ in the current line of an inner "
-        f"Lua frame; counts keep the captured distribution with a long tail; deepest stack {r['max_depth']} frames). "
-        f"`apisix-agent render -i … -o out.svg`, {len(r['wall_ms'])} runs; \"render\" is the time the command reports "
-        "on stderr (folded → SVG), \"command\" the wall time of the whole process (read, parse, render, write).")
+    add(PROSE["render_method"].substitute(
+        record=a.record,
+        r_capture_samples=r['capture_samples'],
+        r_capture_lost=r['capture_lost'],
+        r_capture_stacks=r['capture_stacks'],
+        r_samples=r['samples'],
+        r_stacks=r['stacks'],
+        r_max_depth=r['max_depth'],
+        runs=len(r['wall_ms']),
+    ))
     add("")
     add("| Samples | Distinct stacks | Render, median (min–max) ms | Command wall, median (min–max) ms | SVG size | Target | Result |")
     add("|---|---|---|---|---|---|---|")
