@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs everything apisix-agent needs to build and test on Debian 12, idempotently:
-# apt packages (LLVM 22 for bpf-linker, nginx + ngx_lua, compilers, tools; Prometheus,
-# Chromium and systemd-analyze for the tests), the nightly
-# toolchain with rust-src (the BPF programs are built with -Z build-std), bpf-linker, and the
-# non-GC64 LuaJIT used by the test suite. Safe to run again: finished steps are skipped.
+# Installs what building and running apisix-agent needs on Debian 12, idempotently: apt
+# packages (LLVM 22 for bpf-linker, compilers, nginx + ngx_lua and wrk for the quickstart
+# demo), the nightly toolchain with rust-src (the BPF programs are built with
+# -Z build-std), and bpf-linker. What only the test suite needs is in scripts/setup-test.sh.
+# Safe to run again: finished steps are skipped.
 set -euo pipefail
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -52,11 +52,4 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
         --no-default-features --features llvm-22
 fi
 
-# Tools of the test suite (real Prometheus + promtool, headless Chromium, systemd-analyze,
-# capsh). Installed without recommends and without starting their services: the tests start
-# their own instances on loopback.
-apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3
-
-log "non-GC64 LuaJIT for the tests"
-"$(dirname "$0")/build-luajit-nogc64.sh" >/dev/null
-log "setup done"
+log "setup done (runtime; scripts/setup-test.sh adds the test tools)"

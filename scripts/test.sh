@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing (scripts/setup.sh), starts a Docker daemon
+# The whole test suite: installs what is missing (scripts/setup.sh for building and running,
+# scripts/setup-test.sh for the test tools), starts a Docker daemon
 # without bridge networking and builds the nginx-lua test image from Debian packages
 # (scripts/docker-up.sh, scripts/test-image.sh), checks formatting and lints, then runs unit
 # tests and the root tests that load the real BPF programs against real processes (a C
@@ -14,6 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 ./scripts/setup.sh
+./scripts/setup-test.sh
 ./scripts/docker-up.sh
 ./scripts/test-image.sh
 echo "==> cargo fmt --check" >&2

@@ -376,7 +376,7 @@ mod tests {
         let e = err("sampling:\n  frequency_hz: 0\n");
         assert!(e.contains("sampling.frequency_hz"), "{e}");
         assert!(e.contains("0 is outside 1..=1000"), "{e}");
-        assert!(e.contains("0 is outside 1..=1000"), "{e}");
+        assert!(e.contains("test.yaml"), "the file is named: {e}");
         let e = err("discovery:\n  docker:\n    images: ['[']\n");
         assert!(e.contains("discovery.docker.images"), "{e}");
         let e = err("discovery:\n  docker:\n    socket: relative.sock\n");

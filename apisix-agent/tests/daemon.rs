@@ -356,6 +356,8 @@ fn host_and_docker_targets_are_profiled() {
     let (s, _) = agent.get("/flamegraph?pid=1&path=/etc/shadow");
     assert_eq!(s, 400);
     // One capture at a time is configured: a second concurrent one is refused.
+    let started = |agent: &Agent| agent.log().matches("capture started").count();
+    let before = started(&agent);
     let port = agent.port;
     let first = thread::spawn(move || {
         http(
@@ -364,7 +366,9 @@ fn host_and_docker_targets_are_profiled() {
         )
         .0
     });
-    thread::sleep(Duration::from_millis(800));
+    // The slot is taken before the capture says it started.
+    wait_for(10, || (started(&agent) > before).then_some(()))
+        .unwrap_or_else(|| panic!("the first capture did not start:\n{}", agent.log()));
     let (s, body) = agent.get(&format!("/flamegraph?pid={host_worker}&seconds=1"));
     assert_eq!(s, 429, "{body}");
     assert_eq!(first.join().expect("first capture"), 200);

@@ -662,9 +662,16 @@ fn container_image_builds() {
         .stdin(Stdio::null())
         .output();
     if !info.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!(
-            "\n*** SKIPPED container_image_builds: no Docker daemon (start one with \
-             scripts/docker-up.sh) ***\n"
+        let reason = "no Docker daemon (scripts/docker-up.sh starts one)";
+        // In CI (scripts/test.sh starts Docker) a missing daemon is a failure, not a pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "container_image_builds: {reason}"
+        );
+        // Outside CI: one line on the stream itself (the harness hides eprintln! of a pass).
+        let _ = writeln!(
+            std::io::stderr(),
+            "container_image_builds: skipped outside CI: {reason}"
         );
         return;
     }

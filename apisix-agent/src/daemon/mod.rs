@@ -106,7 +106,9 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             .context("starting the discovery thread")?
     };
 
-    tracing::info!(%listen, "serving /metrics, /flamegraph, /targets, /healthz");
+    // With port 0 in `http.listen` the kernel picks one: the log says which.
+    let bound = listener.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %bound, "serving /metrics, /flamegraph, /targets, /healthz");
     let served = runtime.block_on(http::serve(listener, shared.clone(), shutdown_signal()));
     tracing::info!("shutting down");
     shared.stop.store(true, Ordering::SeqCst);

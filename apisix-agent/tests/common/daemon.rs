@@ -1,5 +1,5 @@
-//! The agent daemon for tests: started from a config on a free port, queried over HTTP,
-//! stopped with SIGTERM.
+//! The agent daemon for tests: started from a config listening on port 0 (the kernel picks
+//! a free one, the agent logs it), queried over HTTP, stopped with SIGTERM.
 
 use std::{
     io::{Read as _, Write as _},
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{agent, free_port};
+use super::agent;
 
 /// One HTTP/1.0 request on loopback: (status, body).
 pub fn http(port: u16, path: &str) -> (u16, String) {
@@ -41,9 +41,8 @@ pub struct Agent {
 impl Agent {
     pub fn start(extra_config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let config = format!(
-            "http:\n  listen: 127.0.0.1:{port}\ndiscovery:\n  interval_seconds: 1\n{extra_config}"
+            "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n{extra_config}"
         );
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).expect("write config");
@@ -52,19 +51,26 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start the agent");
-        let me = Self {
+        let mut me = Self {
             child: Some(child),
-            port,
+            port: 0,
             log,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.get("/healthz").0 == 200 {
+            if me.port == 0 {
+                me.port = bound_port(&me.log()).unwrap_or(0);
+            }
+            if me.port != 0
+                && TcpStream::connect(("127.0.0.1", me.port)).is_ok()
+                && me.get("/healthz").0 == 200
+            {
                 return me;
             }
             thread::sleep(Duration::from_millis(100));
@@ -136,4 +142,16 @@ pub fn series_f64(metrics: &str, name: &str, needles: &[&str]) -> Option<f64> {
         .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(f64::max)
+}
+
+/// The port of the agent's `serving … listen=127.0.0.1:PORT` log line.
+fn bound_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find(|l| l.contains("serving /metrics"))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
 }

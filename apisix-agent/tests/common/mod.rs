@@ -200,6 +200,27 @@ impl Nginx {
     /// Starts nginx with Lua modules `lua` (name → source) and the `server` block body.
     /// `http_extra` goes into the http block (e.g. `init_by_lua_block`).
     pub fn start(lj: Lj, lua: &[(&str, &str)], http_extra: &str, server: &str) -> Self {
+        // nginx cannot listen on port 0 and say which port it got: a free port is picked
+        // and, when another process took it meanwhile, the start is retried on a new one.
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(lj, lua, http_extra, server) {
+                Ok(nginx) => return nginx,
+                Err(log) if attempt < 3 && log.contains("Address already in use") => {
+                    attempt += 1;
+                }
+                Err(log) => panic!("nginx did not come up:\n{log}"),
+            }
+        }
+    }
+
+    /// One start on a free port; the error log when nginx does not come up.
+    fn try_start(
+        lj: Lj,
+        lua: &[(&str, &str)],
+        http_extra: &str,
+        server: &str,
+    ) -> Result<Self, String> {
         let prefix = tempfile::tempdir().expect("nginx prefix");
         let p = prefix.path().to_path_buf();
         let p = p.as_path();
@@ -251,7 +272,7 @@ http {{
         let master = cmd
             .spawn()
             .expect("start nginx (apt-get install nginx libnginx-mod-http-lua)");
-        let me = Self {
+        let mut me = Self {
             port,
             prefix,
             master,
@@ -259,12 +280,15 @@ http {{
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() && me.worker().is_some() {
-                return me;
+                return Ok(me);
+            }
+            if me.master.try_wait().is_ok_and(|s| s.is_some()) {
+                break;
             }
             thread::sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(p.join("logs/error.log")).unwrap_or_default();
-        panic!("nginx did not come up on port {port}:\n{log}");
+        Err(format!("port {port}:\n{log}"))
     }
 
     pub fn master_pid(&self) -> u32 {

@@ -1,0 +1,1 @@
+"""Modules of bench/overhead.py: harness, sections, stats (statistics), report."""
