@@ -25,6 +25,7 @@ mod learn_vm;
 mod lua;
 mod maps;
 mod offcpu;
+mod regs;
 mod sample;
 
 #[cfg(not(test))]

@@ -18,7 +18,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{OFF_SCRATCH, OFF_START, OFFCPU_MIN, TARGETS, count},
-    sample::{emit, task_user_regs},
+    regs::task_user_regs,
+    sample::emit,
 };
 
 /// `sched_switch(preempt, prev, next, prev_state)`, in `prev`'s context: a target thread that

@@ -20,7 +20,7 @@ use bollard::{
 use futures_util::StreamExt as _;
 use globset::GlobSet;
 
-use super::procfs::globset;
+use super::globset;
 use crate::config;
 
 /// One running container.

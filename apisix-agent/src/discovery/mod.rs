@@ -105,3 +105,12 @@ impl TargetProcess {
         }
     }
 }
+
+/// Builds a set of globs (process names, container names and images).
+pub fn globset(patterns: &[String]) -> Result<globset::GlobSet, globset::Error> {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in patterns {
+        b.add(globset::Glob::new(p)?);
+    }
+    b.build()
+}

@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 
-use super::{Labels, Lua, TargetProcess, docker::Containers};
+use super::{Labels, Lua, TargetProcess, docker::Containers, globset};
 use crate::{config, luajit};
 
 /// Errors of building a scanner.
@@ -20,15 +20,6 @@ pub enum ScanError {
         #[source]
         source: globset::Error,
     },
-}
-
-/// Builds a set of globs.
-pub fn globset(patterns: &[String]) -> Result<GlobSet, globset::Error> {
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(Glob::new(p)?);
-    }
-    b.build()
 }
 
 /// Scanner of `/proc` with a cache of LuaJIT detection results.

@@ -25,9 +25,9 @@ use super::{
 };
 use crate::{
     daemon::{
-        Shared,
         aggregate::Group,
         metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
+        state::Shared,
     },
     discovery::{Lua, Snapshot, TargetProcess},
     luajit::{VmState, trace::TraceFallback},

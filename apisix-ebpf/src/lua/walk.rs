@@ -25,7 +25,7 @@ use aya_ebpf::{
 use super::{read, read_ref};
 use crate::{
     maps::{LUA_LAYOUTS, LUA_VMS, inserted},
-    sample::Regs,
+    regs::Regs,
 };
 
 /// `GCfunc.gct` of a function: the GC type `~LJ_TFUNC`, i.e. 8.
