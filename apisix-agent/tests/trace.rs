@@ -199,6 +199,17 @@ fn start(lj: Lj, jit: bool, http_extra: &str) -> Nginx {
     )
 }
 
+/// Records the worker for `secs` seconds while two clients load `path` (from half a second
+/// before until a few seconds after); panics if `record` fails.
+fn record_under_load(nginx: &Nginx, path: &str, secs: u64, extra: &[&str]) -> Recorded {
+    let worker = nginx.worker().expect("worker");
+    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(secs + 3));
+    std::thread::sleep(Duration::from_millis(500));
+    let rec = record(worker, secs, extra);
+    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    rec
+}
+
 /// Seconds of CPU per call of `f`, measured in the worker.
 fn calib(nginx: &Nginx, f: &str) -> f64 {
     let body = nginx.get(&format!("/calib?f={f}"));
@@ -387,11 +398,7 @@ fn trace_shapes_gc32() {
 fn ffi_from_inlined_function() {
     common::require_root!();
     let nginx = start(Lj::Gc64, true, "");
-    let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(8));
-    std::thread::sleep(Duration::from_millis(500));
-    let rec = record(worker, 5, &[]);
-    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let rec = record_under_load(&nginx, "/ffi", 5, &[]);
     let is_memset = |x: &str| x.contains("memset") || x.starts_with("libc.so.6+");
     let in_memset = rec.count(|f| f.last().is_some_and(|x| is_memset(x)));
     let under_pf = rec.count(|f| {
@@ -409,11 +416,7 @@ fn ffi_from_inlined_function() {
 fn concat(lj: Lj) {
     common::require_root!();
     let nginx = start(lj, false, "");
-    let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/cat", 2, Duration::from_secs(7));
-    std::thread::sleep(Duration::from_millis(400));
-    let rec = record(worker, 5, &[]);
-    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let rec = record_under_load(&nginx, "/cat", 5, &[]);
     // In Lua: the stack runs through LuaJIT (its VM, a helper, the C API).
     let luajit = |f: &[&str]| {
         f.iter()
@@ -490,12 +493,7 @@ fn flush(lj: Lj) {
         true,
         "init_worker_by_lua_block { ngx.timer.every(0.1, function() require('jit').flush() end) }",
     );
-    let worker = nginx.worker().expect("worker");
-    let path = "/run?n=4000";
-    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(9));
-    std::thread::sleep(Duration::from_millis(500));
-    let rec = record(worker, 6, &[]);
-    assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let rec = record_under_load(&nginx, "/run?n=4000", 6, &[]);
     // Function definitions of the module: first line → name.
     let defs: BTreeMap<u32, String> = def_lines().into_iter().map(|(n, l)| (l, n)).collect();
     let file = format!("{}/lua/plug.lua:", nginx.prefix.path().display());
@@ -555,12 +553,8 @@ fn vm_states() {
         (true, "/hot", &["compiled"][..], 0.80),
     ] {
         let nginx = start(Lj::Gc64, jit, "");
-        let worker = nginx.worker().expect("worker");
-        let _load = Load::start(nginx.port, path, 2, Duration::from_secs(6));
-        std::thread::sleep(Duration::from_millis(500));
         let extra: &[&str] = if jit { &["--trace-frames"] } else { &[] };
-        let rec = record(worker, 4, extra);
-        assert!(rec.status.success(), "record failed: {}", rec.dump());
+        let rec = record_under_load(&nginx, path, 4, extra);
         if jit {
             // --trace-frames: the trace shows as a pseudo-frame right above its base frame.
             let marked = rec.count(|f| {
