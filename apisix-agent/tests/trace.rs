@@ -394,10 +394,9 @@ fn trace_shapes_gc32() {
 }
 
 /// A C function called through the FFI from an inlined function appears under it.
-#[test]
-fn ffi_from_inlined_function() {
+fn ffi_from_inlined_function(lj: Lj) {
     common::require_root!();
-    let nginx = start(Lj::Gc64, true, "");
+    let nginx = start(lj, true, "");
     let rec = record_under_load(&nginx, "/ffi", 5, &[]);
     let is_memset = |x: &str| x.contains("memset") || x.starts_with("libc.so.6+");
     let in_memset = rec.count(|f| f.last().is_some_and(|x| is_memset(x)));
@@ -407,9 +406,19 @@ fn ffi_from_inlined_function() {
     });
     assert!(
         in_memset > 50 && under_pf * 100 >= in_memset * 90,
-        "memset directly under pf in {under_pf}/{in_memset} samples\n{}",
+        "{lj:?}: memset directly under pf in {under_pf}/{in_memset} samples\n{}",
         rec.dump()
     );
+}
+
+#[test]
+fn ffi_from_inlined_function_gc64() {
+    ffi_from_inlined_function(Lj::Gc64);
+}
+
+#[test]
+fn ffi_from_inlined_function_gc32() {
+    ffi_from_inlined_function(Lj::Gc32);
 }
 
 /// `key .. number` in the interpreter: samples in lj_meta_cat keep their Lua frames.
