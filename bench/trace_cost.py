@@ -49,10 +49,12 @@ def build(tree, target_dir):
 
 
 def baseline_binary(rev, work):
+    """The agent built at `rev`, in a temporary worktree; its build directory is kept under
+    target/ so that a second run does not build it again."""
     tree = os.path.join(work, "baseline")
     subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", tree, rev], check=True,
                    stdout=subprocess.DEVNULL)
-    return build(tree, os.path.join(tree, "target"))
+    return build(tree, os.path.join(REPO, "target", f"baseline-{rev}"))
 
 
 def sample_prog_stats(pid):
@@ -109,7 +111,8 @@ def start_nginx(work, port):
     for d in ("logs", "tmp"):
         os.makedirs(os.path.join(prefix, d), exist_ok=True)
     shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
-    for root, _, files in os.walk(work):  # the worker runs unprivileged
+    os.chmod(work, 0o755)  # the worker runs unprivileged and reads its Lua files
+    for root, _, files in os.walk(prefix):
         os.chmod(root, 0o755)
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)
@@ -195,6 +198,10 @@ def main():
     in_trace = sum(t["samples"] for t in trace)
     inlined = sum(t["inlined"] for t in trace)
     decoded = [t["decoded"] for t in trace]
+    fallbacks = {}
+    for t in trace:
+        for k, v in t["fallbacks"].items():
+            fallbacks[k] = fallbacks.get(k, 0) + v
     print(f"Routes handler, JIT on, {args.hz} Hz, {args.rounds} rounds of {args.seconds} s "
           f"(baseline {args.baseline_rev}):")
     print(f"| measure | before | after | after − before |")
@@ -205,6 +212,8 @@ def main():
           f" | {cpu_after - cpu_before:+.1f} µs |")
     print(f"Samples in trace code: {in_trace} of {samples} ({100 * in_trace / max(samples, 1):.1f}%),"
           f" {inlined} with inlined frames; traces decoded per recording: {decoded}")
+    print("Trace samples that kept only their physical frames: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(fallbacks.items()) if v) or "none"))
 
 
 if __name__ == "__main__":

@@ -231,14 +231,13 @@ fn func_proto(mem: &Memory, layout: &Layout, func: u64) -> Option<u64> {
     pc.checked_sub(u64::from(l.bpf.pt_size))
 }
 
-/// Reads and validates the header of trace `traceno` of the VM whose `global_State` is `g`.
-fn read_header(
+/// The address of trace `traceno` in the trace table of the VM whose `global_State` is `g`.
+fn trace_address(
     mem: &Memory,
     layout: &Layout,
-    pid: u32,
     g: u64,
     traceno: u16,
-) -> Result<Header, TraceFallback> {
+) -> Result<u64, TraceFallback> {
     let t = &layout.trace;
     let gc64 = layout.bpf.gc64 != 0;
     let j = g + u64::from(t.g_to_j);
@@ -264,6 +263,19 @@ fn read_header(
     if addr == 0 {
         return Err(TraceFallback::Gone);
     }
+    Ok(addr)
+}
+
+/// Reads and validates the header of the trace at `addr`, which must be trace `traceno`.
+fn read_header(
+    mem: &Memory,
+    layout: &Layout,
+    pid: u32,
+    addr: u64,
+    traceno: u16,
+) -> Result<Header, TraceFallback> {
+    let t = &layout.trace;
+    let gc64 = layout.bpf.gc64 != 0;
     let h = mem
         .read(addr, t.t_size as usize)
         .map_err(|_| TraceFallback::ReadFailed)?;
@@ -702,10 +714,18 @@ impl Tracer {
         } = *sample;
         let traceno = u16::try_from(vmstate).map_err(|_| TraceFallback::Gone)?;
         let mem = Memory::new(pid);
-        let g = self
-            .global(&mem, layout, pid, l)
-            .ok_or(TraceFallback::ReadFailed)?;
-        let h = read_header(&mem, layout, pid, g, traceno)?;
+        // The trace's address as the BPF side read it at sample time saves two reads of the
+        // trace table; without it, the table says where trace `traceno` is now.
+        let addr = match at_sample.0 {
+            0 => {
+                let g = self
+                    .global(&mem, layout, pid, l)
+                    .ok_or(TraceFallback::ReadFailed)?;
+                trace_address(&mem, layout, g, traceno)?
+            }
+            addr => addr,
+        };
+        let h = read_header(&mem, layout, pid, addr, traceno)?;
         // The BPF side read the trace's address and machine code at sample time: a trace
         // freed since (its number reused, the cache flushed) is not this one.
         let (trace_then, mcode_then) = at_sample;
