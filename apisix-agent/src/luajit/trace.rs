@@ -676,6 +676,10 @@ impl Tracer {
     /// look up: the sampled IP if it is inside, else the return address into it that native
     /// unwinding found (already minus one). `base` is the innermost physical frame walked
     /// from `G->jit_base`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is one fact of the sample; a struct would only rename them"
+    )]
     pub fn frames(
         &mut self,
         pid: u32,
