@@ -445,6 +445,7 @@ mod tests {
             flavour: None,
             mode: capture::Mode::Cpu { frequency: 99 },
             idle_excluded: 0,
+            traces_decoded: 0,
             user_errors: BTreeMap::from([("proto_freed", 0)]),
         };
         let json = serde_json::to_value(RecordSummary::of(123, &rec)).expect("encode");
