@@ -4,10 +4,14 @@
 //!   (`ngx_http_lua_access_handler` → `access`, `ngx_http_lua_header_filter_by_chunk` →
 //!   `header_filter`, …; the innermost one wins, so a header filter run from inside a content
 //!   handler's `ngx.say` is `header_filter`). Handlers that are static functions show as
-//!   `ngx_http_lua_module.so+0x…`; then the chunk frame of an inline block
-//!   (`[main]@access_by_lua(nginx.conf:17):0`) names the phase, and a Lua thread run from
-//!   nginx's timer expiry with neither is a `timer`. `none` when the sample is in no ngx_lua
-//!   handler and no Lua runs, `unknown` when Lua runs but nothing names the phase.
+//!   `ngx_http_lua_module.so+0x…` (on Debian's module: the rewrite, balancer and timer
+//!   handlers); then the outermost Lua frame, when it is an inline block's main chunk
+//!   (`[main]@rewrite_by_lua(nginx.conf:17):0`), names the phase, and a Lua thread run from
+//!   nginx's timer expiry (`ngx_event_expire_timers`) with neither is a `timer` (a timer
+//!   callback defined in `init_worker_by_lua` is a function of that chunk, not its main
+//!   chunk). `none` when the sample is in no ngx_lua handler and no Lua runs, `unknown` when
+//!   Lua runs but nothing names the phase. Limit: a `*_by_lua_file` handler resumed from a
+//!   timer (after `ngx.sleep` in the content phase) counts as `timer`.
 //! - **Plugin**, from the Lua frames (`NAME@FILE:LINE`): [`Rules`] are regexes on FILE with a
 //!   named capture `plugin` (defaults: APISIX `apisix/plugins/<name>.lua` and
 //!   `apisix/plugins/<name>/…`, Kong `kong/plugins/<name>/…`). The innermost matching frame
@@ -241,16 +245,23 @@ impl Rules {
     /// [`crate::stacks::StackBuilder`]).
     pub fn classify(&self, stack: &[Arc<str>]) -> Attribution {
         let mut native_phase = None;
+        // The phase named by the outermost Lua source frame, when it is an inline block's
+        // main chunk (`[main]@access_by_lua(nginx.conf:17)`); a function defined in a block
+        // and run later (a timer callback from init_worker_by_lua) does not count.
         let mut chunk_phase = None;
+        let mut outermost_seen = false;
         let mut lua = false;
         let mut timers = false;
         let mut plugin = None;
         for label in stack {
             match classify_frame(label) {
-                FrameClass::Lua { file, .. } => {
+                FrameClass::Lua { function, file, .. } => {
                     lua = true;
-                    if chunk_phase.is_none() {
-                        chunk_phase = Phase::of_chunk(file);
+                    if !outermost_seen && !file.is_empty() && file != "[builtin]" {
+                        outermost_seen = true;
+                        if function == "[main]" {
+                            chunk_phase = Phase::of_chunk(file);
+                        }
                     }
                     if !file.is_empty()
                         && file != "[builtin]"
@@ -549,6 +560,30 @@ mod tests {
             "sync@/a/apisix/core/config_etcd.lua:100",
         ]);
         assert_eq!(rules.classify(&s).phase, Phase::Timer);
+        // A real timer stack (ngx.timer.every from init_worker_by_lua_block): the handler is
+        // a static function and the callback was defined in the init_worker chunk.
+        let s = stack(&[
+            "main",
+            "ngx_master_process_cycle",
+            "ngx_spawn_process",
+            "ngx_process_events_and_timers",
+            "ngx_event_expire_timers",
+            "ngx_http_lua_module.so+0x4733e",
+            "ngx_http_lua_run_thread",
+            "anonymous@init_worker_by_lua(nginx.conf:14):3",
+            "burn@/tmp/lua/burn.lua:2",
+        ]);
+        assert_eq!(rules.classify(&s).phase, Phase::Timer);
+        // content_by_lua resumed after ngx.sleep: through the timers too, but the chunk
+        // says content.
+        let s = stack(&[
+            "main",
+            "ngx_event_expire_timers",
+            "ngx_http_lua_module.so+0x35e10",
+            "ngx_http_lua_run_thread",
+            "[main]@content_by_lua(nginx.conf:30):0",
+        ]);
+        assert_eq!(rules.classify(&s).phase, Phase::Content);
         let s = stack(&["main", "lua_pcall", "f@/a/x.lua:1"]);
         assert_eq!(rules.classify(&s).phase, Phase::Unknown);
         assert_eq!(Phase::of_chunk("/a/content_by_lua_helpers.lua"), None);
