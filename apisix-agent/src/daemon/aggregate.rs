@@ -588,13 +588,20 @@ impl Aggregator {
     ) -> Folded {
         let now = Instant::now();
         let mut folded = Folded::new();
+        // Retained stacks are interned: classify each distinct one once.
+        let mut verdicts: HashMap<*const [Arc<str>], bool> = HashMap::new();
         for r in self.recent.iter().rev() {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if keep(r.pid, &r.container)
-                && (filter.is_empty() || filter.keeps(&self.rules.classify(&r.stack)))
-            {
+            if !keep(r.pid, &r.container) {
+                continue;
+            }
+            let kept = filter.is_empty()
+                || *verdicts
+                    .entry(Arc::as_ptr(&r.stack))
+                    .or_insert_with(|| filter.keeps(&self.rules.classify(&r.stack)));
+            if kept {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
@@ -839,6 +846,79 @@ mod tests {
             Some(1000),
             "{text}"
         );
+    }
+
+    #[test]
+    fn offcpu_time_by_plugin_and_phase() {
+        let metrics = Arc::new(Metrics::new(true));
+        let mut agg = Aggregator::new(metrics.clone(), 10, Duration::from_secs(60), 1000);
+        let t = target();
+        let s = stack(&[
+            "main",
+            "ngx_http_lua_log_handler",
+            "lj_vm_call",
+            "_M.log@/a/apisix/plugins/http-logger.lua:40",
+            "builtin:io.write",
+            "write",
+        ]);
+        agg.add_offcpu(&t, &s, 250_000);
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            text.contains(
+                "apisix_profiler_plugin_offcpu_seconds_total{plugin=\"http-logger\",phase=\"log\",\
+                 container=\"gw\",image=\"apache/apisix\"} 0.25"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "apisix_profiler_phase_offcpu_seconds_total{phase=\"log\",container=\"gw\",\
+                 image=\"apache/apisix\"} 0.25"
+            ),
+            "{text}"
+        );
+        // Blocked time is not CPU time.
+        assert!(
+            !text.contains("apisix_profiler_plugin_cpu_seconds_total{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn recent_filter_by_plugin() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 1000);
+        let t = target();
+        for (plugin, n) in [("key-auth", 3), ("cors", 2)] {
+            let file = format!("_M.access@/a/apisix/plugins/{plugin}.lua:10");
+            for _ in 0..n {
+                agg.add(
+                    1,
+                    &t,
+                    stack(&["main", "ngx_http_lua_access_handler", &file]),
+                    no_module,
+                );
+            }
+        }
+        let only = |plugin: &str| Filter {
+            plugin: Some(plugin.to_owned()),
+            phase: None,
+        };
+        let window = Duration::from_secs(60);
+        assert_eq!(
+            agg.recent_filtered(window, |_, _| true, &only("cors"))
+                .total(),
+            2
+        );
+        assert_eq!(
+            agg.recent_filtered(window, |_, _| true, &only("x")).total(),
+            0
+        );
+        assert_eq!(agg.recent(window, |_, _| true).total(), 5);
     }
 
     #[test]
