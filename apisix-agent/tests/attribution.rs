@@ -1,7 +1,8 @@
 //! Root tests of APISIX-aware attribution: CPU per plugin and per request phase, on an
 //! APISIX-shaped workload written for the test (phase entry points in `apisix/init.lua`, a
 //! stride-2 plugin runner in `apisix/plugin.lua`, a core helper in `apisix/core/`, plugins in
-//! `apisix/plugins/`, one in a custom layout found only through a configured rule), nginx +
+//! `apisix/plugins/`, one in Kong's layout, one in a custom layout found only through a
+//! configured rule), nginx +
 //! ngx_lua on Debian's GC64 LuaJIT with the JIT on. The daemon's
 //! `apisix_profiler_plugin_cpu_seconds_total` is checked against each plugin's CPU measured
 //! in Lua with `os.clock` around whole loops, within 5 points; `record --plugin` and
@@ -53,7 +54,7 @@ const fn plugin(
 
 /// Loop-free phase functions (the runner's loop is what gets compiled), some calling the
 /// core helper, one with an inner loop.
-const PLUGINS: [Plugin; 6] = [
+const PLUGINS: [Plugin; 7] = [
     plugin("apisix/plugins/key-auth", "key-auth", "access", 32, 1, 0),
     plugin(
         "apisix/plugins/limit-count",
@@ -86,6 +87,15 @@ const PLUGINS: [Plugin; 6] = [
         8,
         0,
         48,
+    ),
+    // Kong's layout, found by a built-in rule.
+    plugin(
+        "kong/plugins/rate-limiting/handler",
+        "rate-limiting",
+        "access",
+        16,
+        0,
+        0,
     ),
     plugin(
         "gw/plugins/bot-detection/handler",
@@ -461,6 +471,22 @@ fn plugin_and_phase_cpu_match_calibration() {
             .any(|s| s["plugin"] == "serverless-post-function"),
         "{body}"
     );
+    // A capture, filtered by plugin and phase.
+    let (status, body) = agent.get(&format!(
+        "/flamegraph?pid={worker}&seconds=2&plugin=response-rewrite&phase=header_filter&format=collapsed"
+    ));
+    assert_eq!(status, 200, "{body}");
+    let stacks = common::parse_folded(&body);
+    assert!(
+        !stacks.is_empty(),
+        "no response-rewrite stacks in a capture"
+    );
+    for s in stacks.keys() {
+        assert!(
+            s.contains("/lua/apisix/plugins/response-rewrite.lua:"),
+            "{s}"
+        );
+    }
     let (status, body) = agent.get(&format!("/flamegraph?pid={worker}&plugin=never-seen"));
     assert_eq!(status, 200, "{body}");
     assert!(
