@@ -2,8 +2,8 @@
 //! APISIX-shaped workload written for the test (phase entry points in `apisix/init.lua`, a
 //! stride-2 plugin runner in `apisix/plugin.lua`, a core helper in `apisix/core/`, plugins in
 //! `apisix/plugins/`, one in Kong's layout, one in a custom layout found only through a
-//! configured rule), nginx +
-//! ngx_lua on Debian's GC64 LuaJIT with the JIT on. The daemon's
+//! configured rule), nginx + ngx_lua on Debian's GC64 LuaJIT and on the non-GC64 build, with
+//! the JIT on. The daemon's
 //! `apisix_profiler_plugin_cpu_seconds_total` is checked against each plugin's CPU measured
 //! in Lua with `os.clock` around whole loops, within 5 points; `record --plugin` and
 //! `/flamegraph?plugin=&phase=` keep only the matching stacks.
@@ -255,7 +255,7 @@ const SERVER: &str = r#"
     } }
 "#;
 
-fn start() -> Nginx {
+fn start(lj: Lj) -> Nginx {
     let mut files: Vec<(String, String)> = vec![
         ("apisix/init".into(), init_module()),
         ("apisix/plugin".into(), RUNNER.into()),
@@ -272,7 +272,7 @@ fn start() -> Nginx {
         .map(|(n, s)| (n.as_str(), s.as_str()))
         .collect();
     Nginx::start(
-        Lj::Gc64,
+        lj,
         &lua,
         "init_by_lua_block { require('jit').on() }",
         SERVER,
@@ -346,9 +346,19 @@ fn check(what: &str, measured: &BTreeMap<String, f64>, expected: &BTreeMap<&str,
 }
 
 #[test]
-fn plugin_and_phase_cpu_match_calibration() {
+fn plugin_and_phase_cpu_match_calibration_gc64() {
     common::require_root!();
-    let nginx = start();
+    plugin_and_phase_cpu(Lj::Gc64);
+}
+
+#[test]
+fn plugin_and_phase_cpu_match_calibration_gc32() {
+    common::require_root!();
+    plugin_and_phase_cpu(Lj::Gc32);
+}
+
+fn plugin_and_phase_cpu(lj: Lj) {
+    let nginx = start(lj);
     for _ in 0..5 {
         if let Err(e) = common::get(nginx.port, "/api") {
             panic!("GET /api: {e}\n{}", nginx.error_log());
