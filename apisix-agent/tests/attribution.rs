@@ -6,7 +6,8 @@
 //! the JIT on. The daemon's
 //! `apisix_profiler_plugin_cpu_seconds_total` is checked against each plugin's CPU measured
 //! in Lua with `os.clock` around whole loops, within 5 points; `record --plugin` and
-//! `/flamegraph?plugin=&phase=` keep only the matching stacks.
+//! `/flamegraph?plugin=&phase=` keep only the matching stacks. With off-CPU profiling, a
+//! log-phase plugin's blocked time is its `plugin_offcpu_seconds_total`.
 
 mod common;
 
@@ -505,4 +506,93 @@ fn plugin_and_phase_cpu(lj: Lj) {
     );
     let (status, _) = agent.get(&format!("/flamegraph?pid={worker}&phase=lunch"));
     assert_eq!(status, 400);
+}
+
+/// A log-phase plugin that blocks the worker in a system call for 10 ms per request and adds
+/// the time it measured to a shared-dict counter.
+const HTTP_LOGGER: &str = r#"local ffi = require "ffi"
+ffi.cdef [[
+    int usleep(unsigned int usec);
+    struct attrib_ts { long tv_sec; long tv_nsec; };
+    int clock_gettime(int clk, struct attrib_ts *ts);
+]]
+local ts = ffi.new("struct attrib_ts")
+local function now_us()
+    ffi.C.clock_gettime(1, ts)
+    return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+end
+
+local _M = { name = "http-logger" }
+
+function _M.log(conf, ctx)
+    local t0 = now_us()
+    ffi.C.usleep(10000)
+    ngx.shared.stats:incr("blocked_us", now_us() - t0, 0)
+end
+
+return _M
+"#;
+
+/// With `sampling.offcpu.enabled`, time blocked in a plugin's log phase lands in
+/// `apisix_profiler_plugin_offcpu_seconds_total{plugin, phase="log"}`, within 25 % of the
+/// time measured in Lua.
+#[test]
+fn offcpu_time_by_plugin_and_phase() {
+    common::require_root!();
+    let nginx = Nginx::start(
+        Lj::Gc64,
+        &[("apisix/plugins/http-logger", HTTP_LOGGER)],
+        "lua_shared_dict stats 1m; init_by_lua_block { require('jit').off() }",
+        r#"
+    location /api {
+        content_by_lua_block { ngx.print("ok") }
+        log_by_lua_block { require("apisix.plugins.http-logger").log({}, {}) }
+    }
+    location /stats { content_by_lua_block { ngx.say(ngx.shared.stats:get("blocked_us") or 0) } }
+"#,
+    );
+    let worker = nginx.worker().expect("worker");
+    let agent = Agent::start(&format!(
+        "  process_names: [no-such-process]\n  pids: [{worker}]\n  docker:\n    enabled: false\n\
+         sampling:\n  offcpu:\n    enabled: true\n    min_block_us: 1000\n"
+    ));
+    let _load = Load::start(nginx.port, "/api", 1, Duration::from_secs(30));
+    let offcpu = |m: &str| {
+        common::daemon::series_f64(
+            m,
+            "apisix_profiler_plugin_offcpu_seconds_total",
+            &["plugin=\"http-logger\"", "phase=\"log\""],
+        )
+    };
+    let seen = wait_for(20, || offcpu(&agent.get("/metrics").1).filter(|s| *s > 0.2));
+    assert!(
+        seen.is_some(),
+        "no off-CPU seconds for http-logger:\n{}\n{}",
+        agent.get("/metrics").1,
+        agent.log()
+    );
+    let measured = || -> f64 {
+        let body = nginx.get("/stats");
+        body.trim()
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("/stats: {body:?}"))
+            / 1e6
+    };
+    let (m0, b0) = (offcpu(&agent.get("/metrics").1).unwrap_or(0.0), measured());
+    thread::sleep(Duration::from_secs(8));
+    let text = agent.get("/metrics").1;
+    let (m1, b1) = (offcpu(&text).unwrap_or(0.0), measured());
+    let (got, want) = (m1 - m0, b1 - b0);
+    eprintln!("http-logger blocked: {got:.2} s in the metric, {want:.2} s measured in Lua");
+    assert!(
+        want > 3.0 && (got / want - 1.0).abs() <= 0.25,
+        "http-logger off-CPU {got:.2} s vs {want:.2} s measured:\n{text}"
+    );
+    let log_phase = common::daemon::series_f64(
+        &text,
+        "apisix_profiler_phase_offcpu_seconds_total",
+        &["phase=\"log\""],
+    )
+    .unwrap_or(0.0);
+    assert!(log_phase >= m1 * 0.99, "{text}");
 }
