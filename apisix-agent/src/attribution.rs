@@ -3,7 +3,8 @@
 //! - **Phase**, from the native frames: the ngx_lua handler the sample runs under
 //!   (`ngx_http_lua_access_handler` → `access`, `ngx_http_lua_header_filter_by_chunk` →
 //!   `header_filter`, …; the innermost one wins, so a header filter run from inside a content
-//!   handler's `ngx.say` is `header_filter`). Handlers that are static functions show as
+//!   handler's `ngx.say` is `header_filter`; the stream subsystem's `ngx_stream_lua_*`
+//!   handlers likewise, with `preread`). Handlers that are static functions show as
 //!   `ngx_http_lua_module.so+0x…` (on Debian's module: the rewrite, balancer and timer
 //!   handlers); then the outermost Lua frame, when it is an inline block's main chunk
 //!   (`[main]@rewrite_by_lua(nginx.conf:17):0`), names the phase, and a Lua thread run from
@@ -68,6 +69,8 @@ pub enum Phase {
     None,
     Rewrite,
     Access,
+    /// The stream subsystem's `preread_by_lua`.
+    Preread,
     Content,
     HeaderFilter,
     BodyFilter,
@@ -83,10 +86,11 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order above.
-    pub const ALL: [Phase; 13] = [
+    pub const ALL: [Phase; 14] = [
         Phase::None,
         Phase::Rewrite,
         Phase::Access,
+        Phase::Preread,
         Phase::Content,
         Phase::HeaderFilter,
         Phase::BodyFilter,
@@ -105,6 +109,7 @@ impl Phase {
             Phase::None => "none",
             Phase::Rewrite => "rewrite",
             Phase::Access => "access",
+            Phase::Preread => "preread",
             Phase::Content => "content",
             Phase::HeaderFilter => "header_filter",
             Phase::BodyFilter => "body_filter",
@@ -123,16 +128,20 @@ impl Phase {
         Self::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    /// The phase of a native ngx_lua frame, if it is a phase handler.
+    /// The phase of a native ngx_lua frame (http or stream subsystem), if it is a phase
+    /// handler.
     fn of_native(function: &str) -> Option<Self> {
-        let f = function.strip_prefix("ngx_http_lua_")?;
+        let f = function
+            .strip_prefix("ngx_http_lua_")
+            .or_else(|| function.strip_prefix("ngx_stream_lua_"))?;
         // Longest prefixes first where one is the prefix of another.
-        const TABLE: [(&str, Phase); 14] = [
+        const TABLE: [(&str, Phase); 15] = [
             ("server_rewrite_", Phase::Rewrite),
             ("rewrite_handler", Phase::Rewrite),
             ("rewrite_by_chunk", Phase::Rewrite),
             ("access_handler", Phase::Access),
             ("access_by_chunk", Phase::Access),
+            ("preread_", Phase::Preread),
             ("content_", Phase::Content),
             ("header_filter", Phase::HeaderFilter),
             ("body_filter", Phase::BodyFilter),
@@ -161,6 +170,7 @@ impl Phase {
         Some(match directive {
             "rewrite" | "server_rewrite" => Phase::Rewrite,
             "access" => Phase::Access,
+            "preread" => Phase::Preread,
             "content" => Phase::Content,
             "header_filter" => Phase::HeaderFilter,
             "body_filter" => Phase::BodyFilter,
@@ -505,6 +515,20 @@ mod tests {
             let s = stack(&["main", f, "lj_vm_call", "f@/x.lua:1"]);
             assert_eq!(rules.classify(&s).phase, want, "{f}");
         }
+        // The stream subsystem (APISIX stream routes): same names under ngx_stream_lua_.
+        for (f, want) in [
+            ("ngx_stream_lua_preread_handler", Phase::Preread),
+            ("ngx_stream_lua_content_handler", Phase::Content),
+            ("ngx_stream_lua_log_handler", Phase::Log),
+            ("ngx_stream_lua_balancer_handler_inline", Phase::Balancer),
+        ] {
+            let s = stack(&["main", f, "lj_vm_call", "f@/x.lua:1"]);
+            assert_eq!(rules.classify(&s).phase, want, "{f}");
+        }
+        assert_eq!(
+            Phase::of_chunk("preread_by_lua(nginx.conf:9)"),
+            Some(Phase::Preread)
+        );
         // An FFI call from Lua is not a phase handler.
         assert_eq!(
             Phase::of_native("ngx_http_lua_ffi_balancer_set_current_peer"),
