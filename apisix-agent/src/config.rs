@@ -30,7 +30,7 @@ pub enum ConfigError {
     #[error("{path}: {field}: {message}")]
     Invalid {
         path: String,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
@@ -43,6 +43,56 @@ pub struct Config {
     pub sampling: Sampling,
     pub metrics: Metrics,
     pub discovery: Discovery,
+    pub attribution: Attribution,
+}
+
+/// Attribution of samples to APISIX (or Kong) plugins and request phases
+/// ([`crate::attribution`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Attribution {
+    /// Extra rules, tried in order before the built-in ones.
+    pub plugin_rules: Vec<PluginRule>,
+    /// Also apply the built-in rules (APISIX `apisix/plugins/<name>[.lua|/]`, Kong
+    /// `kong/plugins/<name>/`).
+    pub default_rules: bool,
+}
+
+/// One plugin rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRule {
+    /// A regex on a Lua frame's source file with a named capture `plugin`.
+    pub regex: String,
+}
+
+impl Default for Attribution {
+    fn default() -> Self {
+        Self {
+            plugin_rules: Vec::new(),
+            default_rules: true,
+        }
+    }
+}
+
+impl Attribution {
+    /// The compiled rules; the error names the rule's field path.
+    pub fn rules(&self) -> Result<crate::attribution::Rules, (String, String)> {
+        for (i, r) in self.plugin_rules.iter().enumerate() {
+            crate::attribution::Rules::compile(&r.regex).map_err(|e| {
+                let detail = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                (
+                    format!("attribution.plugin_rules[{i}].regex"),
+                    format!("{e}{detail}"),
+                )
+            })?;
+        }
+        let custom: Vec<&str> = self.plugin_rules.iter().map(|r| r.regex.as_str()).collect();
+        crate::attribution::Rules::new(&custom, self.default_rules)
+            .map_err(|e| ("attribution.plugin_rules".to_owned(), e.to_string()))
+    }
 }
 
 /// The HTTP endpoint (`/metrics`, `/flamegraph`, `/targets`, `/healthz`).
@@ -238,9 +288,9 @@ impl Config {
 
     /// Checks ranges and consistency; the first problem is returned.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
-            field,
+            field: field.to_owned(),
             message,
         };
         self.listen_addr().map_err(|e| bad("http.listen", e))?;
@@ -276,6 +326,9 @@ impl Config {
                 format!("{:?} is not an absolute path", d.docker.socket),
             ));
         }
+        self.attribution
+            .rules()
+            .map_err(|(field, message)| bad(&field, message))?;
         Ok(())
     }
 
@@ -381,5 +434,35 @@ mod tests {
         assert!(e.contains("discovery.docker.images"), "{e}");
         let e = err("discovery:\n  docker:\n    socket: relative.sock\n");
         assert!(e.contains("discovery.docker.socket"), "{e}");
+    }
+
+    #[test]
+    fn plugin_rules_are_checked() {
+        let e = err(
+            "attribution:\n  plugin_rules:\n    - regex: 'kong/plugins/(?P<plugin>[^/]+)/'\n    - regex: '(unclosed'\n",
+        );
+        assert!(e.contains("attribution.plugin_rules[1].regex"), "{e}");
+        assert!(e.contains("not a valid regex"), "{e}");
+        let e = err("attribution:\n  plugin_rules:\n    - regex: 'plugins/([^/]+)'\n");
+        assert!(e.contains("attribution.plugin_rules[0].regex"), "{e}");
+        assert!(e.contains("no named capture `plugin`"), "{e}");
+        let e = err("attribution:\n  plugin_rules:\n    - regx: x\n");
+        assert!(e.contains("attribution.plugin_rules"), "{e}");
+        let c = match Config::parse(
+            "attribution:\n  default_rules: false\n  plugin_rules:\n    - regex: '/gw/(?P<plugin>[a-z]+)\\.lua$'\n",
+            "x",
+        ) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let rules = match c.attribution.rules() {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(
+            rules.plugin_of_file("/gw/auth.lua").as_deref(),
+            Some("auth")
+        );
+        assert_eq!(rules.plugin_of_file("/a/apisix/plugins/key-auth.lua"), None);
     }
 }

@@ -9,10 +9,12 @@
 //! - [`luajit`]: everything LuaJIT (layouts, build detection, bytecode, frame naming).
 //! - [`daemon`]: `apisix-agent run` — shared state, aggregation, metrics, the HTTP server.
 //! - [`output`]: folded text, SVG and JSON flame graphs.
+//! - [`attribution`]: which APISIX plugin and request phase a stack belongs to.
 //! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML.
 //!
 //! Hooks and metrics: those of the modules; each file's header lists its own.
 
+pub mod attribution;
 pub mod config;
 pub mod daemon;
 pub mod discovery;

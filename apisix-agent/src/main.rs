@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use apisix_agent::{config, daemon, luajit, output, record};
+use apisix_agent::{attribution, config, daemon, luajit, output, record};
 use clap::{Parser, Subcommand};
 
 /// eBPF CPU profiler for APISIX / OpenResty: mixed C + Lua flame graphs.
@@ -56,6 +56,16 @@ enum Command {
         /// this file (`-`: standard output).
         #[arg(long)]
         summary: Option<PathBuf>,
+        /// Keep only the stacks of this APISIX plugin (`[core]`: Lua outside plugins).
+        #[arg(long)]
+        plugin: Option<String>,
+        /// Keep only the stacks of this request phase (access, content, log, …).
+        #[arg(long, value_parser = parse_phase)]
+        phase: Option<attribution::Phase>,
+        /// An extra plugin rule: a regex on Lua source files with a named capture `plugin`
+        /// (tried before the built-in APISIX and Kong rules; repeatable).
+        #[arg(long)]
+        plugin_rule: Vec<String>,
     },
     /// Run the node daemon: discover targets (host and Docker), sample them continuously,
     /// serve /metrics, /flamegraph, /targets and /healthz.
@@ -110,23 +120,31 @@ fn main() -> ExitCode {
             lines,
             trace_frames,
             summary,
-        } => record::run(&record::RecordOptions {
-            pid,
-            duration: Duration::from_secs(duration),
-            mode,
-            frequency,
-            min_block_us,
-            include_idle,
-            format,
-            output,
-            summary,
-            trace_frames,
-            style: if lines {
-                luajit::NameStyle::CurrentLine
-            } else {
-                luajit::NameStyle::FirstLine
-            },
-        }),
+            plugin,
+            phase,
+            plugin_rule,
+        } => match attribution::Rules::new(&plugin_rule, true) {
+            Err(e) => Err(anyhow::Error::new(e).context("--plugin-rule")),
+            Ok(rules) => record::run(&record::RecordOptions {
+                pid,
+                duration: Duration::from_secs(duration),
+                mode,
+                frequency,
+                min_block_us,
+                include_idle,
+                format,
+                output,
+                summary,
+                trace_frames,
+                style: if lines {
+                    luajit::NameStyle::CurrentLine
+                } else {
+                    luajit::NameStyle::FirstLine
+                },
+                rules,
+                filter: attribution::Filter { plugin, phase },
+            }),
+        },
         Command::Run { config } => daemon::run(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
         Command::Render {
@@ -143,6 +161,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A `--phase` value.
+fn parse_phase(s: &str) -> Result<attribution::Phase, String> {
+    attribution::Phase::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = attribution::Phase::ALL.iter().map(|p| p.name()).collect();
+        format!("one of {}", names.join(", "))
+    })
 }
 
 /// `check-config`: validates a file and prints the effective configuration as YAML.

@@ -2,8 +2,10 @@
 //! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
 //!
 //! Hooks: a capture ([`crate::sampling::capture`]), `/proc/PID` (existence, LuaJIT detection).
-//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes) goes to stderr,
-//! and with `--summary FILE` the same counts as JSON ([`RecordSummary`]).
+//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes, then the top
+//! plugins and phases) goes to stderr, and with `--summary FILE` the same counts as JSON
+//! ([`RecordSummary`]). `--plugin`/`--phase` keep only the stacks of a plugin / phase
+//! ([`crate::attribution`]) in the output; the summary counts every sample.
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +20,7 @@ use anyhow::{Context as _, bail};
 use apisix_ebpf_common::Counter;
 
 use crate::{
+    attribution::{self, Filter, Rules},
     luajit::{self, NameStyle, trace::TraceFallback},
     output::Folded,
     sampling::capture::{self, CaptureTarget},
@@ -60,6 +63,10 @@ pub struct RecordOptions {
     pub style: NameStyle,
     /// A `[trace N]` pseudo-frame where a JIT trace runs.
     pub trace_frames: bool,
+    /// Plugin rules.
+    pub rules: Rules,
+    /// Only the stacks of this plugin / phase are written.
+    pub filter: Filter,
 }
 
 /// The counts of one recording, written by `--summary FILE` as JSON. Stable field names:
@@ -88,6 +95,18 @@ pub struct RecordSummary {
     pub vm_states: BTreeMap<&'static str, u64>,
     /// Samples taken while a JIT trace ran, and their inlined frames.
     pub trace: TraceSummary,
+    /// Samples (off-CPU: microseconds) per plugin and phase, most first.
+    pub plugins: Vec<PluginSummary>,
+}
+
+/// The weight of one plugin in one phase.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginSummary {
+    /// Sanitised plugin name, `[core]` for Lua outside plugins, empty without Lua.
+    pub plugin: String,
+    /// [`attribution::Phase::name`].
+    pub phase: &'static str,
+    pub samples: u64,
 }
 
 /// What became of the samples taken while a trace ran.
@@ -169,6 +188,15 @@ impl RecordSummary {
                     .map(|f| (f.name(), rec.stats.trace_fallbacks[f.index()]))
                     .collect(),
             },
+            plugins: rec
+                .plugins
+                .iter()
+                .map(|(a, n)| PluginSummary {
+                    plugin: a.plugin.clone(),
+                    phase: a.phase.name(),
+                    samples: *n,
+                })
+                .collect(),
         }
     }
 }
@@ -188,6 +216,8 @@ pub struct Recording {
     pub traces_decoded: u64,
     /// Errors of naming Lua frames in user space, by reason.
     pub user_errors: BTreeMap<&'static str, u64>,
+    /// Weight per plugin and phase, most first (every stack, before `--plugin`/`--phase`).
+    pub plugins: Vec<(attribution::Attribution, u64)>,
 }
 
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
@@ -254,7 +284,9 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
     if show_progress {
         eprintln!();
     }
+    let plugins = attribution::shares(&opts.rules, &cap.folded);
     Ok(Recording {
+        plugins,
         folded: cap.folded,
         counters: cap.counters,
         target_exited: cap.all_exited,
@@ -277,7 +309,7 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
         bail!("--duration must be at least 1 second");
     }
     let rec = record(opts)?;
-    let title = format!(
+    let mut title = format!(
         "pid {} — {:.0}s {}{}",
         opts.pid,
         rec.elapsed.as_secs_f64(),
@@ -287,10 +319,18 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             .map(|f| format!(" — {f}"))
             .unwrap_or_default()
     );
+    let shown = opts.filter.apply(&opts.rules, &rec.folded);
+    if !opts.filter.is_empty() {
+        title.push_str(" — ");
+        title.push_str(&opts.filter.describe());
+        if shown.total() == 0 {
+            title.push_str(": no samples matched");
+        }
+    }
     let write = |w: &mut dyn io::Write| -> io::Result<()> {
         match opts.format {
-            RecordFormat::Svg => rec.folded.write_svg_unit(&title, rec.mode.unit(), &mut *w),
-            RecordFormat::Collapsed => rec.folded.write_folded(&mut *w),
+            RecordFormat::Svg => shown.write_svg_unit(&title, rec.mode.unit(), &mut *w),
+            RecordFormat::Collapsed => shown.write_folded(&mut *w),
         }
     };
     match &opts.output {
@@ -402,7 +442,39 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             );
         }
     }
+    if !opts.filter.is_empty() {
+        eprintln!(
+            "{}: {} of {} {} kept",
+            opts.filter.describe(),
+            shown.total(),
+            rec.folded.total(),
+            rec.mode.unit()
+        );
+    }
+    print_plugins(&rec.plugins, rec.mode.unit());
     Ok(())
+}
+
+/// The top plugins table on stderr: plugin, phase, share (of every sample of the run).
+fn print_plugins(plugins: &[(attribution::Attribution, u64)], unit: &str) {
+    let total: u64 = plugins.iter().map(|(_, n)| n).sum();
+    if total == 0 || plugins.iter().all(|(a, _)| a.plugin.is_empty()) {
+        return;
+    }
+    eprintln!("top plugins (share of {unit}):");
+    eprintln!("  {:<32} {:<16} {:>7}", "plugin", "phase", "share");
+    for (a, n) in plugins.iter().take(15) {
+        let plugin = if a.plugin.is_empty() {
+            "(no Lua)"
+        } else {
+            &a.plugin
+        };
+        eprintln!(
+            "  {plugin:<32} {:<16} {:>6.1}%",
+            a.phase.name(),
+            100.0 * *n as f64 / total as f64
+        );
+    }
 }
 
 /// Writes `summary` as JSON to `path` (`-`: standard output).
@@ -451,6 +523,13 @@ mod tests {
             idle_excluded: 0,
             user_errors: BTreeMap::from([("proto_freed", 0)]),
             traces_decoded: 4,
+            plugins: vec![(
+                attribution::Attribution {
+                    plugin: "key-auth".into(),
+                    phase: attribution::Phase::Access,
+                },
+                42,
+            )],
         };
         let json = serde_json::to_value(RecordSummary::of(123, &rec)).expect("encode");
         assert_eq!(json["mode"], "cpu");
@@ -478,5 +557,8 @@ mod tests {
         assert_eq!(json["trace"]["fallbacks"]["trace_gone"], 12);
         assert_eq!(json["trace"]["fallbacks"]["trace_addr_outside"], 8);
         assert_eq!(json["trace"]["fallbacks"]["trace_invalid"], 0);
+        assert_eq!(json["plugins"][0]["plugin"], "key-auth");
+        assert_eq!(json["plugins"][0]["phase"], "access");
+        assert_eq!(json["plugins"][0]["samples"], 42);
     }
 }

@@ -7,7 +7,13 @@
 //! any other function go to `function="[other]"`. Series of groups gone for a minute are
 //! removed. Stacks in the recent window are interned, so a repeated stack costs one pointer.
 //!
-//! Hooks: none. Metrics: the per-function, per-target sample families of [`super::metrics`].
+//! Each sample is also attributed to an APISIX plugin and request phase
+//! ([`crate::attribution`]); per group, the first `top_functions` plugins get their own
+//! series, the rest count as `plugin="[other]"`. Those counters are in seconds (samples ×
+//! the sampling period; off-CPU: microseconds blocked).
+//!
+//! Hooks: none. Metrics: the per-function, per-plugin, per-phase and per-target families of
+//! [`super::metrics`].
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -15,8 +21,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::metrics::{CFunctionLabels, LuaFunctionLabels, Metrics, TargetLabels};
-use crate::output::Folded;
+use super::metrics::{
+    CFunctionLabels, LuaFunctionLabels, Metrics, PhaseLabels, PluginLabels, TargetLabels,
+};
+use crate::{
+    attribution::{Attribution, Filter, Phase, Rules},
+    output::Folded,
+};
 
 /// The label given to functions beyond the cardinality cap.
 pub const OTHER: &str = "[other]";
@@ -169,6 +180,7 @@ struct Admitted {
     lua: HashSet<LuaKey>,
     c: HashSet<CKey>,
     processes: HashSet<String>,
+    plugins: HashSet<String>,
 }
 
 /// One retained stack.
@@ -190,6 +202,13 @@ pub struct Aggregator {
     pending: HashMap<Group, Pending>,
     pending_samples: HashMap<TargetLabels, u64>,
     pending_offcpu: HashMap<(Group, LuaKey), u64>,
+    /// Samples per plugin and phase.
+    pending_plugins: HashMap<(Group, Attribution), u64>,
+    /// Microseconds blocked per plugin and phase.
+    pending_plugins_offcpu: HashMap<(Group, Attribution), u64>,
+    rules: Arc<Rules>,
+    /// Seconds one CPU sample stands for.
+    period: f64,
     admitted: HashMap<Group, Admitted>,
     gone_since: HashMap<Group, Instant>,
     recent: VecDeque<Recent>,
@@ -211,12 +230,28 @@ impl Aggregator {
             pending: HashMap::new(),
             pending_samples: HashMap::new(),
             pending_offcpu: HashMap::new(),
+            pending_plugins: HashMap::new(),
+            pending_plugins_offcpu: HashMap::new(),
+            rules: Arc::new(Rules::default()),
+            period: 1.0 / 19.0,
             admitted: HashMap::new(),
             gone_since: HashMap::new(),
             recent: VecDeque::new(),
             interned: HashSet::new(),
             containers: HashMap::new(),
         }
+    }
+
+    /// Sets the plugin rules and the sampling rate (a sample counts 1 / `frequency_hz`
+    /// seconds); by default the built-in rules at 19 Hz.
+    pub fn set_attribution(&mut self, rules: Arc<Rules>, frequency_hz: u64) {
+        self.rules = rules;
+        self.period = 1.0 / frequency_hz.max(1) as f64;
+    }
+
+    /// The plugin rules in use.
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
     }
 
     /// Adds one sampled stack (root first) of process `pid`. `module_of` names the module of
@@ -230,6 +265,11 @@ impl Aggregator {
     ) {
         *self.pending_samples.entry(target.clone()).or_insert(0) += 1;
         let group = Group::of(target);
+        let attribution = self.rules.classify(&stack);
+        *self
+            .pending_plugins
+            .entry((group.clone(), attribution))
+            .or_insert(0) += 1;
         let pending = self.pending.entry(group).or_default();
         let mut lua_seen: HashSet<LuaKey> = HashSet::new();
         let mut c_seen: HashSet<CKey> = HashSet::new();
@@ -299,6 +339,11 @@ impl Aggregator {
         });
         if let Some(key) = innermost {
             let group = Group::of(target);
+            let attribution = self.rules.classify(stack);
+            *self
+                .pending_plugins_offcpu
+                .entry((group.clone(), attribution))
+                .or_insert(0) += us;
             *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
         }
     }
@@ -387,7 +432,64 @@ impl Aggregator {
                 .get_or_create(&labels)
                 .inc_by(us as f64 / 1e6);
         }
+        self.flush_plugins();
         self.expire_recent();
+    }
+
+    /// Moves the per-plugin and per-phase counts into the metrics.
+    fn flush_plugins(&mut self) {
+        let mut cpu: Vec<((Group, Attribution), u64)> = self.pending_plugins.drain().collect();
+        cpu.sort_by_key(|c| std::cmp::Reverse(c.1));
+        for ((group, a), n) in cpu {
+            let seconds = n as f64 * self.period;
+            let (plugin, phase) = self.plugin_labels(&group, a);
+            self.metrics
+                .plugin_cpu
+                .get_or_create(&plugin)
+                .inc_by(seconds);
+            self.metrics.phase_cpu.get_or_create(&phase).inc_by(seconds);
+        }
+        let off: Vec<((Group, Attribution), u64)> = self.pending_plugins_offcpu.drain().collect();
+        for ((group, a), us) in off {
+            let seconds = us as f64 / 1e6;
+            let (plugin, phase) = self.plugin_labels(&group, a);
+            self.metrics
+                .plugin_offcpu
+                .get_or_create(&plugin)
+                .inc_by(seconds);
+            self.metrics
+                .phase_offcpu
+                .get_or_create(&phase)
+                .inc_by(seconds);
+        }
+    }
+
+    /// The series labels of an attribution in `group`, admitting the plugin while there is
+    /// room.
+    fn plugin_labels(&mut self, group: &Group, a: Attribution) -> (PluginLabels, PhaseLabels) {
+        let admitted = self.admitted.entry(group.clone()).or_default();
+        // `[core]` and "" (no Lua) always have their series; only plugin names count
+        // against the cap.
+        let plugin = if a.plugin.is_empty() || a.plugin == crate::attribution::CORE {
+            a.plugin
+        } else {
+            admit(&mut admitted.plugins, a.plugin, self.top, || {
+                OTHER.to_owned()
+            })
+        };
+        (
+            PluginLabels {
+                plugin,
+                phase: a.phase.name(),
+                container: group.container.clone(),
+                image: group.image.clone(),
+            },
+            PhaseLabels {
+                phase: a.phase.name(),
+                container: group.container.clone(),
+                image: group.image.clone(),
+            },
+        )
     }
 
     fn expire_recent(&mut self) {
@@ -438,6 +540,28 @@ impl Aggregator {
                 self.metrics.c_self.remove(&labels);
                 self.metrics.c_inclusive.remove(&labels);
             }
+            let specials = [OTHER, crate::attribution::CORE, ""].map(str::to_owned);
+            for plugin in admitted.plugins.into_iter().chain(specials) {
+                for phase in Phase::ALL {
+                    let labels = PluginLabels {
+                        plugin: plugin.clone(),
+                        phase: phase.name(),
+                        container: g.container.clone(),
+                        image: g.image.clone(),
+                    };
+                    self.metrics.plugin_cpu.remove(&labels);
+                    self.metrics.plugin_offcpu.remove(&labels);
+                }
+            }
+            for phase in Phase::ALL {
+                let labels = PhaseLabels {
+                    phase: phase.name(),
+                    container: g.container.clone(),
+                    image: g.image.clone(),
+                };
+                self.metrics.phase_cpu.remove(&labels);
+                self.metrics.phase_offcpu.remove(&labels);
+            }
             for process in admitted.processes {
                 let labels = TargetLabels {
                     container: g.container.clone(),
@@ -452,13 +576,32 @@ impl Aggregator {
 
     /// Folds the retained stacks of the last `window` that `keep` selects by (pid, container).
     pub fn recent(&self, window: Duration, keep: impl Fn(u32, &str) -> bool) -> Folded {
+        self.recent_filtered(window, keep, &Filter::default())
+    }
+
+    /// [`Self::recent`], keeping only the stacks `filter` passes.
+    pub fn recent_filtered(
+        &self,
+        window: Duration,
+        keep: impl Fn(u32, &str) -> bool,
+        filter: &Filter,
+    ) -> Folded {
         let now = Instant::now();
         let mut folded = Folded::new();
+        // Retained stacks are interned: classify each distinct one once.
+        let mut verdicts: HashMap<*const [Arc<str>], bool> = HashMap::new();
         for r in self.recent.iter().rev() {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if keep(r.pid, &r.container) {
+            if !keep(r.pid, &r.container) {
+                continue;
+            }
+            let kept = filter.is_empty()
+                || *verdicts
+                    .entry(Arc::as_ptr(&r.stack))
+                    .or_insert_with(|| filter.keeps(&self.rules.classify(&r.stack)));
+            if kept {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
@@ -646,6 +789,136 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(!text.contains("function=\"c\""));
+    }
+
+    #[test]
+    fn plugin_and_phase_seconds() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics.clone(), 2, Duration::from_secs(60), 1000);
+        agg.set_attribution(Arc::new(Rules::default()), 10);
+        let t = target();
+        let access = ["main", "ngx_http_lua_access_handler", "lj_vm_call"];
+        for (plugin, n) in [
+            ("key-auth", 4),
+            ("limit-count", 3),
+            ("cors", 2),
+            ("ip-restriction", 1),
+        ] {
+            let file = format!("_M.access@/a/apisix/plugins/{plugin}.lua:10");
+            for _ in 0..n {
+                agg.add(
+                    1,
+                    &t,
+                    stack(&[&access[..], &[file.as_str()]].concat()),
+                    no_module,
+                );
+            }
+        }
+        agg.add(1, &t, stack(&["main", "epoll_wait"]), no_module);
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        // Milliseconds, rounded: the counters are floats.
+        let value = |series: &str| -> Option<i64> {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| (v * 1000.0).round() as i64)
+        };
+        let labels = "container=\"gw\",image=\"apache/apisix\"}";
+        let plugin = |p: &str, phase: &str| {
+            value(&format!(
+                "apisix_profiler_plugin_cpu_seconds_total{{plugin=\"{p}\",phase=\"{phase}\",{labels}"
+            ))
+        };
+        // 4 samples at 10 Hz are 0.4 s; the cap of 2 admits the two largest.
+        assert_eq!(plugin("key-auth", "access"), Some(400), "{text}");
+        assert_eq!(plugin("limit-count", "access"), Some(300), "{text}");
+        assert_eq!(plugin("[other]", "access"), Some(300), "{text}");
+        assert!(!text.contains("plugin=\"cors\""), "{text}");
+        assert_eq!(plugin("", "none"), Some(100), "{text}");
+        assert_eq!(
+            value(&format!(
+                "apisix_profiler_phase_cpu_seconds_total{{phase=\"access\",{labels}"
+            )),
+            Some(1000),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn offcpu_time_by_plugin_and_phase() {
+        let metrics = Arc::new(Metrics::new(true));
+        let mut agg = Aggregator::new(metrics.clone(), 10, Duration::from_secs(60), 1000);
+        let t = target();
+        let s = stack(&[
+            "main",
+            "ngx_http_lua_log_handler",
+            "lj_vm_call",
+            "_M.log@/a/apisix/plugins/http-logger.lua:40",
+            "builtin:io.write",
+            "write",
+        ]);
+        agg.add_offcpu(&t, &s, 250_000);
+        agg.flush();
+        let text = match metrics.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            text.contains(
+                "apisix_profiler_plugin_offcpu_seconds_total{plugin=\"http-logger\",phase=\"log\",\
+                 container=\"gw\",image=\"apache/apisix\"} 0.25"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "apisix_profiler_phase_offcpu_seconds_total{phase=\"log\",container=\"gw\",\
+                 image=\"apache/apisix\"} 0.25"
+            ),
+            "{text}"
+        );
+        // Blocked time is not CPU time.
+        assert!(
+            !text.contains("apisix_profiler_plugin_cpu_seconds_total{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn recent_filter_by_plugin() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 1000);
+        let t = target();
+        for (plugin, n) in [("key-auth", 3), ("cors", 2)] {
+            let file = format!("_M.access@/a/apisix/plugins/{plugin}.lua:10");
+            for _ in 0..n {
+                agg.add(
+                    1,
+                    &t,
+                    stack(&["main", "ngx_http_lua_access_handler", &file]),
+                    no_module,
+                );
+            }
+        }
+        let only = |plugin: &str| Filter {
+            plugin: Some(plugin.to_owned()),
+            phase: None,
+        };
+        let window = Duration::from_secs(60);
+        assert_eq!(
+            agg.recent_filtered(window, |_, _| true, &only("cors"))
+                .total(),
+            2
+        );
+        assert_eq!(
+            agg.recent_filtered(window, |_, _| true, &only("x")).total(),
+            0
+        );
+        assert_eq!(agg.recent(window, |_, _| true).total(), 5);
     }
 
     #[test]

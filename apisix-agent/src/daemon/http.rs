@@ -2,9 +2,12 @@
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
 //!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
-//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include][&trace_frames=1]`: with `seconds`, an
+//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include][&trace_frames=1]
+//!   [&plugin=NAME][&phase=NAME]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
 //!   ([`crate::sampling::capture`]); without, the continuously collected recent stacks at once.
+//!   `plugin` and `phase` keep only the stacks of that plugin / phase
+//!   ([`crate::attribution`]); the title says so, also when nothing matched.
 //! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
 //!
@@ -31,6 +34,7 @@ use axum::{
 
 use super::Shared;
 use crate::{
+    attribution::{self, Filter, Phase, Rules},
     discovery::{Lua, TargetProcess},
     luajit::NameStyle,
     output::Folded,
@@ -130,6 +134,8 @@ struct FlameRequest {
     include_idle: bool,
     /// Captures: a `[trace N]` pseudo-frame where a JIT trace runs.
     trace_frames: bool,
+    /// Only the stacks of this plugin / phase.
+    filter: Filter,
 }
 
 #[derive(Debug, Clone)]
@@ -149,7 +155,7 @@ fn parse_request(
     max_seconds: u64,
     default_frequency: u64,
 ) -> Result<FlameRequest, BadRequest> {
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 10] = [
         "pid",
         "container",
         "seconds",
@@ -158,6 +164,8 @@ fn parse_request(
         "mode",
         "idle",
         "trace_frames",
+        "plugin",
+        "phase",
     ];
     if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(format!(
@@ -232,7 +240,33 @@ fn parse_request(
         }
         Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
     };
+    let plugin = match q.get("plugin") {
+        None => None,
+        Some(p)
+            if p == attribution::CORE
+                || (!p.is_empty()
+                    && p.len() <= attribution::MAX_PLUGIN_LEN
+                    && attribution::sanitise(p) == *p) =>
+        {
+            Some(p.clone())
+        }
+        Some(p) => {
+            return Err(bad(format!(
+                "plugin={p:?} must be 1 to {} characters of [A-Za-z0-9_.-], or {}",
+                attribution::MAX_PLUGIN_LEN,
+                attribution::CORE
+            )));
+        }
+    };
+    let phase = match q.get("phase") {
+        None => None,
+        Some(p) => Some(Phase::parse(p).ok_or_else(|| {
+            let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+            bad(format!("phase={p:?} must be one of {}", names.join(", ")))
+        })?),
+    };
     Ok(FlameRequest {
+        filter: Filter { plugin, phase },
         selector,
         seconds,
         frequency,
@@ -286,7 +320,7 @@ async fn flamegraph(
             let window = Duration::from_secs(cfg.retention_seconds);
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
             let folded = match shared.aggregator.lock() {
-                Ok(agg) => agg.recent(window, |pid, _| pids.contains(&pid)),
+                Ok(agg) => agg.recent_filtered(window, |pid, _| pids.contains(&pid), &req.filter),
                 Err(_) => {
                     return error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -369,10 +403,21 @@ async fn flamegraph(
                 mode.describe(),
                 utc_now()
             );
-            (cap.folded, title, mode.unit())
+            (
+                req.filter.apply(&shared.rules, &cap.folded),
+                title,
+                mode.unit(),
+            )
         }
     };
-    render(&folded, req.format, &title, unit)
+    let title = if req.filter.is_empty() {
+        title
+    } else if folded.total() == 0 {
+        format!("{title} — {}: no samples matched", req.filter.describe())
+    } else {
+        format!("{title} — {}", req.filter.describe())
+    };
+    render(&folded, req.format, &title, unit, &shared.rules)
 }
 
 fn describe(chosen: &[TargetProcess], what: &str) -> String {
@@ -386,7 +431,13 @@ fn describe(chosen: &[TargetProcess], what: &str) -> String {
     s
 }
 
-fn render(folded: &Folded, format: ResponseFormat, title: &str, unit: &str) -> Response {
+fn render(
+    folded: &Folded,
+    format: ResponseFormat,
+    title: &str,
+    unit: &str,
+    rules: &Rules,
+) -> Response {
     match format {
         ResponseFormat::Svg => {
             let mut out = Vec::new();
@@ -409,9 +460,28 @@ fn render(folded: &Folded, format: ResponseFormat, title: &str, unit: &str) -> R
             "unit": unit,
             "total": folded.total(),
             "root": folded.to_json(),
+            "stacks": stacks_json(folded, rules),
         }))
         .into_response(),
     }
+}
+
+/// Each distinct stack with its weight, plugin and phase, heaviest first.
+fn stacks_json(folded: &Folded, rules: &Rules) -> serde_json::Value {
+    let mut v: Vec<(&[Arc<str>], u64)> = folded.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    v.into_iter()
+        .map(|(stack, n)| {
+            let a = rules.classify(stack);
+            let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
+            serde_json::json!({
+                "frames": frames,
+                "value": n,
+                "plugin": a.plugin,
+                "phase": a.phase.name(),
+            })
+        })
+        .collect()
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -465,6 +535,17 @@ mod tests {
         assert_eq!(r.frequency, 99);
         assert_eq!(r.format, ResponseFormat::Svg);
         assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), 120, 99).is_ok());
+        let r = match parse_request(
+            &q(&[("pid", "1"), ("plugin", "key-auth"), ("phase", "access")]),
+            120,
+            99,
+        ) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.filter.plugin.as_deref(), Some("key-auth"));
+        assert_eq!(r.filter.phase, Some(Phase::Access));
+        assert!(parse_request(&q(&[("pid", "1"), ("plugin", "[core]")]), 120, 99).is_ok());
     }
 
     #[test]
@@ -494,6 +575,10 @@ mod tests {
         assert_eq!(status(&[("pid", "1"), ("file", "/etc/passwd")]), b);
         assert_eq!(status(&[("pid", "1"), ("mode", "off-cpu")]), b);
         assert_eq!(status(&[("pid", "1"), ("mode", "wall")]), b);
+        assert_eq!(status(&[("pid", "1"), ("plugin", "a b")]), b);
+        assert_eq!(status(&[("pid", "1"), ("plugin", "")]), b);
+        assert_eq!(status(&[("pid", "1"), ("plugin", &"x".repeat(65))]), b);
+        assert_eq!(status(&[("pid", "1"), ("phase", "lunch")]), b);
         assert!(
             parse_request(
                 &q(&[("pid", "1"), ("mode", "off-cpu"), ("seconds", "2")]),

@@ -13,6 +13,10 @@
 //!   errors, and JIT trace samples that kept only their physical frames, `trace_*`)
 //! - `apisix_profiler_lua_vm_state_samples_total` {state, container, image}: CPU samples per
 //!   LuaJIT VM state (interpreted, compiled, c, gc, trace_exit, jit_compiler)
+//! - `apisix_profiler_plugin_cpu_seconds_total` {plugin, phase, container, image} and
+//!   `apisix_profiler_phase_cpu_seconds_total` {phase, container, image}: samples × sampling
+//!   period, so `rate()` reads as cores ([`crate::attribution`]); with off-CPU profiling,
+//!   `…_plugin_offcpu_seconds_total` and `…_phase_offcpu_seconds_total` (blocked time)
 //! - `apisix_profiler_targets` {flavour} (gauge)
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
@@ -63,6 +67,26 @@ pub struct VmStateLabels {
     pub image: String,
 }
 
+/// Labels of the per-plugin series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// A sanitised plugin name, `[core]`, `[other]` (beyond the cap) or empty (no Lua).
+    pub plugin: String,
+    /// One of [`crate::attribution::Phase::name`].
+    pub phase: &'static str,
+    pub container: String,
+    pub image: String,
+}
+
+/// Labels of the per-phase series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// One of [`crate::attribution::Phase::name`].
+    pub phase: &'static str,
+    pub container: String,
+    pub image: String,
+}
+
 /// Labels of unwind error series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -89,6 +113,12 @@ pub struct Metrics {
     pub lost: Family<TargetLabels, Counter>,
     pub unwind_errors: Family<ReasonLabels, Counter>,
     pub vm_states: Family<VmStateLabels, Counter>,
+    pub plugin_cpu: Family<PluginLabels, Counter<f64, AtomicU64>>,
+    pub phase_cpu: Family<PhaseLabels, Counter<f64, AtomicU64>>,
+    /// Registered only when continuous off-CPU profiling is enabled.
+    pub plugin_offcpu: Family<PluginLabels, Counter<f64, AtomicU64>>,
+    /// Registered only when continuous off-CPU profiling is enabled.
+    pub phase_offcpu: Family<PhaseLabels, Counter<f64, AtomicU64>>,
     pub targets: Family<FlavourLabels, Gauge>,
     agent_cpu: Counter<f64, AtomicU64>,
     agent_rss: Gauge,
@@ -117,6 +147,10 @@ impl Metrics {
             lost: Family::default(),
             unwind_errors: Family::default(),
             vm_states: Family::default(),
+            plugin_cpu: Family::default(),
+            phase_cpu: Family::default(),
+            plugin_offcpu: Family::default(),
+            phase_offcpu: Family::default(),
             targets: Family::default(),
             agent_cpu: Counter::default(),
             agent_rss: Gauge::default(),
@@ -168,6 +202,29 @@ impl Metrics {
              exit, JIT compiler)",
             m.vm_states.clone(),
         );
+        m.registry.register(
+            "plugin_cpu_seconds",
+            "CPU time (samples x sampling period) by APISIX plugin (innermost plugin frame) and \
+             request phase",
+            m.plugin_cpu.clone(),
+        );
+        m.registry.register(
+            "phase_cpu_seconds",
+            "CPU time (samples x sampling period) by request phase (the ngx_lua handler)",
+            m.phase_cpu.clone(),
+        );
+        if offcpu {
+            m.registry.register(
+                "plugin_offcpu_seconds",
+                "Time blocked in system calls by APISIX plugin and request phase",
+                m.plugin_offcpu.clone(),
+            );
+            m.registry.register(
+                "phase_offcpu_seconds",
+                "Time blocked in system calls by request phase",
+                m.phase_offcpu.clone(),
+            );
+        }
         m.registry.register(
             "targets",
             "Processes being profiled, by LuaJIT flavour",

@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{aggregate::Aggregator, metrics::Metrics};
-use crate::{config::Config, discovery::Snapshot};
+use crate::{attribution::Rules, config::Config, discovery::Snapshot};
 
 /// State shared by the HTTP handlers, the sampler thread and discovery.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub struct Shared {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub aggregator: Mutex<Aggregator>,
+    /// The plugin rules of `config.attribution`.
+    pub rules: Arc<Rules>,
     /// The latest discovery snapshot.
     pub targets: RwLock<Snapshot>,
     /// The continuous sampler is attached.
@@ -33,13 +35,18 @@ impl Shared {
     /// The state of a daemon with `config`, before anything runs: no targets, not attached.
     pub fn new(config: Config) -> Self {
         let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
+        // `Config::load` already refused rules that do not compile.
+        let rules = Arc::new(config.attribution.rules().unwrap_or_default());
+        let mut aggregator = Aggregator::new(
+            metrics.clone(),
+            config.metrics.top_functions,
+            Duration::from_secs(config.sampling.retention_seconds),
+            config.sampling.max_retained_samples,
+        );
+        aggregator.set_attribution(rules.clone(), config.sampling.frequency_hz);
         Self {
-            aggregator: Mutex::new(Aggregator::new(
-                metrics.clone(),
-                config.metrics.top_functions,
-                Duration::from_secs(config.sampling.retention_seconds),
-                config.sampling.max_retained_samples,
-            )),
+            aggregator: Mutex::new(aggregator),
+            rules,
             metrics,
             targets: RwLock::new(Arc::new(Vec::new())),
             attached: AtomicBool::new(false),

@@ -59,6 +59,11 @@ impl Folded {
         (f, bad)
     }
 
+    /// The distinct stacks (root first) and their weights, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[Arc<str>], u64)> {
+        self.counts.iter().map(|(s, n)| (s.as_slice(), *n))
+    }
+
     /// Sum of all weights.
     pub fn total(&self) -> u64 {
         self.total

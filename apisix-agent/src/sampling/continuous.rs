@@ -9,7 +9,8 @@
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
 //! `apisix_profiler_lua_function_offcpu_seconds_total` (when enabled),
 //! `apisix_profiler_lua_vm_state_samples_total` and, through the
-//! aggregator, the per-function and per-target sample counters.
+//! aggregator, the per-function, per-plugin and per-phase ([`crate::attribution`]) and
+//! per-target counters.
 
 use std::{
     collections::{HashMap, HashSet},

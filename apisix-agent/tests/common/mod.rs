@@ -197,7 +197,8 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx with Lua modules `lua` (name → source) and the `server` block body.
+    /// Starts nginx with Lua modules `lua` (name → source; a name may contain `/`) and the
+    /// `server` block body.
     /// `http_extra` goes into the http block (e.g. `init_by_lua_block`).
     pub fn start(lj: Lj, lua: &[(&str, &str)], http_extra: &str, server: &str) -> Self {
         // nginx cannot listen on port 0 and say which port it got: a free port is picked
@@ -231,7 +232,12 @@ impl Nginx {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         for (name, src) in lua {
-            std::fs::write(p.join("lua").join(format!("{name}.lua")), src).expect("write lua");
+            // `apisix/plugins/key-auth` goes to lua/apisix/plugins/key-auth.lua.
+            let file = p.join("lua").join(format!("{name}.lua"));
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir).expect("mkdir lua subdirectory");
+            }
+            std::fs::write(file, src).expect("write lua");
         }
         let port = free_port();
         let pd = p.display();
