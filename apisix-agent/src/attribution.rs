@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use crate::daemon::aggregate::{FrameClass, classify as classify_frame};
+use crate::stacks::label::{FrameClass, classify as classify_frame};
 
 /// The plugin of Lua samples that run in no plugin.
 pub const CORE: &str = "[core]";

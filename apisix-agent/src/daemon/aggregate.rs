@@ -27,61 +27,11 @@ use super::metrics::{
 use crate::{
     attribution::{Attribution, Filter, Phase, Rules},
     output::Folded,
+    stacks::label::{FrameClass, classify},
 };
 
 /// The label given to functions beyond the cardinality cap.
 pub const OTHER: &str = "[other]";
-
-/// What a frame label denotes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FrameClass<'a> {
-    /// A Lua function (`NAME@FILE:LINE`), a fast function (`builtin:NAME`, file `[builtin]`)
-    /// or a VM marker (`[lua:gc]`, file empty).
-    Lua {
-        function: &'a str,
-        file: &'a str,
-        line: &'a str,
-    },
-    /// A native user-space frame.
-    C { function: &'a str },
-    /// A kernel frame (`…_[k]`).
-    Kernel,
-}
-
-/// Classifies a frame label of [`crate::stacks::StackBuilder`].
-pub fn classify(label: &str) -> FrameClass<'_> {
-    if label.ends_with("_[k]") {
-        return FrameClass::Kernel;
-    }
-    if label.starts_with("builtin:") {
-        return FrameClass::Lua {
-            function: label,
-            file: "[builtin]",
-            line: "0",
-        };
-    }
-    if label.starts_with("[lua:") {
-        return FrameClass::Lua {
-            function: label,
-            file: "",
-            line: "",
-        };
-    }
-    if let Some((name, place)) = label.split_once('@')
-        && let Some((file, line)) = place.rsplit_once(':')
-        && !name.is_empty()
-        && !file.is_empty()
-        && !line.is_empty()
-        && line.bytes().all(|b| b.is_ascii_digit())
-    {
-        return FrameClass::Lua {
-            function: name,
-            file,
-            line,
-        };
-    }
-    FrameClass::C { function: label }
-}
 
 /// A group of targets sharing metric labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

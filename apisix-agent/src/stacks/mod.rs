@@ -7,6 +7,7 @@
 //! [`StackStats`] counters, read by the caller.
 
 pub mod builder;
+pub mod label;
 pub mod memory;
 pub mod process;
 pub mod symbolize;
