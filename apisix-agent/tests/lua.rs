@@ -484,9 +484,15 @@ fn c_helper(lj: Lj) {
         rec.dump()
     );
     let errors = lua_errors(&rec);
+    let lualess: Vec<String> = rec
+        .stacks
+        .iter()
+        .filter(|(s, _)| s.contains("lua") && !s.contains('@'))
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
     assert!(
         errors * 100 <= total,
-        "more than 1% Lua unwind errors ({errors}/{total}): {}",
+        "more than 1% Lua unwind errors ({errors}/{total}): {}\nstacks without a Lua frame: {lualess:#?}",
         rec.stderr
     );
 }

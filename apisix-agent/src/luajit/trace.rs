@@ -52,6 +52,7 @@ const SNAP_CONT: u32 = 0x2_0000;
 /// Frame link type bits; `FRAME_LUA` links are return PCs.
 const FRAME_TYPE: u64 = 3;
 const FRAME_TYPEP: u64 = 7;
+const FRAME_VARG: u64 = 3;
 /// Decoded traces kept at most (all processes together).
 const MAX_CACHED_TRACES: usize = 4096;
 
@@ -483,7 +484,7 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
             frames.push(RawFrame { func, link, cont });
             cont = false;
         }
-        Some((pc, frames))
+        Some((pc, without_varg(frames)))
     } else {
         // One-slot frames: after the entries, the current PC, then one link word per frame
         // slot (two for a continuation), innermost first; the slots take them outermost
@@ -510,8 +511,15 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
             frames.push(RawFrame { func, link, cont });
             cont = false;
         }
-        Some((u64::from(pc), frames))
+        Some((u64::from(pc), without_varg(frames)))
     }
+}
+
+/// Drops vararg pseudo-frames: a vararg function's frame relocated above its arguments is
+/// the same function as the frame below it (the BPF walk skips them too).
+fn without_varg(mut frames: Vec<RawFrame>) -> Vec<RawFrame> {
+    frames.retain(|f| f.cont || f.link & FRAME_TYPEP != FRAME_VARG);
+    frames
 }
 
 /// Reads and decodes a whole trace.
@@ -776,6 +784,19 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vararg_pseudo_frames_are_dropped() {
+        let f = |link, cont| RawFrame {
+            func: None,
+            link,
+            cont,
+        };
+        // A Lua frame (return PC), its vararg relocation, a continuation frame.
+        let kept = without_varg(vec![f(0x1000, false), f(0x18 | 3, false), f(2, true)]);
+        let links: Vec<u64> = kept.iter().map(|f| f.link).collect();
+        assert_eq!(links, vec![0x1000, 2]);
+    }
 
     #[test]
     fn fallback_names_are_unique_and_indexed() {

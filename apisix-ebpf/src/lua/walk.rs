@@ -191,6 +191,19 @@ pub(crate) fn walk_lua(
     w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
     w.stack_end = stack_end;
     walk_frames(w, stack, base, leaf_pc, in_vm);
+    // In the interpreter around a call into C (BC_LEN calling lj_tab_len, …) rdx, which
+    // holds BASE, is caller-saved and clobbered: the VM keeps BASE in rbp across the call
+    // and restores it after. A walk from rdx that fails or finds no frame is redone from rbp
+    // (the leaf PC, in rbx, is unknown then too).
+    if (w.error != 0 || w.n == 0)
+        && in_vm
+        && base != regs.rbp
+        && regs.rbp > stack
+        && regs.rbp <= stack_end
+        && (regs.rbp - stack).is_multiple_of(8)
+    {
+        walk_frames(w, stack, regs.rbp, 0, false);
+    }
     // rbp is BASE only in helpers the interpreter calls without storing `L->base`; in other
     // C code it is any callee-saved value (lj_meta_cat keeps its `top`, a Lua stack slot,
     // there). A walk from it that fails or finds no frame is redone from `L->base`.
