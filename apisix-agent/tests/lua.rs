@@ -182,6 +182,46 @@ fn lua_flavour_line(rec: &Recorded, lj: Lj) {
 
 fn accuracy(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
+    // Two attempts, each calibrated afresh: the shares are compared with CPU measured in the
+    // worker before the recording, and a burst of load from elsewhere on this shared machine
+    // between the two skews one attempt. A real error misses both.
+    let mut attempt = 0;
+    let rec = loop {
+        attempt += 1;
+        let (rec, report, worst) = measure_shares(&nginx, lj, jit);
+        if worst <= 0.05 {
+            break rec;
+        }
+        assert!(
+            attempt < 2,
+            "share off by more than 5 points in both attempts:\n{report}{}",
+            rec.dump()
+        );
+        eprintln!(
+            "{lj:?} jit={jit}: attempt {attempt} off by {worst:.3}, calibrating again:\n{report}"
+        );
+    };
+    // The module's functions carry its file path, under the content handler.
+    let file = format!("{}/lua/bench.lua:", nginx.prefix.path().display());
+    assert!(
+        rec.stacks
+            .keys()
+            .any(|s| s.contains(&format!("work_a@{file}"))
+                && s.contains("ngx_http_lua_content_by_chunk")),
+        "no work_a@{file}… under ngx_http_lua_content_by_chunk: {}",
+        rec.dump()
+    );
+    let errors = lua_errors(&rec);
+    assert!(
+        errors * 100 <= rec.total(),
+        "more than 1% Lua unwind errors ({errors}): {}",
+        rec.stderr
+    );
+}
+
+/// Calibrates work_a/b/c in the worker, records a load mixing them 50/30/20 by calibrated
+/// CPU, and returns the recording, a report and the largest share error.
+fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
     let worker = nginx.worker().expect("worker");
     // Calibrate: CPU time per iteration of each function alone, in this worker and mode.
     let cost: Vec<f64> = ["a", "b", "c"]
@@ -218,8 +258,10 @@ fn accuracy(lj: Lj, jit: bool) {
         rec.dump()
     );
     let mut report = String::new();
+    let mut worst = 0.0f64;
     for (i, name) in ["work_a", "work_b", "work_c"].iter().enumerate() {
         let measured = counts[i] as f64 / lua_total as f64;
+        worst = worst.max((measured - shares[i]).abs());
         report.push_str(&format!(
             "{name}: measured {:.1}% calibrated {:.1}%\n",
             measured * 100.0,
@@ -227,30 +269,7 @@ fn accuracy(lj: Lj, jit: bool) {
         ));
     }
     eprintln!("{lj:?} jit={jit}:\n{report}{}", rec.stderr);
-    for (i, share) in shares.iter().enumerate() {
-        let measured = counts[i] as f64 / lua_total as f64;
-        assert!(
-            (measured - share).abs() <= 0.05,
-            "share off by more than 5 points:\n{report}{}",
-            rec.dump()
-        );
-    }
-    // The module's functions carry its file path, under the content handler.
-    let file = format!("{}/lua/bench.lua:", nginx.prefix.path().display());
-    assert!(
-        rec.stacks
-            .keys()
-            .any(|s| s.contains(&format!("work_a@{file}"))
-                && s.contains("ngx_http_lua_content_by_chunk")),
-        "no work_a@{file}… under ngx_http_lua_content_by_chunk: {}",
-        rec.dump()
-    );
-    let errors = lua_errors(&rec);
-    assert!(
-        errors * 100 <= rec.total(),
-        "more than 1% Lua unwind errors ({errors}): {}",
-        rec.stderr
-    );
+    (rec, report, worst)
 }
 
 /// Sum of the Lua walk errors of the BPF side, as `record --summary` reports them.
