@@ -327,18 +327,9 @@ fn check(what: &str, measured: &BTreeMap<String, f64>, expected: &BTreeMap<&str,
         .keys()
         .map(|k| measured.get(*k).copied().unwrap_or(0.0))
         .sum();
-    let mut report = String::new();
-    let mut worst = 0.0f64;
-    for (name, want) in expected {
-        let got = measured.get(*name).copied().unwrap_or(0.0) / total.max(1e-9);
-        worst = worst.max((got - want).abs());
-        let _ = writeln!(
-            report,
-            "{name}: measured {:.1}% expected {:.1}%",
-            got * 100.0,
-            want * 100.0
-        );
-    }
+    let (report, worst) = common::share_report(expected.iter().map(|(n, w)| (*n, *w)), |name| {
+        measured.get(name).copied().unwrap_or(0.0) / total.max(1e-9)
+    });
     eprintln!("{what} ({total:.2} s of plugin CPU):\n{report}");
     assert!(
         worst <= 0.05,

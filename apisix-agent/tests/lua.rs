@@ -257,17 +257,11 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
         "too few Lua samples ({lua_total}): {}",
         rec.dump()
     );
-    let mut report = String::new();
-    let mut worst = 0.0f64;
-    for (i, name) in ["work_a", "work_b", "work_c"].iter().enumerate() {
-        let measured = counts[i] as f64 / lua_total as f64;
-        worst = worst.max((measured - shares[i]).abs());
-        report.push_str(&format!(
-            "{name}: measured {:.1}% calibrated {:.1}%\n",
-            measured * 100.0,
-            shares[i] * 100.0
-        ));
-    }
+    let names = ["work_a", "work_b", "work_c"];
+    let (report, worst) = common::share_report(names.into_iter().zip(shares), |name| {
+        let i = names.iter().position(|n| *n == name).unwrap_or(0);
+        counts[i] as f64 / lua_total as f64
+    });
     eprintln!("{lj:?} jit={jit}:\n{report}{}", rec.stderr);
     (rec, report, worst)
 }

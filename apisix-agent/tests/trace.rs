@@ -271,18 +271,9 @@ fn check_shares(
         "{what}: too few samples ({total}): {}",
         rec.dump()
     );
-    let mut report = String::new();
-    let mut worst = 0.0f64;
-    for (name, want) in expected {
-        let got = rec.count(|f| has_fn(f, name)) as f64 / total as f64;
-        worst = worst.max((got - want).abs());
-        let _ = writeln!(
-            report,
-            "{name}: measured {:.1}% expected {:.1}%",
-            got * 100.0,
-            want * 100.0
-        );
-    }
+    let (report, worst) = common::share_report(expected.iter().map(|(n, w)| (*n, *w)), |name| {
+        rec.count(|f| has_fn(f, name)) as f64 / total as f64
+    });
     eprintln!("{what}:\n{report}{}", rec.stderr);
     assert!(
         worst <= 0.05,

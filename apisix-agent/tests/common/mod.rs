@@ -420,3 +420,24 @@ pub fn compile_c(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     assert!(st.success(), "gcc failed for {name}");
     bin
 }
+
+/// Compares measured shares with expected ones: `measured(name)` is a function's share of
+/// the total. Returns one `NAME: measured X% expected Y%` line per function and the largest
+/// difference.
+pub fn share_report<'a>(
+    expected: impl IntoIterator<Item = (&'a str, f64)>,
+    measured: impl Fn(&str) -> f64,
+) -> (String, f64) {
+    let mut report = String::new();
+    let mut worst = 0.0f64;
+    for (name, want) in expected {
+        let got = measured(name);
+        worst = worst.max((got - want).abs());
+        report.push_str(&format!(
+            "{name}: measured {:.1}% expected {:.1}%\n",
+            got * 100.0,
+            want * 100.0
+        ));
+    }
+    (report, worst)
+}
