@@ -13,7 +13,9 @@ use super::{
     ffnames,
     layout::Layout,
 };
-use crate::stacks::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
+use crate::stacks::{
+    label::FrameDetail, memory::Memory, process::ProcessModules, symbolize::Symbolizer,
+};
 
 /// Largest prototype (with its colocated debug data) read from a target.
 const MAX_PROTO_BYTES: u32 = 1 << 20;
@@ -383,7 +385,8 @@ impl LuaNamer {
     }
 
     /// Names `frames` (innermost first, as walked) and splits them into segments, root
-    /// first, each starting at a function entered from C.
+    /// first, each starting at a function entered from C. Each label comes with its frame's
+    /// current line (Lua) or module (C).
     pub fn segments(
         &mut self,
         pid: u32,
@@ -392,7 +395,7 @@ impl LuaNamer {
         style: NameStyle,
         symbolizer: &mut Symbolizer,
         modules: &ProcessModules,
-    ) -> Vec<Vec<Arc<str>>> {
+    ) -> Vec<Vec<(Arc<str>, FrameDetail)>> {
         let layout = target.flavour.layout();
         let protos: Vec<Option<Arc<Proto>>> = frames
             .iter()
@@ -402,9 +405,10 @@ impl LuaNamer {
                     .flatten()
             })
             .collect();
-        let mut segments: Vec<Vec<Arc<str>>> = vec![Vec::new()];
+        let mut segments: Vec<Vec<(Arc<str>, FrameDetail)>> = vec![Vec::new()];
         for i in (0..frames.len()).rev() {
             let f = &frames[i];
+            let mut detail = FrameDetail::default();
             let label: Arc<str> = if f.kind == LuaFrameKind::Lua as u8 {
                 match &protos[i] {
                     Some(p) => {
@@ -427,12 +431,14 @@ impl LuaNamer {
                             }
                             .to_owned()
                         });
+                        let current = p
+                            .pc_index(f.pc)
+                            .and_then(|pc| p.line(pc))
+                            .unwrap_or(p.firstline);
+                        detail.line = current;
                         let line = match style {
                             NameStyle::FirstLine => p.firstline,
-                            NameStyle::CurrentLine => p
-                                .pc_index(f.pc)
-                                .and_then(|pc| p.line(pc))
-                                .unwrap_or(p.firstline),
+                            NameStyle::CurrentLine => current,
                         };
                         Arc::from(format!("{name}@{}:{line}", p.chunk))
                     }
@@ -445,7 +451,10 @@ impl LuaNamer {
                 }
             } else {
                 match modules.find(f.code) {
-                    Some(m) => symbolizer.user(m, f.code),
+                    Some(m) => {
+                        detail.module = Some(Arc::from(m.elf.name.as_str()));
+                        symbolizer.user(m, f.code)
+                    }
                     None => Arc::from(format!("cfunc:{:#x}", f.code)),
                 }
             };
@@ -453,7 +462,7 @@ impl LuaNamer {
                 segments.push(Vec::new());
             }
             if let Some(seg) = segments.last_mut() {
-                seg.push(label);
+                seg.push((label, detail));
             }
         }
         segments.retain(|s| !s.is_empty());
