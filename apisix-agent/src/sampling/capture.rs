@@ -1,5 +1,6 @@
 //! One bounded capture: loads a sampler of its own at a given rate, samples a set of
-//! processes for a while and folds their stacks. Used by the one-shot `record` command and by
+//! processes for a while and folds their stacks (also per process with their frame details,
+//! for pprof). Used by the one-shot `record` command and by
 //! on-demand `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous,
 //! low-rate sampler running meanwhile).
 //!
@@ -16,7 +17,7 @@ use apisix_ebpf_common::COUNTER_SLOTS;
 use super::bpf::{BpfError, BpfSession};
 use crate::{
     luajit::LuaTarget,
-    output::Folded,
+    output::{Folded, pprof::Detailed},
     stacks::{StackBuilder, StackOptions, StackStats, process},
 };
 
@@ -86,6 +87,8 @@ pub fn is_idle(stack: &[std::sync::Arc<str>]) -> bool {
 #[derive(Debug)]
 pub struct Capture {
     pub folded: Folded,
+    /// The same stacks per process, with their frame details (for pprof).
+    pub detailed: Detailed<u32>,
     pub counters: [u64; COUNTER_SLOTS as usize],
     /// Off-CPU stacks left out as idle, and their microseconds.
     pub idle_excluded: u64,
@@ -142,26 +145,28 @@ pub fn capture(
     // Counters from here on: blocks held while learning are not the capture's.
     let baseline = sampler.counters()?;
     let started = Instant::now();
-    let mut folded = Folded::new();
+    let mut detailed = Detailed::new();
     let mut last_progress = Instant::now();
     let mut all_exited = false;
-    let mut take =
-        |builder: &mut StackBuilder, folded: &mut Folded, s: &apisix_ebpf_common::Sample| {
-            if let Some(stack) = builder.build(s) {
-                if exclude_idle && is_idle(&stack) {
-                    idle_excluded += s.weight;
-                } else {
-                    folded.add(stack, s.weight.max(1));
-                }
+    let mut take = |builder: &mut StackBuilder,
+                    detailed: &mut Detailed<u32>,
+                    s: &apisix_ebpf_common::Sample| {
+        if let Some(stack) = builder.build(s) {
+            if exclude_idle && is_idle(&stack) {
+                idle_excluded += s.weight;
+            } else {
+                let details = builder.last_details().to_vec();
+                detailed.add(s.pid, stack, details, s.weight.max(1));
             }
-        };
+        }
+    };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            take(&mut builder, &mut folded, s)
+            take(&mut builder, &mut detailed, s)
         });
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
-            progress(started.elapsed(), folded.total());
+            progress(started.elapsed(), detailed.total());
         }
         sampler.retire_learners();
         if targets.iter().all(|t| !process::exists(t.pid)) {
@@ -172,7 +177,7 @@ pub fn capture(
     let elapsed = started.elapsed();
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
-        take(&mut builder, &mut folded, s);
+        take(&mut builder, &mut detailed, s);
     }) > 0
     {}
     let mut counters = sampler.counters()?;
@@ -181,7 +186,8 @@ pub fn capture(
     }
     drop(sampler);
     Ok(Capture {
-        folded,
+        folded: detailed.folded(),
+        detailed,
         counters,
         idle_excluded,
         all_exited,

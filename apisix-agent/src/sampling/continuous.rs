@@ -32,7 +32,7 @@ use crate::{
     },
     discovery::{Lua, Snapshot, TargetProcess},
     luajit::{VmState, trace::TraceFallback},
-    stacks::{StackBuilder, StackOptions},
+    stacks::{StackBuilder, StackOptions, label::FrameDetail},
 };
 
 struct Tracked {
@@ -265,8 +265,9 @@ pub fn run_with<S: SampleSource>(
         lost_seen: HashMap::new(),
     };
     let mut last_tick = Instant::now();
-    let mut batch: Vec<(u32, Vec<Arc<str>>, Option<VmState>)> = Vec::new();
-    let mut blocked: Vec<(u32, Vec<Arc<str>>, u64)> = Vec::new();
+    type Built = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
+    let mut batch: Vec<(Built, Option<VmState>)> = Vec::new();
+    let mut blocked: Vec<(Built, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut latest = None;
         while let Ok(s) = snapshots.try_recv() {
@@ -283,22 +284,26 @@ pub fn run_with<S: SampleSource>(
         } = &mut state;
         sampler.poll(Duration::from_millis(200), &mut |s| {
             if let Some(stack) = builder.build(s) {
-                batch.push((s.pid, stack, builder.last_vm_state()));
+                let details = builder.last_details().to_vec();
+                batch.push(((s.pid, stack, details), builder.last_vm_state()));
             }
         });
         if let Some(off) = offcpu.as_mut() {
             off.poll(Duration::ZERO, &mut |s| {
                 if let Some(stack) = builder.build(s) {
-                    blocked.push((s.pid, stack, s.weight));
+                    let details = builder.last_details().to_vec();
+                    blocked.push(((s.pid, stack, details), s.weight));
                 }
             });
         }
         if !(batch.is_empty() && blocked.is_empty())
             && let Ok(mut agg) = shared.aggregator.lock()
         {
-            for (pid, stack, vm_state) in batch.drain(..) {
+            for ((pid, stack, details), vm_state) in batch.drain(..) {
                 if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add(pid, &tr.labels, stack, |l| state.builder.module_of(l));
+                    agg.add_detailed(pid, &tr.labels, stack, details, |l| {
+                        state.builder.module_of(l)
+                    });
                     if let Some(v) = vm_state {
                         shared
                             .metrics
@@ -312,9 +317,9 @@ pub fn run_with<S: SampleSource>(
                     }
                 }
             }
-            for (pid, stack, us) in blocked.drain(..) {
+            for ((pid, stack, details), us) in blocked.drain(..) {
                 if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_offcpu(&tr.labels, &stack, us);
+                    agg.add_offcpu(pid, &tr.labels, stack, details, us);
                 }
             }
         }
