@@ -197,24 +197,29 @@ impl Proto {
         (off < self.blob.len()).then_some(off)
     }
 
-    /// Source line of instruction `pc`.
+    /// Source line of instruction `pc` (0 is the function header), as LuaJIT's
+    /// `lj_debug_line` reads it: the line table has no entry for the header.
     pub fn line(&self, pc: usize) -> Option<u32> {
         if self.lineinfo == 0 || pc >= self.sizebc as usize {
             return None;
         }
+        let Some(i) = pc.checked_sub(1) else {
+            return Some(self.firstline);
+        };
         let off = self.blob_off(self.lineinfo)?;
         let delta = if self.numline < 256 {
-            u32::from(*self.blob.get(off + pc)?)
+            u32::from(*self.blob.get(off + i)?)
         } else if self.numline < 65536 {
-            let o = off + pc * 2;
+            let o = off + i * 2;
             u32::from(u16::from_le_bytes(
                 self.blob.get(o..o + 2)?.try_into().ok()?,
             ))
         } else {
-            let o = off + pc * 4;
+            let o = off + i * 4;
             u32::from_le_bytes(self.blob.get(o..o + 4)?.try_into().ok()?)
         };
-        Some(self.firstline + delta)
+        // A line outside the function is not one of its lines: the read went wrong.
+        (delta <= self.numline).then_some(self.firstline + delta)
     }
 
     /// The cached call-site name of the call at instruction `pc`.
