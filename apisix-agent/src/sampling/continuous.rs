@@ -88,7 +88,19 @@ impl<S: SampleSource> State<S> {
             }
         }
         for t in snapshot.iter() {
-            if self.tracked.contains_key(&t.pid) {
+            if let Some(tr) = self.tracked.get_mut(&t.pid) {
+                // Labels can come later than the process: Docker names a container the scan
+                // first saw only by its cgroup.
+                let labels = metric_labels(t);
+                if tr.labels != labels {
+                    tracing::info!(
+                        pid = t.pid,
+                        container = labels.container,
+                        image = labels.image,
+                        "target relabelled"
+                    );
+                    tr.labels = labels;
+                }
                 continue;
             }
             let lua = match &t.lua {
