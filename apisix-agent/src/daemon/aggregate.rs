@@ -151,6 +151,8 @@ struct Recent {
     target: Arc<TargetLabels>,
     stack: Arc<[Arc<str>]>,
     details: Arc<[FrameDetail]>,
+    /// Its plugin and phase (computed for the metrics when it arrived).
+    attribution: Arc<Attribution>,
 }
 
 /// A retained window: CPU samples, or off-CPU blocks.
@@ -248,12 +250,18 @@ pub struct Aggregator {
     interned: HashSet<Arc<[Arc<str>]>>,
     interned_details: HashSet<Arc<[FrameDetail]>>,
     targets: HashSet<Arc<TargetLabels>>,
+    attributions: HashSet<Arc<Attribution>>,
     /// When the aggregator was made: nothing was sampled before.
     started: Instant,
+    /// When interned values were last pruned.
+    pruned: Instant,
 }
 
 /// How long the series of a group outlive its last target.
 const GROUP_GRACE: Duration = Duration::from_secs(60);
+
+/// How often interned stacks no retained sample holds are dropped.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Aggregator {
     /// An aggregator updating `metrics`.
@@ -277,7 +285,9 @@ impl Aggregator {
             interned: HashSet::new(),
             interned_details: HashSet::new(),
             targets: HashSet::new(),
+            attributions: HashSet::new(),
             started: Instant::now(),
+            pruned: Instant::now(),
         }
     }
 
@@ -320,7 +330,7 @@ impl Aggregator {
         let attribution = self.rules.classify(&stack);
         *self
             .pending_plugins
-            .entry((group.clone(), attribution))
+            .entry((group.clone(), attribution.clone()))
             .or_insert(0) += 1;
         let pending = self.pending.entry(group).or_default();
         let mut lua_seen: HashSet<LuaKey> = HashSet::new();
@@ -366,7 +376,7 @@ impl Aggregator {
         for k in c_seen {
             pending.c.entry(k).or_default().1 += 1;
         }
-        self.remember(Retention::Cpu, pid, target, stack, details, 1);
+        self.remember(Retention::Cpu, pid, target, stack, details, attribution, 1);
     }
 
     /// Adds one off-CPU block of `us` microseconds of process `pid` to the innermost Lua
@@ -385,6 +395,7 @@ impl Aggregator {
         if crate::sampling::capture::is_idle(&stack) {
             return;
         }
+        let attribution = self.rules.classify(&stack);
         let innermost = stack.iter().rev().find_map(|l| match classify(l) {
             FrameClass::Lua {
                 function,
@@ -399,17 +410,28 @@ impl Aggregator {
         });
         if let Some(key) = innermost {
             let group = Group::of(target);
-            let attribution = self.rules.classify(&stack);
             *self
                 .pending_plugins_offcpu
-                .entry((group.clone(), attribution))
+                .entry((group.clone(), attribution.clone()))
                 .or_insert(0) += us;
             *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
         }
         let weight = u32::try_from(us).unwrap_or(u32::MAX);
-        self.remember(Retention::OffCpu, pid, target, stack, details, weight);
+        self.remember(
+            Retention::OffCpu,
+            pid,
+            target,
+            stack,
+            details,
+            attribution,
+            weight,
+        );
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one retained sample: its every part"
+    )]
     fn remember(
         &mut self,
         which: Retention,
@@ -417,10 +439,19 @@ impl Aggregator {
         target: &TargetLabels,
         stack: Vec<Arc<str>>,
         details: Vec<FrameDetail>,
+        attribution: Attribution,
         weight: u32,
     ) {
         let stack = intern(&mut self.interned, stack);
         let details = intern(&mut self.interned_details, details);
+        let attribution = match self.attributions.get(&attribution) {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(attribution);
+                self.attributions.insert(a.clone());
+                a
+            }
+        };
         let target = match self.targets.get(target) {
             Some(t) => t.clone(),
             None => {
@@ -436,6 +467,7 @@ impl Aggregator {
             target,
             stack,
             details,
+            attribution,
         };
         match which {
             Retention::Cpu => self.recent.push(r, self.max_recent),
@@ -563,16 +595,24 @@ impl Aggregator {
         let now = Instant::now();
         self.recent.expire(now, self.retention);
         self.recent_offcpu.expire(now, self.retention);
-        // Stacks, details and targets no retained sample points at any more.
-        let retained = self.recent.samples.len() + self.recent_offcpu.samples.len();
-        if self.interned.len() > 1024 && self.interned.len() > 2 * retained / 3 {
+        // Stacks, details and targets no retained sample points at any more: every
+        // PRUNE_INTERVAL (a pass costs microseconds per thousand entries), so that the
+        // interned sets hold little more than the window's distinct stacks.
+        if now.duration_since(self.pruned) < PRUNE_INTERVAL {
+            return;
+        }
+        self.pruned = now;
+        if self.interned.len() > 1024 {
             self.interned.retain(|s| Arc::strong_count(s) > 1);
         }
-        if self.interned_details.len() > 1024 && self.interned_details.len() > 2 * retained / 3 {
+        if self.interned_details.len() > 1024 {
             self.interned_details.retain(|s| Arc::strong_count(s) > 1);
         }
         if self.targets.len() > 64 {
             self.targets.retain(|t| Arc::strong_count(t) > 1);
+        }
+        if self.attributions.len() > 256 {
+            self.attributions.retain(|a| Arc::strong_count(a) > 1);
         }
     }
 
@@ -657,20 +697,11 @@ impl Aggregator {
     ) -> Folded {
         let now = Instant::now();
         let mut folded = Folded::new();
-        // Retained stacks are interned: classify each distinct one once.
-        let mut verdicts: HashMap<*const [Arc<str>], bool> = HashMap::new();
         for r in self.recent.samples.iter().rev() {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if !keep(r.pid, &r.target.container) {
-                continue;
-            }
-            let kept = filter.is_empty()
-                || *verdicts
-                    .entry(Arc::as_ptr(&r.stack))
-                    .or_insert_with(|| filter.keeps(&self.rules.classify(&r.stack)));
-            if kept {
+            if keep(r.pid, &r.target.container) && filter.keeps(&r.attribution) {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
@@ -694,8 +725,6 @@ impl Aggregator {
         type Key = (*const TargetLabels, *const [Arc<str>], *const [FrameDetail]);
         let mut index: HashMap<Key, usize> = HashMap::new();
         let mut stacks: Vec<WindowStack> = Vec::new();
-        // Each distinct stack is classified once (stacks are interned).
-        let mut verdicts: HashMap<*const [Arc<str>], Option<Attribution>> = HashMap::new();
         for r in retained.samples.iter().rev() {
             if r.at > to {
                 continue;
@@ -703,23 +732,16 @@ impl Aggregator {
             if r.at <= from {
                 break;
             }
-            if !keep(r.pid, &r.target.container) {
+            if !keep(r.pid, &r.target.container) || !filter.keeps(&r.attribution) {
                 continue;
             }
-            let verdict = verdicts.entry(Arc::as_ptr(&r.stack)).or_insert_with(|| {
-                let a = self.rules.classify(&r.stack);
-                filter.keeps(&a).then_some(a)
-            });
-            let Some(attribution) = verdict.as_ref() else {
-                continue;
-            };
             let key = (
                 Arc::as_ptr(&r.target),
                 Arc::as_ptr(&r.stack),
                 Arc::as_ptr(&r.details),
             );
             let i = *index.entry(key).or_insert_with(|| {
-                let attribution = self.capped_plugin(&r.target, attribution.clone());
+                let attribution = self.capped_plugin(&r.target, (*r.attribution).clone());
                 stacks.push(WindowStack {
                     target: r.target.clone(),
                     stack: r.stack.clone(),

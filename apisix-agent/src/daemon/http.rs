@@ -694,6 +694,7 @@ async fn window_profile(
 ) -> Response {
     let to = std::time::Instant::now();
     let wall_to = SystemTime::now();
+    let cut_started = thread_cpu();
     let from = to.checked_sub(Duration::from_secs(seconds)).unwrap_or(to);
     let window = match shared.aggregator.lock() {
         Ok(agg) => agg.window(which, from, to, keep, &filter),
@@ -704,6 +705,7 @@ async fn window_profile(
             );
         }
     };
+    let cut_cpu = thread_cpu().saturating_sub(cut_started);
     if window.truncated {
         headers.push((
             "x-profile-truncated",
@@ -716,7 +718,10 @@ async fn window_profile(
         Retention::OffCpu => pprof::Kind::OffCpu,
     };
     let covered = to.duration_since(window.from);
-    let encoded = tokio::task::spawn_blocking(move || {
+    let samples: u64 = window.stacks.iter().map(|w| w.count).sum();
+    let stacks = window.stacks.len();
+    let encoded = on_encoder_thread(move || {
+        let started = thread_cpu();
         let mut b = pprof::ProfileBuilder::new(kind);
         b.comment(&title);
         for w in &window.stacks {
@@ -731,9 +736,31 @@ async fn window_profile(
             b.add(&w.stack, &w.details, &labels, w.count, w.weight);
         }
         let start = wall_to.checked_sub(covered).unwrap_or(wall_to);
-        pprof::gzip(&b.build(start, covered))
+        let profile = b.build(start, covered);
+        let built = thread_cpu().saturating_sub(started);
+        let gz = pprof::gzip(&profile);
+        let gzipped = thread_cpu().saturating_sub(started).saturating_sub(built);
+        (gz, built, gzipped)
     })
     .await;
+    let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
+    let encoded = encoded.map(|(gz, built, gzipped)| {
+        if let Ok(bytes) = &gz {
+            // Costs for bench/pprof_cost.py: wall time, and CPU time of each step.
+            tracing::debug!(
+                seconds,
+                samples,
+                stacks,
+                bytes = bytes.len(),
+                millis = %ms(to.elapsed()),
+                cut_cpu_ms = %ms(cut_cpu),
+                build_cpu_ms = %ms(built),
+                gzip_cpu_ms = %ms(gzipped),
+                "pprof profile served"
+            );
+        }
+        gz
+    });
     pprof_response(encoded, headers)
 }
 
@@ -751,7 +778,7 @@ async fn capture_profile(
     let rules = shared.rules.clone();
     let filter = filter.clone();
     let title = title.to_owned();
-    let encoded = tokio::task::spawn_blocking(move || {
+    let encoded = on_encoder_thread(move || {
         let mut b = pprof::ProfileBuilder::new(kind);
         b.comment(&title);
         let mut verdicts: HashMap<&[Arc<str>], Option<attribution::Attribution>> = HashMap::new();
@@ -787,13 +814,13 @@ async fn capture_profile(
 
 /// A gzip-compressed profile as Go's `net/http/pprof` serves one, with extra `headers`.
 fn pprof_response(
-    encoded: Result<std::io::Result<Vec<u8>>, tokio::task::JoinError>,
+    encoded: Result<std::io::Result<Vec<u8>>, EncoderGone>,
     headers: Vec<(&'static str, String)>,
 ) -> Response {
     let bytes = match encoded {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let mut response = (
         [
@@ -814,6 +841,65 @@ fn pprof_response(
         }
     }
     response
+}
+
+/// The encoding thread is gone, or the encoding panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the pprof encoder thread is gone")]
+struct EncoderGone;
+
+type EncodeJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `job` on the one thread that encodes pprof profiles, one at a time. One thread because
+/// glibc keeps the memory a thread freed in that thread's arena: encodings spread over the
+/// blocking pool's threads would each keep an encoding's working set (about 10 MiB for a
+/// busy 60 s window), a single thread keeps one, however many scrapes and scrapers.
+async fn on_encoder_thread<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EncoderGone> {
+    static ENCODER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<EncodeJob>>> =
+        std::sync::OnceLock::new();
+    let sender = ENCODER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<EncodeJob>();
+        std::thread::Builder::new()
+            .name("pprof-encoder".to_owned())
+            .spawn(move || {
+                for job in rx {
+                    // A job that panics fails its own request only.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the pprof encoder thread"))
+            .ok()
+            .map(|_| tx)
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: EncodeJob = Box::new(move || {
+        let _ = tx.send(job());
+    });
+    match sender {
+        Some(s) => s.send(job).map_err(|_| EncoderGone)?,
+        // No thread could be started: encode on the blocking pool.
+        None => drop(tokio::task::spawn_blocking(job)),
+    }
+    rx.await.map_err(|_| EncoderGone)
+}
+
+/// CPU time of the calling thread so far (zero where the clock cannot be read).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call has no other effect.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.

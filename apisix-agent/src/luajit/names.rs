@@ -3,7 +3,10 @@
 //! `NAME@FILE:LINE`, `builtin:NAME` or the native symbol of a C function. Frames are split
 //! into segments at every entry from C, for the splice into the native stack.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
@@ -14,7 +17,10 @@ use super::{
     layout::Layout,
 };
 use crate::stacks::{
-    label::FrameDetail, memory::Memory, process::ProcessModules, symbolize::Symbolizer,
+    label::{FrameDetail, ModuleId},
+    memory::Memory,
+    process::ProcessModules,
+    symbolize::Symbolizer,
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
@@ -346,6 +352,9 @@ impl ProtoView for Proto {
 #[derive(Debug, Default)]
 pub struct LuaNamer {
     protos: HashMap<(u32, u64), Arc<Proto>>,
+    /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
+    /// of stacks; the pprof encoder knows a frame by its label's address).
+    labels: HashSet<Arc<str>>,
     /// Prototypes that failed validation, by reason.
     pub errors: HashMap<&'static str, u64>,
 }
@@ -354,6 +363,19 @@ impl LuaNamer {
     /// An empty namer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The shared copy of `label`.
+    fn label(&mut self, label: String) -> Arc<str> {
+        if let Some(l) = self.labels.get(label.as_str()) {
+            return l.clone();
+        }
+        if self.labels.len() > 100_000 {
+            self.labels.clear();
+        }
+        let l: Arc<str> = Arc::from(label);
+        self.labels.insert(l.clone());
+        l
     }
 
     /// Drops the prototypes cached for process `pid`.
@@ -445,19 +467,19 @@ impl LuaNamer {
                             NameStyle::FirstLine => p.firstline,
                             NameStyle::CurrentLine => current,
                         };
-                        Arc::from(format!("{name}@{}:{line}", p.chunk))
+                        self.label(format!("{name}@{}:{line}", p.chunk))
                     }
                     None => Arc::from("[lua:unknown]"),
                 }
             } else if f.kind == LuaFrameKind::Fast as u8 {
                 match ffnames::name(&target.flavour, f.ffid) {
-                    Some(n) => Arc::from(format!("builtin:{n}")),
-                    None => Arc::from(format!("builtin#{}", f.ffid)),
+                    Some(n) => self.label(format!("builtin:{n}")),
+                    None => self.label(format!("builtin#{}", f.ffid)),
                 }
             } else {
                 match modules.find(f.code) {
                     Some(m) => {
-                        detail.module = Some(Arc::from(m.elf.name.as_str()));
+                        detail.module = ModuleId::of(&m.elf.name);
                         symbolizer.user(m, f.code)
                     }
                     None => Arc::from(format!("cfunc:{:#x}", f.code)),

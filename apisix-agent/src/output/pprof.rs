@@ -37,7 +37,7 @@ use lightswitch_proto::profile::pprof::{
 use prost::Message as _;
 
 use super::Folded;
-use crate::stacks::label::{FrameClass, FrameDetail, classify};
+use crate::stacks::label::{FrameClass, FrameDetail, ModuleId, classify};
 
 /// The mapping of kernel frames (the name `perf` and Parca give the kernel).
 const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
@@ -124,6 +124,10 @@ impl<K: Hash + Eq + Clone> Detailed<K> {
 
 type SampleKey = (Vec<u64>, Vec<(i64, i64)>);
 
+/// Maps hashed with foldhash (already a dependency through hashbrown): SipHash made interning
+/// the frames of a 60 s window several times slower.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FunctionKey {
     name: i64,
@@ -132,22 +136,45 @@ struct FunctionKey {
     start_line: i64,
 }
 
+/// A frame label and its native module.
+type FrameKey = (Arc<str>, Option<ModuleId>);
+
+/// What a frame label (with its module) maps to: its function, mapping (0: none), and
+/// whether its location line is the frame's current line (Lua functions) or `line`.
+#[derive(Debug, Clone, Copy)]
+struct FrameIds {
+    function: u64,
+    mapping: u64,
+    line: u32,
+    lua: bool,
+}
+
 /// Builds one profile: interns strings, functions and locations, merges samples.
 #[derive(Debug)]
 pub struct ProfileBuilder {
     kind: Kind,
-    strings: HashMap<String, i64>,
+    strings: FastMap<String, i64>,
     string_table: Vec<String>,
-    functions: HashMap<FunctionKey, u64>,
+    /// (label, module) → ids: each distinct frame is classified once.
+    frames: FastMap<FrameKey, FrameIds>,
+    /// The same by the addresses of the (shared) strings, which the entry keeps alive so that
+    /// no other string can take the address.
+    by_address: FastMap<(usize, Option<ModuleId>), (FrameKey, FrameIds)>,
+    functions: FastMap<FunctionKey, u64>,
     function: Vec<Function>,
-    locations: HashMap<Vec<(u64, i64)>, u64>,
+    /// A location's (function id, line) pairs, innermost first → its id.
+    locations: FastMap<Vec<(u64, i64)>, u64>,
     location: Vec<Location>,
-    mappings: HashMap<String, u64>,
+    mappings: FastMap<String, u64>,
     mapping: Vec<Mapping>,
     /// (location ids, label (key, value) string ids) → index in `sample`.
-    samples: HashMap<SampleKey, usize>,
+    samples: FastMap<SampleKey, usize>,
     sample: Vec<Sample>,
     comments: Vec<i64>,
+    /// Reused buffers of [`Self::add`].
+    lines: Vec<(u64, i64)>,
+    groups: Vec<(usize, u64)>,
+    scratch: Vec<(u64, i64)>,
 }
 
 impl ProfileBuilder {
@@ -155,17 +182,22 @@ impl ProfileBuilder {
     pub fn new(kind: Kind) -> Self {
         let mut me = Self {
             kind,
-            strings: HashMap::new(),
+            strings: FastMap::default(),
             string_table: Vec::new(),
-            functions: HashMap::new(),
+            frames: FastMap::default(),
+            by_address: FastMap::default(),
+            functions: FastMap::default(),
             function: Vec::new(),
-            locations: HashMap::new(),
+            locations: FastMap::default(),
             location: Vec::new(),
-            mappings: HashMap::new(),
+            mappings: FastMap::default(),
             mapping: Vec::new(),
-            samples: HashMap::new(),
+            samples: FastMap::default(),
             sample: Vec::new(),
             comments: Vec::new(),
+            lines: Vec::new(),
+            groups: Vec::new(),
+            scratch: Vec::new(),
         };
         // pprof: string_table[0] must be "".
         me.string("");
@@ -206,9 +238,28 @@ impl ProfileBuilder {
         id
     }
 
-    /// The function of a frame, its line and its mapping (0: none).
-    fn function(&mut self, label: &str, detail: Option<&FrameDetail>) -> ((u64, i64), u64) {
-        let (name, system_name, filename, start_line, line): (&str, &str, &str, u32, u32) =
+    /// The function and mapping of a frame label of native `module`. The stack builder
+    /// shares each label among the stacks that hold it, so frames are mostly found by the
+    /// label's address, else by its text.
+    fn frame(&mut self, label: &Arc<str>, module: Option<ModuleId>) -> FrameIds {
+        let address = (Arc::as_ptr(label).cast::<u8>() as usize, module);
+        if let Some((_, ids)) = self.by_address.get(&address) {
+            return *ids;
+        }
+        let ids = self.frame_by_content(label, module);
+        self.by_address
+            .insert(address, ((label.clone(), module), ids));
+        ids
+    }
+
+    /// [`Self::frame`] by the label's and module's text, made on first sight.
+    fn frame_by_content(&mut self, label: &Arc<str>, module: Option<ModuleId>) -> FrameIds {
+        let key = (label.clone(), module);
+        if let Some(ids) = self.frames.get(&key) {
+            return *ids;
+        }
+        let module_name = module.and_then(ModuleId::name);
+        let (name, system_name, filename, start_line, lua): (&str, &str, &str, u32, bool) =
             match classify(label) {
                 FrameClass::Lua {
                     function,
@@ -216,21 +267,18 @@ impl ProfileBuilder {
                     line,
                 } if !file.is_empty() && file != "[builtin]" => {
                     let first = line.parse::<u32>().unwrap_or(0);
-                    let current = detail.map_or(0, |d| d.line);
-                    let current = if current == 0 { first } else { current };
-                    (label, function, file, first, current)
+                    (label, function, file, first, true)
                 }
-                FrameClass::Lua { file, .. } => (label, label, file, 0, 0),
+                FrameClass::Lua { file, .. } => (label, label, file, 0, false),
                 FrameClass::Kernel => (
                     label,
                     label.strip_suffix("_[k]").unwrap_or(label),
                     "[kernel]",
                     0,
-                    0,
+                    false,
                 ),
                 FrameClass::C { .. } => {
-                    let module = detail.and_then(|d| d.module.as_deref()).unwrap_or("");
-                    (label, label, module, 0, 0)
+                    (label, label, module_name.as_deref().unwrap_or(""), 0, false)
                 }
             };
         let mapping = match classify(label) {
@@ -238,37 +286,45 @@ impl ProfileBuilder {
             FrameClass::C { .. } if !filename.is_empty() => self.mapping(filename),
             _ => 0,
         };
-        let key = FunctionKey {
+        let fkey = FunctionKey {
             name: self.string(name),
             system_name: self.string(system_name),
             filename: self.string(filename),
             start_line: i64::from(start_line),
         };
         let next = self.function.len() as u64 + 1;
-        let id = *self.functions.entry(key.clone()).or_insert(next);
-        if id == next {
+        let function = *self.functions.entry(fkey.clone()).or_insert(next);
+        if function == next {
             self.function.push(Function {
-                id,
-                name: key.name,
-                system_name: key.system_name,
-                filename: key.filename,
-                start_line: key.start_line,
+                id: function,
+                name: fkey.name,
+                system_name: fkey.system_name,
+                filename: fkey.filename,
+                start_line: fkey.start_line,
             });
         }
-        ((id, i64::from(line)), mapping)
+        let ids = FrameIds {
+            function,
+            mapping,
+            line: start_line,
+            lua,
+        };
+        self.frames.insert(key, ids);
+        ids
     }
 
-    /// The location of a physical frame (of `mapping`) and the frames inlined into it, given
-    /// innermost first as (function id, line).
-    fn location(&mut self, lines: Vec<(u64, i64)>, mapping: u64) -> u64 {
-        let next = self.location.len() as u64 + 1;
-        if let Some(&id) = self.locations.get(&lines) {
+    /// The location of `self.scratch`: a physical frame (of `mapping`) and the frames inlined
+    /// into it, as (function id, line), innermost first.
+    fn location(&mut self, mapping: u64) -> u64 {
+        if let Some(&id) = self.locations.get(self.scratch.as_slice()) {
             return id;
         }
+        let id = self.location.len() as u64 + 1;
         self.location.push(Location {
-            id: next,
+            id,
             mapping_id: mapping,
-            line: lines
+            line: self
+                .scratch
                 .iter()
                 .map(|&(function_id, line)| Line {
                     function_id,
@@ -278,8 +334,8 @@ impl ProfileBuilder {
                 .collect(),
             ..Location::default()
         });
-        self.locations.insert(lines, next);
-        next
+        self.locations.insert(self.scratch.clone(), id);
+        id
     }
 
     /// Adds `count` events of total `weight` (samples for [`Kind::Cpu`], microseconds for
@@ -298,22 +354,36 @@ impl ProfileBuilder {
             return;
         }
         let details = (details.len() == stack.len()).then_some(details);
-        // Locations root first: an inlined frame joins the location of the frame below it.
-        let mut groups: Vec<(Vec<(u64, i64)>, u64)> = Vec::with_capacity(stack.len());
+        // Frames root first, each location a run of them: a physical frame, then the frames
+        // inlined into it (an inlined frame joins the location of the frame below it).
+        let mut lines = std::mem::take(&mut self.lines);
+        let mut groups = std::mem::take(&mut self.groups);
+        lines.clear();
+        groups.clear();
         for (i, label) in stack.iter().enumerate() {
             let detail = details.map(|d| &d[i]);
-            let (line, mapping) = self.function(label, detail);
-            match groups.last_mut() {
-                Some((g, _)) if detail.is_some_and(|d| d.inlined) => g.insert(0, line),
-                _ => groups.push((vec![line], mapping)),
+            let ids = self.frame(label, detail.and_then(|d| d.module));
+            let current = detail.map_or(0, |d| d.line);
+            let line = if ids.lua && current != 0 {
+                current
+            } else {
+                ids.line
+            };
+            if groups.is_empty() || !detail.is_some_and(|d| d.inlined) {
+                groups.push((lines.len(), ids.mapping));
             }
+            lines.push((ids.function, i64::from(line)));
         }
-        // Samples list locations leaf first.
-        let location_ids: Vec<u64> = groups
-            .into_iter()
-            .rev()
-            .map(|(g, m)| self.location(g, m))
-            .collect();
+        // Samples list locations leaf first; a location's lines go innermost first.
+        let mut location_ids = Vec::with_capacity(groups.len());
+        for (k, &(start, mapping)) in groups.iter().enumerate().rev() {
+            let end = groups.get(k + 1).map_or(lines.len(), |g| g.0);
+            self.scratch.clear();
+            self.scratch.extend(lines[start..end].iter().rev());
+            location_ids.push(self.location(mapping));
+        }
+        self.lines = lines;
+        self.groups = groups;
         let label_ids: Vec<(i64, i64)> = labels
             .iter()
             .filter(|(_, v)| !v.is_empty())
@@ -408,7 +478,7 @@ pub fn gzip(profile: &Profile) -> io::Result<Vec<u8>> {
     let raw = profile.encode_to_vec();
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4),
-        flate2::Compression::default(),
+        flate2::Compression::fast(),
     );
     gz.write_all(&raw)?;
     gz.finish()
@@ -444,7 +514,7 @@ mod tests {
 
     fn module(m: &str) -> FrameDetail {
         FrameDetail {
-            module: Some(Arc::from(m)),
+            module: ModuleId::of(m),
             ..FrameDetail::default()
         }
     }

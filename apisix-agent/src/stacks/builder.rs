@@ -15,7 +15,7 @@ use std::{
 use apisix_ebpf_common::{LuaFrame, LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
 
 use super::{
-    label::FrameDetail,
+    label::{FrameDetail, ModuleId},
     process::{ElfFile, ProcessModules},
     symbolize::Symbolizer,
     unwind::{NativeUnwinder, UnwindEnd},
@@ -94,6 +94,8 @@ pub struct StackBuilder {
     lua_targets: HashMap<u32, LuaTarget>,
     /// Module (file name) of each native frame label produced.
     module_of: HashMap<Arc<str>, Arc<str>>,
+    /// The interned id of each module (by its file), for frame details.
+    module_ids: HashMap<usize, Option<ModuleId>>,
 }
 
 impl std::fmt::Debug for StackBuilder {
@@ -128,6 +130,7 @@ impl StackBuilder {
             stats: StackStats::default(),
             lua_targets: HashMap::new(),
             module_of: HashMap::new(),
+            module_ids: HashMap::new(),
         }
     }
 
@@ -364,12 +367,15 @@ impl StackBuilder {
             let (label, module) = match proc.modules.find(addr) {
                 Some(m) => {
                     let label = self.symbolizer.user(m, addr);
-                    let module = self
-                        .module_of
-                        .entry(label.clone())
-                        .or_insert_with(|| Arc::from(m.elf.name.as_str()))
-                        .clone();
-                    (label, Some(module))
+                    if !self.module_of.contains_key(&label) {
+                        self.module_of
+                            .insert(label.clone(), Arc::from(m.elf.name.as_str()));
+                    }
+                    let module = *self
+                        .module_ids
+                        .entry(Arc::as_ptr(&m.elf) as usize)
+                        .or_insert_with(|| ModuleId::of(&m.elf.name));
+                    (label, module)
                 }
                 None => (Arc::from("[unknown]"), None),
             };
