@@ -250,34 +250,54 @@ fn has_fn(frames: &[&str], name: &str) -> bool {
     frames.iter().any(|f| is_fn(f, name))
 }
 
-/// Records `path` under load and checks each function's inclusive share of the samples in
-/// `roots` against `expected` (name → share), within 5 points.
+/// Records `path` under load at 499 Hz and checks each function's inclusive share of the
+/// samples in `roots` against the shares `expected` derives from the CPU per call of the
+/// functions `calibrated` (name → seconds), within 5 points. The calibration runs right
+/// before and right after the recording, in the same worker, and the two are averaged.
 fn check_shares(
     nginx: &Nginx,
     path: &str,
     roots: &[&str],
-    expected: &BTreeMap<&str, f64>,
+    calibrated: &[&'static str],
+    expected: impl Fn(&BTreeMap<&'static str, f64>) -> BTreeMap<&'static str, f64>,
     what: &str,
 ) -> Recorded {
     let worker = nginx.worker().expect("worker");
     nginx.get(path);
-    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(11));
-    std::thread::sleep(Duration::from_millis(800));
-    let rec = record(worker, 8, &[]);
+    let before = costs(nginx, calibrated);
+    let rec = {
+        let _load = Load::start(nginx.port, path, 2, Duration::from_secs(11));
+        std::thread::sleep(Duration::from_millis(800));
+        record(worker, 8, &["--frequency", "499"])
+    };
     assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let after = costs(nginx, calibrated);
+    let cost: BTreeMap<&'static str, f64> = before
+        .iter()
+        .map(|(n, c)| (*n, (c + after[n]) / 2.0))
+        .collect();
+    let drift: String = before
+        .iter()
+        .map(|(n, c)| format!("{n}: {:.1} → {:.1} ns per call\n", c * 1e9, after[n] * 1e9))
+        .collect();
+    let expected = expected(&cost);
     let total = rec.count(|f| roots.iter().any(|r| has_fn(f, r)));
     assert!(
-        total >= 300,
+        total >= 1000,
         "{what}: too few samples ({total}): {}",
         rec.dump()
     );
     let (report, worst) = common::share_report(expected.iter().map(|(n, w)| (*n, *w)), |name| {
         rec.count(|f| has_fn(f, name)) as f64 / total as f64
     });
-    eprintln!("{what}:\n{report}{}", rec.stderr);
+    eprintln!(
+        "{what}:\n{report}calibration before → after:\n{drift}{}",
+        rec.stderr
+    );
     assert!(
         worst <= 0.05,
-        "{what}: a share is off by more than 5 points:\n{report}{}",
+        "{what}: a share is off by more than 5 points:\n{report}calibration before → after:\n\
+         {drift}{}",
         rec.dump()
     );
     rec
@@ -296,13 +316,12 @@ fn shares(costs: &BTreeMap<&'static str, f64>, of: &[&str]) -> BTreeMap<&'static
 fn inlined(lj: Lj) {
     common::require_root!();
     let nginx = start(lj, true, "");
-    let cost = costs(&nginx, &["pa", "pb", "pc", "pd", "pe"]);
-    let want = shares(&cost, &["pa", "pb", "pc"]);
     let rec = check_shares(
         &nginx,
         "/run?n=20000",
         &["pa", "pb", "pc"],
-        &want,
+        &["pa", "pb", "pc", "pd", "pe"],
+        |cost| shares(cost, &["pa", "pb", "pc"]),
         &format!("{lj:?} runner loop"),
     );
     let samples = summary_u64(&rec, &["trace", "samples"]);
@@ -351,25 +370,20 @@ fn inlined_gc32() {
 fn trace_shapes(lj: Lj) {
     common::require_root!();
     let nginx = start(lj, true, "");
-    let cost = costs(&nginx, &["pa", "pb", "pc", "pbr"]);
-    let mut plugin_costs = cost.clone();
-    plugin_costs.remove("pbr");
-    let want = shares(&plugin_costs, &["pa", "pb", "pc"]);
     check_shares(
         &nginx,
         "/poly?n=20000",
         &["pa", "pb", "pc"],
-        &want,
+        &["pa", "pb", "pc"],
+        |cost| shares(cost, &["pa", "pb", "pc"]),
         &format!("{lj:?} plugin list"),
     );
-    let mut branchy_costs = cost;
-    branchy_costs.retain(|n, _| *n == "pa" || *n == "pbr");
-    let want = shares(&branchy_costs, &["pa", "pbr"]);
     check_shares(
         &nginx,
         "/branchy?n=20000",
         &["pa", "pbr"],
-        &want,
+        &["pa", "pbr"],
+        |cost| shares(cost, &["pa", "pbr"]),
         &format!("{lj:?} branchy"),
     );
 }
