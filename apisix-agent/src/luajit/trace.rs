@@ -26,7 +26,7 @@ use std::{collections::HashMap, ops::Range, sync::Arc};
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
-use super::layout::Layout;
+use super::{bytecode, layout::Layout};
 use crate::stacks::memory::{MAX_READ, Memory};
 
 /// `GCtrace.gct`: the GC type `~LJ_TTRACE`, i.e. 9.
@@ -232,6 +232,25 @@ fn func_proto(mem: &Memory, layout: &Layout, func: u64) -> Option<u64> {
     pc.checked_sub(u64::from(l.bpf.pt_size))
 }
 
+/// Whether the function object at `func` is a C or fast function (`ffid != 0`).
+fn func_is_native(mem: &Memory, layout: &Layout, func: u64) -> bool {
+    let l = layout;
+    mem.read(func, l.bpf.fn_ffid as usize + 1)
+        .is_ok_and(|head| {
+            head.get(l.bpf.fn_gct as usize) == Some(&GCT_FUNC)
+                && head
+                    .get(l.bpf.fn_ffid as usize)
+                    .is_some_and(|ffid| *ffid != 0)
+        })
+}
+
+/// Whether `pc` is a C function's header (`FUNCC`/`FUNCCW`, which every C and fast
+/// function's `pc` points to) rather than Lua bytecode.
+fn is_cfunc_header(mem: &Memory, pc: u64) -> bool {
+    mem.read(pc, 4)
+        .is_ok_and(|ins| matches!(ins.first(), Some(&bytecode::FUNCC | &bytecode::FUNCCW)))
+}
+
 /// The address of trace `traceno` in the trace table of the VM whose `global_State` is `g`.
 fn trace_address(
     mem: &Memory,
@@ -430,8 +449,12 @@ struct RawFrame {
     func: Option<u64>,
     /// The frame link (a return PC for frames called from Lua).
     link: u64,
-    /// Entered through a continuation (an inlined metamethod).
+    /// Entered through a continuation: an inlined metamethod, or the C or fast function a
+    /// trace stitches to (`recff_stitch`).
     cont: bool,
+    /// With `cont`: the continuation's PC, where the frame below resumes (the snapshot
+    /// entry flagged `SNAP_CONT` holds it on both layouts); 0 otherwise.
+    cont_pc: u64,
 }
 
 /// Decodes the frames of snapshot `i`: (current PC, frames outermost first).
@@ -464,7 +487,7 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
         let lo = u64::from(blob.map(links_at)?);
         let hi = u64::from(blob.map(links_at + 1)?);
         let pc = ((hi << 32) | lo) >> 8;
-        let mut cont = false;
+        let mut cont = None;
         for e in &entries {
             let s = slot(*e);
             if s < 2 || flags(*e) == 0 {
@@ -472,17 +495,21 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
             }
             let link = blob.knum(refr(*e))?;
             if flags(*e) & SNAP_CONT != 0 {
-                // A continuation frame's link: the frame above was entered from a
-                // metamethod call.
-                cont = true;
+                // A continuation's PC: the frame above was entered from a metamethod
+                // call or a stitch, and the frame below resumes there.
+                cont = Some(link);
                 continue;
             }
             let func = entries
                 .iter()
                 .find(|f| slot(**f) == s - 1)
                 .and_then(|f| blob.kgc(refr(*f), IRT_FUNC));
-            frames.push(RawFrame { func, link, cont });
-            cont = false;
+            frames.push(RawFrame {
+                func,
+                link,
+                cont: cont.is_some(),
+                cont_pc: cont.take().unwrap_or(0),
+            });
         }
         Some((pc, without_varg(frames)))
     } else {
@@ -500,16 +527,21 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
         if linked.len() != rest.len() {
             return None;
         }
-        let mut cont = false;
+        let mut cont = None;
         for (k, e) in linked.iter().enumerate() {
             let link = u64::from(rest[rest.len() - 1 - k]);
             if flags(**e) & SNAP_FRAME == 0 {
-                cont = true;
+                // A continuation: its word is the PC where the frame below resumes.
+                cont = Some(link);
                 continue;
             }
             let func = blob.kgc(refr(**e), IRT_FUNC);
-            frames.push(RawFrame { func, link, cont });
-            cont = false;
+            frames.push(RawFrame {
+                func,
+                link,
+                cont: cont.is_some(),
+                cont_pc: cont.take().unwrap_or(0),
+            });
         }
         Some((u64::from(pc), without_varg(frames)))
     }
@@ -548,13 +580,27 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
         let frames = match snap_raw(&blob, i) {
             None => Err(TraceFallback::BadSnapshot),
             Some((pc, raw)) => {
-                // PCs: each frame runs at its callee's return PC; the innermost at the
+                // A trace that stitches ends with the frame of the C or fast function it
+                // leaves to the interpreter, entered through a continuation; the snapshot's
+                // PC is that function's header. The function has not run yet: the trace's
+                // code belongs to the Lua frame below, which resumes at the continuation's
+                // PC. (Its slot may hold no constant; when it does, it must be a C or fast
+                // function.)
+                let stitched = raw.last().is_some_and(|f| {
+                    f.cont
+                        && is_cfunc_header(mem, pc)
+                        && f.func.is_none_or(|func| func_is_native(mem, layout, func))
+                });
+                let keep = raw.len() - usize::from(stitched);
+                // PCs: each frame runs at its callee's return PC (or at the continuation's
+                // PC when the callee was entered through one); the innermost at the
                 // snapshot's PC (+4: the namer takes the instruction before a PC).
-                let mut out = Vec::with_capacity(raw.len());
+                let mut out = Vec::with_capacity(keep);
                 let mut result = Ok(());
-                for (k, f) in raw.iter().enumerate() {
+                for (k, f) in raw[..keep].iter().enumerate() {
                     let fpc = match raw.get(k + 1) {
-                        Some(next) if !next.cont && next.link & FRAME_TYPE == 0 => next.link,
+                        Some(next) if next.cont => next.cont_pc,
+                        Some(next) if next.link & FRAME_TYPE == 0 => next.link,
                         Some(_) => 0,
                         None => pc + 4,
                     };
@@ -596,7 +642,8 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
                     });
                 }
                 let base_pc = match raw.first() {
-                    Some(f) if !f.cont && f.link & FRAME_TYPE == 0 => f.link,
+                    Some(f) if f.cont => f.cont_pc,
+                    Some(f) if f.link & FRAME_TYPE == 0 => f.link,
                     Some(_) => 0,
                     None => pc + 4,
                 };
@@ -791,6 +838,7 @@ mod tests {
             func: None,
             link,
             cont,
+            cont_pc: 0,
         };
         // A Lua frame (return PC), its vararg relocation, a continuation frame.
         let kept = without_varg(vec![f(0x1000, false), f(0x18 | 3, false), f(2, true)]);
