@@ -71,8 +71,13 @@ pub struct TraceLayout {
     pub t_mcode: u32,
     /// `GCtrace.traceno` (u16).
     pub t_traceno: u32,
+    /// `GCtrace.link` (u16): the trace this one jumps to at its end (itself for a loop).
+    pub t_link: u32,
     /// `GCtrace.root` (u16; 0 for a root trace).
     pub t_root: u32,
+    /// `GCtrace.nextside` (u16): the next side trace of the same root; a root trace's own
+    /// `nextside` starts the chain of its side traces.
+    pub t_nextside: u32,
     /// `sizeof(GCtrace)`.
     pub t_size: u32,
 }
@@ -128,7 +133,9 @@ pub const GC64: Layout = Layout {
         t_szmcode: 84,
         t_mcode: 88,
         t_traceno: 104,
+        t_link: 106,
         t_root: 108,
+        t_nextside: 112,
         t_size: 120,
     },
 };
@@ -184,7 +191,9 @@ pub const GC32: Layout = Layout {
         t_szmcode: 60,
         t_mcode: 64,
         t_traceno: 80,
+        t_link: 82,
         t_root: 84,
+        t_nextside: 88,
         t_size: 96,
     },
 };
@@ -240,7 +249,10 @@ mod tests {
             assert_eq!(t.t_mcode % 8, 0);
             // mcode, mcloop (u32), nchild, spadjust, traceno, link, root (u16 each).
             assert_eq!(t.t_traceno, t.t_mcode + 8 + 4 + 2 + 2);
+            // traceno, link, root, nextroot, nextside (u16 each).
+            assert_eq!(t.t_link, t.t_traceno + 2);
             assert_eq!(t.t_root, t.t_traceno + 4);
+            assert_eq!(t.t_nextside, t.t_traceno + 8);
             assert_eq!(t.j_sizetrace, t.j_trace + 8 + 4);
             // The trace table lies inside `GG_State` after `global_State`.
             assert!(t.g_to_j > l.bpf.g_jit_base);
