@@ -65,6 +65,15 @@ local ctx = { 0, 0, 0, 0, 0, 0, 0, 0 }
 {}    end
     return h
 end
+-- os.time is a C function the JIT does not compile: the trace stitches there (it ends with
+-- os.time's frame, and a new trace starts after the call). The statements before the call
+-- store nothing, so they have no snapshot of their own: they run in the interval that the
+-- stitch's snapshot ends.
+local function pst(h, i)
+{}    local x = h
+{}    h = band(x + os.time(), 0xfffff)
+    return h
+end
 local function pf(h, i)
     local v = T[band(h + i, 255) + 1]
     ffi.C.memset(buf, band(v, 255), 65536)
@@ -74,10 +83,16 @@ local function pf(h, i)
 end
 "#,
         body(16),
-        body(16)
+        body(16),
+        body(4),
+        (0..24)
+            .map(|k| format!(
+                "    x = band(bxor(x, T[band(x + i + {k}, 255) + 1]) * 33 + {k}, 0xfffff)\n"
+            ))
+            .collect::<String>()
     );
     m.push_str(
-        r#"local funcs = { pa = pa, pb = pb, pc = pc, pd = pd, pe = pe, pbr = pbr, pf = pf }
+        r#"local funcs = { pa = pa, pb = pb, pc = pc, pd = pd, pe = pe, pbr = pbr, pf = pf, pst = pst }
 
 -- CPU seconds per call of one function, measured in this worker: os.clock around a whole
 -- loop that calls it, the same way the runners do.
@@ -122,6 +137,29 @@ function _M.branchy(n)
         h = pbr(h, i)
     end
     return h
+end
+
+function _M.stitch(n)
+    local h = 0
+    for i = 1, n do
+        h = pa(h, i)
+        h = pst(h, i)
+    end
+    return h
+end
+
+-- The link types of the live traces (`stitch` for a trace that ends in a stitch).
+function _M.linktypes()
+    local jutil = require "jit.util"
+    local seen = {}
+    for tr = 1, 4000 do
+        local info = jutil.traceinfo(tr)
+        if info then seen[info.linktype] = true end
+    end
+    local out = {}
+    for k in pairs(seen) do out[#out + 1] = k end
+    table.sort(out)
+    return table.concat(out, ",")
 end
 
 function _M.ffi(n)
@@ -179,6 +217,8 @@ const SERVER: &str = r#"
     location /run { content_by_lua_block { ngx.say(require("plug").run(tonumber(ngx.var.arg_n))) } }
     location /poly { content_by_lua_block { ngx.say(require("plug").poly(tonumber(ngx.var.arg_n))) } }
     location /branchy { content_by_lua_block { ngx.say(require("plug").branchy(tonumber(ngx.var.arg_n))) } }
+    location /stitch { content_by_lua_block { ngx.say(require("plug").stitch(tonumber(ngx.var.arg_n))) } }
+    location /linktypes { content_by_lua_block { ngx.say(require("plug").linktypes()) } }
     location /ffi { content_by_lua_block { ngx.say(require("plug").ffi(300)) } }
     location /hot { content_by_lua_block { ngx.say(require("plug").hot(3000000)) } }
     location /cat { content_by_lua_block { ngx.say(require("plug").cat(200000)) } }
@@ -396,6 +436,44 @@ fn trace_shapes_gc64() {
 #[test]
 fn trace_shapes_gc32() {
     trace_shapes(Lj::Gc32);
+}
+
+/// A trace that stitches to a C function (`os.time`) from an inlined function: the code
+/// before the stitch keeps its inlined frames (none falls back for an unknown function),
+/// and the shares hold.
+fn stitched(lj: Lj) {
+    common::require_root!();
+    let nginx = start(lj, true, "");
+    let rec = check_shares(
+        &nginx,
+        "/stitch?n=20000",
+        &["pa", "pst"],
+        &["pa", "pst"],
+        |cost| shares(cost, &["pa", "pst"]),
+        &format!("{lj:?} stitch"),
+    );
+    let links = nginx.get("/linktypes");
+    assert!(
+        links.trim().split(',').any(|l| l == "stitch"),
+        "{lj:?}: no live trace stitches: {links}"
+    );
+    let samples = summary_u64(&rec, &["trace", "samples"]);
+    let unknown = summary_u64(&rec, &["trace", "fallbacks", "trace_func_unknown"]);
+    assert!(
+        samples > 300 && unknown * 100 <= samples,
+        "{lj:?}: {unknown}/{samples} trace samples fell back for an unknown function: {}",
+        rec.summary["trace"]
+    );
+}
+
+#[test]
+fn stitched_gc64() {
+    stitched(Lj::Gc64);
+}
+
+#[test]
+fn stitched_gc32() {
+    stitched(Lj::Gc32);
 }
 
 /// A C function called through the FFI from an inlined function appears under it.
