@@ -267,10 +267,10 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
         .collect();
     let path = format!("/run?a={}&b={}&c={}", n[0], n[1], n[2]);
     nginx.get(&path);
-    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(12));
+    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     spent(nginx);
-    let rec = record(worker, 8, &["--frequency", "499"]);
+    let rec = record(worker, 8, &[]);
     let truth = spent(nginx);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     lua_flavour_line(&rec, lj);
@@ -337,7 +337,7 @@ fn shape(lj: Lj, jit: bool) {
 
     // A recursion 120 Lua frames deep comes out whole.
     {
-        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(6));
+        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(300));
         let rec = record(worker, 4, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -373,7 +373,7 @@ fn shape(lj: Lj, jit: bool) {
 
     // A coroutine shows its own frames.
     {
-        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(5));
+        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(300));
         let rec = record(worker, 3, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -411,7 +411,7 @@ fn lines_option_names_the_current_line() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(8));
+    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     let line_of = |label: &str| -> u32 {
         label
@@ -446,7 +446,7 @@ fn lines_option_names_the_current_line() {
 fn ffi(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -491,7 +491,7 @@ fn gc_marker() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -518,7 +518,7 @@ fn gc_marker() {
 fn c_helper(lj: Lj) {
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -559,7 +559,7 @@ fn builtin(lj: Lj) {
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(5));
+    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
