@@ -105,7 +105,9 @@ fn alloc_shares(lj: Lj, jit: bool) {
     // Warm up (traces compiled), then measure in Lua exactly while recording.
     thread::sleep(Duration::from_millis(1500));
     nginx.get("/reset");
-    let rec = record(worker, 4, &["--mode", "alloc", "--sample-bytes", "65536"]);
+    // 16 KiB sampling points: even when the probes slow the worker down a lot (a loaded
+    // machine), hundreds of stacks keep the sampling error of a share near 2 points.
+    let rec = record(worker, 5, &["--mode", "alloc", "--sample-bytes", "16384"]);
     let (tables, strings) = measured(&nginx);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     assert_eq!(rec.summary["mode"], "alloc", "{}", rec.summary);
@@ -141,7 +143,7 @@ fn alloc_shares(lj: Lj, jit: bool) {
         tables > 10e6 && strings > 3e6,
         "too little measured in Lua ({tables} / {strings} bytes): the workload did not run"
     );
-    assert!(sampled > 500, "{sampled} sampled stacks\n{}", rec.dump());
+    assert!(sampled >= 400, "{sampled} sampled stacks\n{}", rec.dump());
     assert!(
         worst <= 0.05,
         "{lj:?} jit={jit}: shares off by {:.1} points\n{report}{}",
@@ -196,12 +198,13 @@ fn alloc_shares_gc32_jit_off() {
     alloc_shares(Lj::Gc32, false);
 }
 
-/// `leak` keeps two tables per request in a global table (numbers only: leaked strings would
-/// also grow LuaJIT's string hash table, a live block charged to whichever code makes it
-/// grow) and counts the bytes it leaks, measured in Lua with the collector stopped around
-/// the append; `garbage` builds 300 tables and strings per request and drops them (its
-/// strings can still leave LuaJIT's own string table or temporary buffer resized, live
-/// blocks of a few KiB under `garbage`).
+/// `leak` keeps a table of 64 numbers per request in a global table (grown by appends, so
+/// its array part is resized: tracked blocks move) and counts the bytes it leaks, measured in
+/// Lua with the collector stopped around it (numbers only: leaked strings would also grow
+/// LuaJIT's string hash table, a live block charged to whichever code makes it grow);
+/// `garbage` builds 100 tables and strings per request and drops them. What `garbage` still
+/// holds live at the end: the request in flight when the collection ran, and LuaJIT's own
+/// string table or temporary buffer resized under it (a few KiB each).
 const LEAK_LUA: &str = r#"
 local _M = {}
 local seq = 0
@@ -210,9 +213,9 @@ function _M.leak()
     seq = seq + 1
     collectgarbage("stop")
     local c0 = collectgarbage("count")
-    LEAKS[#LEAKS + 1] = { seq, seq + 1, seq + 2, seq + 3, seq + 4, seq + 5, seq + 6,
-        seq + 7, seq + 8, seq + 9, seq + 10, seq + 11, seq + 12, seq + 13, seq + 14,
-        { seq = seq, n = seq * 2 } }
+    local e = { seq = seq }
+    for i = 1, 64 do e[i] = seq + i end
+    LEAKS[#LEAKS + 1] = e
     local c1 = collectgarbage("count")
     collectgarbage("restart")
     ngx.shared.stats:incr("leaked", (c1 - c0) * 1024, 0)
@@ -222,7 +225,7 @@ end
 function _M.garbage()
     seq = seq + 1
     local t = {}
-    for i = 1, 300 do t[i] = { i, "g" .. seq .. ":" .. i } end
+    for i = 1, 100 do t[i] = { i, "g" .. seq .. ":" .. i } end
     return #t
 end
 
@@ -245,42 +248,73 @@ fn leaked(nginx: &Nginx) -> u64 {
     nginx.get("/leaked").trim().parse().expect("leaked bytes")
 }
 
-/// Live bytes under the leaking function against the bytes leaked meanwhile as measured in
-/// Lua: the capture lies inside the measured stretch (which also holds the probes' loading
-/// and the collection after the end), so the ratio is a little below 1 at most, sampling
-/// noise aside.
+/// Bytes under the leaking function (named `leak` at its call site,
+/// `require("leakwork").leak()`) and in total, from folded stacks.
+fn leak_share(stacks: &std::collections::BTreeMap<String, u64>) -> (u64, u64) {
+    let total: u64 = stacks.values().sum();
+    let leak: u64 = stacks
+        .iter()
+        .filter(|(s, _)| under_leak(s))
+        .map(|(_, n)| n)
+        .sum();
+    (leak, total)
+}
+
+fn under_leak(stack: &str) -> bool {
+    stack.split(';').any(|f| f.starts_with("leak@"))
+}
+
+/// The stacks not under the leaking function, leaf first, for messages.
+fn not_under_leak(stacks: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut out = String::new();
+    for (s, n) in stacks.iter().filter(|(s, _)| !under_leak(s)) {
+        let leaf: Vec<&str> = s.rsplit(';').take(6).collect();
+        out.push_str(&format!("  {n:>8} {}\n", leaf.join(" < ")));
+    }
+    out
+}
+
+/// Live bytes under the leaking function against the bytes leaked, as measured in Lua, while
+/// the allocator probes were attached: the sampled stretch is that, less the collection
+/// cycle the capture waits for after it and the uprobes' detach (an RCU wait, long on a
+/// loaded machine), neither sampled; so the ratio is below 1 (0.54 to 0.98 in our runs),
+/// sampling noise aside. It shows that sampled leaked blocks stay tracked.
 fn check_live_against_lua(what: &str, live_leak: u64, lua_leaked: u64) {
     let ratio = live_leak as f64 / lua_leaked.max(1) as f64;
     eprintln!(
-        "{what}: {:.2} MiB sampled live under leak, {:.2} MiB leaked meanwhile (measured in \
-         Lua), ratio {ratio:.2}",
+        "{what}: {:.2} MiB sampled live under leak, {:.2} MiB leaked while probed (measured \
+         in Lua), ratio {ratio:.2}",
         live_leak as f64 / 1048576.0,
         lua_leaked as f64 / 1048576.0
     );
     assert!(
-        (0.3..=1.3).contains(&ratio),
-        "{what}: {live_leak} live bytes under leak vs {lua_leaked} leaked"
+        (0.4..=1.25).contains(&ratio),
+        "{what}: {live_leak} live bytes under leak vs {lua_leaked} leaked while probed"
     );
 }
 
-/// Live bytes under the leaking function (named `leak` at its call site,
-/// `require("leakwork").leak()`) and in total, from folded stacks.
-fn leak_share(stacks: &std::collections::BTreeMap<String, u64>) -> (u64, u64) {
-    for (s, n) in stacks {
-        if !s.split(';').any(|f| f.starts_with("leak@")) {
-            eprintln!(
-                "  not under leak: {n:>8} {}",
-                s.rsplit(';').take(6).collect::<Vec<_>>().join(" < ")
-            );
+/// The bytes `nginx`'s leaking handler leaked (measured in Lua) while process `holder` had
+/// allocator probes attached (the kernel's link listing, polled while `running()`); `None`
+/// if they never were.
+fn leaked_while_probed(
+    nginx: &Nginx,
+    holder: u32,
+    mut running: impl FnMut() -> bool,
+) -> Option<u64> {
+    let probed = || !allocator_links(Some(holder)).1.is_empty();
+    let mut start = None;
+    while running() {
+        if probed() {
+            start = Some(leaked(nginx));
+            break;
         }
+        thread::sleep(Duration::from_millis(20));
     }
-    let total: u64 = stacks.values().sum();
-    let leak: u64 = stacks
-        .iter()
-        .filter(|(s, _)| s.split(';').any(|f| f.starts_with("leak@")))
-        .map(|(_, n)| n)
-        .sum();
-    (leak, total)
+    let start = start?;
+    while running() && probed() {
+        thread::sleep(Duration::from_millis(20));
+    }
+    Some(leaked(nginx) - start)
 }
 
 #[test]
@@ -373,8 +407,11 @@ fn leak_is_found_and_the_gauge_grows() {
         leak_growth > 1.5e6,
         "leaky worker grew {leak_growth} bytes: {readings:?}"
     );
+    // Steadily, beyond the collector's sawtooth: every late reading above every early one.
+    let early_max = first.iter().map(|r| r.1).max().unwrap_or(0);
+    let late_min = last.iter().map(|r| r.1).min().unwrap_or(0);
     assert!(
-        readings.windows(2).filter(|w| w[1].1 > w[0].1).count() >= readings.len() - 2,
+        late_min > early_max,
         "leaky worker's gauge does not keep growing: {readings:?}"
     );
     // The garbage-only worker stays flat (its collector's sawtooth aside).
@@ -388,11 +425,16 @@ fn leak_is_found_and_the_gauge_grows() {
     }
 
     // The live-heap graph of the leaky worker, from the daemon.
-    let before = leaked(&leaky);
-    let (status, body) = agent.get(&format!(
-        "/flamegraph?pid={lw}&seconds=5&mode=live&sample_bytes=4096&format=json"
-    ));
-    let lua_leaked = leaked(&leaky) - before;
+    let port = agent.port;
+    let request = thread::spawn(move || {
+        common::daemon::http(
+            port,
+            &format!("/flamegraph?pid={lw}&seconds=8&mode=live&sample_bytes=4096&format=json"),
+        )
+    });
+    let lua_leaked = leaked_while_probed(&leaky, agent.pid(), || !request.is_finished());
+    let (status, body) = request.join().expect("capture request");
+    let lua_leaked = lua_leaked.expect("the daemon's allocator probes were never seen attached");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("flamegraph JSON");
     let title = v["title"].as_str().unwrap_or("");
@@ -420,10 +462,12 @@ fn leak_is_found_and_the_gauge_grows() {
     );
     assert!(
         total > 0 && leak * 100 >= total * 90,
-        "{leak} of {total} live bytes under the leaking function: {title}\n{body}"
+        "{leak} of {total} live bytes under the leaking function: {title}\nthe rest:\n{}",
+        not_under_leak(&stacks)
     );
     check_live_against_lua("daemon, GC64", leak, lua_leaked);
-    // The same worker's allocation graph: garbage dominates what is allocated.
+    // The same worker's allocation graph: there the garbage handler, which allocates about
+    // twenty times more per request, leads (what keeps the collector busy is not the leak).
     let (status, folded) = agent.get(&format!(
         "/flamegraph?pid={lw}&seconds=2&mode=alloc&sample_bytes=16384&format=collapsed"
     ));
@@ -442,7 +486,7 @@ fn leak_is_found_and_the_gauge_grows() {
         100.0 * garbage_alloc as f64 / total_alloc.max(1) as f64
     );
     assert!(
-        garbage_alloc > leak_alloc * 3,
+        garbage_alloc > leak_alloc,
         "garbage {garbage_alloc} vs leak {leak_alloc} allocated\n{folded}"
     );
     drop(agent);
@@ -456,9 +500,41 @@ fn leak_is_found_on_gc32() {
     let _leak = Load::start(leaky.port, "/leak", 1, Duration::from_secs(20));
     let _garbage = Load::start(leaky.port, "/garbage", 1, Duration::from_secs(20));
     thread::sleep(Duration::from_millis(1000));
-    let before = leaked(&leaky);
-    let rec = record(lw, 5, &["--mode", "live", "--sample-bytes", "4096"]);
-    let lua_leaked = leaked(&leaky) - before;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, summary) = (
+        dir.path().join("live.folded"),
+        dir.path().join("summary.json"),
+    );
+    let mut child = Command::new(common::agent())
+        .args(["record", "--pid", &lw.to_string(), "--mode", "live"])
+        .args([
+            "--duration",
+            "5",
+            "--sample-bytes",
+            "4096",
+            "--format",
+            "collapsed",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .arg("--summary")
+        .arg(&summary)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start record");
+    let pid = child.id();
+    let lua_leaked = leaked_while_probed(&leaky, pid, || matches!(child.try_wait(), Ok(None)))
+        .expect("record's allocator probes were never seen attached");
+    let output = child.wait_with_output().expect("record");
+    let rec = Recorded {
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        summary: serde_json::from_str(&std::fs::read_to_string(&summary).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null),
+        stacks: std::fs::read_to_string(&out)
+            .map(|t| common::parse_folded(&t))
+            .unwrap_or_default(),
+    };
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let (leak, total) = leak_share(&rec.stacks);
     let a = &rec.summary["alloc"];
@@ -478,15 +554,15 @@ fn leak_is_found_on_gc32() {
     assert_eq!(a["gc_settled"], true, "{}", rec.dump());
     assert!(
         total > 0 && leak * 100 >= total * 90,
-        "{leak} of {total} live bytes under the leaking function\n{}",
+        "{leak} of {total} live bytes under the leaking function; the rest:\n{}{}",
+        not_under_leak(&rec.stacks),
         rec.dump()
     );
     check_live_against_lua("record, non-GC64", leak, lua_leaked);
-    let (start, end) = (
-        rec.counter(&["lua_memory_bytes", "start"]),
-        rec.counter(&["lua_memory_bytes", "end"]),
-    );
-    assert!(end > start, "the heap did not grow: {start} -> {end}");
+    // The heap size at both ends is reported (its growth is the daemon test's: two instants
+    // of one sawtooth prove nothing).
+    assert!(rec.counter(&["lua_memory_bytes", "start"]) > 0);
+    assert!(rec.counter(&["lua_memory_bytes", "end"]) > 0);
 }
 
 /// Ids of the kernel's BPF links (`bpftool link`) whose program is one of the allocator
