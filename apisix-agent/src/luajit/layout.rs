@@ -1,7 +1,10 @@
 //! Structure layouts of the known LuaJIT builds, one table per layout. Every number was
 //! measured with `offsetof`/`sizeof` against the luajit2 2.1-20230119 sources, built as GC64
 //! (Debian's `libluajit2-5.1-2`) and with `-DLUAJIT_DISABLE_GC64`, and is exercised by the
-//! root tests that walk real nginx-lua workers of both builds.
+//! root tests that walk real nginx-lua workers of both builds. The heap fields
+//! ([`HeapLayout`]) were also checked against the two real libraries at run time:
+//! `lua_getallocf` returns the pointers read at those offsets of `G(L)`, and
+//! `lua_gc(L, LUA_GCCOUNT/COUNTB)` the size read there.
 
 use apisix_ebpf_common::LuaLayout;
 
@@ -37,6 +40,32 @@ pub struct Layout {
     pub cframe_size: u64,
     /// The JIT's structures: the trace table and a trace's header.
     pub trace: TraceLayout,
+    /// The heap's fields of `global_State`: the allocator and the heap size.
+    pub heap: HeapLayout,
+}
+
+/// The allocator and the heap size in `global_State` (user space reads them; the BPF side
+/// only probes the allocator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapLayout {
+    /// `global_State.allocf`: the allocator, `void *(*)(void *ud, void *ptr, size_t osize,
+    /// size_t nsize)` (a native pointer).
+    pub g_allocf: u32,
+    /// `global_State.allocd`: the allocator's first argument (a native pointer).
+    pub g_allocd: u32,
+    /// `global_State.gc.total`: bytes allocated through the allocator and not yet freed,
+    /// what `collectgarbage("count")` reports (in KiB).
+    pub g_gc_total: u32,
+    /// Width of `gc.total` (`GCSize`): 8 bytes with GC64, 4 without.
+    pub gc_total_size: u32,
+    /// `global_State.mainthref`: a GC reference to the main `lua_State`.
+    pub g_mainthref: u32,
+    /// `offsetof(GG_State, g)`: the main `lua_State` opens `GG_State`, right below the
+    /// `global_State` (`sizeof(lua_State)`).
+    pub gg_g: u32,
+    /// `global_State.gc.currentwhite` (u8): flips at every cycle's atomic phase; directly
+    /// followed by `gc.state` (u8, `GCSpause` = 0 between cycles).
+    pub g_gc_currentwhite: u32,
 }
 
 /// Offsets of `jit_State` and `GCtrace` fields, for rebuilding the frames a trace inlined
@@ -138,6 +167,15 @@ pub const GC64: Layout = Layout {
         t_nextside: 112,
         t_size: 120,
     },
+    heap: HeapLayout {
+        g_allocf: 0,
+        g_allocd: 8,
+        g_gc_total: 16,
+        gc_total_size: 8,
+        g_mainthref: 192,
+        gg_g: 112,
+        g_gc_currentwhite: 32,
+    },
 };
 
 /// Non-GC64 (32-bit GC references, one-slot frames): `-DLUAJIT_DISABLE_GC64`.
@@ -196,6 +234,15 @@ pub const GC32: Layout = Layout {
         t_nextside: 88,
         t_size: 96,
     },
+    heap: HeapLayout {
+        g_allocf: 0,
+        g_allocd: 8,
+        g_gc_total: 16,
+        gc_total_size: 4,
+        g_mainthref: 140,
+        gg_g: 80,
+        g_gc_currentwhite: 24,
+    },
 };
 
 #[cfg(test)]
@@ -226,6 +273,54 @@ mod tests {
             assert_eq!(l.bpf.fn_gct, refw + 1);
             assert_eq!(l.bpf.fn_ffid, l.bpf.fn_gct + 1);
             assert!(l.str_len + 4 <= l.str_size);
+        }
+    }
+
+    /// The heap fields as measured (`offsetof`/`sizeof` on both builds, and read back from
+    /// the real libraries): `global_State` opens with `allocf`, `allocd`, then `GCState`
+    /// whose first member is `total` (`GCSize`: 64 bits only with GC64).
+    #[test]
+    fn heap_fields_are_pinned() {
+        assert_eq!(
+            GC64.heap,
+            HeapLayout {
+                g_allocf: 0,
+                g_allocd: 8,
+                g_gc_total: 16,
+                gc_total_size: 8,
+                g_mainthref: 192,
+                gg_g: 112,
+                g_gc_currentwhite: 32,
+            }
+        );
+        assert_eq!(
+            GC32.heap,
+            HeapLayout {
+                g_allocf: 0,
+                g_allocd: 8,
+                g_gc_total: 16,
+                gc_total_size: 4,
+                g_mainthref: 140,
+                gg_g: 80,
+                g_gc_currentwhite: 24,
+            }
+        );
+        for l in [GC64, GC32] {
+            // allocf and allocd are native pointers in both layouts; gc.total follows them
+            // and lies before vmstate and cur_L.
+            assert_eq!(l.heap.g_allocd, l.heap.g_allocf + 8);
+            assert_eq!(l.heap.g_gc_total, l.heap.g_allocd + 8);
+            assert!(l.heap.g_gc_total + l.heap.gc_total_size <= l.bpf.g_vmstate);
+            assert_eq!(l.heap.gc_total_size, if l.bpf.gc64 != 0 { 8 } else { 4 });
+            // The main thread's glref lies inside the lua_State below G; mainthref lies
+            // between vmstate and cur_L.
+            assert!(l.bpf.l_glref < l.heap.gg_g);
+            assert!(l.heap.g_mainthref > l.bpf.g_vmstate && l.heap.g_mainthref < l.bpf.g_cur_l);
+            // GCState: total, threshold (GCSize each), then currentwhite and state.
+            assert_eq!(
+                l.heap.g_gc_currentwhite,
+                l.heap.g_gc_total + 2 * l.heap.gc_total_size
+            );
         }
     }
 

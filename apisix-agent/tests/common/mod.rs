@@ -213,11 +213,23 @@ impl Nginx {
     /// `server` block body.
     /// `http_extra` goes into the http block (e.g. `init_by_lua_block`).
     pub fn start(lj: Lj, lua: &[(&str, &str)], http_extra: &str, server: &str) -> Self {
+        Self::start_as(lj, "nginx", lua, http_extra, server)
+    }
+
+    /// Like [`Self::start`], with nginx run through a symlink called `name`: its processes'
+    /// command name (`/proc/PID/comm`, the agent's `process` label) is `name`.
+    pub fn start_as(
+        lj: Lj,
+        name: &str,
+        lua: &[(&str, &str)],
+        http_extra: &str,
+        server: &str,
+    ) -> Self {
         // nginx cannot listen on port 0 and say which port it got: a free port is picked
         // and, when another process took it meanwhile, the start is retried on a new one.
         let mut attempt = 1;
         loop {
-            match Self::try_start(lj, lua, http_extra, server) {
+            match Self::try_start(lj, name, lua, http_extra, server) {
                 Ok(nginx) => return nginx,
                 Err(log) if attempt < 3 && log.contains("Address already in use") => {
                     attempt += 1;
@@ -230,6 +242,7 @@ impl Nginx {
     /// One start on a free port; the error log when nginx does not come up.
     fn try_start(
         lj: Lj,
+        name: &str,
         lua: &[(&str, &str)],
         http_extra: &str,
         server: &str,
@@ -277,7 +290,14 @@ http {{
 "#
         );
         std::fs::write(p.join("conf/nginx.conf"), conf).expect("write nginx.conf");
-        let mut cmd = Command::new("nginx");
+        let program = if name == "nginx" {
+            PathBuf::from("nginx")
+        } else {
+            let link = p.join(name);
+            std::os::unix::fs::symlink("/usr/sbin/nginx", &link).expect("symlink nginx");
+            link
+        };
+        let mut cmd = Command::new(program);
         cmd.arg("-p")
             .arg(p)
             .args(["-c", "conf/nginx.conf"])
