@@ -106,7 +106,9 @@ def record(binary, pid, seconds, hz, summary):
     return ns / runs, runs, usage.ru_utime + usage.ru_stime
 
 
-def start_nginx(work, port):
+def start_nginx(work, port, jit=None):
+    """The workload's nginx (one worker) under `work`; `jit` True or False turns the JIT on
+    or off in `init_by_lua`, None leaves LuaJIT's default (on)."""
     prefix = os.path.join(work, "nginx")
     for d in ("logs", "tmp"):
         os.makedirs(os.path.join(prefix, d), exist_ok=True)
@@ -119,6 +121,9 @@ def start_nginx(work, port):
     with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
         conf = (f.read().replace("@PREFIX@", prefix).replace("@PORT@", str(port))
                 .replace("@WORKERS@", "1"))
+    if jit is not None:
+        conf = conf.replace("init_by_lua_block {",
+                            f'init_by_lua_block {{ require("jit").{"on" if jit else "off"}();', 1)
     path = os.path.join(prefix, "nginx.conf")
     with open(path, "w") as f:
         f.write(conf)

@@ -121,6 +121,27 @@ pub struct Sampling {
     pub max_retained_samples: usize,
     /// Continuous off-CPU (blocked time) profiling.
     pub offcpu: OffCpu,
+    /// On-demand Lua memory captures (`/flamegraph?mode=alloc|live`).
+    pub memory: LuaMemory,
+}
+
+/// On-demand Lua memory captures: allocated bytes (`mode=alloc`) and sampled blocks still
+/// allocated at the end (`mode=live`), from probes on each target's Lua allocator that exist
+/// only for the capture. The heap size gauge (`apisix_profiler_lua_memory_bytes`) needs no
+/// setting.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LuaMemory {
+    /// Mean allocated bytes between two sampled stacks (`&sample_bytes=N` overrides it).
+    pub sample_bytes: u64,
+}
+
+impl Default for LuaMemory {
+    fn default() -> Self {
+        Self {
+            sample_bytes: crate::sampling::capture::DEFAULT_SAMPLE_BYTES,
+        }
+    }
 }
 
 /// Continuous off-CPU profiling: feeds `apisix_profiler_lua_function_offcpu_seconds_total`.
@@ -205,6 +226,7 @@ impl Default for Sampling {
             retention_seconds: 300,
             max_retained_samples: 200_000,
             offcpu: OffCpu::default(),
+            memory: LuaMemory::default(),
         }
     }
 }
@@ -308,6 +330,11 @@ impl Config {
             .map_err(|e| bad("sampling.max_retained_samples", e))?;
         in_range(s.offcpu.min_block_us, 1..=10_000_000)
             .map_err(|e| bad("sampling.offcpu.min_block_us", e))?;
+        in_range(
+            s.memory.sample_bytes,
+            crate::sampling::capture::SAMPLE_BYTES_RANGE,
+        )
+        .map_err(|e| bad("sampling.memory.sample_bytes", e))?;
         in_range(self.metrics.top_functions, 1..=10_000)
             .map_err(|e| bad("metrics.top_functions", e))?;
         let d = &self.discovery;
@@ -434,6 +461,8 @@ mod tests {
         assert!(e.contains("discovery.docker.images"), "{e}");
         let e = err("discovery:\n  docker:\n    socket: relative.sock\n");
         assert!(e.contains("discovery.docker.socket"), "{e}");
+        let e = err("sampling:\n  memory:\n    sample_bytes: 10\n");
+        assert!(e.contains("sampling.memory.sample_bytes"), "{e}");
     }
 
     #[test]

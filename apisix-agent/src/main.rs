@@ -10,7 +10,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use apisix_agent::{attribution, config, daemon, luajit, output, record};
 use clap::{Parser, Subcommand};
 
-/// eBPF CPU profiler for APISIX / OpenResty: mixed C + Lua flame graphs.
+/// eBPF profiler for APISIX / OpenResty: mixed C + Lua flame graphs of CPU time, blocked time
+/// and Lua memory.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -28,7 +29,8 @@ enum Command {
         /// How long to sample, in seconds.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// What to record: CPU time, or time blocked off the CPU.
+        /// What to record: CPU time, time blocked off the CPU, Lua allocated bytes, or Lua
+        /// memory still allocated at the end (live).
         #[arg(long, value_enum, default_value_t = record::RecordMode::Cpu)]
         mode: record::RecordMode,
         /// Samples per second per CPU (on-CPU mode).
@@ -40,6 +42,9 @@ enum Command {
         /// Off-CPU mode: keep idle `epoll_wait` blocks (left out by default).
         #[arg(long)]
         include_idle: bool,
+        /// Alloc and live modes: mean allocated bytes between two sampled stacks.
+        #[arg(long, default_value_t = apisix_agent::sampling::capture::DEFAULT_SAMPLE_BYTES)]
+        sample_bytes: u64,
         /// Output format.
         #[arg(long, value_enum, default_value_t = record::RecordFormat::Svg)]
         format: record::RecordFormat,
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             frequency,
             min_block_us,
             include_idle,
+            sample_bytes,
             format,
             output,
             lines,
@@ -132,6 +138,7 @@ fn main() -> ExitCode {
                 frequency,
                 min_block_us,
                 include_idle,
+                sample_bytes,
                 format,
                 output,
                 summary,

@@ -1,18 +1,22 @@
 //! The one-shot `record` command: samples one process for a while and writes a flame graph
-//! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon.
+//! (SVG) or folded stacks — what `ngx-sample-lua-bt` + `fix-lua-bt` did, without a daemon —
+//! of CPU time, blocked time, or the Lua heap (allocated bytes, or live bytes: the
+//! `lj-gc`/`lj-gc-objs` questions, by stack).
 //!
-//! Hooks: a capture ([`crate::sampling::capture`]), `/proc/PID` (existence, LuaJIT detection).
-//! Metrics: none; a summary (samples taken, lost, unwinding and Lua outcomes, then the top
-//! plugins and phases) goes to stderr, and with `--summary FILE` the same counts as JSON
-//! ([`RecordSummary`]). `--plugin`/`--phase` keep only the stacks of a plugin / phase
-//! ([`crate::attribution`]) in the output; the summary counts every sample.
+//! Hooks: a capture ([`crate::sampling::capture`]), `/proc/PID` (existence, LuaJIT detection),
+//! SIGINT/SIGTERM (end the capture early and write what it gathered). Metrics: none; a
+//! summary (samples taken, lost, unwinding and Lua outcomes, the Lua heap size at the start
+//! and the end, allocation counts, then the top plugins and phases) goes to stderr, and with
+//! `--summary FILE` the same counts as JSON ([`RecordSummary`]). `--plugin`/`--phase` keep
+//! only the stacks of a plugin / phase ([`crate::attribution`]) in the output; the summary
+//! counts every sample.
 
 use std::{
     collections::BTreeMap,
     fs::File,
     io::{self, IsTerminal as _, Write as _},
     path::PathBuf,
-    sync::atomic::AtomicBool,
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -23,7 +27,7 @@ use crate::{
     attribution::{self, Filter, Rules},
     luajit::{self, NameStyle, trace::TraceFallback},
     output::Folded,
-    sampling::capture::{self, CaptureTarget},
+    sampling::capture::{self, CaptureTarget, Progress, human_bytes},
     stacks::{StackOptions, process},
 };
 
@@ -43,6 +47,11 @@ pub enum RecordMode {
     Cpu,
     /// Where threads block, weighted by blocked microseconds (the `sample-bt-off-cpu` port).
     OffCpu,
+    /// Where the Lua VM allocates, weighted by allocated bytes (sampled every
+    /// --sample-bytes).
+    Alloc,
+    /// Which stacks allocated the sampled Lua memory still allocated at the end (leaks).
+    Live,
 }
 
 /// Options of one recording.
@@ -56,6 +65,8 @@ pub struct RecordOptions {
     pub min_block_us: u64,
     /// Off-CPU: keep idle `epoll_wait` blocks.
     pub include_idle: bool,
+    /// Alloc / live: mean allocated bytes between two sampling points.
+    pub sample_bytes: u64,
     pub format: RecordFormat,
     pub output: Option<PathBuf>,
     /// Where to write the run's counts as JSON (`-`: standard output).
@@ -74,7 +85,7 @@ pub struct RecordOptions {
 /// ignore fields they do not know.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RecordSummary {
-    /// `cpu` or `off-cpu`.
+    /// `cpu`, `off-cpu`, `alloc` or `live`.
     pub mode: &'static str,
     pub pid: u32,
     /// How long was sampled (shorter than asked when the target exited).
@@ -95,8 +106,54 @@ pub struct RecordSummary {
     pub vm_states: BTreeMap<&'static str, u64>,
     /// Samples taken while a JIT trace ran, and their inlined frames.
     pub trace: TraceSummary,
-    /// Samples (off-CPU: microseconds) per plugin and phase, most first.
+    /// Samples (off-CPU: microseconds; alloc, live: bytes) per plugin and phase, most first.
     pub plugins: Vec<PluginSummary>,
+    /// The Lua heap size (`gc.total`) at the start and the end, when the VM was known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lua_memory_bytes: Option<HeapSummary>,
+    /// Alloc and live modes: what the allocator probes saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alloc: Option<AllocSummary>,
+}
+
+/// The Lua heap size at the start and the end of a recording.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeapSummary {
+    pub start: Option<u64>,
+    pub end: Option<u64>,
+}
+
+/// The allocator probes' counts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AllocSummary {
+    /// Mean allocated bytes between two sampling points.
+    pub sample_bytes: u64,
+    /// The file holding the allocator, as the target sees it, and the probe's offset.
+    pub module: String,
+    pub offset: u64,
+    /// Allocator calls (allocations, resizes, frees).
+    pub events: u64,
+    /// Bytes allocated (a new block's size, a resize's growth), every call counted.
+    pub bytes: u64,
+    /// Calls that hit a sampling point.
+    pub sampled: u64,
+    /// Of those, stacks lost because the ring buffer was full.
+    pub lost: u64,
+    /// Live: sampled blocks not tracked because the tracking map was full.
+    pub dropped: u64,
+    /// Live: calls whose return was never seen (their block not tracked).
+    pub no_return: u64,
+    /// Live: tracked blocks freed during the recording.
+    pub freed: u64,
+    /// Live: sampled blocks still allocated at the end, and the bytes they stand for.
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    /// Live: of those, blocks whose stack was lost or could not be named.
+    pub live_unnamed: u64,
+    /// Live: whether the Lua collector completed a cycle after the end (only reachable
+    /// blocks remain), and how long that took.
+    pub gc_settled: bool,
+    pub settle_seconds: f64,
 }
 
 /// The weight of one plugin in one phase.
@@ -150,10 +207,7 @@ impl RecordSummary {
     pub fn of(pid: u32, rec: &Recording) -> Self {
         let c = &rec.counters;
         Self {
-            mode: match rec.mode {
-                capture::Mode::Cpu { .. } => "cpu",
-                capture::Mode::OffCpu { .. } => "off-cpu",
-            },
+            mode: rec.mode.name(),
             pid,
             duration_seconds: rec.elapsed.as_secs_f64(),
             samples: c[Counter::Samples as usize],
@@ -197,6 +251,30 @@ impl RecordSummary {
                     samples: *n,
                 })
                 .collect(),
+            lua_memory_bytes: rec.heap.map(|(start, end)| HeapSummary { start, end }),
+            alloc: rec.alloc.as_ref().map(|a| {
+                let probe = a.probes.first();
+                AllocSummary {
+                    sample_bytes: match rec.mode {
+                        capture::Mode::Alloc { sample_bytes, .. } => sample_bytes,
+                        _ => 0,
+                    },
+                    module: probe.map(|p| p.module.clone()).unwrap_or_default(),
+                    offset: probe.map_or(0, |p| p.offset),
+                    events: c[Counter::AllocCalls as usize],
+                    bytes: c[Counter::AllocBytes as usize],
+                    sampled: c[Counter::AllocSampled as usize],
+                    lost: c[Counter::RingbufFull as usize],
+                    dropped: c[Counter::LiveMapFull as usize],
+                    no_return: c[Counter::AllocNoReturn as usize],
+                    freed: c[Counter::LiveFreed as usize],
+                    live_blocks: a.live_blocks,
+                    live_bytes: a.live_bytes,
+                    live_unnamed: a.live_unnamed,
+                    gc_settled: a.unsettled.is_empty(),
+                    settle_seconds: a.settle_time.as_secs_f64(),
+                }
+            }),
         }
     }
 }
@@ -218,6 +296,35 @@ pub struct Recording {
     pub user_errors: BTreeMap<&'static str, u64>,
     /// Weight per plugin and phase, most first (every stack, before `--plugin`/`--phase`).
     pub plugins: Vec<(attribution::Attribution, u64)>,
+    /// The Lua heap size at the start and the end, when the VM was known.
+    pub heap: Option<(Option<u64>, Option<u64>)>,
+    /// Alloc and live modes: probes and live totals.
+    pub alloc: Option<capture::AllocOutcome>,
+}
+
+/// Set by SIGINT/SIGTERM: the recording ends early and writes what it gathered.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Ends the recording at the first SIGINT or SIGTERM (a second one kills, as usual): the
+/// probes are detached and the output written.
+fn stop_on_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic, which is
+        // async-signal-safe; SA_RESETHAND restores the default action after one delivery.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                tracing::debug!(sig, error = %io::Error::last_os_error(), "sigaction");
+            }
+        }
+    }
 }
 
 /// Samples `opts.pid` for `opts.duration`; stops early (keeping the samples) if it exits.
@@ -249,7 +356,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         }
     };
     let show_progress = io::stderr().is_terminal();
-    let stop = AtomicBool::new(false);
+    stop_on_signals();
     let mode = match opts.mode {
         RecordMode::Cpu => capture::Mode::Cpu {
             frequency: opts.frequency,
@@ -258,34 +365,98 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
             min_block_us: opts.min_block_us,
             exclude_idle: !opts.include_idle,
         },
+        RecordMode::Alloc | RecordMode::Live => capture::Mode::Alloc {
+            sample_bytes: opts.sample_bytes,
+            live: opts.mode == RecordMode::Live,
+        },
     };
+    let mut progressed = false;
+    let mut waited = false;
+    let mut settling = false;
     let cap = capture::capture(
-        &[CaptureTarget { pid: opts.pid, lua }],
+        &[CaptureTarget {
+            pid: opts.pid,
+            lua,
+            vm: None,
+        }],
         opts.duration,
         mode,
         StackOptions {
             style: opts.style,
             trace_frames: opts.trace_frames,
         },
-        &stop,
-        |elapsed, weight| {
-            if show_progress {
-                eprint!(
-                    "\rrecording pid {}: {:>5.1}s / {}s, {} {} ",
-                    opts.pid,
-                    elapsed.as_secs_f64(),
-                    opts.duration.as_secs(),
-                    weight,
-                    mode.unit()
-                );
+        &STOP,
+        |p| match p {
+            Progress::WaitingForVm { waited: w, .. } => {
+                if !waited {
+                    waited = true;
+                    eprintln!(
+                        "pid {}: waiting up to {}s for its Lua VM (learned when it next enters \
+                         Lua: a request or a timer)",
+                        opts.pid,
+                        capture::VM_WAIT.as_secs()
+                    );
+                } else if show_progress {
+                    eprint!("\rwaiting for the Lua VM: {:>4.1}s ", w.as_secs_f64());
+                    progressed = true;
+                }
+            }
+            Progress::Settling { pids, waited: w } => {
+                if !settling {
+                    settling = true;
+                    if progressed {
+                        eprintln!();
+                        progressed = false;
+                    }
+                    eprintln!(
+                        "pid {}: waiting up to {}s for the Lua collector to complete a cycle, \
+                         so that only reachable blocks remain",
+                        pids.first().copied().unwrap_or(opts.pid),
+                        capture::SETTLE_WAIT.as_secs()
+                    );
+                } else if show_progress {
+                    eprint!("\rsettling: {:>4.1}s ", w.as_secs_f64());
+                    progressed = true;
+                }
+            }
+            Progress::Started { heaps } => {
+                if progressed {
+                    eprintln!();
+                    progressed = false;
+                }
+                for (pid, bytes) in heaps {
+                    eprintln!(
+                        "pid {pid}: Lua memory (gc.total) at start: {} ({bytes} bytes)",
+                        human_bytes(*bytes)
+                    );
+                }
+            }
+            Progress::Sampling { elapsed, weight } => {
+                if show_progress {
+                    progressed = true;
+                    eprint!(
+                        "\rrecording pid {}: {:>5.1}s / {}s, {} {} ",
+                        opts.pid,
+                        elapsed.as_secs_f64(),
+                        opts.duration.as_secs(),
+                        weight,
+                        mode.unit()
+                    );
+                }
             }
         },
     )?;
-    if show_progress {
+    if progressed {
         eprintln!();
     }
     let plugins = attribution::shares(&opts.rules, &cap.folded);
     Ok(Recording {
+        heap: cap
+            .heaps
+            .iter()
+            .find(|h| h.pid == opts.pid)
+            .map(|h| (h.start, h.end)),
+        alloc: cap.alloc,
         plugins,
         folded: cap.folded,
         counters: cap.counters,
@@ -307,6 +478,15 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
     }
     if opts.duration.is_zero() {
         bail!("--duration must be at least 1 second");
+    }
+    if matches!(opts.mode, RecordMode::Alloc | RecordMode::Live)
+        && !capture::SAMPLE_BYTES_RANGE.contains(&opts.sample_bytes)
+    {
+        bail!(
+            "--sample-bytes must be between {} and {}",
+            capture::SAMPLE_BYTES_RANGE.start(),
+            capture::SAMPLE_BYTES_RANGE.end()
+        );
     }
     let rec = record(opts)?;
     let mut title = format!(
@@ -383,6 +563,67 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
             rec.folded.total() as f64 / 1000.0,
             rec.idle_excluded as f64 / 1000.0,
         ),
+        capture::Mode::Alloc { live, .. } => {
+            eprintln!(
+                "{} allocator calls, {} allocated; {} sampled, {} lost (ring buffer full)",
+                c[Counter::AllocCalls as usize],
+                human_bytes(c[Counter::AllocBytes as usize]),
+                c[Counter::AllocSampled as usize],
+                c[Counter::RingbufFull as usize],
+            );
+            if let Some(a) = &rec.alloc {
+                for p in &a.probes {
+                    eprintln!("allocator of pid {}: {}+{:#x}", p.pid, p.module, p.offset);
+                }
+                if live {
+                    eprintln!(
+                        "live: {} sampled blocks still allocated ({}), {} freed during the \
+                         recording; {} not tracked (tracking map full), {} without a return, \
+                         {} unnamed",
+                        a.live_blocks,
+                        human_bytes(a.live_bytes),
+                        c[Counter::LiveFreed as usize],
+                        c[Counter::LiveMapFull as usize],
+                        c[Counter::AllocNoReturn as usize],
+                        a.live_unnamed,
+                    );
+                    if a.unsettled.is_empty() {
+                        eprintln!(
+                            "live: as of a complete Lua collection {:.1}s after the end",
+                            a.settle_time.as_secs_f64()
+                        );
+                    } else {
+                        eprintln!(
+                            "live: the Lua collector completed no cycle within {}s of the end: \
+                             the live blocks include garbage not collected yet",
+                            capture::SETTLE_WAIT.as_secs()
+                        );
+                    }
+                }
+            }
+            eprintln!(
+                "{} {} written{written_to}",
+                human_bytes(rec.folded.total()),
+                if live { "live" } else { "allocated" }
+            );
+        }
+    }
+    if let Some((start, end)) = rec.heap {
+        let show = |b: Option<u64>| {
+            b.map_or_else(
+                || "unknown".to_owned(),
+                |b| format!("{} ({b} bytes)", human_bytes(b)),
+            )
+        };
+        let delta = match (start, end) {
+            (Some(a), Some(b)) => format!(", {:+} bytes", i128::from(b) - i128::from(a)),
+            _ => String::new(),
+        };
+        eprintln!(
+            "pid {}: Lua memory (gc.total) at end: {}{delta}",
+            opts.pid,
+            show(end)
+        );
     }
     if unwound > 0 {
         eprintln!(
@@ -530,6 +771,8 @@ mod tests {
                 },
                 42,
             )],
+            heap: None,
+            alloc: None,
         };
         let json = serde_json::to_value(RecordSummary::of(123, &rec)).expect("encode");
         assert_eq!(json["mode"], "cpu");
@@ -560,5 +803,70 @@ mod tests {
         assert_eq!(json["plugins"][0]["plugin"], "key-auth");
         assert_eq!(json["plugins"][0]["phase"], "access");
         assert_eq!(json["plugins"][0]["samples"], 42);
+        assert!(json.get("alloc").is_none() && json.get("lua_memory_bytes").is_none());
+    }
+
+    #[test]
+    fn alloc_summary_has_the_documented_shape() {
+        let mut counters = [0; apisix_ebpf_common::COUNTER_SLOTS as usize];
+        counters[Counter::Samples as usize] = 40;
+        counters[Counter::AllocCalls as usize] = 100_000;
+        counters[Counter::AllocBytes as usize] = 21 << 20;
+        counters[Counter::AllocSampled as usize] = 42;
+        counters[Counter::RingbufFull as usize] = 2;
+        counters[Counter::LiveMapFull as usize] = 1;
+        counters[Counter::LiveFreed as usize] = 30;
+        let rec = Recording {
+            folded: Folded::new(),
+            counters,
+            target_exited: false,
+            elapsed: Duration::from_secs(5),
+            stats: crate::stacks::StackStats::default(),
+            flavour: None,
+            mode: capture::Mode::Alloc {
+                sample_bytes: 524_288,
+                live: true,
+            },
+            idle_excluded: 0,
+            user_errors: BTreeMap::new(),
+            traces_decoded: 0,
+            plugins: Vec::new(),
+            heap: Some((Some(1_000_000), Some(3_000_000))),
+            alloc: Some(capture::AllocOutcome {
+                probes: vec![crate::sampling::alloc::AllocProbe {
+                    pid: 7,
+                    g: 0x1000,
+                    allocf: 0x7f00_0000_1e60,
+                    module: "/usr/lib/x86_64-linux-gnu/libluajit-5.1.so.2.1.0".into(),
+                    file: "/proc/7/map_files/7f0000000000-7f0000100000".into(),
+                    offset: 0x1e60,
+                    heap_bytes: 1_000_000,
+                }],
+                skipped: Vec::new(),
+                live_blocks: 9,
+                live_bytes: 9 * 524_288,
+                live_unnamed: 1,
+                settle_time: Duration::from_millis(40),
+                unsettled: Vec::new(),
+            }),
+        };
+        let json = serde_json::to_value(RecordSummary::of(7, &rec)).expect("encode");
+        assert_eq!(json["mode"], "live");
+        assert_eq!(json["lua_memory_bytes"]["start"], 1_000_000);
+        assert_eq!(json["lua_memory_bytes"]["end"], 3_000_000);
+        let a = &json["alloc"];
+        assert_eq!(a["sample_bytes"], 524_288);
+        assert_eq!(a["offset"], 0x1e60);
+        assert_eq!(a["events"], 100_000);
+        assert_eq!(a["bytes"], 21 << 20);
+        assert_eq!(a["sampled"], 42);
+        assert_eq!(a["lost"], 2);
+        assert_eq!(a["dropped"], 1);
+        assert_eq!(a["freed"], 30);
+        assert_eq!(a["live_blocks"], 9);
+        assert_eq!(a["live_bytes"], 9 * 524_288);
+        assert_eq!(a["live_unnamed"], 1);
+        assert_eq!(a["gc_settled"], true);
+        assert_eq!(a["settle_seconds"], 0.04);
     }
 }

@@ -280,8 +280,9 @@ fn start(lj: Lj) -> Nginx {
     )
 }
 
-/// Expected share of each plugin (by rule name) and of each phase, from the calibration.
-fn expected(nginx: &Nginx) -> (BTreeMap<&'static str, f64>, BTreeMap<&'static str, f64>) {
+/// CPU seconds per call of each plugin's phase function (by rule name), with its phase,
+/// measured in the worker.
+fn calibrate(nginx: &Nginx) -> BTreeMap<&'static str, (f64, &'static str)> {
     let mut cost = BTreeMap::new();
     for p in &PLUGINS {
         let (name, phase) = (p.name, p.phase);
@@ -295,11 +296,31 @@ fn expected(nginx: &Nginx) -> (BTreeMap<&'static str, f64>, BTreeMap<&'static st
             .unwrap_or_else(|_| panic!("calibration of {name}: {body:?}"));
         cost.insert(name, (c, phase));
     }
+    cost
+}
+
+/// Expected share of each plugin (by rule name) and of each phase, from the mean of two
+/// calibrations (before and after the measured window).
+fn expected(
+    before: &BTreeMap<&'static str, (f64, &'static str)>,
+    after: &BTreeMap<&'static str, (f64, &'static str)>,
+) -> (BTreeMap<&'static str, f64>, BTreeMap<&'static str, f64>) {
+    let cost: BTreeMap<&'static str, (f64, &'static str)> = before
+        .iter()
+        .map(|(n, (c, phase))| (*n, ((c + after[n].0) / 2.0, *phase)))
+        .collect();
     let sum: f64 = cost.values().map(|(c, _)| c).sum();
     let plugins = cost.iter().map(|(n, (c, _))| (*n, c / sum)).collect();
     let mut phases = BTreeMap::new();
     for (c, phase) in cost.values() {
         *phases.entry(*phase).or_insert(0.0) += c / sum;
+    }
+    for (n, (c, _)) in before {
+        eprintln!(
+            "calibration of {n}: {:.0} → {:.0} ns per call",
+            c * 1e9,
+            after[n].0 * 1e9
+        );
     }
     (plugins, phases)
 }
@@ -356,11 +377,11 @@ fn plugin_and_phase_cpu(lj: Lj) {
             panic!("GET /api: {e}\n{}", nginx.error_log());
         }
     }
-    let (want_plugins, want_phases) = expected(&nginx);
+    let calibrated_before = calibrate(&nginx);
     let worker = nginx.worker().expect("worker");
     let config = format!(
         "  process_names: [no-such-process]\n  pids: [{worker}]\n  docker:\n    enabled: false\n\
-         sampling:\n  frequency_hz: 199\n\
+         sampling:\n  frequency_hz: 499\n\
          attribution:\n  plugin_rules:\n    - regex: '{CUSTOM_RULE}'\n"
     );
     let agent = Agent::start(&config);
@@ -391,6 +412,7 @@ fn plugin_and_phase_cpu(lj: Lj) {
     thread::sleep(Duration::from_secs(10));
     let (_, text) = agent.get("/metrics");
     let after = plugin_cpu(&text);
+    let (want_plugins, want_phases) = expected(&calibrated_before, &calibrate(&nginx));
 
     let mut by_plugin: BTreeMap<String, f64> = BTreeMap::new();
     let mut by_phase: BTreeMap<String, f64> = BTreeMap::new();
@@ -402,7 +424,7 @@ fn plugin_and_phase_cpu(lj: Lj) {
         }
     }
     eprintln!("plugin CPU over the window (s): {by_plugin:?}");
-    // The delta is about one core over ~15 s (samples × 1/199 s).
+    // The delta is about one core over ~15 s (samples × 1/499 s).
     let plugins_total: f64 = want_plugins
         .keys()
         .map(|k| by_plugin.get(*k).copied().unwrap_or(0.0))

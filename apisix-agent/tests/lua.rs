@@ -42,8 +42,29 @@ function _M.calib(which)
     return (os.clock() - t0) / (reps * n)
 end
 
+-- CPU seconds spent in each function by /run since the last call of _M.spent: os.clock
+-- around each whole loop, in the same requests the recording samples.
+local spent = { a = 0, b = 0, c = 0 }
+
 function _M.run(na, nb, nc)
-    return work_a(na) + work_b(nb) + work_c(nc)
+    local t0 = os.clock()
+    local ra = work_a(na)
+    local t1 = os.clock()
+    local rb = work_b(nb)
+    local t2 = os.clock()
+    local rc = work_c(nc)
+    local t3 = os.clock()
+    spent.a = spent.a + (t1 - t0)
+    spent.b = spent.b + (t2 - t1)
+    spent.c = spent.c + (t3 - t2)
+    return ra + rb + rc
+end
+
+-- "a b c": the seconds spent so far; resets them.
+function _M.spent()
+    local out = string.format("%.9f %.9f %.9f", spent.a, spent.b, spent.c)
+    spent.a, spent.b, spent.c = 0, 0, 0
+    return out
 end
 
 local function spin(n)
@@ -141,6 +162,7 @@ const SERVER: &str = r#"
         local b = require "bench"
         ngx.say(b.run(tonumber(ngx.var.arg_a), tonumber(ngx.var.arg_b), tonumber(ngx.var.arg_c)))
     } }
+    location /spent { content_by_lua_block { ngx.say(require("bench").spent()) } }
     location /deep { content_by_lua_block { ngx.say(require("bench").deep(20000)) } }
     location /co { content_by_lua_block { ngx.say(require("bench").co(200000)) } }
     location /rep { content_by_lua_block { ngx.say(require("bench").rep(300)) } }
@@ -182,25 +204,12 @@ fn lua_flavour_line(rec: &Recorded, lj: Lj) {
 
 fn accuracy(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
-    // Two attempts, each calibrated afresh: the shares are compared with CPU measured in the
-    // worker before the recording, and a burst of load from elsewhere on this shared machine
-    // between the two skews one attempt. A real error misses both.
-    let mut attempt = 0;
-    let rec = loop {
-        attempt += 1;
-        let (rec, report, worst) = measure_shares(&nginx, lj, jit);
-        if worst <= 0.05 {
-            break rec;
-        }
-        assert!(
-            attempt < 2,
-            "share off by more than 5 points in both attempts:\n{report}{}",
-            rec.dump()
-        );
-        eprintln!(
-            "{lj:?} jit={jit}: attempt {attempt} off by {worst:.3}, calibrating again:\n{report}"
-        );
-    };
+    let (rec, report, worst) = measure_shares(&nginx, lj, jit);
+    assert!(
+        worst <= 0.05,
+        "{lj:?} jit={jit}: a share is off by more than 5 points:\n{report}{}",
+        rec.dump()
+    );
     // The module's functions carry its file path, under the content handler.
     let file = format!("{}/lua/bench.lua:", nginx.prefix.path().display());
     assert!(
@@ -219,11 +228,27 @@ fn accuracy(lj: Lj, jit: bool) {
     );
 }
 
-/// Calibrates work_a/b/c in the worker, records a load mixing them 50/30/20 by calibrated
-/// CPU, and returns the recording, a report and the largest share error.
+/// The CPU seconds `/run` spent in work_a, work_b and work_c since the last call, measured in
+/// the worker with `os.clock` around each function's whole loop (and reset).
+fn spent(nginx: &Nginx) -> [f64; 3] {
+    let body = nginx.get("/spent");
+    let v: Vec<f64> = body
+        .split_whitespace()
+        .map(|x| {
+            x.parse()
+                .unwrap_or_else(|_| panic!("/spent answered {body:?}"))
+        })
+        .collect();
+    <[f64; 3]>::try_from(v).unwrap_or_else(|v| panic!("/spent answered {v:?}"))
+}
+
+/// Records a load mixing work_a/b/c about 50/30/20 (by a calibration of their cost in the
+/// worker) and returns the recording, a report and the largest share error against the CPU
+/// the same requests were measured to spend in each function during the recording.
 fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
     let worker = nginx.worker().expect("worker");
-    // Calibrate: CPU time per iteration of each function alone, in this worker and mode.
+    // Calibrate: CPU time per iteration of each function alone, in this worker and mode. It
+    // only sets the mix; the expected shares are measured during the recording.
     let cost: Vec<f64> = ["a", "b", "c"]
         .iter()
         .map(|f| {
@@ -233,18 +258,20 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
                 .unwrap_or_else(|_| panic!("calibration of {f}: {body:?}"))
         })
         .collect();
-    let shares = [0.5, 0.3, 0.2];
+    let mix = [0.5, 0.3, 0.2];
     let per_request = 0.04; // seconds of Lua work per request
-    let n: Vec<u64> = shares
+    let n: Vec<u64> = mix
         .iter()
         .zip(&cost)
         .map(|(s, c)| (s * per_request / c).max(1.0) as u64)
         .collect();
     let path = format!("/run?a={}&b={}&c={}", n[0], n[1], n[2]);
     nginx.get(&path);
-    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(12));
+    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
+    spent(nginx);
     let rec = record(worker, 8, &[]);
+    let truth = spent(nginx);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     lua_flavour_line(&rec, lj);
     let counts: Vec<u64> = ["work_a@", "work_b@", "work_c@"]
@@ -257,8 +284,14 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
         "too few Lua samples ({lua_total}): {}",
         rec.dump()
     );
+    let truth_total: f64 = truth.iter().sum();
+    assert!(
+        truth_total > 1.0,
+        "the worker spent only {truth_total:.3} s in the functions while recording"
+    );
     let names = ["work_a", "work_b", "work_c"];
-    let (report, worst) = common::share_report(names.into_iter().zip(shares), |name| {
+    let expected = names.iter().zip(truth).map(|(n, t)| (*n, t / truth_total));
+    let (report, worst) = common::share_report(expected, |name| {
         let i = names.iter().position(|n| *n == name).unwrap_or(0);
         counts[i] as f64 / lua_total as f64
     });
@@ -304,7 +337,7 @@ fn shape(lj: Lj, jit: bool) {
 
     // A recursion 120 Lua frames deep comes out whole.
     {
-        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(6));
+        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(300));
         let rec = record(worker, 4, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -340,7 +373,7 @@ fn shape(lj: Lj, jit: bool) {
 
     // A coroutine shows its own frames.
     {
-        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(5));
+        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(300));
         let rec = record(worker, 3, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -378,7 +411,7 @@ fn lines_option_names_the_current_line() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(8));
+    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     let line_of = |label: &str| -> u32 {
         label
@@ -413,7 +446,7 @@ fn lines_option_names_the_current_line() {
 fn ffi(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -458,7 +491,7 @@ fn gc_marker() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -485,7 +518,7 @@ fn gc_marker() {
 fn c_helper(lj: Lj) {
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -526,7 +559,7 @@ fn builtin(lj: Lj) {
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(5));
+    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());

@@ -123,7 +123,7 @@ fn stripped_nginx_worker_unwinds_through_static_functions() {
         } }"#,
     );
     let worker = nginx.worker().expect("worker pid");
-    let _load = Load::start(nginx.port, "/spin", 2, Duration::from_secs(6));
+    let _load = Load::start(nginx.port, "/spin", 2, Duration::from_secs(20));
     let rec = record(worker, 4, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let total = rec.total();

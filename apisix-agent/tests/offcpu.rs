@@ -76,7 +76,7 @@ fn blocking_lua_function_carries_the_blocked_time() {
     common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/block", 1, Duration::from_secs(10));
+    let _load = Load::start(nginx.port, "/block", 1, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     nginx.get("/reset");
     let rec = record(worker, 4, &["--mode", "off-cpu", "--min-block-us", "1000"]);
@@ -122,7 +122,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
     common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/sleep", 2, Duration::from_secs(8));
+    let _load = Load::start(nginx.port, "/sleep", 2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     let rec = record(worker, 3, &["--mode", "off-cpu"]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());

@@ -65,6 +65,15 @@ local ctx = { 0, 0, 0, 0, 0, 0, 0, 0 }
 {}    end
     return h
 end
+-- os.time is a C function the JIT does not compile: the trace stitches there (it ends with
+-- os.time's frame, and a new trace starts after the call). The statements before the call
+-- store nothing, so they have no snapshot of their own: they run in the interval that the
+-- stitch's snapshot ends.
+local function pst(h, i)
+{}    local x = h
+{}    h = band(x + os.time(), 0xfffff)
+    return h
+end
 local function pf(h, i)
     local v = T[band(h + i, 255) + 1]
     ffi.C.memset(buf, band(v, 255), 65536)
@@ -74,10 +83,16 @@ local function pf(h, i)
 end
 "#,
         body(16),
-        body(16)
+        body(16),
+        body(4),
+        (0..24)
+            .map(|k| format!(
+                "    x = band(bxor(x, T[band(x + i + {k}, 255) + 1]) * 33 + {k}, 0xfffff)\n"
+            ))
+            .collect::<String>()
     );
     m.push_str(
-        r#"local funcs = { pa = pa, pb = pb, pc = pc, pd = pd, pe = pe, pbr = pbr, pf = pf }
+        r#"local funcs = { pa = pa, pb = pb, pc = pc, pd = pd, pe = pe, pbr = pbr, pf = pf, pst = pst }
 
 -- CPU seconds per call of one function, measured in this worker: os.clock around a whole
 -- loop that calls it, the same way the runners do.
@@ -122,6 +137,29 @@ function _M.branchy(n)
         h = pbr(h, i)
     end
     return h
+end
+
+function _M.stitch(n)
+    local h = 0
+    for i = 1, n do
+        h = pa(h, i)
+        h = pst(h, i)
+    end
+    return h
+end
+
+-- The link types of the live traces (`stitch` for a trace that ends in a stitch).
+function _M.linktypes()
+    local jutil = require "jit.util"
+    local seen = {}
+    for tr = 1, 4000 do
+        local info = jutil.traceinfo(tr)
+        if info then seen[info.linktype] = true end
+    end
+    local out = {}
+    for k in pairs(seen) do out[#out + 1] = k end
+    table.sort(out)
+    return table.concat(out, ",")
 end
 
 function _M.ffi(n)
@@ -179,6 +217,8 @@ const SERVER: &str = r#"
     location /run { content_by_lua_block { ngx.say(require("plug").run(tonumber(ngx.var.arg_n))) } }
     location /poly { content_by_lua_block { ngx.say(require("plug").poly(tonumber(ngx.var.arg_n))) } }
     location /branchy { content_by_lua_block { ngx.say(require("plug").branchy(tonumber(ngx.var.arg_n))) } }
+    location /stitch { content_by_lua_block { ngx.say(require("plug").stitch(tonumber(ngx.var.arg_n))) } }
+    location /linktypes { content_by_lua_block { ngx.say(require("plug").linktypes()) } }
     location /ffi { content_by_lua_block { ngx.say(require("plug").ffi(300)) } }
     location /hot { content_by_lua_block { ngx.say(require("plug").hot(3000000)) } }
     location /cat { content_by_lua_block { ngx.say(require("plug").cat(200000)) } }
@@ -200,10 +240,10 @@ fn start(lj: Lj, jit: bool, http_extra: &str) -> Nginx {
 }
 
 /// Records the worker for `secs` seconds while two clients load `path` (from half a second
-/// before until a few seconds after); panics if `record` fails.
+/// before until the recording ends); panics if `record` fails.
 fn record_under_load(nginx: &Nginx, path: &str, secs: u64, extra: &[&str]) -> Recorded {
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(secs + 3));
+    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(secs + 15));
     std::thread::sleep(Duration::from_millis(500));
     let rec = record(worker, secs, extra);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -250,34 +290,54 @@ fn has_fn(frames: &[&str], name: &str) -> bool {
     frames.iter().any(|f| is_fn(f, name))
 }
 
-/// Records `path` under load and checks each function's inclusive share of the samples in
-/// `roots` against `expected` (name → share), within 5 points.
+/// Records `path` under load and checks each function's inclusive share of the
+/// samples in `roots` against the shares `expected` derives from the CPU per call of the
+/// functions `calibrated` (name → seconds), within 5 points. The calibration runs right
+/// before and right after the recording, in the same worker, and the two are averaged.
 fn check_shares(
     nginx: &Nginx,
     path: &str,
     roots: &[&str],
-    expected: &BTreeMap<&str, f64>,
+    calibrated: &[&'static str],
+    expected: impl Fn(&BTreeMap<&'static str, f64>) -> BTreeMap<&'static str, f64>,
     what: &str,
 ) -> Recorded {
     let worker = nginx.worker().expect("worker");
     nginx.get(path);
-    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(11));
-    std::thread::sleep(Duration::from_millis(800));
-    let rec = record(worker, 8, &[]);
+    let before = costs(nginx, calibrated);
+    let rec = {
+        let _load = Load::start(nginx.port, path, 2, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(800));
+        record(worker, 8, &[])
+    };
     assert!(rec.status.success(), "record failed: {}", rec.dump());
+    let after = costs(nginx, calibrated);
+    let cost: BTreeMap<&'static str, f64> = before
+        .iter()
+        .map(|(n, c)| (*n, (c + after[n]) / 2.0))
+        .collect();
+    let drift: String = before
+        .iter()
+        .map(|(n, c)| format!("{n}: {:.1} → {:.1} ns per call\n", c * 1e9, after[n] * 1e9))
+        .collect();
+    let expected = expected(&cost);
     let total = rec.count(|f| roots.iter().any(|r| has_fn(f, r)));
     assert!(
-        total >= 300,
+        total >= 1000,
         "{what}: too few samples ({total}): {}",
         rec.dump()
     );
     let (report, worst) = common::share_report(expected.iter().map(|(n, w)| (*n, *w)), |name| {
         rec.count(|f| has_fn(f, name)) as f64 / total as f64
     });
-    eprintln!("{what}:\n{report}{}", rec.stderr);
+    eprintln!(
+        "{what}:\n{report}calibration before → after:\n{drift}{}",
+        rec.stderr
+    );
     assert!(
         worst <= 0.05,
-        "{what}: a share is off by more than 5 points:\n{report}{}",
+        "{what}: a share is off by more than 5 points:\n{report}calibration before → after:\n\
+         {drift}{}",
         rec.dump()
     );
     rec
@@ -296,13 +356,12 @@ fn shares(costs: &BTreeMap<&'static str, f64>, of: &[&str]) -> BTreeMap<&'static
 fn inlined(lj: Lj) {
     common::require_root!();
     let nginx = start(lj, true, "");
-    let cost = costs(&nginx, &["pa", "pb", "pc", "pd", "pe"]);
-    let want = shares(&cost, &["pa", "pb", "pc"]);
     let rec = check_shares(
         &nginx,
         "/run?n=20000",
         &["pa", "pb", "pc"],
-        &want,
+        &["pa", "pb", "pc", "pd", "pe"],
+        |cost| shares(cost, &["pa", "pb", "pc"]),
         &format!("{lj:?} runner loop"),
     );
     let samples = summary_u64(&rec, &["trace", "samples"]);
@@ -351,25 +410,20 @@ fn inlined_gc32() {
 fn trace_shapes(lj: Lj) {
     common::require_root!();
     let nginx = start(lj, true, "");
-    let cost = costs(&nginx, &["pa", "pb", "pc", "pbr"]);
-    let mut plugin_costs = cost.clone();
-    plugin_costs.remove("pbr");
-    let want = shares(&plugin_costs, &["pa", "pb", "pc"]);
     check_shares(
         &nginx,
         "/poly?n=20000",
         &["pa", "pb", "pc"],
-        &want,
+        &["pa", "pb", "pc"],
+        |cost| shares(cost, &["pa", "pb", "pc"]),
         &format!("{lj:?} plugin list"),
     );
-    let mut branchy_costs = cost;
-    branchy_costs.retain(|n, _| *n == "pa" || *n == "pbr");
-    let want = shares(&branchy_costs, &["pa", "pbr"]);
     check_shares(
         &nginx,
         "/branchy?n=20000",
         &["pa", "pbr"],
-        &want,
+        &["pa", "pbr"],
+        |cost| shares(cost, &["pa", "pbr"]),
         &format!("{lj:?} branchy"),
     );
 }
@@ -382,6 +436,44 @@ fn trace_shapes_gc64() {
 #[test]
 fn trace_shapes_gc32() {
     trace_shapes(Lj::Gc32);
+}
+
+/// A trace that stitches to a C function (`os.time`) from an inlined function: the code
+/// before the stitch keeps its inlined frames (none falls back for an unknown function),
+/// and the shares hold.
+fn stitched(lj: Lj) {
+    common::require_root!();
+    let nginx = start(lj, true, "");
+    let rec = check_shares(
+        &nginx,
+        "/stitch?n=20000",
+        &["pa", "pst"],
+        &["pa", "pst"],
+        |cost| shares(cost, &["pa", "pst"]),
+        &format!("{lj:?} stitch"),
+    );
+    let links = nginx.get("/linktypes");
+    assert!(
+        links.trim().split(',').any(|l| l == "stitch"),
+        "{lj:?}: no live trace stitches: {links}"
+    );
+    let samples = summary_u64(&rec, &["trace", "samples"]);
+    let unknown = summary_u64(&rec, &["trace", "fallbacks", "trace_func_unknown"]);
+    assert!(
+        samples > 300 && unknown * 100 <= samples,
+        "{lj:?}: {unknown}/{samples} trace samples fell back for an unknown function: {}",
+        rec.summary["trace"]
+    );
+}
+
+#[test]
+fn stitched_gc64() {
+    stitched(Lj::Gc64);
+}
+
+#[test]
+fn stitched_gc32() {
+    stitched(Lj::Gc32);
 }
 
 /// A C function called through the FFI from an inlined function appears under it.

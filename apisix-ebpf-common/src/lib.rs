@@ -20,6 +20,17 @@ pub const PROG_OFFCPU_EXIT: &str = "offcpu_exit";
 /// first argument, for targets that run trace code before any interpreter sample.
 pub const PROG_LEARN_VM: &str = "learn_vm";
 
+/// Program name of the uprobe on a Lua VM's allocator (`global_State.allocf`, attached per
+/// process at the function's file offset): counts the bytes each thread allocates and, at
+/// sampling points every `AllocConfig::sample_bytes` on average, writes the thread's stack
+/// weighted by the bytes it stands for.
+pub const PROG_ALLOC: &str = "alloc_entry";
+
+/// Program name of the uretprobe on the same allocator (live mode only): gets the address the
+/// allocator returned and keeps [`MAP_LIVE_ALLOCS`] up to date (sampled blocks in, freed
+/// blocks out).
+pub const PROG_ALLOC_RET: &str = "alloc_return";
+
 /// `HashMap<u32 tgid, Target>`: processes to sample.
 pub const MAP_TARGETS: &str = "TARGETS";
 /// `Array<LuaLayout>`: struct layouts of the LuaJIT builds in use, indexed by `Target::layout`.
@@ -37,6 +48,19 @@ pub const MAP_LOST: &str = "LOST";
 pub const MAP_OFF_START: &str = "OFF_START";
 /// `Array<u64>` of one entry: blocks shorter than this many nanoseconds are dropped.
 pub const MAP_OFFCPU_MIN: &str = "OFFCPU_MIN";
+
+/// `Array<AllocConfig>` of one entry: how the allocator probes sample (zero: held).
+pub const MAP_ALLOC_CONFIG: &str = "ALLOC_CONFIG";
+/// `HashMap<u32 tid, _>`: each thread's distance to its next sampling point, and the call
+/// in flight between the allocator's entry and return (BPF side only).
+pub const MAP_ALLOC_THREADS: &str = "ALLOC_THREADS";
+/// `HashMap<u64 address, LiveAlloc>`: live mode's sampled blocks still allocated.
+pub const MAP_LIVE_ALLOCS: &str = "LIVE_ALLOCS";
+/// Entries of [`MAP_LIVE_ALLOCS`] in a live capture: a sampled block that finds the map full
+/// is not tracked and counted in [`Counter::LiveMapFull`].
+pub const LIVE_MAX_TRACKED: u32 = 65536;
+/// Entries of [`MAP_ALLOC_THREADS`] in an allocation capture (threads of the targets).
+pub const ALLOC_MAX_THREADS: u32 = 4096;
 
 /// Bytes of user stack copied from the stack pointer upwards (the largest size tried).
 pub const STACK_COPY_MAX: usize = 16384;
@@ -114,6 +138,37 @@ pub struct LuaLayout {
     pub g_trace: u32,
     /// `GCtrace.mcode`: the start of a trace's machine code.
     pub t_mcode: u32,
+}
+
+/// How the allocator probes sample, written by the agent before it attaches them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct AllocConfig {
+    /// Mean distance between two sampling points, in allocated bytes; 0: nothing is
+    /// counted or sampled (with `live` still 1, frees and resizes of tracked blocks are still
+    /// followed: the agent lets a live capture settle; both 0 hold the probes).
+    pub sample_bytes: u64,
+    /// 1: live mode (track sampled blocks until freed, in [`MAP_LIVE_ALLOCS`]); 0: allocated
+    /// bytes only.
+    pub live: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// A sampled block still allocated: which sample named its stack, and the bytes it stands
+/// for. The sample is the one of thread `tid` written at `time_ns` (its [`Sample::tid`] and
+/// [`Sample::time_ns`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LiveAlloc {
+    /// [`Sample::time_ns`] of the sample.
+    pub time_ns: u64,
+    /// Sampled bytes this block stands for.
+    pub weight: u64,
+    /// [`Sample::tid`] of the sample.
+    pub tid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// What the sampled thread's Lua VM was doing, from `global_State.vmstate` and the IP.
@@ -207,7 +262,8 @@ pub struct Sample {
     pub tid: u32,
     /// `bpf_ktime_get_ns()` at the sample.
     pub time_ns: u64,
-    /// Weight of the sample: 1 for a CPU sample, microseconds blocked for an off-CPU one.
+    /// Weight of the sample: 1 for a CPU sample, microseconds blocked for an off-CPU one,
+    /// allocated bytes it stands for for an allocation sample.
     pub weight: u64,
     /// User-mode registers at the sample.
     pub regs: UserRegs,
@@ -278,14 +334,27 @@ pub enum Counter {
     MapInsertFailed = 14,
     /// Lua: the thread runs Lua (its VM frame is on the stack) but the walk found no frame.
     LuaNoFrames = 15,
+    /// Allocator calls seen (allocations, resizes and frees; not an error).
+    AllocCalls = 16,
+    /// Bytes allocated: a new block's size, a resize's growth (not a count of events).
+    AllocBytes = 17,
+    /// Allocator calls that hit a sampling point (a stack was written, or lost).
+    AllocSampled = 18,
+    /// Live mode: a sampled block not tracked because [`MAP_LIVE_ALLOCS`] was full.
+    LiveMapFull = 19,
+    /// Live mode: an allocator call whose return was never seen (its block, if sampled, is
+    /// not tracked).
+    AllocNoReturn = 20,
+    /// Live mode: tracked blocks freed (or resized away) during the capture (not an error).
+    LiveFreed = 21,
 }
 
 /// Number of slots in [`MAP_COUNTERS`].
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// All counters, in slot order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 22] = [
         Counter::Samples,
         Counter::RingbufFull,
         Counter::RegsUnavailable,
@@ -302,6 +371,12 @@ impl Counter {
         Counter::OffcpuShort,
         Counter::MapInsertFailed,
         Counter::LuaNoFrames,
+        Counter::AllocCalls,
+        Counter::AllocBytes,
+        Counter::AllocSampled,
+        Counter::LiveMapFull,
+        Counter::AllocNoReturn,
+        Counter::LiveFreed,
     ];
 
     /// Stable snake_case name, used as a metric label and in reports.
@@ -323,11 +398,18 @@ impl Counter {
             Counter::OffcpuShort => "offcpu_short",
             Counter::MapInsertFailed => "map_insert_failed",
             Counter::LuaNoFrames => "lua_no_frames",
+            Counter::AllocCalls => "alloc_calls",
+            Counter::AllocBytes => "alloc_bytes",
+            Counter::AllocSampled => "alloc_sampled",
+            Counter::LiveMapFull => "live_map_full",
+            Counter::AllocNoReturn => "alloc_no_return",
+            Counter::LiveFreed => "live_freed",
         }
     }
 
-    /// Whether the counter counts something that went wrong: walks that ended early, a failed
-    /// map insert (the rest count successes, idle samples and dropped short blocks).
+    /// Whether the counter counts something that went wrong in a stack walk: walks that ended
+    /// early, a failed map insert (the rest count successes, idle samples, dropped short
+    /// blocks, and the allocation captures' own outcomes, reported with those captures).
     pub const fn is_error(self) -> bool {
         !matches!(
             self,
@@ -336,6 +418,12 @@ impl Counter {
                 | Counter::LuaWalked
                 | Counter::LuaIdle
                 | Counter::OffcpuShort
+                | Counter::AllocCalls
+                | Counter::AllocBytes
+                | Counter::AllocSampled
+                | Counter::LiveMapFull
+                | Counter::AllocNoReturn
+                | Counter::LiveFreed
         )
     }
 
@@ -366,12 +454,14 @@ const _: () = {
                 + 40 * MAX_LUA_FRAMES
                 + STACK_COPY_MAX
     );
+    assert!(core::mem::size_of::<AllocConfig>() == 16);
+    assert!(core::mem::size_of::<LiveAlloc>() == 24);
     assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 };
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{LuaLayout, Sample, Target};
+    use super::{AllocConfig, LiveAlloc, LuaLayout, Sample, Target};
 
     // SAFETY: plain `#[repr(C)]` data without padding (checked above).
     unsafe impl aya::Pod for Target {}
@@ -379,4 +469,8 @@ mod user {
     unsafe impl aya::Pod for LuaLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Sample {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AllocConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LiveAlloc {}
 }

@@ -13,14 +13,21 @@
 //! offsets come from `LUA_LAYOUTS`, filled by the agent. Every read of target memory may
 //! fail; every loop is bounded. Outcomes are counted per reason in `COUNTERS`.
 //!
-//! One module per program: [`sample`] (perf_event), [`offcpu`] (the two BTF tracepoints),
-//! [`learn_vm`] (uprobe); [`lua`] the Lua walk they share, [`maps`] every map.
+//! The allocator probes, for on-demand allocation and live-heap captures: a uprobe on a Lua
+//! VM's allocator writing the thread's stack every `N` allocated bytes on average, and (live
+//! mode) a uretprobe tracking the sampled blocks until they are freed.
+//!
+//! One module per program family: [`sample`] (perf_event), [`offcpu`] (the two BTF
+//! tracepoints), [`learn_vm`] (uprobe), [`alloc`] (the allocator's uprobe and uretprobe);
+//! [`lua`] the Lua walk they share, [`maps`] every map.
 //!
 //! Hooks: `perf_event` (CPU clock), `tp_btf/sched_switch`, `tp_btf/sys_exit`, uprobe
-//! `lua_resume`. Metrics: `COUNTERS` (one slot per `Counter`) and `LOST`.
+//! `lua_resume`, uprobe and uretprobe on the allocator. Metrics: `COUNTERS` (one slot per
+//! `Counter`) and `LOST`.
 #![no_std]
 #![no_main]
 
+mod alloc;
 mod learn_vm;
 mod lua;
 mod maps;

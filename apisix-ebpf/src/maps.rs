@@ -3,9 +3,13 @@
 //!
 //! Hooks: none. Metrics: `COUNTERS` (per-CPU, one slot per [`Counter`]) and `LOST`
 //! (per-process samples lost to a full ring buffer).
+//!
+//! The allocation maps are declared with their capture sizes; the agent shrinks them to one
+//! entry when it loads the object for anything else.
 
 use apisix_ebpf_common::{
-    COUNTER_SLOTS, Counter, LuaLayout, MAX_KERNEL_FRAMES, MAX_LUA_LAYOUTS, Target,
+    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, LIVE_MAX_TRACKED, LiveAlloc, LuaLayout,
+    MAX_KERNEL_FRAMES, MAX_LUA_LAYOUTS, Target,
 };
 use aya_ebpf::{
     macros::map,
@@ -47,11 +51,46 @@ pub(crate) static OFFCPU_MIN: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static LOST: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
+#[map]
+pub(crate) static ALLOC_CONFIG: Array<AllocConfig> = Array::with_max_entries(1, 0);
+
+/// One thread's allocation sampling state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct AllocThread {
+    /// Allocated bytes to go until the thread's next sampling point.
+    pub(crate) next: u64,
+    /// The call in flight (live mode), between the allocator's entry and its return: the
+    /// block passed in (0: none), the size asked for (0: a free), and, when the call was
+    /// sampled, the sample's time and the bytes it stands for.
+    pub(crate) old: u64,
+    pub(crate) nsize: u64,
+    pub(crate) time_ns: u64,
+    pub(crate) weight: u64,
+    /// 1 while a call is in flight.
+    pub(crate) pending: u32,
+    pub(crate) reserved: u32,
+}
+
+#[map]
+pub(crate) static ALLOC_THREADS: HashMap<u32, AllocThread> =
+    HashMap::with_max_entries(ALLOC_MAX_THREADS, 0);
+
+#[map]
+pub(crate) static LIVE_ALLOCS: HashMap<u64, LiveAlloc> =
+    HashMap::with_max_entries(LIVE_MAX_TRACKED, 0);
+
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
+    count_n(counter, 1);
+}
+
+/// Adds `n` to a counter (bytes, for [`Counter::AllocBytes`]).
+#[inline(always)]
+pub(crate) fn count_n(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use crate::{
     maps::{OFF_SCRATCH, OFF_START, OFFCPU_MIN, TARGETS, count},
     regs::task_user_regs,
-    sample::emit,
+    sample::{KernelStack, emit},
 };
 
 /// `sched_switch(preempt, prev, next, prev_state)`, in `prev`'s context: a target thread that
@@ -119,8 +119,9 @@ fn try_offcpu_exit(ctx: &BtfTracePointContext) -> Result<(), Counter> {
             target,
             &regs,
             (blocked / 1000).max(1),
-            Some((start.cast::<u8>(), kstack_len)),
-        ),
+            KernelStack::Saved(start.cast::<u8>(), kstack_len),
+        )
+        .map(|_| ()),
         None => Err(Counter::RegsUnavailable),
     };
     let _ = OFF_START.remove(tid);

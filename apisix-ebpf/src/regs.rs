@@ -1,6 +1,7 @@
 //! The user-mode registers of the sampled thread: from the perf event's context when the
-//! sample hit user mode, else from the task's saved user registers. Shared by the CPU
-//! sampler, the off-CPU exit hook and the Lua walk.
+//! sample hit user mode, else from the task's saved user registers, or from a uprobe's
+//! context (always user mode). Shared by the CPU sampler, the off-CPU exit hook, the
+//! allocator probe and the Lua walk.
 //!
 //! Hooks: none (helpers of the programs). Metrics: none (a failure is `RegsUnavailable`,
 //! counted by the caller).
@@ -11,7 +12,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    programs::PerfEventContext,
+    programs::{PerfEventContext, ProbeContext},
 };
 
 /// The user-mode registers the sampler needs (a `pt_regs` is too big for the BPF stack twice).
@@ -42,6 +43,21 @@ pub(crate) fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
         });
     }
     task_user_regs()
+}
+
+/// The user-mode registers at a uprobe (the probed function's entry).
+#[inline(always)]
+pub(crate) fn probe_regs(ctx: &ProbeContext) -> Regs {
+    // SAFETY: direct context loads, rewritten by the verifier.
+    let r: &pt_regs = unsafe { &*ctx.regs };
+    Regs {
+        rip: r.rip,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        rdx: r.rdx,
+        r14: r.r14,
+    }
 }
 
 /// The current task's saved user-mode registers.

@@ -1,8 +1,9 @@
 //! The CPU sampler: a `perf_event` program attached on every CPU at the sampling frequency.
 //! For each sample of a process listed in `TARGETS` it writes one `Sample` into the
-//! `SAMPLES` ring buffer ([`emit`], shared with the off-CPU exit): the user registers, a copy
-//! of the top of the user stack (user space unwinds it from `.eh_frame`), the kernel stack
-//! and, for LuaJIT targets, the Lua frames walked by [`crate::lua::walk`].
+//! `SAMPLES` ring buffer ([`emit`], shared with the off-CPU exit and the allocator probe):
+//! the user registers, a copy of the top of the user stack (user space unwinds it from
+//! `.eh_frame`), the kernel stack and, for LuaJIT targets, the Lua frames walked by
+//! [`crate::lua::walk`].
 //!
 //! Hooks: `perf_event` (software CPU clock). Metrics: `Samples`, `RingbufFull`,
 //! `RegsUnavailable`, `StackCopyFailed`, the Lua walk outcomes, `LOST`.
@@ -68,11 +69,32 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     };
     let target = *target;
     let regs = user_regs(ctx).ok_or(Counter::RegsUnavailable)?;
-    emit(ctx.as_ptr(), pid_tgid, &target, &regs, 1, None)
+    emit(
+        ctx.as_ptr(),
+        pid_tgid,
+        &target,
+        &regs,
+        1,
+        KernelStack::Current,
+    )
+    .map(|_| ())
+}
+
+/// Which kernel stack a sample carries.
+#[derive(Clone, Copy)]
+pub(crate) enum KernelStack {
+    /// The current one (`bpf_get_stack` on the program's context).
+    Current,
+    /// One taken earlier (off-CPU: where the thread blocked): the `OffStart` map value at
+    /// the pointer, with its number of frames.
+    Saved(*const u8, u64),
+    /// None (a uprobe: the kernel stack is the trap's own).
+    Empty,
 }
 
 /// Writes one sample of the current thread: registers, kernel stack, user stack copy, Lua
-/// frames. `ctx` is the program's context (for `bpf_get_stack`).
+/// frames. `ctx` is the program's context (for `bpf_get_stack`). Returns the sample's
+/// `time_ns`, which with the thread id names it.
 #[inline(always)]
 pub(crate) fn emit(
     ctx: *mut c_void,
@@ -80,8 +102,8 @@ pub(crate) fn emit(
     target: &Target,
     regs: &Regs,
     weight: u64,
-    kstack: Option<(*const u8, u64)>,
-) -> Result<(), Counter> {
+    kstack: KernelStack,
+) -> Result<u64, Counter> {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
         count_lost(tgid);
@@ -93,7 +115,8 @@ pub(crate) fn emit(
     s.pid = tgid;
     s.tid = pid_tgid as u32;
     // SAFETY: helper without preconditions.
-    s.time_ns = unsafe { bpf_ktime_get_ns() };
+    let time_ns = unsafe { bpf_ktime_get_ns() };
+    s.time_ns = time_ns;
     s.weight = weight;
     s.regs = UserRegs {
         ip: regs.rip,
@@ -104,7 +127,7 @@ pub(crate) fn emit(
 
     s.kstack_len = match kstack {
         // A kernel stack taken earlier (off-CPU: where the thread blocked), in its `OffStart`.
-        Some((start, len)) => {
+        KernelStack::Saved(start, len) => {
             // SAFETY: copies the stack array of a live map value into our reservation.
             let ok = unsafe {
                 bpf_probe_read_kernel_raw(
@@ -119,7 +142,8 @@ pub(crate) fn emit(
                 0
             }
         }
-        None => {
+        KernelStack::Empty => 0,
+        KernelStack::Current => {
             // SAFETY: the buffer is part of our reservation and its size is passed along.
             let klen = unsafe {
                 bpf_get_stack(
@@ -163,7 +187,7 @@ pub(crate) fn emit(
     };
     entry.submit(u64::from(wake));
     count(Counter::Samples);
-    Ok(())
+    Ok(time_ns)
 }
 
 /// Copies the top of the user stack, from `rsp` up, into `out`; returns the bytes copied.

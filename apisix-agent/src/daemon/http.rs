@@ -2,25 +2,29 @@
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
 //!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json|pprof]
-//!   [&frequency=HZ][&mode=cpu|off-cpu][&idle=exclude|include][&trace_frames=1]
-//!   [&plugin=NAME][&phase=NAME]`: with `seconds`, an
-//!   on-demand capture at the on-demand rate, or of blocked time with `mode=off-cpu`
-//!   ([`crate::sampling::capture`]); without, the continuously collected recent stacks at once.
+//!   [&frequency=HZ][&mode=cpu|off-cpu|alloc|live][&sample_bytes=N][&idle=exclude|include]
+//!   [&trace_frames=1][&plugin=NAME][&phase=NAME]`: with `seconds`, an
+//!   on-demand capture at the on-demand rate, of blocked time with `mode=off-cpu`, or of the
+//!   Lua heap with `mode=alloc` (allocated bytes) / `mode=live` (sampled blocks still
+//!   allocated at the end) ([`crate::sampling::capture`]); without, the continuously
+//!   collected recent stacks at once.
 //!   `plugin` and `phase` keep only the stacks of that plugin / phase
 //!   ([`crate::attribution`]); the title says so, also when nothing matched. `format=pprof`
-//!   is the encoding of the pprof endpoints.
+//!   (CPU and off-CPU) is the encoding of the pprof endpoints.
 //! - `GET /debug/pprof/profile[?seconds=N][&pid=…|&container=…][&plugin=…][&phase=…]` and
 //!   `GET /debug/pprof/offcpu?…` (with `sampling.offcpu.enabled`): a gzip-compressed pprof
 //!   profile of the continuously sampled stacks (blocked time) of the last N seconds
 //!   (default 30), at once, for Grafana Pyroscope and Parca ([`crate::output::pprof`]). N above
 //!   `sampling.retention_seconds` is clamped, and the `X-Profile-Clamped` header says so;
 //!   `X-Profile-Seconds` gives the seconds served. Every target unless narrowed.
-//! - `GET /targets`: the profiled processes with labels and LuaJIT flavour, as JSON.
+//! - `GET /targets`: the profiled processes with labels, LuaJIT flavour and Lua heap size, as
+//!   JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
 //!
 //! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
-//! path, 429 when `sampling.max_concurrent_captures` captures already run. Handlers only read
-//! shared state or start a capture; nothing a client sends names a file.
+//! path, 422 for a target whose Lua allocator cannot be probed (the reason says why), 429
+//! when `sampling.max_concurrent_captures` captures already run. Handlers only read shared
+//! state or start a capture; nothing a client sends names a file.
 //!
 //! Hooks: a TCP listener. Metrics: none of its own.
 
@@ -106,7 +110,15 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
 
 async fn targets(State(shared): State<Arc<Shared>>) -> Response {
     let snap = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
-    let views: Vec<_> = snap.iter().map(TargetProcess::view).collect();
+    let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
+    let views: Vec<_> = snap
+        .iter()
+        .map(|t| {
+            let mut v = t.view();
+            v.lua_memory_bytes = vms.get(&t.pid).and_then(|m| m.bytes);
+            v
+        })
+        .collect();
     Json(views).into_response()
 }
 
@@ -130,6 +142,15 @@ enum ResponseFormat {
     Pprof,
 }
 
+/// What a `/flamegraph` capture measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestMode {
+    Cpu,
+    OffCpu,
+    Alloc,
+    Live,
+}
+
 /// A validated `/flamegraph` request.
 #[derive(Debug)]
 struct FlameRequest {
@@ -137,8 +158,9 @@ struct FlameRequest {
     seconds: Option<u64>,
     frequency: u64,
     format: ResponseFormat,
-    /// Off-CPU capture (blocked time) instead of CPU samples.
-    offcpu: bool,
+    mode: RequestMode,
+    /// Alloc / live: mean allocated bytes between two sampled stacks.
+    sample_bytes: u64,
     /// Off-CPU: keep idle `epoll_wait` blocks.
     include_idle: bool,
     /// Captures: a `[trace N]` pseudo-frame where a JIT trace runs.
@@ -159,18 +181,31 @@ fn bad(message: impl Into<String>) -> BadRequest {
     (StatusCode::BAD_REQUEST, message.into())
 }
 
+/// Defaults of a `/flamegraph` request from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Defaults {
+    max_seconds: u64,
+    frequency: u64,
+    sample_bytes: u64,
+}
+
 fn parse_request(
     q: &HashMap<String, String>,
-    max_seconds: u64,
-    default_frequency: u64,
+    defaults: Defaults,
 ) -> Result<FlameRequest, BadRequest> {
-    const KNOWN: [&str; 10] = [
+    let Defaults {
+        max_seconds,
+        frequency: default_frequency,
+        sample_bytes: default_sample_bytes,
+    } = defaults;
+    const KNOWN: [&str; 11] = [
         "pid",
         "container",
         "seconds",
         "format",
         "frequency",
         "mode",
+        "sample_bytes",
         "idle",
         "trace_frames",
         "plugin",
@@ -212,19 +247,43 @@ fn parse_request(
             )));
         }
     };
-    let offcpu = match q.get("mode").map(String::as_str) {
-        None | Some("cpu") => false,
-        Some("off-cpu") => true,
-        Some(m) => return Err(bad(format!("mode={m:?} must be cpu or off-cpu"))),
+    let mode = match q.get("mode").map(String::as_str) {
+        None | Some("cpu") => RequestMode::Cpu,
+        Some("off-cpu") => RequestMode::OffCpu,
+        Some("alloc") => RequestMode::Alloc,
+        Some("live") => RequestMode::Live,
+        Some(m) => {
+            return Err(bad(format!(
+                "mode={m:?} must be cpu, off-cpu, alloc or live"
+            )));
+        }
     };
-    if offcpu && seconds.is_none() {
-        return Err(bad(
-            "mode=off-cpu needs seconds=N (blocked time is captured on demand)",
-        ));
+    let name = q.get("mode").map_or("cpu", String::as_str);
+    if mode != RequestMode::Cpu && seconds.is_none() {
+        return Err(bad(format!(
+            "mode={name} needs seconds=N (it is captured on demand)"
+        )));
     }
-    if offcpu && q.contains_key("frequency") {
-        return Err(bad("frequency does not apply to mode=off-cpu"));
+    if mode != RequestMode::Cpu && q.contains_key("frequency") {
+        return Err(bad(format!("frequency does not apply to mode={name}")));
     }
+    let sample_bytes = match q.get("sample_bytes") {
+        None => default_sample_bytes,
+        Some(_) if !matches!(mode, RequestMode::Alloc | RequestMode::Live) => {
+            return Err(bad("sample_bytes applies to mode=alloc and mode=live"));
+        }
+        Some(b) => b
+            .parse::<u64>()
+            .ok()
+            .filter(|b| capture::SAMPLE_BYTES_RANGE.contains(b))
+            .ok_or_else(|| {
+                bad(format!(
+                    "sample_bytes={b:?} must be {}..={}",
+                    capture::SAMPLE_BYTES_RANGE.start(),
+                    capture::SAMPLE_BYTES_RANGE.end()
+                ))
+            })?,
+    };
     let include_idle = match q.get("idle").map(String::as_str) {
         None | Some("exclude") => false,
         Some("include") => true,
@@ -240,13 +299,19 @@ fn parse_request(
         }
         Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
     };
+    if format == ResponseFormat::Pprof && matches!(mode, RequestMode::Alloc | RequestMode::Live) {
+        return Err(bad(format!(
+            "format=pprof applies to mode=cpu and mode=off-cpu, not mode={name}"
+        )));
+    }
     Ok(FlameRequest {
         filter: parse_filter(q)?,
         selector,
         seconds,
         frequency,
         format,
-        offcpu,
+        mode,
+        sample_bytes,
         include_idle,
         trace_frames,
     })
@@ -332,7 +397,12 @@ async fn flamegraph(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let cfg = &shared.config.sampling;
-    let req = match parse_request(&q, cfg.max_capture_seconds, cfg.on_demand_frequency_hz) {
+    let defaults = Defaults {
+        max_seconds: cfg.max_capture_seconds,
+        frequency: cfg.on_demand_frequency_hz,
+        sample_bytes: cfg.memory.sample_bytes,
+    };
+    let req = match parse_request(&q, defaults) {
         Ok(r) => r,
         Err((status, message)) => return error(status, message),
     };
@@ -395,6 +465,7 @@ async fn flamegraph(
                     ),
                 );
             };
+            let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
             let targets: Vec<CaptureTarget> = chosen
                 .iter()
                 .map(|t| CaptureTarget {
@@ -403,17 +474,21 @@ async fn flamegraph(
                         Lua::Known(l) => Some(l.clone()),
                         _ => None,
                     },
+                    vm: vms.get(&t.pid).map(|m| m.g),
                 })
                 .collect();
-            let mode = if req.offcpu {
-                capture::Mode::OffCpu {
+            let mode = match req.mode {
+                RequestMode::OffCpu => capture::Mode::OffCpu {
                     min_block_us: cfg.offcpu.min_block_us,
                     exclude_idle: !req.include_idle,
-                }
-            } else {
-                capture::Mode::Cpu {
+                },
+                RequestMode::Cpu => capture::Mode::Cpu {
                     frequency: req.frequency,
-                }
+                },
+                RequestMode::Alloc | RequestMode::Live => capture::Mode::Alloc {
+                    sample_bytes: req.sample_bytes,
+                    live: req.mode == RequestMode::Live,
+                },
             };
             let worker = shared.clone();
             let trace_frames = req.trace_frames;
@@ -433,13 +508,16 @@ async fn flamegraph(
                         trace_frames,
                     },
                     &worker.stop,
-                    |_, _| {},
+                    |_| {},
                 )
             })
             .await;
             drop(permit);
             let cap = match result {
                 Ok(Ok(c)) => c,
+                Ok(Err(e @ capture::CaptureError::Alloc { .. })) => {
+                    return error(StatusCode::UNPROCESSABLE_ENTITY, format!("capture: {e}"));
+                }
                 Ok(Err(e)) => {
                     return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
                 }
@@ -448,16 +526,48 @@ async fn flamegraph(
                 }
             };
             tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
-            let title = format!(
+            let mut title = format!(
                 "{describe} — {:.0}s {} from {}",
                 cap.elapsed.as_secs_f64(),
                 mode.describe(),
                 utc_now()
             );
+            if let Some(a) = &cap.alloc {
+                let c = &cap.counters;
+                let lost = c[apisix_ebpf_common::Counter::RingbufFull as usize];
+                let dropped = c[apisix_ebpf_common::Counter::LiveMapFull as usize];
+                if lost > 0 {
+                    let _ = write!(title, " — {lost} sampled stacks lost (ring buffer full)");
+                }
+                if dropped > 0 {
+                    let _ = write!(
+                        title,
+                        " — {dropped} sampled blocks not tracked (tracking map full)"
+                    );
+                }
+                if !a.unsettled.is_empty() {
+                    let _ = write!(
+                        title,
+                        " — the Lua collector completed no cycle within {}s of the end: \
+                         garbage not collected yet included",
+                        capture::SETTLE_WAIT.as_secs()
+                    );
+                }
+                if !a.skipped.is_empty() {
+                    let _ = write!(title, " — skipped: {}", a.skipped.join("; "));
+                }
+            }
             if req.format == ResponseFormat::Pprof {
                 let kind = match mode {
                     capture::Mode::Cpu { frequency } => pprof::Kind::cpu(frequency),
                     capture::Mode::OffCpu { .. } => pprof::Kind::OffCpu,
+                    // parse_request refuses it already.
+                    capture::Mode::Alloc { .. } => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "format=pprof applies to mode=cpu and mode=off-cpu".to_owned(),
+                        );
+                    }
                 };
                 return capture_profile(&shared, &chosen, cap, kind, &req.filter, &title).await;
             }
@@ -938,13 +1048,19 @@ mod tests {
             .collect()
     }
 
+    const DEFAULTS: Defaults = Defaults {
+        max_seconds: 120,
+        frequency: 99,
+        sample_bytes: 524_288,
+    };
+
     fn status(pairs: &[(&str, &str)]) -> Option<StatusCode> {
-        parse_request(&q(pairs), 120, 99).err().map(|(s, _)| s)
+        parse_request(&q(pairs), DEFAULTS).err().map(|(s, _)| s)
     }
 
     #[test]
     fn valid_requests() {
-        let r = match parse_request(&q(&[("pid", "12"), ("seconds", "3")]), 120, 99) {
+        let r = match parse_request(&q(&[("pid", "12"), ("seconds", "3")]), DEFAULTS) {
             Ok(r) => r,
             Err(e) => panic!("{e:?}"),
         };
@@ -952,18 +1068,40 @@ mod tests {
         assert_eq!(r.seconds, Some(3));
         assert_eq!(r.frequency, 99);
         assert_eq!(r.format, ResponseFormat::Svg);
-        assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), 120, 99).is_ok());
+        assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), DEFAULTS).is_ok());
         let r = match parse_request(
             &q(&[("pid", "1"), ("plugin", "key-auth"), ("phase", "access")]),
-            120,
-            99,
+            DEFAULTS,
         ) {
             Ok(r) => r,
             Err(e) => panic!("{e:?}"),
         };
         assert_eq!(r.filter.plugin.as_deref(), Some("key-auth"));
         assert_eq!(r.filter.phase, Some(Phase::Access));
-        assert!(parse_request(&q(&[("pid", "1"), ("plugin", "[core]")]), 120, 99).is_ok());
+        assert!(parse_request(&q(&[("pid", "1"), ("plugin", "[core]")]), DEFAULTS).is_ok());
+        let r = match parse_request(
+            &q(&[("pid", "1"), ("seconds", "5"), ("mode", "live")]),
+            DEFAULTS,
+        ) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.mode, RequestMode::Live);
+        assert_eq!(r.sample_bytes, 524_288);
+        let r = match parse_request(
+            &q(&[
+                ("pid", "1"),
+                ("seconds", "5"),
+                ("mode", "alloc"),
+                ("sample_bytes", "65536"),
+            ]),
+            DEFAULTS,
+        ) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.mode, RequestMode::Alloc);
+        assert_eq!(r.sample_bytes, 65536);
     }
 
     #[test]
@@ -997,11 +1135,48 @@ mod tests {
         assert_eq!(status(&[("pid", "1"), ("plugin", "")]), b);
         assert_eq!(status(&[("pid", "1"), ("plugin", &"x".repeat(65))]), b);
         assert_eq!(status(&[("pid", "1"), ("phase", "lunch")]), b);
+        assert_eq!(
+            status(&[("pid", "1"), ("mode", "alloc")]),
+            b,
+            "alloc without seconds"
+        );
+        assert_eq!(
+            status(&[("pid", "1"), ("mode", "live")]),
+            b,
+            "live without seconds"
+        );
+        assert_eq!(
+            status(&[
+                ("pid", "1"),
+                ("seconds", "2"),
+                ("mode", "alloc"),
+                ("frequency", "9")
+            ]),
+            b
+        );
+        assert_eq!(
+            status(&[("pid", "1"), ("seconds", "2"), ("sample_bytes", "65536")]),
+            b,
+            "sample_bytes with mode=cpu"
+        );
+        assert_eq!(
+            status(&[
+                ("pid", "1"),
+                ("seconds", "2"),
+                ("mode", "live"),
+                ("sample_bytes", "10")
+            ]),
+            b
+        );
+        assert_eq!(
+            status(&[("pid", "1"), ("seconds", "121"), ("mode", "alloc")]),
+            b,
+            "alloc captures are bounded by max_capture_seconds"
+        );
         assert!(
             parse_request(
                 &q(&[("pid", "1"), ("mode", "off-cpu"), ("seconds", "2")]),
-                120,
-                99
+                DEFAULTS
             )
             .is_ok()
         );
@@ -1050,11 +1225,28 @@ mod tests {
 
     #[test]
     fn flamegraph_accepts_format_pprof() {
-        let r = match parse_request(&q(&[("pid", "1"), ("format", "pprof")]), 120, 99) {
+        let r = match parse_request(&q(&[("pid", "1"), ("format", "pprof")]), DEFAULTS) {
             Ok(r) => r,
             Err(e) => panic!("{e:?}"),
         };
         assert_eq!(r.format, ResponseFormat::Pprof);
+        let ok = |pairs: &[(&str, &str)]| parse_request(&q(pairs), DEFAULTS).is_ok();
+        assert!(ok(&[
+            ("pid", "1"),
+            ("seconds", "2"),
+            ("mode", "off-cpu"),
+            ("format", "pprof")
+        ]));
+        // Heap captures have no pprof encoding here.
+        assert_eq!(
+            status(&[
+                ("pid", "1"),
+                ("seconds", "2"),
+                ("mode", "alloc"),
+                ("format", "pprof")
+            ]),
+            Some(StatusCode::BAD_REQUEST)
+        );
     }
 
     #[test]

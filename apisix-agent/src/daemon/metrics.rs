@@ -17,6 +17,9 @@
 //!   `apisix_profiler_phase_cpu_seconds_total` {phase, container, image}: samples × sampling
 //!   period, so `rate()` reads as cores ([`crate::attribution`]); with off-CPU profiling,
 //!   `…_plugin_offcpu_seconds_total` and `…_phase_offcpu_seconds_total` (blocked time)
+//! - `apisix_profiler_lua_memory_bytes` {container, image, process} (gauge): the Lua heap
+//!   (`gc.total`) of the targets' VMs, summed over the processes of each label set;
+//!   `apisix_profiler_lua_memory_read_errors_total` {reason}: reads of it that failed
 //! - `apisix_profiler_targets` {flavour} (gauge)
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
@@ -120,6 +123,8 @@ pub struct Metrics {
     /// Registered only when continuous off-CPU profiling is enabled.
     pub phase_offcpu: Family<PhaseLabels, Counter<f64, AtomicU64>>,
     pub targets: Family<FlavourLabels, Gauge>,
+    pub lua_memory: Family<TargetLabels, Gauge>,
+    pub lua_memory_errors: Family<ReasonLabels, Counter>,
     agent_cpu: Counter<f64, AtomicU64>,
     agent_rss: Gauge,
     pub frequency: Gauge,
@@ -152,6 +157,8 @@ impl Metrics {
             plugin_offcpu: Family::default(),
             phase_offcpu: Family::default(),
             targets: Family::default(),
+            lua_memory: Family::default(),
+            lua_memory_errors: Family::default(),
             agent_cpu: Counter::default(),
             agent_rss: Gauge::default(),
             frequency: Gauge::default(),
@@ -229,6 +236,18 @@ impl Metrics {
             "targets",
             "Processes being profiled, by LuaJIT flavour",
             m.targets.clone(),
+        );
+        m.registry.register_with_unit(
+            "lua_memory",
+            "Lua heap of the targets' LuaJIT VMs (gc.total: what collectgarbage(\"count\") \
+             reports), summed over the processes with these labels; read every second",
+            prometheus_client::registry::Unit::Bytes,
+            m.lua_memory.clone(),
+        );
+        m.registry.register(
+            "lua_memory_read_errors",
+            "Reads of a target's Lua heap size that failed, by reason",
+            m.lua_memory_errors.clone(),
         );
         m.registry.register(
             "agent_cpu_seconds",
@@ -355,6 +374,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("apisix_profiler_unwind_errors_total{reason=\"lua_bad_frame\"} 1"));
+        m.lua_memory
+            .get_or_create(&TargetLabels {
+                container: "c".into(),
+                image: "i".into(),
+                process: "nginx".into(),
+            })
+            .set(4096);
+        let text = match m.encode() {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            text.contains(
+                "apisix_profiler_lua_memory_bytes{container=\"c\",image=\"i\",process=\"nginx\"} 4096"
+            ),
+            "{text}"
+        );
         assert!(text.contains("apisix_profiler_agent_cpu_seconds_total"));
         assert!(text.contains("apisix_profiler_agent_resident_memory_bytes"));
         assert!(text.contains("apisix_profiler_sampling_frequency_hertz"));

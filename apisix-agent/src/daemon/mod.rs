@@ -109,7 +109,13 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     // With port 0 in `http.listen` the kernel picks one: the log says which.
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(listen = %bound, "serving /metrics, /flamegraph, /targets, /healthz");
-    let served = runtime.block_on(http::serve(listener, shared.clone(), shutdown_signal()));
+    // The signal stops the loops and captures at once: graceful shutdown waits for the
+    // requests in flight, and an on-demand capture ends (its probes detached) only then.
+    let stopping = shared.clone();
+    let served = runtime.block_on(http::serve(listener, shared.clone(), async move {
+        shutdown_signal().await;
+        stopping.stop.store(true, Ordering::SeqCst);
+    }));
     tracing::info!("shutting down");
     shared.stop.store(true, Ordering::SeqCst);
     drop(nudge_tx);

@@ -6,6 +6,7 @@
 //! Hooks: none. Metrics: owns the [`Metrics`] registry the others update.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex, RwLock, atomic::AtomicBool},
     time::Duration,
 };
@@ -29,6 +30,18 @@ pub struct Shared {
     pub captures: tokio::sync::Semaphore,
     /// Set on shutdown: every loop and capture ends.
     pub stop: AtomicBool,
+    /// The Lua VM of each target whose VM the continuous sampler learned, with its heap size
+    /// at the last read (refreshed every second).
+    pub lua_vms: RwLock<HashMap<u32, VmMemory>>,
+}
+
+/// One target's Lua VM as the continuous sampler knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmMemory {
+    /// The `global_State` address.
+    pub g: u64,
+    /// `gc.total` at the last read, or `None` when that read failed.
+    pub bytes: Option<u64>,
 }
 
 impl Shared {
@@ -52,6 +65,7 @@ impl Shared {
             attached: AtomicBool::new(false),
             captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
             stop: AtomicBool::new(false),
+            lua_vms: RwLock::new(HashMap::new()),
             config,
         }
     }

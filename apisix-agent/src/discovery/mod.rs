@@ -81,6 +81,9 @@ pub struct TargetView<'a> {
     pub luajit: Option<String>,
     pub luajit_library: Option<&'a str>,
     pub luajit_error: Option<&'a str>,
+    /// The Lua VM's heap size (`gc.total`) at the daemon's last read; filled in by the
+    /// daemon, which knows the VMs (`None`: not known yet, or no Lua).
+    pub lua_memory_bytes: Option<u64>,
 }
 
 impl TargetProcess {
@@ -102,6 +105,7 @@ impl TargetProcess {
                 Lua::Unknown(e) => Some(e.as_str()),
                 _ => None,
             },
+            lua_memory_bytes: None,
         }
     }
 }

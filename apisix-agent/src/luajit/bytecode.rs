@@ -154,6 +154,10 @@ pub const CALLMT: u8 = op("CALLMT");
 pub const CALLT: u8 = op("CALLT");
 pub const ITERC: u8 = op("ITERC");
 pub const ITERN: u8 = op("ITERN");
+/// The headers of C functions (`lua_CFunction`s and fast functions): what a C function's
+/// `pc` points to.
+pub const FUNCC: u8 = op("FUNCC");
+pub const FUNCCW: u8 = op("FUNCCW");
 
 /// Fields of one instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

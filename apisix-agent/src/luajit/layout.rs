@@ -1,7 +1,10 @@
 //! Structure layouts of the known LuaJIT builds, one table per layout. Every number was
 //! measured with `offsetof`/`sizeof` against the luajit2 2.1-20230119 sources, built as GC64
 //! (Debian's `libluajit2-5.1-2`) and with `-DLUAJIT_DISABLE_GC64`, and is exercised by the
-//! root tests that walk real nginx-lua workers of both builds.
+//! root tests that walk real nginx-lua workers of both builds. The heap fields
+//! ([`HeapLayout`]) were also checked against the two real libraries at run time:
+//! `lua_getallocf` returns the pointers read at those offsets of `G(L)`, and
+//! `lua_gc(L, LUA_GCCOUNT/COUNTB)` the size read there.
 
 use apisix_ebpf_common::LuaLayout;
 
@@ -37,6 +40,32 @@ pub struct Layout {
     pub cframe_size: u64,
     /// The JIT's structures: the trace table and a trace's header.
     pub trace: TraceLayout,
+    /// The heap's fields of `global_State`: the allocator and the heap size.
+    pub heap: HeapLayout,
+}
+
+/// The allocator and the heap size in `global_State` (user space reads them; the BPF side
+/// only probes the allocator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapLayout {
+    /// `global_State.allocf`: the allocator, `void *(*)(void *ud, void *ptr, size_t osize,
+    /// size_t nsize)` (a native pointer).
+    pub g_allocf: u32,
+    /// `global_State.allocd`: the allocator's first argument (a native pointer).
+    pub g_allocd: u32,
+    /// `global_State.gc.total`: bytes allocated through the allocator and not yet freed,
+    /// what `collectgarbage("count")` reports (in KiB).
+    pub g_gc_total: u32,
+    /// Width of `gc.total` (`GCSize`): 8 bytes with GC64, 4 without.
+    pub gc_total_size: u32,
+    /// `global_State.mainthref`: a GC reference to the main `lua_State`.
+    pub g_mainthref: u32,
+    /// `offsetof(GG_State, g)`: the main `lua_State` opens `GG_State`, right below the
+    /// `global_State` (`sizeof(lua_State)`).
+    pub gg_g: u32,
+    /// `global_State.gc.currentwhite` (u8): flips at every cycle's atomic phase; directly
+    /// followed by `gc.state` (u8, `GCSpause` = 0 between cycles).
+    pub g_gc_currentwhite: u32,
 }
 
 /// Offsets of `jit_State` and `GCtrace` fields, for rebuilding the frames a trace inlined
@@ -71,8 +100,13 @@ pub struct TraceLayout {
     pub t_mcode: u32,
     /// `GCtrace.traceno` (u16).
     pub t_traceno: u32,
+    /// `GCtrace.link` (u16): the trace this one jumps to at its end (itself for a loop).
+    pub t_link: u32,
     /// `GCtrace.root` (u16; 0 for a root trace).
     pub t_root: u32,
+    /// `GCtrace.nextside` (u16): the next side trace of the same root; a root trace's own
+    /// `nextside` starts the chain of its side traces.
+    pub t_nextside: u32,
     /// `sizeof(GCtrace)`.
     pub t_size: u32,
 }
@@ -128,8 +162,19 @@ pub const GC64: Layout = Layout {
         t_szmcode: 84,
         t_mcode: 88,
         t_traceno: 104,
+        t_link: 106,
         t_root: 108,
+        t_nextside: 112,
         t_size: 120,
+    },
+    heap: HeapLayout {
+        g_allocf: 0,
+        g_allocd: 8,
+        g_gc_total: 16,
+        gc_total_size: 8,
+        g_mainthref: 192,
+        gg_g: 112,
+        g_gc_currentwhite: 32,
     },
 };
 
@@ -184,8 +229,19 @@ pub const GC32: Layout = Layout {
         t_szmcode: 60,
         t_mcode: 64,
         t_traceno: 80,
+        t_link: 82,
         t_root: 84,
+        t_nextside: 88,
         t_size: 96,
+    },
+    heap: HeapLayout {
+        g_allocf: 0,
+        g_allocd: 8,
+        g_gc_total: 16,
+        gc_total_size: 4,
+        g_mainthref: 140,
+        gg_g: 80,
+        g_gc_currentwhite: 24,
     },
 };
 
@@ -220,6 +276,54 @@ mod tests {
         }
     }
 
+    /// The heap fields as measured (`offsetof`/`sizeof` on both builds, and read back from
+    /// the real libraries): `global_State` opens with `allocf`, `allocd`, then `GCState`
+    /// whose first member is `total` (`GCSize`: 64 bits only with GC64).
+    #[test]
+    fn heap_fields_are_pinned() {
+        assert_eq!(
+            GC64.heap,
+            HeapLayout {
+                g_allocf: 0,
+                g_allocd: 8,
+                g_gc_total: 16,
+                gc_total_size: 8,
+                g_mainthref: 192,
+                gg_g: 112,
+                g_gc_currentwhite: 32,
+            }
+        );
+        assert_eq!(
+            GC32.heap,
+            HeapLayout {
+                g_allocf: 0,
+                g_allocd: 8,
+                g_gc_total: 16,
+                gc_total_size: 4,
+                g_mainthref: 140,
+                gg_g: 80,
+                g_gc_currentwhite: 24,
+            }
+        );
+        for l in [GC64, GC32] {
+            // allocf and allocd are native pointers in both layouts; gc.total follows them
+            // and lies before vmstate and cur_L.
+            assert_eq!(l.heap.g_allocd, l.heap.g_allocf + 8);
+            assert_eq!(l.heap.g_gc_total, l.heap.g_allocd + 8);
+            assert!(l.heap.g_gc_total + l.heap.gc_total_size <= l.bpf.g_vmstate);
+            assert_eq!(l.heap.gc_total_size, if l.bpf.gc64 != 0 { 8 } else { 4 });
+            // The main thread's glref lies inside the lua_State below G; mainthref lies
+            // between vmstate and cur_L.
+            assert!(l.bpf.l_glref < l.heap.gg_g);
+            assert!(l.heap.g_mainthref > l.bpf.g_vmstate && l.heap.g_mainthref < l.bpf.g_cur_l);
+            // GCState: total, threshold (GCSize each), then currentwhite and state.
+            assert_eq!(
+                l.heap.g_gc_currentwhite,
+                l.heap.g_gc_total + 2 * l.heap.gc_total_size
+            );
+        }
+    }
+
     /// The trace header fields follow `GCtrace`'s declaration order and widths.
     #[test]
     fn trace_layouts_follow_the_struct() {
@@ -240,7 +344,10 @@ mod tests {
             assert_eq!(t.t_mcode % 8, 0);
             // mcode, mcloop (u32), nchild, spadjust, traceno, link, root (u16 each).
             assert_eq!(t.t_traceno, t.t_mcode + 8 + 4 + 2 + 2);
+            // traceno, link, root, nextroot, nextside (u16 each).
+            assert_eq!(t.t_link, t.t_traceno + 2);
             assert_eq!(t.t_root, t.t_traceno + 4);
+            assert_eq!(t.t_nextside, t.t_traceno + 8);
             assert_eq!(t.j_sizetrace, t.j_trace + 8 + 4);
             // The trace table lies inside `GG_State` after `global_State`.
             assert!(t.g_to_j > l.bpf.g_jit_base);

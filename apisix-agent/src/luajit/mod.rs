@@ -1,14 +1,17 @@
 //! Everything the agent knows about LuaJIT: which builds exist and how their structures are
 //! laid out (one table per layout, [`layout`]), how to recognise a build in a process
 //! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
-//! ([`ffnames`]) and how walked frames become `NAME@FILE:LINE` labels ([`names`]).
+//! ([`ffnames`]), how walked frames become `NAME@FILE:LINE` labels ([`names`]), and a VM's
+//! heap: its allocator and size ([`heap`]).
 //!
 //! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (prototypes
-//! and strings of the target). Metrics: prototype read errors by reason ([`LuaNamer::errors`]).
+//! and strings of the target, heap fields). Metrics: prototype read errors by reason
+//! ([`LuaNamer::errors`]).
 
 pub mod bytecode;
 pub mod detect;
 pub mod ffnames;
+pub mod heap;
 pub mod layout;
 pub mod names;
 pub mod trace;

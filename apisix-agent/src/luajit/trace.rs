@@ -26,7 +26,7 @@ use std::{collections::HashMap, ops::Range, sync::Arc};
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
-use super::layout::Layout;
+use super::{bytecode, layout::Layout};
 use crate::stacks::memory::{MAX_READ, Memory};
 
 /// `GCtrace.gct`: the GC type `~LJ_TTRACE`, i.e. 9.
@@ -153,6 +153,10 @@ struct Header {
     key: TraceKey,
     nk: u32,
     startpt: u64,
+    /// `link`, `root` and `nextside`: trace numbers, 0 for none.
+    link: u16,
+    root: u16,
+    nextside: u16,
     /// Bytes of the whole allocation, from the trace's address.
     size: usize,
     /// Offsets of the IR (constant `nk`), the snapshots and the map in the allocation.
@@ -230,6 +234,25 @@ fn func_proto(mem: &Memory, layout: &Layout, func: u64) -> Option<u64> {
         u64::from(le_u32(&head, l.bpf.fn_pc as usize)?)
     };
     pc.checked_sub(u64::from(l.bpf.pt_size))
+}
+
+/// Whether the function object at `func` is a C or fast function (`ffid != 0`).
+fn func_is_native(mem: &Memory, layout: &Layout, func: u64) -> bool {
+    let l = layout;
+    mem.read(func, l.bpf.fn_ffid as usize + 1)
+        .is_ok_and(|head| {
+            head.get(l.bpf.fn_gct as usize) == Some(&GCT_FUNC)
+                && head
+                    .get(l.bpf.fn_ffid as usize)
+                    .is_some_and(|ffid| *ffid != 0)
+        })
+}
+
+/// Whether `pc` is a C function's header (`FUNCC`/`FUNCCW`, which every C and fast
+/// function's `pc` points to) rather than Lua bytecode.
+fn is_cfunc_header(mem: &Memory, pc: u64) -> bool {
+    mem.read(pc, 4)
+        .is_ok_and(|ins| matches!(ins.first(), Some(&bytecode::FUNCC | &bytecode::FUNCCW)))
 }
 
 /// The address of trace `traceno` in the trace table of the VM whose `global_State` is `g`.
@@ -321,6 +344,9 @@ fn read_header(
         return Err(TraceFallback::Invalid);
     }
     Ok(Header {
+        link: u16_at(t.t_link)?,
+        root: u16_at(t.t_root)?,
+        nextside: u16_at(t.t_nextside)?,
         key: TraceKey {
             pid,
             traceno,
@@ -430,8 +456,12 @@ struct RawFrame {
     func: Option<u64>,
     /// The frame link (a return PC for frames called from Lua).
     link: u64,
-    /// Entered through a continuation (an inlined metamethod).
+    /// Entered through a continuation: an inlined metamethod, or the C or fast function a
+    /// trace stitches to (`recff_stitch`).
     cont: bool,
+    /// With `cont`: the continuation's PC, where the frame below resumes (the snapshot
+    /// entry flagged `SNAP_CONT` holds it on both layouts); 0 otherwise.
+    cont_pc: u64,
 }
 
 /// Decodes the frames of snapshot `i`: (current PC, frames outermost first).
@@ -464,7 +494,7 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
         let lo = u64::from(blob.map(links_at)?);
         let hi = u64::from(blob.map(links_at + 1)?);
         let pc = ((hi << 32) | lo) >> 8;
-        let mut cont = false;
+        let mut cont = None;
         for e in &entries {
             let s = slot(*e);
             if s < 2 || flags(*e) == 0 {
@@ -472,17 +502,21 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
             }
             let link = blob.knum(refr(*e))?;
             if flags(*e) & SNAP_CONT != 0 {
-                // A continuation frame's link: the frame above was entered from a
-                // metamethod call.
-                cont = true;
+                // A continuation's PC: the frame above was entered from a metamethod
+                // call or a stitch, and the frame below resumes there.
+                cont = Some(link);
                 continue;
             }
             let func = entries
                 .iter()
                 .find(|f| slot(**f) == s - 1)
                 .and_then(|f| blob.kgc(refr(*f), IRT_FUNC));
-            frames.push(RawFrame { func, link, cont });
-            cont = false;
+            frames.push(RawFrame {
+                func,
+                link,
+                cont: cont.is_some(),
+                cont_pc: cont.take().unwrap_or(0),
+            });
         }
         Some((pc, without_varg(frames)))
     } else {
@@ -500,16 +534,21 @@ fn snap_raw(blob: &Blob<'_>, i: u16) -> Option<(u64, Vec<RawFrame>)> {
         if linked.len() != rest.len() {
             return None;
         }
-        let mut cont = false;
+        let mut cont = None;
         for (k, e) in linked.iter().enumerate() {
             let link = u64::from(rest[rest.len() - 1 - k]);
             if flags(**e) & SNAP_FRAME == 0 {
-                cont = true;
+                // A continuation: its word is the PC where the frame below resumes.
+                cont = Some(link);
                 continue;
             }
             let func = blob.kgc(refr(**e), IRT_FUNC);
-            frames.push(RawFrame { func, link, cont });
-            cont = false;
+            frames.push(RawFrame {
+                func,
+                link,
+                cont: cont.is_some(),
+                cont_pc: cont.take().unwrap_or(0),
+            });
         }
         Some((u64::from(pc), without_varg(frames)))
     }
@@ -548,13 +587,27 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
         let frames = match snap_raw(&blob, i) {
             None => Err(TraceFallback::BadSnapshot),
             Some((pc, raw)) => {
-                // PCs: each frame runs at its callee's return PC; the innermost at the
+                // A trace that stitches ends with the frame of the C or fast function it
+                // leaves to the interpreter, entered through a continuation; the snapshot's
+                // PC is that function's header. The function has not run yet: the trace's
+                // code belongs to the Lua frame below, which resumes at the continuation's
+                // PC. (Its slot may hold no constant; when it does, it must be a C or fast
+                // function.)
+                let stitched = raw.last().is_some_and(|f| {
+                    f.cont
+                        && is_cfunc_header(mem, pc)
+                        && f.func.is_none_or(|func| func_is_native(mem, layout, func))
+                });
+                let keep = raw.len() - usize::from(stitched);
+                // PCs: each frame runs at its callee's return PC (or at the continuation's
+                // PC when the callee was entered through one); the innermost at the
                 // snapshot's PC (+4: the namer takes the instruction before a PC).
-                let mut out = Vec::with_capacity(raw.len());
+                let mut out = Vec::with_capacity(keep);
                 let mut result = Ok(());
-                for (k, f) in raw.iter().enumerate() {
+                for (k, f) in raw[..keep].iter().enumerate() {
                     let fpc = match raw.get(k + 1) {
-                        Some(next) if !next.cont && next.link & FRAME_TYPE == 0 => next.link,
+                        Some(next) if next.cont => next.cont_pc,
+                        Some(next) if next.link & FRAME_TYPE == 0 => next.link,
                         Some(_) => 0,
                         None => pc + 4,
                     };
@@ -596,7 +649,8 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
                     });
                 }
                 let base_pc = match raw.first() {
-                    Some(f) if !f.cont && f.link & FRAME_TYPE == 0 => f.link,
+                    Some(f) if f.cont => f.cont_pc,
+                    Some(f) if f.link & FRAME_TYPE == 0 => f.link,
                     Some(_) => 0,
                     None => pc + 4,
                 };
@@ -622,25 +676,23 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
 }
 
 impl Trace {
-    /// The frames charged with the code at `addr` (inside the machine code): those of the
-    /// snapshot that ends the interval holding it, i.e. the first snapshot whose code starts
-    /// above `addr`. The code between two snapshots runs the bytecode that leads from the
-    /// first state to the second, so the frames it enters (an inlined call, the state right
-    /// after a call into C) are the later snapshot's. Past the last snapshot (the loop's tail
-    /// and exits) it is the last one's.
-    fn at(&self, addr: u64) -> Result<&SnapFrames, TraceFallback> {
+    /// The snapshot charged with the code at `addr` (inside the machine code): the one that
+    /// ends the interval holding it, i.e. the first snapshot whose code starts above `addr`.
+    /// The code between two snapshots runs the bytecode that leads from the first state to
+    /// the second, so the frames it enters (an inlined call, the state right after a call
+    /// into C) are the later snapshot's. Past the last snapshot (the loop's tail and exits)
+    /// it is the last one.
+    fn index_at(&self, addr: u64) -> Result<usize, TraceFallback> {
         let ofs = addr
             .checked_sub(self.mcode.start)
             .ok_or(TraceFallback::AddrOutside)?;
-        if ofs >= self.mcode.end - self.mcode.start {
+        if ofs >= self.mcode.end - self.mcode.start || self.snaps.is_empty() {
             return Err(TraceFallback::AddrOutside);
         }
         let i = self
             .snaps
             .partition_point(|(mcofs, _)| u64::from(*mcofs) <= ofs);
-        let i = i.min(self.snaps.len().saturating_sub(1));
-        let (_, frames) = self.snaps.get(i).ok_or(TraceFallback::AddrOutside)?;
-        frames.as_ref().map_err(|e| *e)
+        Ok(i.min(self.snaps.len() - 1))
     }
 }
 
@@ -654,6 +706,8 @@ pub struct TraceSample<'a> {
     /// The trace's `GCtrace` address and machine-code start as the BPF side read them at
     /// sample time (0 where it could not).
     pub at_sample: (u64, u64),
+    /// The sampled IP when it lies in no mapped module (in JIT-compiled code), else `None`.
+    pub jit_ip: Option<u64>,
     /// The innermost physical frame, walked from `G->jit_base`.
     pub base: Option<&'a LuaFrame>,
 }
@@ -662,7 +716,7 @@ pub struct TraceSample<'a> {
 #[derive(Debug, Default)]
 pub struct Tracer {
     cache: HashMap<TraceKey, Arc<Trace>>,
-    /// `global_State` of each (pid, `lua_State`) seen.
+    /// `global_State` of each (pid, `lua_State`) that led to a trace.
     g_of: HashMap<(u32, u64), u64>,
     /// Prototype headers of physical base frames, for the base check.
     base_protos: HashMap<(u32, u64), Option<ProtoHead>>,
@@ -683,8 +737,10 @@ impl Tracer {
         self.base_protos.retain(|(p, _), _| *p != pid);
     }
 
-    /// The `global_State` of `lua_State` `l` in process `pid`.
-    fn global(&mut self, mem: &Memory, layout: &Layout, pid: u32, l: u64) -> Option<u64> {
+    /// The `global_State` of `lua_State` `l` in process `pid`. A coroutine may have been
+    /// freed since the sample and its memory reused, so what `l` reads is only remembered
+    /// once it led to a trace ([`Tracer::confirm_global`]).
+    fn global(&self, mem: &Memory, layout: &Layout, pid: u32, l: u64) -> Option<u64> {
         if let Some(g) = self.g_of.get(&(pid, l)) {
             return Some(*g);
         }
@@ -694,14 +750,131 @@ impl Tracer {
         } else {
             u64::from(le_u32(&raw, 0)?)
         };
-        if g == 0 {
-            return None;
-        }
+        (g != 0).then_some(g)
+    }
+
+    /// Remembers that `g`, read from `l`, led to a valid trace.
+    fn confirm_global(&mut self, pid: u32, l: u64, g: u64) {
         if self.g_of.len() > 65_536 {
             self.g_of.clear();
         }
         self.g_of.insert((pid, l), g);
-        Some(g)
+    }
+
+    /// Trace `traceno` of the VM `g`, its header validated.
+    fn header_of(
+        mem: &Memory,
+        layout: &Layout,
+        pid: u32,
+        g: u64,
+        traceno: u16,
+    ) -> Result<Header, TraceFallback> {
+        let addr = trace_address(mem, layout, g, traceno)?;
+        read_header(mem, layout, pid, addr, traceno)
+    }
+
+    /// The decoded trace `h`, from the cache or read now.
+    fn decoded(
+        &mut self,
+        mem: &Memory,
+        layout: &Layout,
+        h: &Header,
+    ) -> Result<Arc<Trace>, TraceFallback> {
+        if let Some(t) = self.cache.get(&h.key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(decode(mem, layout, h)?);
+        self.decoded += 1;
+        if self.cache.len() >= MAX_CACHED_TRACES {
+            self.cache.clear();
+        }
+        self.cache.insert(h.key, t.clone());
+        Ok(t)
+    }
+
+    /// The trace whose machine code holds `ip` when trace `h`, the one `vmstate` names,
+    /// does not. A trace writes its number into `vmstate` a few instructions after its
+    /// entry (side traces first move the parent's registers), so right after the jump to
+    /// the trace `h` links to, or through a patched exit of `h` into a side trace of the
+    /// same root, `vmstate` still names `h`. Those candidates are tried, the side traces
+    /// along their root's chain (bounded); each is validated like any trace.
+    fn entered(
+        &mut self,
+        mem: &Memory,
+        layout: &Layout,
+        sample: &TraceSample<'_>,
+        pid: u32,
+        h: &Header,
+        ip: u64,
+    ) -> Option<(u16, Arc<Trace>)> {
+        /// Side traces looked at per lookup.
+        const MAX_SIDE_WALK: usize = 256;
+        let g = self.global(mem, layout, pid, sample.l)?;
+        let holds =
+            |c: &Header| (c.key.mcode..c.key.mcode + u64::from(c.key.szmcode)).contains(&ip);
+        let own = h.key.traceno;
+        let mut found = None;
+        if h.link != 0 && h.link != own {
+            found = Self::header_of(mem, layout, pid, g, h.link)
+                .ok()
+                .filter(holds);
+        }
+        if found.is_none() {
+            let root = if h.root != 0 { h.root } else { own };
+            let mut next = if root == own {
+                h.nextside
+            } else {
+                match Self::header_of(mem, layout, pid, g, root) {
+                    Ok(r) if holds(&r) => {
+                        found = Some(r);
+                        0
+                    }
+                    Ok(r) => r.nextside,
+                    Err(_) => 0,
+                }
+            };
+            let mut walked = 0;
+            while found.is_none() && next != 0 && walked < MAX_SIDE_WALK {
+                walked += 1;
+                let Ok(side) = Self::header_of(mem, layout, pid, g, next) else {
+                    break;
+                };
+                next = side.nextside;
+                if side.key.traceno != own && holds(&side) {
+                    found = Some(side);
+                }
+            }
+        }
+        let found = found?;
+        self.confirm_global(pid, sample.l, g);
+        let trace = self.decoded(mem, layout, &found).ok()?;
+        Some((found.key.traceno, trace))
+    }
+
+    /// Whether the physical base frame is a Lua function whose bytecode holds the PC the
+    /// snapshot gives it (none needed when the snapshot gives none).
+    fn base_holds(
+        &mut self,
+        mem: &Memory,
+        layout: &Layout,
+        pid: u32,
+        base: Option<&LuaFrame>,
+        snap: &SnapFrames,
+    ) -> bool {
+        if snap.base_pc == 0 {
+            return true;
+        }
+        let Some(base) = base.filter(|b| b.kind == LuaFrameKind::Lua as u8) else {
+            return false;
+        };
+        if self.base_protos.len() > 65_536 {
+            self.base_protos.clear();
+        }
+        let head = *self
+            .base_protos
+            .entry((pid, base.code))
+            .or_insert_with(|| read_proto(mem, layout, base.code));
+        head.is_some_and(|hd| hd.chunkname == base.chunkname && hd.holds(snap.base_pc))
     }
 
     /// The inlined frames of `sample`, taken in process `pid`. `addr_in` picks, given the
@@ -718,22 +891,24 @@ impl Tracer {
             l,
             vmstate,
             at_sample,
+            jit_ip,
             base,
         } = *sample;
         let traceno = u16::try_from(vmstate).map_err(|_| TraceFallback::Gone)?;
         let mem = Memory::new(pid);
         // The trace's address as the BPF side read it at sample time saves two reads of the
         // trace table; without it, the table says where trace `traceno` is now.
-        let addr = match at_sample.0 {
+        let h = match at_sample.0 {
             0 => {
                 let g = self
                     .global(&mem, layout, pid, l)
                     .ok_or(TraceFallback::ReadFailed)?;
-                trace_address(&mem, layout, g, traceno)?
+                let h = Self::header_of(&mem, layout, pid, g, traceno)?;
+                self.confirm_global(pid, l, g);
+                h
             }
-            addr => addr,
+            addr => read_header(&mem, layout, pid, addr, traceno)?,
         };
-        let h = read_header(&mem, layout, pid, addr, traceno)?;
         // The BPF side read the trace's address and machine code at sample time: a trace
         // freed since (its number reused, the cache flushed) is not this one.
         let (trace_then, mcode_then) = at_sample;
@@ -742,42 +917,38 @@ impl Tracer {
         {
             return Err(TraceFallback::Gone);
         }
-        let trace = match self.cache.get(&h.key) {
-            Some(t) => t.clone(),
+        let trace = self.decoded(&mem, layout, &h)?;
+        let (traceno, trace, addr) = match addr_in(&trace.mcode) {
+            Some(addr) => (traceno, trace, addr),
             None => {
-                let t = Arc::new(decode(&mem, layout, &h)?);
-                self.decoded += 1;
-                if self.cache.len() >= MAX_CACHED_TRACES {
-                    self.cache.clear();
-                }
-                self.cache.insert(h.key, t.clone());
-                t
+                let ip = jit_ip.ok_or(TraceFallback::AddrOutside)?;
+                let (n, t) = self
+                    .entered(&mem, layout, sample, pid, &h, ip)
+                    .ok_or(TraceFallback::AddrOutside)?;
+                (n, t, ip)
             }
         };
-        let addr = addr_in(&trace.mcode).ok_or(TraceFallback::AddrOutside)?;
-        let snap = trace.at(addr)?;
-        // The physical base frame must be a Lua function whose bytecode holds the PC the
-        // snapshot gives it.
-        if snap.base_pc != 0 {
-            let base = base.ok_or(TraceFallback::BaseMismatch)?;
-            if base.kind != LuaFrameKind::Lua as u8 {
-                return Err(TraceFallback::BaseMismatch);
-            }
-            if self.base_protos.len() > 65_536 {
-                self.base_protos.clear();
-            }
-            let head = *self
-                .base_protos
-                .entry((pid, base.code))
-                .or_insert_with(|| read_proto(&mem, layout, base.code));
-            if !head.is_some_and(|hd| hd.chunkname == base.chunkname && hd.holds(snap.base_pc)) {
-                return Err(TraceFallback::BaseMismatch);
-            }
+        let i = trace.index_at(addr)?;
+        let snap = trace.snaps[i].1.as_ref().map_err(|e| *e)?;
+        if self.base_holds(&mem, layout, pid, base, snap) {
+            return Ok(TraceFrames {
+                traceno,
+                snap: snap.clone(),
+            });
         }
-        Ok(TraceFrames {
-            traceno,
-            snap: snap.clone(),
-        })
+        // Code before a return to a lower frame (`RETF`, which moves `G->jit_base` down)
+        // is charged to the snapshot after the return, whose base frame is the lower one,
+        // while the physical walk still starts at the frame being left. The interval's
+        // first state, the earlier snapshot, is the one that matches.
+        if let Some(Ok(prev)) = i.checked_sub(1).map(|p| &trace.snaps[p].1)
+            && self.base_holds(&mem, layout, pid, base, prev)
+        {
+            return Ok(TraceFrames {
+                traceno,
+                snap: prev.clone(),
+            });
+        }
+        Err(TraceFallback::BaseMismatch)
     }
 }
 
@@ -791,6 +962,7 @@ mod tests {
             func: None,
             link,
             cont,
+            cont_pc: 0,
         };
         // A Lua frame (return PC), its vararg relocation, a continuation frame.
         let kept = without_varg(vec![f(0x1000, false), f(0x18 | 3, false), f(2, true)]);
@@ -822,13 +994,13 @@ mod tests {
             mcode: 0x1000..0x1100,
             snaps: vec![(0, frames(1)), (0x10, frames(2)), (0x40, frames(3))],
         };
-        assert_eq!(t.at(0x1000).map(|s| s.base_pc), Ok(2));
-        assert_eq!(t.at(0x100f).map(|s| s.base_pc), Ok(2));
-        assert_eq!(t.at(0x1010).map(|s| s.base_pc), Ok(3));
-        assert_eq!(t.at(0x103f).map(|s| s.base_pc), Ok(3));
-        assert_eq!(t.at(0x1040).map(|s| s.base_pc), Ok(3));
-        assert_eq!(t.at(0x10ff).map(|s| s.base_pc), Ok(3));
-        assert_eq!(t.at(0xfff), Err(TraceFallback::AddrOutside));
-        assert_eq!(t.at(0x1100), Err(TraceFallback::AddrOutside));
+        assert_eq!(t.index_at(0x1000), Ok(1));
+        assert_eq!(t.index_at(0x100f), Ok(1));
+        assert_eq!(t.index_at(0x1010), Ok(2));
+        assert_eq!(t.index_at(0x103f), Ok(2));
+        assert_eq!(t.index_at(0x1040), Ok(2));
+        assert_eq!(t.index_at(0x10ff), Ok(2));
+        assert_eq!(t.index_at(0xfff), Err(TraceFallback::AddrOutside));
+        assert_eq!(t.index_at(0x1100), Err(TraceFallback::AddrOutside));
     }
 }

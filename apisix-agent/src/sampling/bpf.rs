@@ -1,17 +1,19 @@
 //! Loading and driving the BPF sampler: loads the object embedded at build time, attaches the
-//! `sample` perf_event program on every online CPU at a given frequency, and owns its maps
-//! (targets, LuaJIT layouts, the sample ring buffer, per-reason counters). Dropping the
-//! [`BpfSession`] detaches everything.
+//! `sample` perf_event program on every online CPU at a given frequency (or the off-CPU pair,
+//! or the allocator probes of an allocation capture), and owns its maps (targets, LuaJIT
+//! layouts, learned VMs, the sample ring buffer, per-reason counters, the live blocks).
+//! Dropping the [`BpfSession`] detaches everything.
 //!
-//! Hooks: `perf_event_open` (software CPU clock, one per CPU), `bpf()`. Metrics: the
-//! per-reason counters read by [`BpfSession::counters`].
+//! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), BTF tracepoints,
+//! `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
 use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
-    COUNTER_SLOTS, Counter, LuaLayout, MAP_COUNTERS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS,
-    MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_LEARN_VM, PROG_OFFCPU_EXIT, PROG_OFFCPU_SWITCH,
-    PROG_SAMPLE, Sample, Target,
+    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, LIVE_MAX_TRACKED, LiveAlloc, LuaLayout,
+    MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_LIVE_ALLOCS, MAP_LOST, MAP_LUA_LAYOUTS,
+    MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_RET,
+    PROG_LEARN_VM, PROG_OFFCPU_EXIT, PROG_OFFCPU_SWITCH, PROG_SAMPLE, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
@@ -90,13 +92,17 @@ fn is_permission(e: &EbpfError) -> bool {
 }
 
 /// One loaded BPF object with its maps and attachments: the CPU sampler
-/// ([`Self::start`], [`Self::prepare`]) or the off-CPU pair ([`Self::start_offcpu`]), plus
-/// the `lua_resume` learners of its targets.
+/// ([`Self::start`], [`Self::prepare`]), the off-CPU pair ([`Self::start_offcpu`]) or the
+/// allocator probes ([`Self::prepare_alloc`]), plus the `lua_resume` learners of its targets.
 pub struct BpfSession {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     frequency: u64,
     learners: std::collections::HashMap<u32, UProbeLinkId>,
+    /// Allocation captures: the mean distance between sampling points, live mode, and the
+    /// probes attached per process (entry, and the return in live mode).
+    alloc: AllocConfig,
+    alloc_links: Vec<(&'static str, UProbeLinkId)>,
 }
 
 impl std::fmt::Debug for BpfSession {
@@ -118,7 +124,7 @@ impl BpfSession {
     /// Loads the programs for CPU sampling at `frequency` Hz without sampling yet: targets
     /// can be added (and their VMs learned) before [`Self::attach_cpu`].
     pub fn prepare(frequency: u64) -> Result<Self, BpfError> {
-        let mut sampler = Self::load()?;
+        let mut sampler = Self::load(Sizes::default())?;
         sampler.frequency = frequency;
         let prog: &mut PerfEvent = program(&mut sampler.ebpf, PROG_SAMPLE)?;
         prog.load().map_err(verifier)?;
@@ -150,7 +156,7 @@ impl BpfSession {
     /// `min_block_us` comes out as a sample weighted by its microseconds. Needs kernel BTF,
     /// no tracefs and no kprobes.
     pub fn start_offcpu(min_block_us: u64) -> Result<Self, BpfError> {
-        let mut sampler = Self::load()?;
+        let mut sampler = Self::load(Sizes::default())?;
         let btf = aya::Btf::from_sys_fs().map_err(|source| BpfError::NoBtf { source })?;
         for (name, tracepoint) in [
             (PROG_OFFCPU_SWITCH, "sched_switch"),
@@ -184,20 +190,183 @@ impl BpfSession {
             })
     }
 
+    /// Loads the programs of an allocation capture: the allocator's uprobe and, with `live`,
+    /// its uretprobe; attaches nothing yet ([`Self::attach_alloc`] per process) and holds
+    /// them until [`Self::release_alloc`]. `sample_bytes` is the mean distance between two
+    /// sampling points.
+    pub fn prepare_alloc(sample_bytes: u64, live: bool) -> Result<Self, BpfError> {
+        let mut sampler = Self::load(Sizes {
+            live: if live { LIVE_MAX_TRACKED } else { 1 },
+            threads: ALLOC_MAX_THREADS,
+        })?;
+        sampler.alloc = AllocConfig {
+            sample_bytes,
+            live: u32::from(live),
+            reserved: 0,
+        };
+        let mut names = vec![PROG_ALLOC];
+        if live {
+            names.push(PROG_ALLOC_RET);
+        }
+        for name in names {
+            let prog: &mut UProbe = program(&mut sampler.ebpf, name)?;
+            prog.load().map_err(verifier)?;
+        }
+        sampler.hold_alloc()?;
+        Ok(sampler)
+    }
+
+    /// Attaches the allocator probes to process `pid` at `offset` in `file` (a path the
+    /// agent can open, e.g. `/proc/PID/map_files/…`): the return probe first (live mode), so
+    /// that no call is seen entering without its return.
+    pub fn attach_alloc(
+        &mut self,
+        pid: u32,
+        file: &std::path::Path,
+        offset: u64,
+    ) -> Result<(), BpfError> {
+        let Some(nz) = std::num::NonZeroU32::new(pid) else {
+            return Ok(());
+        };
+        let mut names = Vec::new();
+        if self.alloc.live != 0 {
+            names.push(PROG_ALLOC_RET);
+        }
+        names.push(PROG_ALLOC);
+        for name in names {
+            let prog: &mut UProbe = program(&mut self.ebpf, name)?;
+            let link = prog
+                .attach(offset, file, UProbeScope::OneProcess(nz))
+                .map_err(|source| BpfError::Program {
+                    what: format!(
+                        "attaching the allocator {} to {}+{offset:#x} (pid {pid})",
+                        if name == PROG_ALLOC {
+                            "uprobe"
+                        } else {
+                            "uretprobe"
+                        },
+                        file.display()
+                    ),
+                    source,
+                })?;
+            self.alloc_links.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Lets the allocator probes count and sample.
+    pub fn release_alloc(&mut self) -> Result<(), BpfError> {
+        self.write_alloc_config(self.alloc.sample_bytes, self.alloc.live)
+    }
+
+    /// Live mode after the capture: nothing more is counted or sampled, but frees and
+    /// resizes of the tracked blocks are still followed (see [`Self::hold_alloc`]).
+    pub fn settle_alloc(&mut self) -> Result<(), BpfError> {
+        self.write_alloc_config(0, self.alloc.live)
+    }
+
+    /// Holds the allocator probes: calls from now on change nothing, and the live blocks
+    /// stay as they are.
+    pub fn hold_alloc(&mut self) -> Result<(), BpfError> {
+        self.write_alloc_config(0, 0)
+    }
+
+    fn write_alloc_config(&mut self, sample_bytes: u64, live: u32) -> Result<(), BpfError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_ALLOC_CONFIG)
+            .ok_or(BpfError::Missing {
+                what: "the allocation configuration",
+            })?;
+        let mut cfg: Array<_, AllocConfig> =
+            Array::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_ALLOC_CONFIG,
+                source,
+            })?;
+        cfg.set(
+            0,
+            AllocConfig {
+                sample_bytes,
+                live,
+                reserved: 0,
+            },
+            0,
+        )
+        .map_err(|source| BpfError::Map {
+            map: MAP_ALLOC_CONFIG,
+            source,
+        })
+    }
+
+    /// Detaches the allocator probes (unregistering a uprobe waits for RCU grace periods:
+    /// call it once the ring buffer needs no more draining).
+    pub fn detach_alloc(&mut self) {
+        for (name, link) in std::mem::take(&mut self.alloc_links) {
+            if let Some(prog) = self.ebpf.program_mut(name)
+                && let Ok(prog) = <&mut UProbe>::try_from(prog)
+                && let Err(e) = prog.detach(link)
+            {
+                tracing::debug!(program = name, error = %e, "detaching an allocator probe");
+            }
+        }
+    }
+
+    /// The blocks live mode still tracks: address and entry.
+    pub fn live_allocs(&self) -> Result<Vec<(u64, LiveAlloc)>, BpfError> {
+        let map = self.ebpf.map(MAP_LIVE_ALLOCS).ok_or(BpfError::Missing {
+            what: "the live allocations map",
+        })?;
+        let live: HashMap<_, u64, LiveAlloc> =
+            HashMap::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_LIVE_ALLOCS,
+                source,
+            })?;
+        // An entry removed between listing its key and reading it is skipped.
+        Ok(live.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The `global_State` address the BPF side learned for process `pid`.
+    pub fn lua_vm(&self, pid: u32) -> Option<u64> {
+        self.ebpf
+            .map(MAP_LUA_VMS)
+            .and_then(|m| HashMap::<_, u32, u64>::try_from(m).ok())
+            .and_then(|m| m.get(&pid, 0).ok())
+    }
+
+    /// Tells the BPF side the `global_State` of process `pid` (learned by another session).
+    pub fn set_vm(&mut self, pid: u32, g: u64) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(MAP_LUA_VMS).ok_or(BpfError::Missing {
+            what: "the Lua VMs map",
+        })?;
+        let mut vms: HashMap<_, u32, u64> =
+            HashMap::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_LUA_VMS,
+                source,
+            })?;
+        vms.insert(pid, g, 0).map_err(|source| BpfError::Map {
+            map: MAP_LUA_VMS,
+            source,
+        })
+    }
+
     /// Loads the object, the ring buffer, the `lua_resume` uprobe and the layouts; attaches
     /// nothing that samples.
-    fn load() -> Result<Self, BpfError> {
+    fn load(sizes: Sizes) -> Result<Self, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
         }
         raise_memlock();
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| {
-            if is_permission(&source) {
-                BpfError::Permission { source }
-            } else {
-                BpfError::Load { source }
-            }
-        })?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(MAP_LIVE_ALLOCS, sizes.live)
+            .map_max_entries(MAP_ALLOC_THREADS, sizes.threads)
+            .load(OBJECT)
+            .map_err(|source| {
+                if is_permission(&source) {
+                    BpfError::Permission { source }
+                } else {
+                    BpfError::Load { source }
+                }
+            })?;
         let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).ok_or(BpfError::Missing {
             what: "the samples ring buffer",
         })?)
@@ -215,6 +384,8 @@ impl BpfSession {
             ring,
             frequency: 0,
             learners: std::collections::HashMap::new(),
+            alloc: AllocConfig::default(),
+            alloc_links: Vec::new(),
         };
         for (slot, layout) in crate::luajit::LAYOUT_SLOTS {
             sampler.set_layout(slot, layout.bpf)?;
@@ -224,10 +395,7 @@ impl BpfSession {
 
     /// Whether the `global_State` of process `pid` is known to the BPF side.
     pub fn vm_known(&self, pid: u32) -> bool {
-        self.ebpf
-            .map(MAP_LUA_VMS)
-            .and_then(|m| HashMap::<_, u32, u64>::try_from(m).ok())
-            .is_some_and(|m| m.get(&pid, 0).is_ok())
+        self.lua_vm(pid).is_some()
     }
 
     /// Attaches the `lua_resume` uprobe to process `pid` (whose LuaJIT is in `library`, a
@@ -443,6 +611,21 @@ impl BpfSession {
             }
         }
         n
+    }
+}
+
+/// Entries of the maps sized at load: only allocation captures need their full size.
+struct Sizes {
+    live: u32,
+    threads: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            live: 1,
+            threads: 1,
+        }
     }
 }
 

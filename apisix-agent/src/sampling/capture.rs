@@ -1,28 +1,51 @@
-//! One bounded capture: loads a sampler of its own at a given rate, samples a set of
-//! processes for a while and folds their stacks (also per process with their frame details,
-//! for pprof). Used by the one-shot `record` command and by
-//! on-demand `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous,
-//! low-rate sampler running meanwhile).
+//! One bounded capture: loads a sampler of its own, samples a set of processes for a while and
+//! folds their stacks (CPU and off-CPU also per process with their frame details, for
+//! pprof). Used by the one-shot `record` command and by on-demand
+//! `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous, low-rate
+//! sampler running meanwhile). Modes: CPU samples, blocked time (off-CPU), and the Lua heap:
+//! allocated bytes (`alloc`) or sampled blocks still allocated at the end (`live`), from
+//! probes on each target's Lua allocator ([`super::alloc`]) that exist only for the capture.
 //!
-//! Hooks: the BPF sampler ([`super::bpf`]) for the capture's duration. Metrics: none; the
-//! outcome counters are returned in [`Capture`].
+//! Hooks: the BPF programs of the mode ([`super::bpf`]) for the capture's duration; the
+//! allocator probes are held, read and detached before it returns, also when it is stopped
+//! early (shutdown) or every target exited. Metrics: none; the outcome counters are returned
+//! in [`Capture`].
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use apisix_ebpf_common::COUNTER_SLOTS;
+use apisix_ebpf_common::{COUNTER_SLOTS, Sample};
 
-use super::bpf::{BpfError, BpfSession};
+use super::{
+    alloc::{self, AllocError, AllocProbe},
+    bpf::{BpfError, BpfSession},
+};
 use crate::{
-    luajit::LuaTarget,
+    luajit::{LuaTarget, heap},
     output::{Folded, pprof::Detailed},
-    stacks::{StackBuilder, StackOptions, StackStats, process},
+    stacks::{StackBuilder, StackOptions, StackStats, memory::Memory, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
 const LEARN_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait for the Lua VMs of the targets of an allocation capture, which cannot start
+/// without them (the allocator is read from the VM).
+pub const VM_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest wait, after a live capture, for each target's VM to complete a collection cycle
+/// (frees are still followed meanwhile): what remains then was reachable.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(20);
+
+/// Default mean distance between two allocation sampling points.
+pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+/// Accepted distances between allocation sampling points.
+pub const SAMPLE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
 
 /// A process to capture.
 #[derive(Debug, Clone)]
@@ -30,6 +53,9 @@ pub struct CaptureTarget {
     pub pid: u32,
     /// Its LuaJIT, when known: Lua frames are walked.
     pub lua: Option<LuaTarget>,
+    /// Its Lua VM's `global_State`, when already known (the daemon's continuous sampler
+    /// learned it): no wait for it.
+    pub vm: Option<u64>,
 }
 
 /// What a capture measures.
@@ -43,6 +69,10 @@ pub enum Mode {
         min_block_us: u64,
         exclude_idle: bool,
     },
+    /// The Lua heap: a stack's weight is the bytes allocated under it (sampled every
+    /// `sample_bytes` on average); with `live`, only the sampled blocks still allocated when
+    /// the capture ends.
+    Alloc { sample_bytes: u64, live: bool },
 }
 
 impl Mode {
@@ -51,6 +81,7 @@ impl Mode {
         match self {
             Mode::Cpu { .. } => "samples",
             Mode::OffCpu { .. } => "us",
+            Mode::Alloc { .. } => "bytes",
         }
     }
 
@@ -69,7 +100,48 @@ impl Mode {
                     ""
                 }
             ),
+            Mode::Alloc {
+                sample_bytes,
+                live: false,
+            } => format!(
+                "Lua allocated bytes, sampled every {} on average",
+                human_bytes(sample_bytes)
+            ),
+            Mode::Alloc {
+                sample_bytes,
+                live: true,
+            } => format!(
+                "Lua live bytes (sampled blocks still allocated at the end), sampled every {} \
+                 on average",
+                human_bytes(sample_bytes)
+            ),
         }
+    }
+
+    /// The name `record --summary` and `/flamegraph?mode=` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Cpu { .. } => "cpu",
+            Mode::OffCpu { .. } => "off-cpu",
+            Mode::Alloc { live: false, .. } => "alloc",
+            Mode::Alloc { live: true, .. } => "live",
+        }
+    }
+}
+
+/// `bytes` with a binary unit: `512 KiB`, `1.5 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -81,6 +153,75 @@ pub fn is_idle(stack: &[std::sync::Arc<str>]) -> bool {
             "ep_poll_[k]" | "do_epoll_wait_[k]" | "epoll_wait" | "epoll_pwait" | "epoll_pwait2"
         )
     })
+}
+
+/// What a capture reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// An allocation capture waits for these processes' Lua VMs to be learned.
+    WaitingForVm { pids: &'a [u32], waited: Duration },
+    /// Sampling starts; the Lua heap size of each target whose VM is known.
+    Started { heaps: &'a [(u32, u64)] },
+    /// A live capture ended and waits for these processes' collectors to complete a cycle.
+    Settling { pids: &'a [u32], waited: Duration },
+    /// About every 250 ms: the time sampled so far and the total weight.
+    Sampling { elapsed: Duration, weight: u64 },
+}
+
+/// Why a capture could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Loading or driving the BPF programs failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// No target's allocator could be probed (allocation captures); one reason per target.
+    #[error("{}", join(.failures))]
+    Alloc { failures: Vec<AllocError> },
+}
+
+fn join(failures: &[AllocError]) -> String {
+    let text: Vec<String> = failures
+        .iter()
+        .map(|e| {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                s.push_str(": ");
+                s.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            s
+        })
+        .collect();
+    text.join("; ")
+}
+
+/// The Lua heap size (`gc.total`) of one target at the start and the end of a capture, when
+/// its VM was known and readable then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapReading {
+    pub pid: u32,
+    pub start: Option<u64>,
+    pub end: Option<u64>,
+}
+
+/// What an allocation capture found besides its stacks.
+#[derive(Debug, Clone, Default)]
+pub struct AllocOutcome {
+    /// The probes attached, one per target.
+    pub probes: Vec<AllocProbe>,
+    /// Targets left out, with the reason (the capture ran on the others).
+    pub skipped: Vec<String>,
+    /// Live mode: sampled blocks still allocated at the end, and the bytes they stand for.
+    pub live_blocks: u64,
+    pub live_bytes: u64,
+    /// Live mode: blocks still allocated whose sample was lost or could not be named.
+    pub live_unnamed: u64,
+    /// Live mode: how long the capture waited for a collection after it ended, and the
+    /// targets whose collector completed no cycle by then (their live blocks include garbage
+    /// not yet collected).
+    pub settle_time: Duration,
+    pub unsettled: Vec<u32>,
 }
 
 /// What a capture produced.
@@ -100,73 +241,105 @@ pub struct Capture {
     pub traces_decoded: u64,
     /// Errors of naming Lua frames in user space, by reason.
     pub lua_errors: std::collections::BTreeMap<&'static str, u64>,
+    /// The Lua heap size of each target with a known VM, at the start and the end.
+    pub heaps: Vec<HeapReading>,
+    /// Allocation captures: probes, skipped targets, live totals.
+    pub alloc: Option<AllocOutcome>,
 }
 
 /// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
-/// set). `progress` is called about every 250 ms with the time so far and the total weight.
+/// set). `progress` hears about waits, the start and, about every 250 ms, the time so far and
+/// the total weight.
 pub fn capture(
     targets: &[CaptureTarget],
     duration: Duration,
     mode: Mode,
     labels: StackOptions,
     stop: &AtomicBool,
-    mut progress: impl FnMut(Duration, u64),
-) -> Result<Capture, BpfError> {
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Capture, CaptureError> {
     let mut builder = StackBuilder::new(labels);
     let (mut sampler, exclude_idle) = match mode {
         Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
         // Held (every block counts as short) until the Lua VMs are learned.
         Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
+        Mode::Alloc { sample_bytes, live } => {
+            (BpfSession::prepare_alloc(sample_bytes, live)?, false)
+        }
     };
     let mut idle_excluded = 0;
     for t in targets {
         if let Some(lua) = &t.lua {
             builder.set_lua_target(t.pid, lua.clone());
         }
+        if let (Some(g), Some(_)) = (t.vm, &t.lua) {
+            sampler.set_vm(t.pid, g)?;
+        }
         sampler.add_process(t.pid, t.lua.as_ref())?;
         builder.prepare(t.pid);
     }
-    // Learn the Lua VMs first (the `lua_resume` uprobe fires at the next request), so that
-    // stacks in JIT-compiled code of builds that do not keep the VM in a register are walked
-    // from the start; an idle process is not waited for long.
-    let deadline = Instant::now() + LEARN_WAIT;
-    while Instant::now() < deadline
-        && !stop.load(Ordering::Relaxed)
-        && targets
-            .iter()
-            .any(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut outcome = match mode {
+        Mode::Alloc { .. } => Some(attach_allocators(
+            &mut sampler,
+            targets,
+            stop,
+            &mut progress,
+        )?),
+        _ => {
+            // Learn the Lua VMs first (the `lua_resume` uprobe fires at the next request),
+            // so that stacks in JIT-compiled code of builds that do not keep the VM in a
+            // register are walked from the start; an idle process is not waited for long.
+            wait_for_vms(&sampler, targets, LEARN_WAIT, stop, |_, _| {});
+            None
+        }
+    };
+    let heaps_at_start = heaps(&sampler, targets);
+    let started_heaps: Vec<(u32, u64)> = heaps_at_start
+        .iter()
+        .filter_map(|(pid, b)| Some((*pid, (*b)?)))
+        .collect();
+    progress(Progress::Started {
+        heaps: &started_heaps,
+    });
     match mode {
         Mode::Cpu { .. } => sampler.attach_cpu()?,
         Mode::OffCpu { min_block_us, .. } => sampler.set_offcpu_min(min_block_us)?,
+        Mode::Alloc { .. } => sampler.release_alloc()?,
     }
     // Counters from here on: blocks held while learning are not the capture's.
     let baseline = sampler.counters()?;
     let started = Instant::now();
+    let mut folded = Folded::new();
     let mut detailed = Detailed::new();
+    let mut named = LiveNames::default();
+    let live = matches!(mode, Mode::Alloc { live: true, .. });
     let mut last_progress = Instant::now();
     let mut all_exited = false;
-    let mut take = |builder: &mut StackBuilder,
-                    detailed: &mut Detailed<u32>,
-                    s: &apisix_ebpf_common::Sample| {
+    // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
+    let mut sampled = 0u64;
+    let mut take = |builder: &mut StackBuilder, detailed: &mut Detailed<u32>, s: &Sample| -> u64 {
         if let Some(stack) = builder.build(s) {
-            if exclude_idle && is_idle(&stack) {
+            if live {
+                named.insert(s.tid, s.time_ns, stack);
+            } else if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
             } else {
                 let details = builder.last_details().to_vec();
                 detailed.add(s.pid, stack, details, s.weight.max(1));
             }
         }
+        s.weight
     };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            take(&mut builder, &mut detailed, s)
+            sampled += take(&mut builder, &mut detailed, s);
         });
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
-            progress(started.elapsed(), detailed.total());
+            progress(Progress::Sampling {
+                elapsed: started.elapsed(),
+                weight: if live { sampled } else { detailed.total() },
+            });
         }
         sampler.retire_learners();
         if targets.iter().all(|t| !process::exists(t.pid)) {
@@ -175,6 +348,18 @@ pub fn capture(
         }
     }
     let elapsed = started.elapsed();
+    if let Some(out) = outcome.as_mut() {
+        if live {
+            // What is still allocated now includes garbage the collector has not reached
+            // yet: frees are followed until each VM completes a cycle.
+            sampler.settle_alloc()?;
+            let began = Instant::now();
+            out.unsettled = settle(targets, &out.probes, stop, &mut progress);
+            out.settle_time = began.elapsed();
+        }
+        // Nothing more is counted or tracked: the live blocks stay as they are now.
+        sampler.hold_alloc()?;
+    }
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
         take(&mut builder, &mut detailed, s);
@@ -184,9 +369,23 @@ pub fn capture(
     for (c, b) in counters.iter_mut().zip(baseline) {
         *c = c.saturating_sub(b);
     }
+    if let Some(out) = outcome.as_mut()
+        && live
+    {
+        for (_, block) in sampler.live_allocs()? {
+            out.live_blocks += 1;
+            out.live_bytes += block.weight;
+            match named.get(block.tid, block.time_ns) {
+                Some(stack) => folded.add(stack.to_vec(), block.weight),
+                None => out.live_unnamed += 1,
+            }
+        }
+    }
+    let heaps_at_end = heaps(&sampler, targets);
+    sampler.detach_alloc();
     drop(sampler);
     Ok(Capture {
-        folded: detailed.folded(),
+        folded: if live { folded } else { detailed.folded() },
         detailed,
         counters,
         idle_excluded,
@@ -195,5 +394,236 @@ pub fn capture(
         stats: builder.stats(),
         traces_decoded: builder.traces_decoded(),
         lua_errors: builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect(),
+        heaps: heaps_at_start
+            .into_iter()
+            .zip(heaps_at_end)
+            .filter(|((_, a), (_, b))| a.is_some() || b.is_some())
+            .map(|((pid, start), (_, end))| HeapReading { pid, start, end })
+            .collect(),
+        alloc: outcome,
     })
+}
+
+/// Waits up to `limit` until every target with Lua that still runs has its VM known;
+/// `waiting` hears which pids are waited for, about every 250 ms.
+fn wait_for_vms(
+    sampler: &BpfSession,
+    targets: &[CaptureTarget],
+    limit: Duration,
+    stop: &AtomicBool,
+    mut waiting: impl FnMut(&[u32], Duration),
+) {
+    let start = Instant::now();
+    let mut last = None::<Instant>;
+    while start.elapsed() < limit && !stop.load(Ordering::Relaxed) {
+        let missing: Vec<u32> = targets
+            .iter()
+            .filter(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
+            .map(|t| t.pid)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        if last.is_none_or(|l| l.elapsed() >= Duration::from_millis(250)) {
+            last = Some(Instant::now());
+            waiting(&missing, start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resolves and attaches the allocator probes of every target; a target that cannot be
+/// probed is left out (and said so) unless none can.
+fn attach_allocators(
+    sampler: &mut BpfSession,
+    targets: &[CaptureTarget],
+    stop: &AtomicBool,
+    progress: &mut impl FnMut(Progress<'_>),
+) -> Result<AllocOutcome, CaptureError> {
+    let start = Instant::now();
+    wait_for_vms(sampler, targets, VM_WAIT, stop, |pids, waited| {
+        progress(Progress::WaitingForVm { pids, waited });
+    });
+    let waited_secs = start.elapsed().as_secs_f64().round() as u64;
+    let mut out = AllocOutcome::default();
+    let mut failures = Vec::new();
+    for t in targets {
+        let resolved = match (&t.lua, sampler.lua_vm(t.pid)) {
+            (None, _) => Err(AllocError::NoLuaJit { pid: t.pid }),
+            (Some(_), None) => Err(AllocError::NoVm {
+                pid: t.pid,
+                waited_secs,
+            }),
+            (Some(lua), Some(g)) => alloc::resolve(t.pid, lua, g),
+        };
+        match resolved {
+            Ok(probe) => {
+                sampler.attach_alloc(t.pid, &probe.file, probe.offset)?;
+                tracing::info!(
+                    pid = t.pid,
+                    module = probe.module,
+                    offset = format!("{:#x}", probe.offset),
+                    "allocator probes attached"
+                );
+                out.probes.push(probe);
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    if out.probes.is_empty() {
+        sampler.detach_alloc();
+        return Err(CaptureError::Alloc { failures });
+    }
+    out.skipped = failures
+        .iter()
+        .map(|e| join(std::slice::from_ref(e)))
+        .collect();
+    Ok(out)
+}
+
+/// Waits (up to [`SETTLE_WAIT`], or until `stop`) until the collector of each probed VM has
+/// run a whole cycle whose atomic phase came after now; returns the pids whose VM did not
+/// (an exited process counts as done: its blocks stay as they were at its exit).
+fn settle(
+    targets: &[CaptureTarget],
+    probes: &[AllocProbe],
+    stop: &AtomicBool,
+    progress: &mut impl FnMut(Progress<'_>),
+) -> Vec<u32> {
+    let mut watches: Vec<(u32, u64, &LuaTarget, Option<heap::CycleWatch>)> = probes
+        .iter()
+        .filter_map(|p| {
+            let lua = targets.iter().find(|t| t.pid == p.pid)?.lua.as_ref()?;
+            Some((p.pid, p.g, lua, None))
+        })
+        .collect();
+    let start = Instant::now();
+    let mut last = None::<Instant>;
+    loop {
+        watches.retain_mut(|(pid, g, lua, watch)| {
+            let Ok(now) = heap::gc_phase(&Memory::new(*pid), lua.flavour.layout(), *g) else {
+                // Exited (or unreadable): nothing more will be freed.
+                return false;
+            };
+            match watch {
+                None => {
+                    *watch = Some(heap::CycleWatch::new(now));
+                    true
+                }
+                Some(w) => !w.observe(now),
+            }
+        });
+        if watches.is_empty() || stop.load(Ordering::Relaxed) || start.elapsed() >= SETTLE_WAIT {
+            break;
+        }
+        if last.is_none_or(|l| l.elapsed() >= Duration::from_millis(250)) {
+            last = Some(Instant::now());
+            let pids: Vec<u32> = watches.iter().map(|w| w.0).collect();
+            progress(Progress::Settling {
+                pids: &pids,
+                waited: start.elapsed(),
+            });
+        }
+        // Short: a full collection of a small heap takes about a millisecond, and two of
+        // them between reads look like none.
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    watches.into_iter().map(|w| w.0).collect()
+}
+
+/// The heap size of each target's VM now (`None`: VM unknown or unreadable).
+fn heaps(sampler: &BpfSession, targets: &[CaptureTarget]) -> Vec<(u32, Option<u64>)> {
+    targets
+        .iter()
+        .map(|t| {
+            let bytes = match (&t.lua, sampler.lua_vm(t.pid)) {
+                (Some(lua), Some(g)) => alloc::heap_bytes(t.pid, lua, g),
+                _ => None,
+            };
+            (t.pid, bytes)
+        })
+        .collect()
+}
+
+/// The stacks of a live capture's samples by their identity (thread, time), interned: the
+/// blocks still allocated at the end name their sample.
+#[derive(Default)]
+struct LiveNames {
+    ids: HashMap<(u32, u64), usize>,
+    stacks: Vec<Arc<[Arc<str>]>>,
+    index: HashMap<Arc<[Arc<str>]>, usize>,
+}
+
+impl LiveNames {
+    fn insert(&mut self, tid: u32, time_ns: u64, stack: Vec<Arc<str>>) {
+        let stack: Arc<[Arc<str>]> = stack.into();
+        let i = match self.index.get(&stack) {
+            Some(i) => *i,
+            None => {
+                self.stacks.push(stack.clone());
+                self.index.insert(stack, self.stacks.len() - 1);
+                self.stacks.len() - 1
+            }
+        };
+        self.ids.insert((tid, time_ns), i);
+    }
+
+    fn get(&self, tid: u32, time_ns: u64) -> Option<&[Arc<str>]> {
+        let i = self.ids.get(&(tid, time_ns))?;
+        self.stacks.get(*i).map(|s| &**s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_describe_their_weights() {
+        let alloc = Mode::Alloc {
+            sample_bytes: 512 * 1024,
+            live: false,
+        };
+        assert_eq!(alloc.name(), "alloc");
+        assert_eq!(alloc.unit(), "bytes");
+        assert!(
+            alloc.describe().contains("allocated bytes"),
+            "{}",
+            alloc.describe()
+        );
+        assert!(alloc.describe().contains("512 KiB"), "{}", alloc.describe());
+        let live = Mode::Alloc {
+            sample_bytes: 1536 * 1024,
+            live: true,
+        };
+        assert_eq!(live.name(), "live");
+        assert!(
+            live.describe().contains("live bytes"),
+            "{}",
+            live.describe()
+        );
+        assert!(live.describe().contains("1.5 MiB"), "{}", live.describe());
+        assert_eq!(Mode::Cpu { frequency: 99 }.name(), "cpu");
+    }
+
+    #[test]
+    fn human_bytes_picks_a_unit() {
+        assert_eq!(human_bytes(100), "100 B");
+        assert_eq!(human_bytes(1024), "1 KiB");
+        assert_eq!(human_bytes(3 << 20), "3 MiB");
+        assert_eq!(human_bytes((5 << 30) / 2), "2.5 GiB");
+    }
+
+    #[test]
+    fn live_names_intern_stacks() {
+        let mut n = LiveNames::default();
+        let s: Vec<Arc<str>> = vec!["main".into(), "f".into()];
+        n.insert(1, 10, s.clone());
+        n.insert(1, 20, s.clone());
+        n.insert(2, 10, vec!["main".into()]);
+        assert_eq!(n.stacks.len(), 2);
+        assert_eq!(n.get(1, 20).map(<[_]>::len), Some(2));
+        assert_eq!(n.get(2, 10).map(<[_]>::len), Some(1));
+        assert!(n.get(3, 10).is_none());
+    }
 }

@@ -8,7 +8,9 @@
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
 //! `apisix_profiler_lua_function_offcpu_seconds_total` (when enabled),
-//! `apisix_profiler_lua_vm_state_samples_total` and, through the
+//! `apisix_profiler_lua_vm_state_samples_total`, `apisix_profiler_lua_memory_bytes` (each
+//! second, the heap size of every VM the BPF side learned, read from the target's memory;
+//! failures in `apisix_profiler_lua_memory_read_errors_total`) and, through the
 //! aggregator, the per-function, per-plugin and per-phase ([`crate::attribution`]) and
 //! per-target counters.
 
@@ -28,16 +30,22 @@ use crate::{
     daemon::{
         aggregate::Group,
         metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
-        state::Shared,
+        state::{Shared, VmMemory},
     },
     discovery::{Lua, Snapshot, TargetProcess},
-    luajit::{VmState, trace::TraceFallback},
-    stacks::{StackBuilder, StackOptions, label::FrameDetail},
+    luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
+    stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
 };
+
+/// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).
+const MAX_VMS_PER_PROCESS: usize = 4;
 
 struct Tracked {
     start_time: u64,
     labels: TargetLabels,
+    lua: Option<LuaTarget>,
+    /// The VMs the BPF side learned in this process (the latest last), while they check out.
+    vms: Vec<u64>,
 }
 
 fn metric_labels(t: &TargetProcess) -> TargetLabels {
@@ -56,6 +64,8 @@ struct State<S> {
     tracked: HashMap<u32, Tracked>,
     counters_seen: HashMap<&'static str, u64>,
     lost_seen: HashMap<u32, u64>,
+    /// Label sets of the Lua memory gauge set at the last refresh.
+    memory_series: HashSet<TargetLabels>,
 }
 
 impl<S: SampleSource> State<S> {
@@ -133,6 +143,8 @@ impl<S: SampleSource> State<S> {
                 Tracked {
                     start_time: t.start_time,
                     labels: metric_labels(t),
+                    lua: lua.cloned(),
+                    vms: Vec::new(),
                 },
             );
         }
@@ -187,6 +199,7 @@ impl<S: SampleSource> State<S> {
         for f in TraceFallback::ALL {
             self.bump(shared, f.name(), stats.trace_fallbacks[f.index()]);
         }
+        self.refresh_heaps(shared);
         let lost = self.sampler.lost();
         let Ok(mut agg) = shared.aggregator.lock() else {
             return;
@@ -200,6 +213,76 @@ impl<S: SampleSource> State<S> {
             }
         }
         agg.flush();
+    }
+
+    /// Reads the heap size of every known VM of every target: sets the Lua memory gauge (the
+    /// sum per label set) and the per-process view of `/targets` and captures.
+    fn refresh_heaps(&mut self, shared: &Shared) {
+        let mut view = HashMap::new();
+        let mut sums: HashMap<TargetLabels, u64> = HashMap::new();
+        for (pid, tr) in &mut self.tracked {
+            let Some(lua) = &tr.lua else {
+                continue;
+            };
+            if let Some(g) = self.sampler.lua_vm(*pid) {
+                tr.vms.retain(|v| *v != g);
+                tr.vms.push(g);
+                if tr.vms.len() > MAX_VMS_PER_PROCESS {
+                    tr.vms.remove(0);
+                }
+            }
+            let Some(&latest) = tr.vms.last() else {
+                continue;
+            };
+            let mem = Memory::new(*pid);
+            let mut total = None::<u64>;
+            let mut failed = Vec::new();
+            for g in &tr.vms {
+                match heap::read(&mem, lua.flavour.layout(), *g) {
+                    Ok(h) => *total.get_or_insert(0) += h.total,
+                    Err(e) => {
+                        // A process that just exited is not a failed read.
+                        if process::exists(*pid) {
+                            shared
+                                .metrics
+                                .lua_memory_errors
+                                .get_or_create(&ReasonLabels {
+                                    reason: e.reason().to_owned(),
+                                })
+                                .inc();
+                        }
+                        if matches!(e, heap::HeapError::NotAVm { .. }) {
+                            failed.push(*g);
+                        }
+                    }
+                }
+            }
+            // A VM that no longer checks out (closed) is forgotten.
+            tr.vms.retain(|g| !failed.contains(g));
+            view.insert(
+                *pid,
+                VmMemory {
+                    g: latest,
+                    bytes: total,
+                },
+            );
+            if let Some(t) = total {
+                *sums.entry(tr.labels.clone()).or_insert(0) += t;
+            }
+        }
+        let family = &shared.metrics.lua_memory;
+        for gone in self.memory_series.iter().filter(|l| !sums.contains_key(*l)) {
+            family.remove(gone);
+        }
+        for (labels, total) in &sums {
+            family
+                .get_or_create(labels)
+                .set(i64::try_from(*total).unwrap_or(i64::MAX));
+        }
+        self.memory_series = sums.into_keys().collect();
+        if let Ok(mut vms) = shared.lua_vms.write() {
+            *vms = view;
+        }
     }
 
     /// Adds the growth of a cumulative error counter to the metric.
@@ -275,6 +358,7 @@ pub fn run_with<S: SampleSource>(
         tracked: HashMap::new(),
         counters_seen: HashMap::new(),
         lost_seen: HashMap::new(),
+        memory_series: HashSet::new(),
     };
     let mut last_tick = Instant::now();
     type Built = (u32, Vec<Arc<str>>, Vec<FrameDetail>);

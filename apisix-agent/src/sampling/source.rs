@@ -34,6 +34,8 @@ pub trait SampleSource {
     fn lost(&self) -> HashMap<u32, u64>;
     /// Waits up to `timeout` for samples, then hands each one to `f`. Returns how many.
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(&Sample)) -> usize;
+    /// The `global_State` address learned for process `pid`, if any.
+    fn lua_vm(&self, pid: u32) -> Option<u64>;
 }
 
 impl SampleSource for BpfSession {
@@ -60,6 +62,10 @@ impl SampleSource for BpfSession {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(&Sample)) -> usize {
         BpfSession::poll(self, timeout, f)
     }
+
+    fn lua_vm(&self, pid: u32) -> Option<u64> {
+        BpfSession::lua_vm(self, pid)
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +74,7 @@ struct Replay {
     targets: HashSet<u32>,
     counters: Counters,
     lost: HashMap<u32, u64>,
+    vms: HashMap<u32, u64>,
 }
 
 /// Replays the samples pushed into it, as if the BPF side had written them: only samples of
@@ -115,6 +122,11 @@ impl ReplaySource {
         self.with(|r| r.lost.insert(pid, lost));
     }
 
+    /// Says the VM of `pid` is at `g` (as the BPF side would have learned it).
+    pub fn set_vm(&self, pid: u32, g: u64) {
+        self.with(|r| r.vms.insert(pid, g));
+    }
+
     /// Adds `n` to counter `c`.
     pub fn count(&self, c: Counter, n: u64) {
         self.with(|r| r.counters[c as usize] += n);
@@ -136,6 +148,7 @@ impl SampleSource for ReplaySource {
         self.with(|r| {
             r.targets.remove(&pid);
             r.lost.remove(&pid);
+            r.vms.remove(&pid);
         });
     }
 
@@ -167,6 +180,10 @@ impl SampleSource for ReplaySource {
             f(s);
         }
         batch.len()
+    }
+
+    fn lua_vm(&self, pid: u32) -> Option<u64> {
+        self.with(|r| r.vms.get(&pid).copied())
     }
 }
 

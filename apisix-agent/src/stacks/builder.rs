@@ -308,6 +308,7 @@ impl StackBuilder {
                     l: s.lua_l,
                     vmstate: s.vmstate,
                     at_sample: (s.trace, s.trace_mcode),
+                    jit_ip: in_jit_code.then_some(ip),
                     base: lua_frames.first(),
                 },
                 |mcode| {

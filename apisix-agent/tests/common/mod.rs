@@ -126,14 +126,26 @@ pub fn parse_folded(text: &str) -> BTreeMap<String, u64> {
     out
 }
 
-/// Runs `apisix-agent record --pid PID --format collapsed` with extra arguments.
+/// Sampling rate of the tests' recordings (`record`'s default is 99 Hz): five times the
+/// samples keep the statistical error of a share under a point in an 8 s recording, and
+/// leave enough samples when other work on the machine takes the target's CPU.
+pub const TEST_HZ: &str = "499";
+
+/// Runs `apisix-agent record --pid PID --format collapsed` at [`TEST_HZ`] (unless `extra`
+/// sets `--frequency`) with extra arguments.
 pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
     let summary = dir.path().join("summary.json");
+    let frequency: &[&str] = if extra.contains(&"--frequency") {
+        &[]
+    } else {
+        &["--frequency", TEST_HZ]
+    };
     let output = Command::new(agent())
         .args(["record", "--pid", &pid.to_string()])
         .args(["--duration", &secs.to_string(), "--format", "collapsed"])
+        .args(frequency)
         .arg("--output")
         .arg(&out)
         .arg("--summary")
@@ -201,11 +213,23 @@ impl Nginx {
     /// `server` block body.
     /// `http_extra` goes into the http block (e.g. `init_by_lua_block`).
     pub fn start(lj: Lj, lua: &[(&str, &str)], http_extra: &str, server: &str) -> Self {
+        Self::start_as(lj, "nginx", lua, http_extra, server)
+    }
+
+    /// Like [`Self::start`], with nginx run through a symlink called `name`: its processes'
+    /// command name (`/proc/PID/comm`, the agent's `process` label) is `name`.
+    pub fn start_as(
+        lj: Lj,
+        name: &str,
+        lua: &[(&str, &str)],
+        http_extra: &str,
+        server: &str,
+    ) -> Self {
         // nginx cannot listen on port 0 and say which port it got: a free port is picked
         // and, when another process took it meanwhile, the start is retried on a new one.
         let mut attempt = 1;
         loop {
-            match Self::try_start(lj, lua, http_extra, server) {
+            match Self::try_start(lj, name, lua, http_extra, server) {
                 Ok(nginx) => return nginx,
                 Err(log) if attempt < 3 && log.contains("Address already in use") => {
                     attempt += 1;
@@ -218,6 +242,7 @@ impl Nginx {
     /// One start on a free port; the error log when nginx does not come up.
     fn try_start(
         lj: Lj,
+        name: &str,
         lua: &[(&str, &str)],
         http_extra: &str,
         server: &str,
@@ -265,7 +290,14 @@ http {{
 "#
         );
         std::fs::write(p.join("conf/nginx.conf"), conf).expect("write nginx.conf");
-        let mut cmd = Command::new("nginx");
+        let program = if name == "nginx" {
+            PathBuf::from("nginx")
+        } else {
+            let link = p.join(name);
+            std::os::unix::fs::symlink("/usr/sbin/nginx", &link).expect("symlink nginx");
+            link
+        };
+        let mut cmd = Command::new(program);
         cmd.arg("-p")
             .arg(p)
             .args(["-c", "conf/nginx.conf"])
