@@ -1,12 +1,13 @@
 //! `cargo bench --bench render`: how long rendering a flame graph takes, for the sizes the
 //! daemon serves (`/flamegraph`): 100 000 samples over 3 000 distinct stacks of mixed C and
-//! Lua frames, 20 to 60 deep, as SVG and as folded text.
+//! Lua frames, 20 to 60 deep, as SVG, as folded text and as a gzip-compressed pprof profile
+//! (`/debug/pprof/profile`; `bench/pprof_cost.py` measures it on the real daemon).
 //!
 //! Hooks: none (user space only, no root). Metrics: criterion's timings.
 
 use std::{hint::black_box, sync::Arc};
 
-use apisix_agent::output::Folded;
+use apisix_agent::output::{Folded, pprof};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 /// Samples in the synthetic profile.
@@ -79,6 +80,17 @@ fn render(c: &mut Criterion) {
             let mut out = Vec::with_capacity(1 << 20);
             folded.write_folded(&mut out).expect("write to memory");
             black_box(out.len())
+        });
+    });
+    group.bench_function("pprof", |b| {
+        b.iter(|| {
+            let mut p = pprof::ProfileBuilder::new(pprof::Kind::cpu(19));
+            p.add_folded(&folded, &[("process", "nginx"), ("phase", "content")]);
+            let profile = p.build(
+                std::time::SystemTime::now(),
+                std::time::Duration::from_secs(60),
+            );
+            black_box(pprof::gzip(&profile).expect("gzip").len())
         });
     });
     group.finish();

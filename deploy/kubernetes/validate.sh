@@ -10,8 +10,9 @@
 # config.example.yaml has (the agent rejects unknown fields) and listens on 0.0.0.0:9464;
 # the DaemonSet is privileged with hostPID, probes /healthz, mounts the ConfigMap where
 # --config points, /sys/kernel/debug, /sys/fs/bpf and the directory of the Docker socket the
-# config names, and sets memory requests/limits; Service, ServiceMonitor and pods agree on
-# labels and the port name.
+# config names, and sets memory requests/limits; its profiles.grafana.com annotations turn on
+# the CPU profile on an existing port and the Go-only ones off; Service, ServiceMonitor and
+# pods agree on labels and the port name.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -132,6 +133,16 @@ sock = config.get("discovery", {}).get("docker", {}).get("socket", "/var/run/doc
 hp = host_path_for(sock)
 if hp not in ("/run/docker.sock", "/var/run/docker.sock"):
     problem(f"daemonset.yaml: docker socket {sock} (config) is not the host's docker.sock (got {hp})")
+
+# Profile scraping (deploy/profiling/config.alloy): the annotated port exists.
+ann = ds["spec"]["template"]["metadata"].get("annotations", {})
+if ann.get("profiles.grafana.com/cpu.scrape") != "true":
+    problem("daemonset.yaml: annotation profiles.grafana.com/cpu.scrape must be \"true\"")
+if ann.get("profiles.grafana.com/cpu.port_name") not in ports:
+    problem("daemonset.yaml: profiles.grafana.com/cpu.port_name names no container port")
+for go_only in ("memory", "goroutine", "block", "mutex"):
+    if ann.get(f"profiles.grafana.com/{go_only}.scrape") != "false":
+        problem(f"daemonset.yaml: profiles.grafana.com/{go_only}.scrape must be \"false\"")
 
 # --- Service / ServiceMonitor --------------------------------------------------------------
 svc = docs["Service"]

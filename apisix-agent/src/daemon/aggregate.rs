@@ -1,11 +1,18 @@
 //! Aggregation of continuously sampled stacks: per-function self and inclusive counters per
 //! target group (container + image, or the host), with bounded cardinality, and a window of
-//! recent stacks for `/flamegraph` without `seconds`.
+//! recent stacks for `/flamegraph` without `seconds` and for `/debug/pprof/profile`.
 //!
 //! Cardinality: per group, the first `top_functions` Lua functions and as many C functions
 //! (admitted once per flush, most samples first) get their own series for good; samples of
 //! any other function go to `function="[other]"`. Series of groups gone for a minute are
 //! removed. Stacks in the recent window are interned, so a repeated stack costs one pointer.
+//!
+//! The recent window keeps each sample with the instant it reached the aggregator, its target
+//! and its frame details, for `sampling.retention_seconds` and at most
+//! `sampling.max_retained_samples` samples (off-CPU blocks, when enabled, in a second window
+//! of the same bounds). [`Aggregator::window`] cuts it by arrival time, `(from, to]`: windows
+//! that meet hold each sample exactly once, so consecutive pprof scrapes cover consecutive
+//! windows.
 //!
 //! Each sample is also attributed to an APISIX plugin and request phase
 //! ([`crate::attribution`]); per group, the first `top_functions` plugins get their own
@@ -27,7 +34,7 @@ use super::metrics::{
 use crate::{
     attribution::{Attribution, Filter, Phase, Rules},
     output::Folded,
-    stacks::label::{FrameClass, classify},
+    stacks::label::{FrameClass, FrameDetail, classify},
 };
 
 /// The label given to functions beyond the cardinality cap.
@@ -136,10 +143,87 @@ struct Admitted {
 /// One retained stack.
 #[derive(Debug, Clone)]
 struct Recent {
+    /// When it reached the aggregator.
     at: Instant,
     pid: u32,
-    container: Arc<str>,
+    /// Off-CPU: microseconds blocked (saturated); CPU samples: 1.
+    weight: u32,
+    target: Arc<TargetLabels>,
     stack: Arc<[Arc<str>]>,
+    details: Arc<[FrameDetail]>,
+    /// Its plugin and phase (computed for the metrics when it arrived).
+    attribution: Arc<Attribution>,
+}
+
+/// A retained window: CPU samples, or off-CPU blocks.
+#[derive(Debug)]
+struct Retained {
+    samples: VecDeque<Recent>,
+    /// When the newest sample dropped for `max_retained_samples` had arrived.
+    evicted: Option<Instant>,
+}
+
+impl Retained {
+    fn new() -> Self {
+        Self {
+            samples: VecDeque::new(),
+            evicted: None,
+        }
+    }
+
+    fn push(&mut self, r: Recent, max: usize) {
+        self.samples.push_back(r);
+        while self.samples.len() > max {
+            if let Some(old) = self.samples.pop_front() {
+                self.evicted = Some(old.at);
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant, retention: Duration) {
+        while self
+            .samples
+            .front()
+            .is_some_and(|r| now.duration_since(r.at) > retention)
+        {
+            self.samples.pop_front();
+        }
+    }
+}
+
+/// Which retained window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// CPU samples (weight: 1 each).
+    Cpu,
+    /// Off-CPU blocks (weight: microseconds blocked), with `sampling.offcpu.enabled`.
+    OffCpu,
+}
+
+/// One distinct stack of a [`Window`].
+#[derive(Debug, Clone)]
+pub struct WindowStack {
+    pub target: Arc<TargetLabels>,
+    pub stack: Arc<[Arc<str>]>,
+    pub details: Arc<[FrameDetail]>,
+    /// Its plugin (capped like the plugin metrics: `[other]` beyond `top_functions`) and
+    /// phase.
+    pub attribution: Attribution,
+    /// Samples or blocks.
+    pub count: u64,
+    /// Samples, or microseconds blocked.
+    pub weight: u64,
+}
+
+/// The retained samples of a time range.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub stacks: Vec<WindowStack>,
+    /// Where the range's samples are complete: its start, or later when the agent started
+    /// later or `sampling.max_retained_samples` dropped samples of the range.
+    pub from: Instant,
+    /// `sampling.max_retained_samples` dropped samples of the range.
+    pub truncated: bool,
 }
 
 /// The aggregator of the continuous sampler.
@@ -161,13 +245,23 @@ pub struct Aggregator {
     period: f64,
     admitted: HashMap<Group, Admitted>,
     gone_since: HashMap<Group, Instant>,
-    recent: VecDeque<Recent>,
+    recent: Retained,
+    recent_offcpu: Retained,
     interned: HashSet<Arc<[Arc<str>]>>,
-    containers: HashMap<String, Arc<str>>,
+    interned_details: HashSet<Arc<[FrameDetail]>>,
+    targets: HashSet<Arc<TargetLabels>>,
+    attributions: HashSet<Arc<Attribution>>,
+    /// When the aggregator was made: nothing was sampled before.
+    started: Instant,
+    /// When interned values were last pruned.
+    pruned: Instant,
 }
 
 /// How long the series of a group outlive its last target.
 const GROUP_GRACE: Duration = Duration::from_secs(60);
+
+/// How often interned stacks no retained sample holds are dropped.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Aggregator {
     /// An aggregator updating `metrics`.
@@ -186,9 +280,14 @@ impl Aggregator {
             period: 1.0 / 19.0,
             admitted: HashMap::new(),
             gone_since: HashMap::new(),
-            recent: VecDeque::new(),
+            recent: Retained::new(),
+            recent_offcpu: Retained::new(),
             interned: HashSet::new(),
-            containers: HashMap::new(),
+            interned_details: HashSet::new(),
+            targets: HashSet::new(),
+            attributions: HashSet::new(),
+            started: Instant::now(),
+            pruned: Instant::now(),
         }
     }
 
@@ -213,12 +312,25 @@ impl Aggregator {
         stack: Vec<Arc<str>>,
         module_of: impl Fn(&str) -> Option<&'m Arc<str>>,
     ) {
+        self.add_detailed(pid, target, stack, Vec::new(), module_of);
+    }
+
+    /// [`Self::add`] with the details of the stack's frames (one per frame), kept in the
+    /// recent window for pprof.
+    pub fn add_detailed<'m>(
+        &mut self,
+        pid: u32,
+        target: &TargetLabels,
+        stack: Vec<Arc<str>>,
+        details: Vec<FrameDetail>,
+        module_of: impl Fn(&str) -> Option<&'m Arc<str>>,
+    ) {
         *self.pending_samples.entry(target.clone()).or_insert(0) += 1;
         let group = Group::of(target);
         let attribution = self.rules.classify(&stack);
         *self
             .pending_plugins
-            .entry((group.clone(), attribution))
+            .entry((group.clone(), attribution.clone()))
             .or_insert(0) += 1;
         let pending = self.pending.entry(group).or_default();
         let mut lua_seen: HashSet<LuaKey> = HashSet::new();
@@ -264,17 +376,26 @@ impl Aggregator {
         for k in c_seen {
             pending.c.entry(k).or_default().1 += 1;
         }
-        self.remember(pid, &target.container, stack);
+        self.remember(Retention::Cpu, pid, target, stack, details, attribution, 1);
     }
 
-    /// Adds one off-CPU block of `us` microseconds to the innermost Lua source function of
-    /// `stack`: fast functions (`builtin:ffi.meta___call`, `builtin:io.read`) and markers are
-    /// skipped, so the block lands on the Lua code that made the call. Idle `epoll_wait`
-    /// blocks and blocks outside Lua are not counted.
-    pub fn add_offcpu(&mut self, target: &TargetLabels, stack: &[Arc<str>], us: u64) {
-        if crate::sampling::capture::is_idle(stack) {
+    /// Adds one off-CPU block of `us` microseconds of process `pid` to the innermost Lua
+    /// source function of `stack`: fast functions (`builtin:ffi.meta___call`,
+    /// `builtin:io.read`) and markers are skipped, so the block lands on the Lua code that
+    /// made the call. Idle `epoll_wait` blocks are dropped; blocks outside Lua are not
+    /// counted in the metrics but kept in the off-CPU window (with `details`, one per frame).
+    pub fn add_offcpu(
+        &mut self,
+        pid: u32,
+        target: &TargetLabels,
+        stack: Vec<Arc<str>>,
+        details: Vec<FrameDetail>,
+        us: u64,
+    ) {
+        if crate::sampling::capture::is_idle(&stack) {
             return;
         }
+        let attribution = self.rules.classify(&stack);
         let innermost = stack.iter().rev().find_map(|l| match classify(l) {
             FrameClass::Lua {
                 function,
@@ -289,40 +410,68 @@ impl Aggregator {
         });
         if let Some(key) = innermost {
             let group = Group::of(target);
-            let attribution = self.rules.classify(stack);
             *self
                 .pending_plugins_offcpu
-                .entry((group.clone(), attribution))
+                .entry((group.clone(), attribution.clone()))
                 .or_insert(0) += us;
             *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
         }
+        let weight = u32::try_from(us).unwrap_or(u32::MAX);
+        self.remember(
+            Retention::OffCpu,
+            pid,
+            target,
+            stack,
+            details,
+            attribution,
+            weight,
+        );
     }
 
-    fn remember(&mut self, pid: u32, container: &str, stack: Vec<Arc<str>>) {
-        let stack: Arc<[Arc<str>]> = match self.interned.get(stack.as_slice()) {
-            Some(s) => s.clone(),
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one retained sample: its every part"
+    )]
+    fn remember(
+        &mut self,
+        which: Retention,
+        pid: u32,
+        target: &TargetLabels,
+        stack: Vec<Arc<str>>,
+        details: Vec<FrameDetail>,
+        attribution: Attribution,
+        weight: u32,
+    ) {
+        let stack = intern(&mut self.interned, stack);
+        let details = intern(&mut self.interned_details, details);
+        let attribution = match self.attributions.get(&attribution) {
+            Some(a) => a.clone(),
             None => {
-                let s: Arc<[Arc<str>]> = Arc::from(stack);
-                self.interned.insert(s.clone());
-                s
+                let a = Arc::new(attribution);
+                self.attributions.insert(a.clone());
+                a
             }
         };
-        let container = match self.containers.get(container) {
-            Some(c) => c.clone(),
+        let target = match self.targets.get(target) {
+            Some(t) => t.clone(),
             None => {
-                let c: Arc<str> = Arc::from(container);
-                self.containers.insert(container.to_owned(), c.clone());
-                c
+                let t = Arc::new(target.clone());
+                self.targets.insert(t.clone());
+                t
             }
         };
-        self.recent.push_back(Recent {
+        let r = Recent {
             at: Instant::now(),
             pid,
-            container,
+            weight,
+            target,
             stack,
-        });
-        while self.recent.len() > self.max_recent {
-            self.recent.pop_front();
+            details,
+            attribution,
+        };
+        match which {
+            Retention::Cpu => self.recent.push(r, self.max_recent),
+            Retention::OffCpu => self.recent_offcpu.push(r, self.max_recent),
         }
     }
 
@@ -444,16 +593,26 @@ impl Aggregator {
 
     fn expire_recent(&mut self) {
         let now = Instant::now();
-        while self
-            .recent
-            .front()
-            .is_some_and(|r| now.duration_since(r.at) > self.retention)
-        {
-            self.recent.pop_front();
+        self.recent.expire(now, self.retention);
+        self.recent_offcpu.expire(now, self.retention);
+        // Stacks, details and targets no retained sample points at any more: every
+        // PRUNE_INTERVAL (a pass costs microseconds per thousand entries), so that the
+        // interned sets hold little more than the window's distinct stacks.
+        if now.duration_since(self.pruned) < PRUNE_INTERVAL {
+            return;
         }
-        // Stacks no retained sample points at any more.
-        if self.interned.len() > 1024 && self.interned.len() > 2 * self.recent.len() / 3 {
+        self.pruned = now;
+        if self.interned.len() > 1024 {
             self.interned.retain(|s| Arc::strong_count(s) > 1);
+        }
+        if self.interned_details.len() > 1024 {
+            self.interned_details.retain(|s| Arc::strong_count(s) > 1);
+        }
+        if self.targets.len() > 64 {
+            self.targets.retain(|t| Arc::strong_count(t) > 1);
+        }
+        if self.attributions.len() > 256 {
+            self.attributions.retain(|a| Arc::strong_count(a) > 1);
         }
     }
 
@@ -538,24 +697,103 @@ impl Aggregator {
     ) -> Folded {
         let now = Instant::now();
         let mut folded = Folded::new();
-        // Retained stacks are interned: classify each distinct one once.
-        let mut verdicts: HashMap<*const [Arc<str>], bool> = HashMap::new();
-        for r in self.recent.iter().rev() {
+        for r in self.recent.samples.iter().rev() {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if !keep(r.pid, &r.container) {
-                continue;
-            }
-            let kept = filter.is_empty()
-                || *verdicts
-                    .entry(Arc::as_ptr(&r.stack))
-                    .or_insert_with(|| filter.keeps(&self.rules.classify(&r.stack)));
-            if kept {
+            if keep(r.pid, &r.target.container) && filter.keeps(&r.attribution) {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
         folded
+    }
+
+    /// The distinct stacks of the samples of `which` that arrived in `(from, to]`, of the
+    /// processes `keep` selects by (pid, container), that `filter` passes.
+    pub fn window(
+        &self,
+        which: Retention,
+        from: Instant,
+        to: Instant,
+        keep: impl Fn(u32, &str) -> bool,
+        filter: &Filter,
+    ) -> Window {
+        let retained = match which {
+            Retention::Cpu => &self.recent,
+            Retention::OffCpu => &self.recent_offcpu,
+        };
+        type Key = (*const TargetLabels, *const [Arc<str>], *const [FrameDetail]);
+        let mut index: HashMap<Key, usize> = HashMap::new();
+        let mut stacks: Vec<WindowStack> = Vec::new();
+        for r in retained.samples.iter().rev() {
+            if r.at > to {
+                continue;
+            }
+            if r.at <= from {
+                break;
+            }
+            if !keep(r.pid, &r.target.container) || !filter.keeps(&r.attribution) {
+                continue;
+            }
+            let key = (
+                Arc::as_ptr(&r.target),
+                Arc::as_ptr(&r.stack),
+                Arc::as_ptr(&r.details),
+            );
+            let i = *index.entry(key).or_insert_with(|| {
+                let attribution = self.capped_plugin(&r.target, (*r.attribution).clone());
+                stacks.push(WindowStack {
+                    target: r.target.clone(),
+                    stack: r.stack.clone(),
+                    details: r.details.clone(),
+                    attribution,
+                    count: 0,
+                    weight: 0,
+                });
+                stacks.len() - 1
+            });
+            stacks[i].count += 1;
+            stacks[i].weight += u64::from(r.weight);
+        }
+        let truncated = retained.evicted.is_some_and(|e| e > from);
+        let from = [Some(from), Some(self.started), retained.evicted]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(from)
+            .min(to);
+        Window {
+            stacks,
+            from,
+            truncated,
+        }
+    }
+
+    /// `a` with the plugin name the plugin metrics of its group use: `[other]` once
+    /// `top_functions` other plugins have series.
+    fn capped_plugin(&self, target: &TargetLabels, mut a: Attribution) -> Attribution {
+        if a.plugin.is_empty() || a.plugin == crate::attribution::CORE {
+            return a;
+        }
+        let admitted = self.admitted.get(&Group::of(target));
+        let room =
+            admitted.is_none_or(|ad| ad.plugins.contains(&a.plugin) || ad.plugins.len() < self.top);
+        if !room {
+            a.plugin = OTHER.to_owned();
+        }
+        a
+    }
+}
+
+/// The interned copy of `v`.
+fn intern<T: Eq + std::hash::Hash>(set: &mut HashSet<Arc<[T]>>, v: Vec<T>) -> Arc<[T]> {
+    match set.get(v.as_slice()) {
+        Some(s) => s.clone(),
+        None => {
+            let s: Arc<[T]> = Arc::from(v);
+            set.insert(s.clone());
+            s
+        }
     }
 }
 
@@ -811,7 +1049,7 @@ mod tests {
             "builtin:io.write",
             "write",
         ]);
-        agg.add_offcpu(&t, &s, 250_000);
+        agg.add_offcpu(1, &t, s, Vec::new(), 250_000);
         agg.flush();
         let text = match metrics.encode() {
             Ok(t) => t,
@@ -869,6 +1107,164 @@ mod tests {
             0
         );
         assert_eq!(agg.recent(window, |_, _| true).total(), 5);
+    }
+
+    fn total(w: &Window) -> u64 {
+        w.stacks.iter().map(|s| s.count).sum()
+    }
+
+    #[test]
+    fn windows_that_meet_hold_each_sample_once() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 1000);
+        let t = target();
+        let start = Instant::now();
+        for _ in 0..3 {
+            agg.add(1, &t, stack(&["main", "f@/a.lua:1"]), no_module);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let mid = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        let details = vec![
+            FrameDetail::default(),
+            FrameDetail {
+                line: 4,
+                ..FrameDetail::default()
+            },
+        ];
+        for _ in 0..2 {
+            agg.add_detailed(
+                1,
+                &t,
+                stack(&["main", "f@/a.lua:1"]),
+                details.clone(),
+                no_module,
+            );
+        }
+        let end = Instant::now();
+        let keep = |_: u32, _: &str| true;
+        let none = Filter::default();
+        let first = agg.window(Retention::Cpu, start, mid, keep, &none);
+        let second = agg.window(Retention::Cpu, mid, end, keep, &none);
+        assert_eq!((total(&first), total(&second)), (3, 2));
+        assert!(!first.truncated);
+        // Same labels, other details: a stack of its own, interned once.
+        assert_eq!(second.stacks.len(), 1);
+        assert_eq!(second.stacks[0].details[1].line, 4);
+        assert_eq!(
+            second.stacks[0].attribution.plugin,
+            crate::attribution::CORE
+        );
+        assert_eq!(*second.stacks[0].target, t);
+        // Nothing arrived after `end`.
+        assert_eq!(
+            total(&agg.window(Retention::Cpu, end, Instant::now(), keep, &none)),
+            0
+        );
+        let only_2 = |pid: u32, _: &str| pid == 2;
+        assert_eq!(
+            total(&agg.window(Retention::Cpu, start, end, only_2, &none)),
+            0
+        );
+    }
+
+    #[test]
+    fn a_window_the_cap_cut_says_so_and_starts_later() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 3);
+        let t = target();
+        let start = Instant::now();
+        for _ in 0..5 {
+            agg.add(1, &t, stack(&["main", "f@/a.lua:1"]), no_module);
+        }
+        let w = agg.window(
+            Retention::Cpu,
+            start,
+            Instant::now(),
+            |_, _| true,
+            &Filter::default(),
+        );
+        assert_eq!(total(&w), 3);
+        assert!(w.truncated);
+        assert!(w.from > start);
+    }
+
+    #[test]
+    fn offcpu_window_keeps_blocks_outside_lua_but_not_idle_waits() {
+        let metrics = Arc::new(Metrics::new(true));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(60), 1000);
+        let t = target();
+        let start = Instant::now();
+        agg.add_offcpu(
+            1,
+            &t,
+            stack(&["main", "f@/a.lua:1", "read"]),
+            Vec::new(),
+            1500,
+        );
+        agg.add_offcpu(
+            1,
+            &t,
+            stack(&["main", "ngx_process_events", "epoll_wait"]),
+            Vec::new(),
+            9,
+        );
+        agg.add_offcpu(1, &t, stack(&["main", "fsync"]), Vec::new(), 2500);
+        let w = agg.window(
+            Retention::OffCpu,
+            start,
+            Instant::now(),
+            |_, _| true,
+            &Filter::default(),
+        );
+        assert_eq!(total(&w), 2);
+        assert_eq!(w.stacks.iter().map(|s| s.weight).sum::<u64>(), 4000);
+        let cpu = agg.window(
+            Retention::Cpu,
+            start,
+            Instant::now(),
+            |_, _| true,
+            &Filter::default(),
+        );
+        assert_eq!(total(&cpu), 0);
+    }
+
+    #[test]
+    fn window_plugins_beyond_the_cap_are_other() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 1, Duration::from_secs(60), 1000);
+        let t = target();
+        let start = Instant::now();
+        for plugin in ["key-auth", "key-auth", "cors"] {
+            let file = format!("_M.access@/a/apisix/plugins/{plugin}.lua:10");
+            agg.add(
+                1,
+                &t,
+                stack(&["main", "ngx_http_lua_access_handler", &file]),
+                no_module,
+            );
+        }
+        agg.flush();
+        let w = agg.window(
+            Retention::Cpu,
+            start,
+            Instant::now(),
+            |_, _| true,
+            &Filter::default(),
+        );
+        let mut plugins: Vec<&str> = w
+            .stacks
+            .iter()
+            .map(|s| s.attribution.plugin.as_str())
+            .collect();
+        plugins.sort_unstable();
+        assert_eq!(plugins, ["[other]", "key-auth"]);
+        let only = Filter {
+            plugin: Some("cors".to_owned()),
+            phase: None,
+        };
+        let w = agg.window(Retention::Cpu, start, Instant::now(), |_, _| true, &only);
+        assert_eq!(total(&w), 1);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The daemon's HTTP endpoint (axum):
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
 //!   format ([`super::metrics`]).
-//! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json]
+//! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json|pprof]
 //!   [&frequency=HZ][&mode=cpu|off-cpu|alloc|live][&sample_bytes=N][&idle=exclude|include]
 //!   [&trace_frames=1][&plugin=NAME][&phase=NAME]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, of blocked time with `mode=off-cpu`, or of the
@@ -9,7 +9,14 @@
 //!   allocated at the end) ([`crate::sampling::capture`]); without, the continuously
 //!   collected recent stacks at once.
 //!   `plugin` and `phase` keep only the stacks of that plugin / phase
-//!   ([`crate::attribution`]); the title says so, also when nothing matched.
+//!   ([`crate::attribution`]); the title says so, also when nothing matched. `format=pprof`
+//!   (CPU and off-CPU) is the encoding of the pprof endpoints.
+//! - `GET /debug/pprof/profile[?seconds=N][&pid=…|&container=…][&plugin=…][&phase=…]` and
+//!   `GET /debug/pprof/offcpu?…` (with `sampling.offcpu.enabled`): a gzip-compressed pprof
+//!   profile of the continuously sampled stacks (blocked time) of the last N seconds
+//!   (default 30), at once, for Grafana Pyroscope and Parca ([`crate::output::pprof`]). N above
+//!   `sampling.retention_seconds` is clamped, and the `X-Profile-Clamped` header says so;
+//!   `X-Profile-Seconds` gives the seconds served. Every target unless narrowed.
 //! - `GET /targets`: the profiled processes with labels, LuaJIT flavour and Lua heap size, as
 //!   JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
@@ -36,12 +43,12 @@ use axum::{
     routing::get,
 };
 
-use super::Shared;
+use super::{Shared, aggregate::Retention};
 use crate::{
     attribution::{self, Filter, Phase, Rules},
     discovery::{Lua, TargetProcess},
     luajit::NameStyle,
-    output::Folded,
+    output::{Folded, pprof},
     sampling::capture::{self, CaptureTarget},
     stacks::StackOptions,
 };
@@ -62,6 +69,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/flamegraph", get(flamegraph))
+        .merge(pprof_routes())
         .route("/targets", get(targets))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".to_owned()) })
@@ -131,6 +139,7 @@ enum ResponseFormat {
     Svg,
     Collapsed,
     Json,
+    Pprof,
 }
 
 /// What a `/flamegraph` capture measures.
@@ -202,23 +211,9 @@ fn parse_request(
         "plugin",
         "phase",
     ];
-    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!(
-            "unknown parameter {k:?}; known: {}",
-            KNOWN.join(", ")
-        )));
-    }
-    let selector = match (q.get("pid"), q.get("container")) {
-        (Some(p), None) => Selector::Pid(
-            p.parse::<u32>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad(format!("pid={p:?} is not a process id")))?,
-        ),
-        (None, Some(c)) if !c.is_empty() && c.len() <= 128 => Selector::Container(c.clone()),
-        (None, Some(_)) => return Err(bad("container must be 1 to 128 characters")),
-        _ => return Err(bad("give exactly one of pid=PID or container=NAME")),
-    };
+    check_known(q, &KNOWN)?;
+    let selector =
+        parse_selector(q)?.ok_or_else(|| bad("give exactly one of pid=PID or container=NAME"))?;
     let seconds = match q.get("seconds") {
         None => None,
         Some(s) => Some(
@@ -245,7 +240,12 @@ fn parse_request(
         None | Some("svg") => ResponseFormat::Svg,
         Some("collapsed") => ResponseFormat::Collapsed,
         Some("json") => ResponseFormat::Json,
-        Some(f) => return Err(bad(format!("format={f:?} must be svg, collapsed or json"))),
+        Some("pprof") => ResponseFormat::Pprof,
+        Some(f) => {
+            return Err(bad(format!(
+                "format={f:?} must be svg, collapsed, json or pprof"
+            )));
+        }
     };
     let mode = match q.get("mode").map(String::as_str) {
         None | Some("cpu") => RequestMode::Cpu,
@@ -299,6 +299,55 @@ fn parse_request(
         }
         Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
     };
+    if format == ResponseFormat::Pprof && matches!(mode, RequestMode::Alloc | RequestMode::Live) {
+        return Err(bad(format!(
+            "format=pprof applies to mode=cpu and mode=off-cpu, not mode={name}"
+        )));
+    }
+    Ok(FlameRequest {
+        filter: parse_filter(q)?,
+        selector,
+        seconds,
+        frequency,
+        format,
+        mode,
+        sample_bytes,
+        include_idle,
+        trace_frames,
+    })
+}
+
+/// A 400 for the first parameter of `q` not in `known`.
+fn check_known(q: &HashMap<String, String>, known: &[&str]) -> Result<(), BadRequest> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!(
+            "unknown parameter {k:?}; known: {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `pid=PID` or `container=NAME` (`None`: neither).
+fn parse_selector(q: &HashMap<String, String>) -> Result<Option<Selector>, BadRequest> {
+    match (q.get("pid"), q.get("container")) {
+        (Some(p), None) => Ok(Some(Selector::Pid(
+            p.parse::<u32>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(format!("pid={p:?} is not a process id")))?,
+        ))),
+        (None, Some(c)) if !c.is_empty() && c.len() <= 128 => {
+            Ok(Some(Selector::Container(c.clone())))
+        }
+        (None, Some(_)) => Err(bad("container must be 1 to 128 characters")),
+        (Some(_), Some(_)) => Err(bad("give only one of pid=PID or container=NAME")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `plugin=NAME` and `phase=NAME`.
+fn parse_filter(q: &HashMap<String, String>) -> Result<Filter, BadRequest> {
     let plugin = match q.get("plugin") {
         None => None,
         Some(p)
@@ -324,17 +373,7 @@ fn parse_request(
             bad(format!("phase={p:?} must be one of {}", names.join(", ")))
         })?),
     };
-    Ok(FlameRequest {
-        filter: Filter { plugin, phase },
-        selector,
-        seconds,
-        frequency,
-        format,
-        mode,
-        sample_bytes,
-        include_idle,
-        trace_frames,
-    })
+    Ok(Filter { plugin, phase })
 }
 
 /// The targets a selector names.
@@ -381,6 +420,23 @@ async fn flamegraph(
     }
     let describe = describe(&chosen, &what);
     let (folded, title, unit) = match req.seconds {
+        None if req.format == ResponseFormat::Pprof => {
+            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+            let title = format!(
+                "{describe}: last {}s of continuous sampling at {} Hz",
+                cfg.retention_seconds, cfg.frequency_hz
+            );
+            return window_profile(
+                &shared,
+                Retention::Cpu,
+                cfg.retention_seconds,
+                move |pid, _| pids.contains(&pid),
+                req.filter,
+                title,
+                Vec::new(),
+            )
+            .await;
+        }
         None => {
             let window = Duration::from_secs(cfg.retention_seconds);
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
@@ -501,6 +557,20 @@ async fn flamegraph(
                     let _ = write!(title, " — skipped: {}", a.skipped.join("; "));
                 }
             }
+            if req.format == ResponseFormat::Pprof {
+                let kind = match mode {
+                    capture::Mode::Cpu { frequency } => pprof::Kind::cpu(frequency),
+                    capture::Mode::OffCpu { .. } => pprof::Kind::OffCpu,
+                    // parse_request refuses it already.
+                    capture::Mode::Alloc { .. } => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "format=pprof applies to mode=cpu and mode=off-cpu".to_owned(),
+                        );
+                    }
+                };
+                return capture_profile(&shared, &chosen, cap, kind, &req.filter, &title).await;
+            }
             (
                 req.filter.apply(&shared.rules, &cap.folded),
                 title,
@@ -553,6 +623,11 @@ fn render(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
             }
         }
+        // `flamegraph` answers pprof requests itself (from stacks with their frame details).
+        ResponseFormat::Pprof => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "pprof is not rendered from folded stacks".to_owned(),
+        ),
         ResponseFormat::Json => Json(serde_json::json!({
             "title": title,
             "unit": unit,
@@ -580,6 +655,361 @@ fn stacks_json(folded: &Folded, rules: &Rules) -> serde_json::Value {
             })
         })
         .collect()
+}
+
+// ─── pprof endpoints (Grafana Pyroscope's `pyroscope.scrape`, Parca) ────────────────────────
+// `/debug/pprof/profile` and `/debug/pprof/offcpu` serve the continuous sampler's recent
+// window at once (no sleeping: scrapes never time out); `/flamegraph?format=pprof` uses the
+// same encoding ([`crate::output::pprof`]).
+
+/// The pprof routes, registered next to `/flamegraph`.
+fn pprof_routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/debug/pprof/profile", get(pprof_profile))
+        .route("/debug/pprof/offcpu", get(pprof_offcpu))
+}
+
+/// Largest `seconds` accepted; above `sampling.retention_seconds` it is clamped to it.
+const MAX_PPROF_SECONDS: u64 = 86_400;
+/// `seconds` when absent, as Go's `net/http/pprof`.
+const DEFAULT_PPROF_SECONDS: u64 = 30;
+
+/// A validated pprof endpoint request.
+#[derive(Debug)]
+struct PprofRequest {
+    seconds: u64,
+    selector: Option<Selector>,
+    filter: Filter,
+}
+
+fn parse_pprof(q: &HashMap<String, String>) -> Result<PprofRequest, BadRequest> {
+    check_known(q, &["seconds", "pid", "container", "plugin", "phase"])?;
+    let seconds = match q.get("seconds") {
+        None => DEFAULT_PPROF_SECONDS,
+        Some(s) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=MAX_PPROF_SECONDS).contains(s))
+            .ok_or_else(|| {
+                bad(format!(
+                    "seconds={s:?} must be a whole number of seconds, 1..={MAX_PPROF_SECONDS} \
+                     (above sampling.retention_seconds it is clamped to it)"
+                ))
+            })?,
+    };
+    Ok(PprofRequest {
+        seconds,
+        selector: parse_selector(q)?,
+        filter: parse_filter(q)?,
+    })
+}
+
+async fn pprof_profile(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    pprof_endpoint(shared, &q, Retention::Cpu).await
+}
+
+async fn pprof_offcpu(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    pprof_endpoint(shared, &q, Retention::OffCpu).await
+}
+
+async fn pprof_endpoint(
+    shared: Arc<Shared>,
+    q: &HashMap<String, String>,
+    which: Retention,
+) -> Response {
+    let req = match parse_pprof(q) {
+        Ok(r) => r,
+        Err((status, message)) => return error(status, message),
+    };
+    let cfg = &shared.config.sampling;
+    if which == Retention::OffCpu && !cfg.offcpu.enabled {
+        return error(
+            StatusCode::NOT_FOUND,
+            "off-CPU profiling is off: set sampling.offcpu.enabled to serve /debug/pprof/offcpu"
+                .to_owned(),
+        );
+    }
+    let served = req.seconds.min(cfg.retention_seconds);
+    let mut headers = vec![("x-profile-seconds", served.to_string())];
+    if served < req.seconds {
+        headers.push((
+            "x-profile-clamped",
+            format!(
+                "seconds={} exceeds sampling.retention_seconds={}; served {served}",
+                req.seconds, cfg.retention_seconds
+            ),
+        ));
+    }
+    let (pids, what) = match &req.selector {
+        None => (None, "every target".to_owned()),
+        Some(selector) => {
+            let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
+            let chosen = select(&snapshot, selector);
+            let what = match selector {
+                Selector::Pid(pid) => format!("pid {pid}"),
+                Selector::Container(c) => format!("container {c}"),
+            };
+            if chosen.is_empty() {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("{what} is not a profiled target (see /targets)"),
+                );
+            }
+            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+            (Some(pids), describe(&chosen, &what))
+        }
+    };
+    let what = match which {
+        Retention::Cpu => format!(
+            "{what}: on-CPU, continuous sampling at {} Hz",
+            cfg.frequency_hz
+        ),
+        Retention::OffCpu => format!(
+            "{what}: off-CPU, blocks ≥ {} µs, idle epoll waits excluded",
+            cfg.offcpu.min_block_us
+        ),
+    };
+    let title = if req.filter.is_empty() {
+        what
+    } else {
+        format!("{what} — {}", req.filter.describe())
+    };
+    window_profile(
+        &shared,
+        which,
+        served,
+        move |pid, _| pids.as_ref().is_none_or(|p| p.contains(&pid)),
+        req.filter,
+        title,
+        headers,
+    )
+    .await
+}
+
+/// The pprof response of the retained samples of `which` of the last `seconds`.
+async fn window_profile(
+    shared: &Arc<Shared>,
+    which: Retention,
+    seconds: u64,
+    keep: impl Fn(u32, &str) -> bool,
+    filter: Filter,
+    title: String,
+    mut headers: Vec<(&'static str, String)>,
+) -> Response {
+    let to = std::time::Instant::now();
+    let wall_to = SystemTime::now();
+    let cut_started = thread_cpu();
+    let from = to.checked_sub(Duration::from_secs(seconds)).unwrap_or(to);
+    let window = match shared.aggregator.lock() {
+        Ok(agg) => agg.window(which, from, to, keep, &filter),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "aggregator poisoned".into(),
+            );
+        }
+    };
+    let cut_cpu = thread_cpu().saturating_sub(cut_started);
+    if window.truncated {
+        headers.push((
+            "x-profile-truncated",
+            "sampling.max_retained_samples dropped samples of this window: it starts later"
+                .to_owned(),
+        ));
+    }
+    let kind = match which {
+        Retention::Cpu => pprof::Kind::cpu(shared.config.sampling.frequency_hz),
+        Retention::OffCpu => pprof::Kind::OffCpu,
+    };
+    let covered = to.duration_since(window.from);
+    let samples: u64 = window.stacks.iter().map(|w| w.count).sum();
+    let stacks = window.stacks.len();
+    let encoded = on_encoder_thread(move || {
+        let started = thread_cpu();
+        let mut b = pprof::ProfileBuilder::new(kind);
+        b.comment(&title);
+        for w in &window.stacks {
+            let t = &w.target;
+            let labels = [
+                ("container", t.container.as_str()),
+                ("image", t.image.as_str()),
+                ("process", t.process.as_str()),
+                ("plugin", w.attribution.plugin.as_str()),
+                ("phase", w.attribution.phase.name()),
+            ];
+            b.add(&w.stack, &w.details, &labels, w.count, w.weight);
+        }
+        let start = wall_to.checked_sub(covered).unwrap_or(wall_to);
+        let profile = b.build(start, covered);
+        let built = thread_cpu().saturating_sub(started);
+        let gz = pprof::gzip(&profile);
+        let gzipped = thread_cpu().saturating_sub(started).saturating_sub(built);
+        (gz, built, gzipped)
+    })
+    .await;
+    let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
+    let encoded = encoded.map(|(gz, built, gzipped)| {
+        if let Ok(bytes) = &gz {
+            // Costs for bench/pprof_cost.py: wall time, and CPU time of each step.
+            tracing::debug!(
+                seconds,
+                samples,
+                stacks,
+                bytes = bytes.len(),
+                millis = %ms(to.elapsed()),
+                cut_cpu_ms = %ms(cut_cpu),
+                build_cpu_ms = %ms(built),
+                gzip_cpu_ms = %ms(gzipped),
+                "pprof profile served"
+            );
+        }
+        gz
+    });
+    pprof_response(encoded, headers)
+}
+
+/// The pprof response of an on-demand capture of the `chosen` targets.
+async fn capture_profile(
+    shared: &Arc<Shared>,
+    chosen: &[TargetProcess],
+    cap: capture::Capture,
+    kind: pprof::Kind,
+    filter: &Filter,
+    title: &str,
+) -> Response {
+    let labels: HashMap<u32, crate::discovery::Labels> =
+        chosen.iter().map(|t| (t.pid, t.labels.clone())).collect();
+    let rules = shared.rules.clone();
+    let filter = filter.clone();
+    let title = title.to_owned();
+    let encoded = on_encoder_thread(move || {
+        let mut b = pprof::ProfileBuilder::new(kind);
+        b.comment(&title);
+        let mut verdicts: HashMap<&[Arc<str>], Option<attribution::Attribution>> = HashMap::new();
+        for (pid, stack, details, count, weight) in cap.detailed.iter() {
+            let Some(a) = verdicts
+                .entry(stack)
+                .or_insert_with(|| {
+                    let a = rules.classify(stack);
+                    filter.keeps(&a).then_some(a)
+                })
+                .as_ref()
+            else {
+                continue;
+            };
+            let t = labels.get(pid);
+            let field = |f: fn(&crate::discovery::Labels) -> &str| t.map_or("", f);
+            let labels = [
+                ("container", field(|l| &l.container)),
+                ("image", field(|l| &l.image)),
+                ("process", field(|l| &l.process)),
+                ("plugin", a.plugin.as_str()),
+                ("phase", a.phase.name()),
+            ];
+            b.add(stack, details, &labels, count, weight);
+        }
+        let now = SystemTime::now();
+        let start = now.checked_sub(cap.elapsed).unwrap_or(now);
+        pprof::gzip(&b.build(start, cap.elapsed))
+    })
+    .await;
+    pprof_response(encoded, Vec::new())
+}
+
+/// A gzip-compressed profile as Go's `net/http/pprof` serves one, with extra `headers`.
+fn pprof_response(
+    encoded: Result<std::io::Result<Vec<u8>>, EncoderGone>,
+    headers: Vec<(&'static str, String)>,
+) -> Response {
+    let bytes = match encoded {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"profile\"",
+            ),
+        ],
+        bytes,
+    )
+        .into_response();
+    for (name, value) in headers {
+        if let Ok(v) = header::HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), v);
+        }
+    }
+    response
+}
+
+/// The encoding thread is gone, or the encoding panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the pprof encoder thread is gone")]
+struct EncoderGone;
+
+type EncodeJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `job` on the one thread that encodes pprof profiles, one at a time. One thread because
+/// glibc keeps the memory a thread freed in that thread's arena: encodings spread over the
+/// blocking pool's threads would each keep an encoding's working set (about 10 MiB for a
+/// busy 60 s window), a single thread keeps one, however many scrapes and scrapers.
+async fn on_encoder_thread<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EncoderGone> {
+    static ENCODER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<EncodeJob>>> =
+        std::sync::OnceLock::new();
+    let sender = ENCODER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<EncodeJob>();
+        std::thread::Builder::new()
+            .name("pprof-encoder".to_owned())
+            .spawn(move || {
+                for job in rx {
+                    // A job that panics fails its own request only.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the pprof encoder thread"))
+            .ok()
+            .map(|_| tx)
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: EncodeJob = Box::new(move || {
+        let _ = tx.send(job());
+    });
+    match sender {
+        Some(s) => s.send(job).map_err(|_| EncoderGone)?,
+        // No thread could be started: encode on the blocking pool.
+        None => drop(tokio::task::spawn_blocking(job)),
+    }
+    rx.await.map_err(|_| EncoderGone)
+}
+
+/// CPU time of the calling thread so far (zero where the clock cannot be read).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call has no other effect.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -749,6 +1179,73 @@ mod tests {
                 DEFAULTS
             )
             .is_ok()
+        );
+    }
+
+    fn pprof_status(pairs: &[(&str, &str)]) -> Option<StatusCode> {
+        parse_pprof(&q(pairs)).err().map(|(s, _)| s)
+    }
+
+    #[test]
+    fn pprof_requests() {
+        let r = match parse_pprof(&q(&[])) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.seconds, DEFAULT_PPROF_SECONDS);
+        assert!(r.selector.is_none());
+        let r = match parse_pprof(&q(&[
+            ("seconds", "14"),
+            ("container", "gw"),
+            ("plugin", "key-auth"),
+            ("phase", "access"),
+        ])) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.seconds, 14);
+        assert!(matches!(r.selector, Some(Selector::Container(ref c)) if c == "gw"));
+        assert_eq!(r.filter.plugin.as_deref(), Some("key-auth"));
+        // Above the retention window is clamped later, not refused.
+        assert!(parse_pprof(&q(&[("seconds", "86400")])).is_ok());
+        let b = Some(StatusCode::BAD_REQUEST);
+        for seconds in ["0", "-5", "86401", "99999999999999999999", "abc", "1.5", ""] {
+            assert_eq!(
+                pprof_status(&[("seconds", seconds)]),
+                b,
+                "seconds={seconds}"
+            );
+        }
+        assert_eq!(pprof_status(&[("debug", "1")]), b, "unknown parameter");
+        assert_eq!(pprof_status(&[("pid", "x")]), b);
+        assert_eq!(pprof_status(&[("pid", "1"), ("container", "gw")]), b);
+        assert_eq!(pprof_status(&[("phase", "lunch")]), b);
+        assert_eq!(pprof_status(&[("plugin", "a b")]), b);
+    }
+
+    #[test]
+    fn flamegraph_accepts_format_pprof() {
+        let r = match parse_request(&q(&[("pid", "1"), ("format", "pprof")]), DEFAULTS) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(r.format, ResponseFormat::Pprof);
+        let ok = |pairs: &[(&str, &str)]| parse_request(&q(pairs), DEFAULTS).is_ok();
+        assert!(ok(&[
+            ("pid", "1"),
+            ("seconds", "2"),
+            ("mode", "off-cpu"),
+            ("format", "pprof")
+        ]));
+        // Heap captures have no pprof encoding here.
+        assert_eq!(
+            status(&[
+                ("pid", "1"),
+                ("seconds", "2"),
+                ("mode", "alloc"),
+                ("format", "pprof")
+            ]),
+            Some(StatusCode::BAD_REQUEST)
         );
     }
 

@@ -3,7 +3,10 @@
 //! `NAME@FILE:LINE`, `builtin:NAME` or the native symbol of a C function. Frames are split
 //! into segments at every entry from C, for the splice into the native stack.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
@@ -13,7 +16,12 @@ use super::{
     ffnames,
     layout::Layout,
 };
-use crate::stacks::{memory::Memory, process::ProcessModules, symbolize::Symbolizer};
+use crate::stacks::{
+    label::{FrameDetail, ModuleId},
+    memory::Memory,
+    process::ProcessModules,
+    symbolize::Symbolizer,
+};
 
 /// Largest prototype (with its colocated debug data) read from a target.
 const MAX_PROTO_BYTES: u32 = 1 << 20;
@@ -195,24 +203,29 @@ impl Proto {
         (off < self.blob.len()).then_some(off)
     }
 
-    /// Source line of instruction `pc`.
+    /// Source line of instruction `pc` (0 is the function header), as LuaJIT's
+    /// `lj_debug_line` reads it: the line table has no entry for the header.
     pub fn line(&self, pc: usize) -> Option<u32> {
         if self.lineinfo == 0 || pc >= self.sizebc as usize {
             return None;
         }
+        let Some(i) = pc.checked_sub(1) else {
+            return Some(self.firstline);
+        };
         let off = self.blob_off(self.lineinfo)?;
         let delta = if self.numline < 256 {
-            u32::from(*self.blob.get(off + pc)?)
+            u32::from(*self.blob.get(off + i)?)
         } else if self.numline < 65536 {
-            let o = off + pc * 2;
+            let o = off + i * 2;
             u32::from(u16::from_le_bytes(
                 self.blob.get(o..o + 2)?.try_into().ok()?,
             ))
         } else {
-            let o = off + pc * 4;
+            let o = off + i * 4;
             u32::from_le_bytes(self.blob.get(o..o + 4)?.try_into().ok()?)
         };
-        Some(self.firstline + delta)
+        // A line outside the function is not one of its lines: the read went wrong.
+        (delta <= self.numline).then_some(self.firstline + delta)
     }
 
     /// The cached call-site name of the call at instruction `pc`.
@@ -339,6 +352,9 @@ impl ProtoView for Proto {
 #[derive(Debug, Default)]
 pub struct LuaNamer {
     protos: HashMap<(u32, u64), Arc<Proto>>,
+    /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
+    /// of stacks; the pprof encoder knows a frame by its label's address).
+    labels: HashSet<Arc<str>>,
     /// Prototypes that failed validation, by reason.
     pub errors: HashMap<&'static str, u64>,
 }
@@ -347,6 +363,19 @@ impl LuaNamer {
     /// An empty namer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The shared copy of `label`.
+    fn label(&mut self, label: String) -> Arc<str> {
+        if let Some(l) = self.labels.get(label.as_str()) {
+            return l.clone();
+        }
+        if self.labels.len() > 100_000 {
+            self.labels.clear();
+        }
+        let l: Arc<str> = Arc::from(label);
+        self.labels.insert(l.clone());
+        l
     }
 
     /// Drops the prototypes cached for process `pid`.
@@ -383,7 +412,8 @@ impl LuaNamer {
     }
 
     /// Names `frames` (innermost first, as walked) and splits them into segments, root
-    /// first, each starting at a function entered from C.
+    /// first, each starting at a function entered from C. Each label comes with its frame's
+    /// current line (Lua) or module (C).
     pub fn segments(
         &mut self,
         pid: u32,
@@ -392,7 +422,7 @@ impl LuaNamer {
         style: NameStyle,
         symbolizer: &mut Symbolizer,
         modules: &ProcessModules,
-    ) -> Vec<Vec<Arc<str>>> {
+    ) -> Vec<Vec<(Arc<str>, FrameDetail)>> {
         let layout = target.flavour.layout();
         let protos: Vec<Option<Arc<Proto>>> = frames
             .iter()
@@ -402,9 +432,10 @@ impl LuaNamer {
                     .flatten()
             })
             .collect();
-        let mut segments: Vec<Vec<Arc<str>>> = vec![Vec::new()];
+        let mut segments: Vec<Vec<(Arc<str>, FrameDetail)>> = vec![Vec::new()];
         for i in (0..frames.len()).rev() {
             let f = &frames[i];
+            let mut detail = FrameDetail::default();
             let label: Arc<str> = if f.kind == LuaFrameKind::Lua as u8 {
                 match &protos[i] {
                     Some(p) => {
@@ -427,25 +458,30 @@ impl LuaNamer {
                             }
                             .to_owned()
                         });
+                        let current = p
+                            .pc_index(f.pc)
+                            .and_then(|pc| p.line(pc))
+                            .unwrap_or(p.firstline);
+                        detail.line = current;
                         let line = match style {
                             NameStyle::FirstLine => p.firstline,
-                            NameStyle::CurrentLine => p
-                                .pc_index(f.pc)
-                                .and_then(|pc| p.line(pc))
-                                .unwrap_or(p.firstline),
+                            NameStyle::CurrentLine => current,
                         };
-                        Arc::from(format!("{name}@{}:{line}", p.chunk))
+                        self.label(format!("{name}@{}:{line}", p.chunk))
                     }
                     None => Arc::from("[lua:unknown]"),
                 }
             } else if f.kind == LuaFrameKind::Fast as u8 {
                 match ffnames::name(&target.flavour, f.ffid) {
-                    Some(n) => Arc::from(format!("builtin:{n}")),
-                    None => Arc::from(format!("builtin#{}", f.ffid)),
+                    Some(n) => self.label(format!("builtin:{n}")),
+                    None => self.label(format!("builtin#{}", f.ffid)),
                 }
             } else {
                 match modules.find(f.code) {
-                    Some(m) => symbolizer.user(m, f.code),
+                    Some(m) => {
+                        detail.module = ModuleId::of(&m.elf.name);
+                        symbolizer.user(m, f.code)
+                    }
                     None => Arc::from(format!("cfunc:{:#x}", f.code)),
                 }
             };
@@ -453,7 +489,7 @@ impl LuaNamer {
                 segments.push(Vec::new());
             }
             if let Some(seg) = segments.last_mut() {
-                seg.push(label);
+                seg.push((label, detail));
             }
         }
         segments.retain(|s| !s.is_empty());

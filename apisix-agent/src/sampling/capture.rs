@@ -1,5 +1,6 @@
 //! One bounded capture: loads a sampler of its own, samples a set of processes for a while and
-//! folds their stacks. Used by the one-shot `record` command and by on-demand
+//! folds their stacks (CPU and off-CPU also per process with their frame details, for
+//! pprof). Used by the one-shot `record` command and by on-demand
 //! `/flamegraph?seconds=N` requests of the daemon (which keeps its continuous, low-rate
 //! sampler running meanwhile). Modes: CPU samples, blocked time (off-CPU), and the Lua heap:
 //! allocated bytes (`alloc`) or sampled blocks still allocated at the end (`live`), from
@@ -27,7 +28,7 @@ use super::{
 };
 use crate::{
     luajit::{LuaTarget, heap},
-    output::Folded,
+    output::{Folded, pprof::Detailed},
     stacks::{StackBuilder, StackOptions, StackStats, memory::Memory, process},
 };
 
@@ -227,6 +228,8 @@ pub struct AllocOutcome {
 #[derive(Debug)]
 pub struct Capture {
     pub folded: Folded,
+    /// The same stacks per process, with their frame details (for pprof).
+    pub detailed: Detailed<u32>,
     pub counters: [u64; COUNTER_SLOTS as usize],
     /// Off-CPU stacks left out as idle, and their microseconds.
     pub idle_excluded: u64,
@@ -307,33 +310,35 @@ pub fn capture(
     let baseline = sampler.counters()?;
     let started = Instant::now();
     let mut folded = Folded::new();
+    let mut detailed = Detailed::new();
     let mut named = LiveNames::default();
     let live = matches!(mode, Mode::Alloc { live: true, .. });
     let mut last_progress = Instant::now();
     let mut all_exited = false;
     // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
     let mut sampled = 0u64;
-    let mut take = |builder: &mut StackBuilder, folded: &mut Folded, s: &Sample| -> u64 {
+    let mut take = |builder: &mut StackBuilder, detailed: &mut Detailed<u32>, s: &Sample| -> u64 {
         if let Some(stack) = builder.build(s) {
             if live {
                 named.insert(s.tid, s.time_ns, stack);
             } else if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
             } else {
-                folded.add(stack, s.weight.max(1));
+                let details = builder.last_details().to_vec();
+                detailed.add(s.pid, stack, details, s.weight.max(1));
             }
         }
         s.weight
     };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            sampled += take(&mut builder, &mut folded, s);
+            sampled += take(&mut builder, &mut detailed, s);
         });
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
             progress(Progress::Sampling {
                 elapsed: started.elapsed(),
-                weight: if live { sampled } else { folded.total() },
+                weight: if live { sampled } else { detailed.total() },
             });
         }
         sampler.retire_learners();
@@ -357,7 +362,7 @@ pub fn capture(
     }
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
-        take(&mut builder, &mut folded, s);
+        take(&mut builder, &mut detailed, s);
     }) > 0
     {}
     let mut counters = sampler.counters()?;
@@ -380,7 +385,8 @@ pub fn capture(
     sampler.detach_alloc();
     drop(sampler);
     Ok(Capture {
-        folded,
+        folded: if live { folded } else { detailed.folded() },
+        detailed,
         counters,
         idle_excluded,
         all_exited,

@@ -34,7 +34,7 @@ use crate::{
     },
     discovery::{Lua, Snapshot, TargetProcess},
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
-    stacks::{StackBuilder, StackOptions, memory::Memory, process},
+    stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).
@@ -98,7 +98,19 @@ impl<S: SampleSource> State<S> {
             }
         }
         for t in snapshot.iter() {
-            if self.tracked.contains_key(&t.pid) {
+            if let Some(tr) = self.tracked.get_mut(&t.pid) {
+                // Labels can come later than the process: Docker names a container the scan
+                // first saw only by its cgroup.
+                let labels = metric_labels(t);
+                if tr.labels != labels {
+                    tracing::info!(
+                        pid = t.pid,
+                        container = labels.container,
+                        image = labels.image,
+                        "target relabelled"
+                    );
+                    tr.labels = labels;
+                }
                 continue;
             }
             let lua = match &t.lua {
@@ -349,8 +361,9 @@ pub fn run_with<S: SampleSource>(
         memory_series: HashSet::new(),
     };
     let mut last_tick = Instant::now();
-    let mut batch: Vec<(u32, Vec<Arc<str>>, Option<VmState>)> = Vec::new();
-    let mut blocked: Vec<(u32, Vec<Arc<str>>, u64)> = Vec::new();
+    type Built = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
+    let mut batch: Vec<(Built, Option<VmState>)> = Vec::new();
+    let mut blocked: Vec<(Built, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut latest = None;
         while let Ok(s) = snapshots.try_recv() {
@@ -367,22 +380,26 @@ pub fn run_with<S: SampleSource>(
         } = &mut state;
         sampler.poll(Duration::from_millis(200), &mut |s| {
             if let Some(stack) = builder.build(s) {
-                batch.push((s.pid, stack, builder.last_vm_state()));
+                let details = builder.last_details().to_vec();
+                batch.push(((s.pid, stack, details), builder.last_vm_state()));
             }
         });
         if let Some(off) = offcpu.as_mut() {
             off.poll(Duration::ZERO, &mut |s| {
                 if let Some(stack) = builder.build(s) {
-                    blocked.push((s.pid, stack, s.weight));
+                    let details = builder.last_details().to_vec();
+                    blocked.push(((s.pid, stack, details), s.weight));
                 }
             });
         }
         if !(batch.is_empty() && blocked.is_empty())
             && let Ok(mut agg) = shared.aggregator.lock()
         {
-            for (pid, stack, vm_state) in batch.drain(..) {
+            for ((pid, stack, details), vm_state) in batch.drain(..) {
                 if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add(pid, &tr.labels, stack, |l| state.builder.module_of(l));
+                    agg.add_detailed(pid, &tr.labels, stack, details, |l| {
+                        state.builder.module_of(l)
+                    });
                     if let Some(v) = vm_state {
                         shared
                             .metrics
@@ -396,9 +413,9 @@ pub fn run_with<S: SampleSource>(
                     }
                 }
             }
-            for (pid, stack, us) in blocked.drain(..) {
+            for ((pid, stack, details), us) in blocked.drain(..) {
                 if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_offcpu(&tr.labels, &stack, us);
+                    agg.add_offcpu(pid, &tr.labels, stack, details, us);
                 }
             }
         }

@@ -15,6 +15,7 @@ use std::{
 use apisix_ebpf_common::{LuaFrame, LuaState, MAX_LUA_FRAMES, STACK_COPY_MAX, Sample};
 
 use super::{
+    label::{FrameDetail, ModuleId},
     process::{ElfFile, ProcessModules},
     symbolize::Symbolizer,
     unwind::{NativeUnwinder, UnwindEnd},
@@ -83,6 +84,8 @@ pub struct StackBuilder {
     namer: LuaNamer,
     tracer: Tracer,
     last_vm_state: Option<VmState>,
+    /// The details of the frames of the stack last built, in the same order.
+    last_details: Vec<FrameDetail>,
     /// Whether a `[trace N]` pseudo-frame marks where a trace runs.
     trace_marker: bool,
     style: NameStyle,
@@ -91,6 +94,8 @@ pub struct StackBuilder {
     lua_targets: HashMap<u32, LuaTarget>,
     /// Module (file name) of each native frame label produced.
     module_of: HashMap<Arc<str>, Arc<str>>,
+    /// The interned id of each module (by its file), for frame details.
+    module_ids: HashMap<usize, Option<ModuleId>>,
 }
 
 impl std::fmt::Debug for StackBuilder {
@@ -119,11 +124,13 @@ impl StackBuilder {
             namer: LuaNamer::new(),
             tracer: Tracer::new(),
             last_vm_state: None,
+            last_details: Vec::new(),
             trace_marker: trace_frames,
             style,
             stats: StackStats::default(),
             lua_targets: HashMap::new(),
             module_of: HashMap::new(),
+            module_ids: HashMap::new(),
         }
     }
 
@@ -150,6 +157,12 @@ impl StackBuilder {
     /// The LuaJIT VM state of the sample last built (`None`: no Lua running).
     pub fn last_vm_state(&self) -> Option<VmState> {
         self.last_vm_state
+    }
+
+    /// What the labels of the stack last built do not say (current lines, modules, frames a
+    /// trace inlined), one entry per frame in the same order.
+    pub fn last_details(&self) -> &[FrameDetail] {
+        &self.last_details
     }
 
     /// Traces read and decoded so far (the rest were served from the cache).
@@ -349,23 +362,32 @@ impl StackBuilder {
         }
 
         // Name native frames, root first, marking VM frames.
-        let mut named: Vec<(Arc<str>, bool)> = Vec::with_capacity(native.len() + lua_len);
+        type Named = (Arc<str>, FrameDetail);
+        let mut named: Vec<(Named, bool)> = Vec::with_capacity(native.len() + lua_len);
         for &addr in native.iter().rev() {
-            let label = match proc.modules.find(addr) {
+            let (label, module) = match proc.modules.find(addr) {
                 Some(m) => {
                     let label = self.symbolizer.user(m, addr);
                     if !self.module_of.contains_key(&label) {
                         self.module_of
                             .insert(label.clone(), Arc::from(m.elf.name.as_str()));
                     }
-                    label
+                    let module = *self
+                        .module_ids
+                        .entry(Arc::as_ptr(&m.elf) as usize)
+                        .or_insert_with(|| ModuleId::of(&m.elf.name));
+                    (label, module)
                 }
-                None => Arc::from("[unknown]"),
+                None => (Arc::from("[unknown]"), None),
             };
-            named.push((label, in_vm(addr)));
+            let detail = FrameDetail {
+                module,
+                ..FrameDetail::default()
+            };
+            named.push(((label, detail), in_vm(addr)));
         }
 
-        let mut out: Vec<Arc<str>> = Vec::with_capacity(named.len() + lua_len + 8);
+        let mut out: Vec<Named> = Vec::with_capacity(named.len() + lua_len + 8);
         if lua_frames.is_empty() || proc.lua.is_none() {
             out.extend(named.into_iter().map(|(l, _)| l));
         } else {
@@ -379,19 +401,29 @@ impl StackBuilder {
                 &proc.modules,
             );
             let mut segments = segments;
+            let inlined = match &traced {
+                Some((_, Some(t))) => t.snap.frames.len(),
+                _ => 0,
+            };
+            // The innermost frames came from the trace's snapshot: flattened, the segments
+            // hold the frames outermost first.
+            for (_, d) in segments.iter_mut().flatten().rev().take(inlined) {
+                d.inlined = true;
+            }
             if self.trace_marker
-                && let Some((n, t)) = &traced
+                && let Some((n, _)) = &traced
                 && let Some(last) = segments.last_mut()
             {
-                let inlined = t.as_ref().map_or(0, |t| t.snap.frames.len());
                 let at = last.len().saturating_sub(inlined);
-                last.insert(at, Arc::from(format!("[trace {n}]")));
+                let marker = Arc::from(format!("[trace {n}]"));
+                last.insert(at, (marker, FrameDetail::default()));
             }
             let marker = match LuaState::from_raw(s.lua_state) {
                 LuaState::Gc => Some("[lua:gc]"),
                 LuaState::JitCompile => Some("[lua:jit-compile]"),
                 _ => None,
-            };
+            }
+            .map(|m| (Arc::from(m), FrameDetail::default()));
             splice(&named, segments, marker, &mut out);
             self.stats.lua_spliced += 1;
             self.stats.max_lua_depth = self.stats.max_lua_depth.max(lua_len as u64);
@@ -403,11 +435,18 @@ impl StackBuilder {
             .map(|a| self.symbolizer.kernel(*a))
             .skip_while(|f| is_tracing_frame(f))
             .collect();
-        out.extend(kframes.into_iter().rev());
+        out.extend(
+            kframes
+                .into_iter()
+                .rev()
+                .map(|k| (k, FrameDetail::default())),
+        );
         if out.is_empty() {
-            out.push(Arc::from("[unknown]"));
+            out.push((Arc::from("[unknown]"), FrameDetail::default()));
         }
-        Some(out)
+        let (labels, details): (Vec<Arc<str>>, Vec<FrameDetail>) = out.into_iter().unzip();
+        self.last_details = details;
+        Some(labels)
     }
 }
 
@@ -461,14 +500,15 @@ fn is_tracing_frame(label: &str) -> bool {
 /// flag for frames inside the VM). The innermost segment replaces the innermost VM frame, and
 /// so on outwards; segments left over at the root side join the outermost VM frame. Without
 /// any VM frame the Lua frames go below the native frames (whose unwind stopped early).
-pub fn splice(
-    native: &[(Arc<str>, bool)],
-    mut segments: Vec<Vec<Arc<str>>>,
-    marker: Option<&str>,
-    out: &mut Vec<Arc<str>>,
+/// Frames are labels, or labels with their details: splicing only moves them.
+pub fn splice<F: Clone>(
+    native: &[(F, bool)],
+    mut segments: Vec<Vec<F>>,
+    marker: Option<F>,
+    out: &mut Vec<F>,
 ) {
     if let (Some(m), Some(last)) = (marker, segments.last_mut()) {
-        last.push(Arc::from(m));
+        last.push(m);
     }
     let vm_positions: Vec<usize> = native
         .iter()
@@ -484,7 +524,7 @@ pub fn splice(
         return;
     }
     // Assign segments to VM frames from the leaf side.
-    let mut assigned: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+    let mut assigned: HashMap<usize, Vec<F>> = HashMap::new();
     let mut vm_iter = vm_positions.iter().rev().peekable();
     while let Some(seg) = segments.pop() {
         match vm_iter.next() {
@@ -493,7 +533,7 @@ pub fn splice(
             }
             Some(&pos) => {
                 // Outermost VM frame: it takes every remaining segment.
-                let mut all: Vec<Arc<str>> = segments.drain(..).flatten().collect();
+                let mut all: Vec<F> = segments.drain(..).flatten().collect();
                 all.extend(seg);
                 assigned.insert(pos, all);
             }
@@ -556,7 +596,7 @@ mod tests {
         splice(
             &native,
             vec![seg(&["handler@a.lua:1"])],
-            Some("[lua:gc]"),
+            Some(Arc::from("[lua:gc]")),
             &mut out,
         );
         assert_eq!(

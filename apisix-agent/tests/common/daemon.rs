@@ -30,6 +30,54 @@ pub fn http(port: u16, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// A response as bytes, with its headers (names in lower case).
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.0 request on loopback, the body kept as bytes (a gzip-compressed profile).
+pub fn http_raw(port: u16, path: &str) -> RawResponse {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to the agent on {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read response");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in the response to {path}"));
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response to {path}: {head}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    RawResponse {
+        status,
+        headers,
+        body: buf[split + 4..].to_vec(),
+    }
+}
+
 /// The agent daemon, stopped with SIGTERM on drop.
 pub struct Agent {
     child: Option<Child>,
@@ -80,6 +128,11 @@ impl Agent {
 
     pub fn get(&self, path: &str) -> (u16, String) {
         http(self.port, path)
+    }
+
+    /// [`http_raw`] to this agent.
+    pub fn get_raw(&self, path: &str) -> RawResponse {
+        http_raw(self.port, path)
     }
 
     /// The daemon's process id.
