@@ -10,7 +10,8 @@
 //! the frames a JIT trace inlined are inline lines of the physical frame's location; labels
 //! (container, image, process, plugin, phase, never a pid); two consecutive scrapes cover
 //! consecutive windows with every sample once; bad input gets a 400 JSON error; captures
-//! with format=pprof; off-CPU time against the time measured in Lua.
+//! with format=pprof (CPU, off-CPU, and Lua heap captures as `alloc_space` / `inuse_space`);
+//! off-CPU time against the time measured in Lua.
 
 mod common;
 
@@ -223,17 +224,16 @@ fn raw(bytes: &[u8]) -> Raw {
     r
 }
 
-/// Function → (flat, cum) in samples, as `go tool pprof -top` reads them.
+/// Function → (flat, cum) in the unit of `sample_index` (bytes unscaled for `*_space`), as
+/// `go tool pprof -top` reads them.
 fn top(bytes: &[u8], sample_index: &str) -> BTreeMap<String, (u64, u64)> {
-    let text = go_pprof(
-        &[
-            "-top",
-            &format!("-sample_index={sample_index}"),
-            "-nodefraction=0",
-            "-nodecount=1000000",
-        ],
-        bytes,
-    );
+    let in_bytes = sample_index.ends_with("_space");
+    let index = format!("-sample_index={sample_index}");
+    let mut args = vec!["-top", &index, "-nodefraction=0", "-nodecount=1000000"];
+    if in_bytes {
+        args.push("-unit=B");
+    }
+    let text = go_pprof(&args, bytes);
     let mut out = BTreeMap::new();
     let mut rows = false;
     for line in text.lines() {
@@ -251,7 +251,8 @@ fn top(bytes: &[u8], sample_index: &str) -> BTreeMap<String, (u64, u64)> {
         let name = words[5..].join(" ");
         let name = name.trim_end_matches(" (inline)").to_owned();
         let n = |w: &str| {
-            w.parse::<u64>()
+            let v = if in_bytes { w.trim_end_matches('B') } else { w };
+            v.parse::<u64>()
                 .unwrap_or_else(|_| panic!("-top value {w:?}"))
         };
         out.insert(name, (n(words[0]), n(words[3])));
@@ -691,6 +692,90 @@ fn offcpu_endpoint_carries_the_blocked_time() {
         "{}",
         weight_of(&cap, "blocker@", 1)
     );
+}
+
+/// A handler that keeps every table it builds (a leak) and one that builds garbage.
+const HEAP_LUA: &str = r#"local _M = {}
+local kept = {}
+function _M.leak(n)
+    for i = 1, n do kept[#kept + 1] = { i, i + 1, i + 2 } end
+    return #kept
+end
+function _M.garbage(n)
+    local t
+    for i = 1, n do t = { i, i * 2 } end
+    return t[1]
+end
+return _M
+"#;
+
+/// Lua heap captures in pprof: `go tool pprof` reads allocated bytes as `alloc_space` and
+/// live bytes as `inuse_space` (period type `space/bytes`, period = `sample_bytes`), and the
+/// handler that allocates (or keeps) them is on top.
+#[test]
+fn heap_captures_are_space_profiles() {
+    common::require_root!();
+    let nginx = Nginx::start(
+        Lj::Gc64,
+        &[("heapwork", HEAP_LUA)],
+        "",
+        r#"
+    location /leak { content_by_lua_block { ngx.say(require("heapwork").leak(200)) } }
+    location /garbage { content_by_lua_block { ngx.say(require("heapwork").garbage(2000)) } }
+"#,
+    );
+    let worker = nginx.worker().expect("worker");
+    let agent = Agent::start("");
+    wait_target(&agent, worker);
+    let _leak = Load::start(nginx.port, "/leak", 1, Duration::from_secs(60));
+    let _garbage = Load::start(nginx.port, "/garbage", 1, Duration::from_secs(60));
+    for (mode, types, top_fn) in [
+        (
+            "alloc",
+            "alloc_samples/count alloc_space/bytes[dflt]",
+            "garbage@",
+        ),
+        (
+            "live",
+            "inuse_samples/count inuse_space/bytes[dflt]",
+            "leak@",
+        ),
+    ] {
+        let path = format!(
+            "/flamegraph?pid={worker}&seconds=3&mode={mode}&sample_bytes=16384&format=pprof"
+        );
+        let (r, p) = profile(&agent, &path);
+        let go_raw = raw(&r.body);
+        assert_eq!(go_raw.sample_types, types, "{mode}");
+        assert_eq!(go_raw.period_type, "space bytes", "{mode}");
+        assert_eq!(go_raw.period, 16384, "{mode}");
+        let index = if mode == "alloc" {
+            "alloc_space"
+        } else {
+            "inuse_space"
+        };
+        let go_top = top(&r.body, index);
+        let lua_cum = |prefix: &str| {
+            go_top
+                .iter()
+                .filter(|(f, _)| f.starts_with(prefix))
+                .map(|(_, (_, cum))| *cum)
+                .sum::<u64>()
+        };
+        let bytes = total(&p, 1) as u64;
+        let under = lua_cum(top_fn);
+        eprintln!(
+            "{mode}: {bytes} bytes in the profile, {under} under {top_fn} (go tool pprof -top)"
+        );
+        assert!(
+            bytes > 0 && under * 10 >= bytes * 8,
+            "{mode}: {under} of {bytes} bytes under {top_fn}: {go_top:?}"
+        );
+        for l in labels(&p) {
+            assert_eq!(l.get("process"), Some(&"nginx"));
+            assert!(!l.contains_key("pid"));
+        }
+    }
 }
 
 const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";

@@ -10,7 +10,7 @@
 //!   collected recent stacks at once.
 //!   `plugin` and `phase` keep only the stacks of that plugin / phase
 //!   ([`crate::attribution`]); the title says so, also when nothing matched. `format=pprof`
-//!   (CPU and off-CPU) is the encoding of the pprof endpoints.
+//!   is the encoding of the pprof endpoints (heap captures: `alloc_space` / `inuse_space`).
 //! - `GET /debug/pprof/profile[?seconds=N][&pid=…|&container=…][&plugin=…][&phase=…]` and
 //!   `GET /debug/pprof/offcpu?…` (with `sampling.offcpu.enabled`): a gzip-compressed pprof
 //!   profile of the continuously sampled stacks (blocked time) of the last N seconds
@@ -299,11 +299,6 @@ fn parse_request(
         }
         Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
     };
-    if format == ResponseFormat::Pprof && matches!(mode, RequestMode::Alloc | RequestMode::Live) {
-        return Err(bad(format!(
-            "format=pprof applies to mode=cpu and mode=off-cpu, not mode={name}"
-        )));
-    }
     Ok(FlameRequest {
         filter: parse_filter(q)?,
         selector,
@@ -561,13 +556,14 @@ async fn flamegraph(
                 let kind = match mode {
                     capture::Mode::Cpu { frequency } => pprof::Kind::cpu(frequency),
                     capture::Mode::OffCpu { .. } => pprof::Kind::OffCpu,
-                    // parse_request refuses it already.
-                    capture::Mode::Alloc { .. } => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "format=pprof applies to mode=cpu and mode=off-cpu".to_owned(),
-                        );
-                    }
+                    capture::Mode::Alloc {
+                        sample_bytes,
+                        live: false,
+                    } => pprof::Kind::Alloc { sample_bytes },
+                    capture::Mode::Alloc {
+                        sample_bytes,
+                        live: true,
+                    } => pprof::Kind::Live { sample_bytes },
                 };
                 return capture_profile(&shared, &chosen, cap, kind, &req.filter, &title).await;
             }
@@ -1237,16 +1233,15 @@ mod tests {
             ("mode", "off-cpu"),
             ("format", "pprof")
         ]));
-        // Heap captures have no pprof encoding here.
-        assert_eq!(
-            status(&[
+        // Heap captures too (as alloc_space / inuse_space).
+        for mode in ["alloc", "live"] {
+            assert!(ok(&[
                 ("pid", "1"),
                 ("seconds", "2"),
-                ("mode", "alloc"),
+                ("mode", mode),
                 ("format", "pprof")
-            ]),
-            Some(StatusCode::BAD_REQUEST)
-        );
+            ]));
+        }
     }
 
     #[test]

@@ -51,6 +51,14 @@ pub enum Kind {
     /// Blocked time: sample types `blocks/count` and `offcpu/nanoseconds`. A stack's weight
     /// is microseconds blocked.
     OffCpu,
+    /// Lua heap allocations sampled every `sample_bytes` on average: sample types
+    /// `alloc_samples/count` (sampled allocator calls, not objects) and `alloc_space/bytes`,
+    /// period `space/bytes` = `sample_bytes`. A stack's weight is allocated bytes.
+    Alloc { sample_bytes: u64 },
+    /// The sampled Lua heap blocks still allocated at the end of a capture: sample types
+    /// `inuse_samples/count` and `inuse_space/bytes`, period as [`Kind::Alloc`]. A stack's
+    /// weight is live bytes.
+    Live { sample_bytes: u64 },
 }
 
 impl Kind {
@@ -394,6 +402,7 @@ impl ProfileBuilder {
                 [count, count.saturating_mul(period_nanos)].map(|v| v as i64)
             }
             Kind::OffCpu => [count, weight.saturating_mul(1000)].map(|v| v as i64),
+            Kind::Alloc { .. } | Kind::Live { .. } => [count, weight].map(|v| v as i64),
         };
         let key = (location_ids, label_ids);
         if let Some(&i) = self.samples.get(&key) {
@@ -438,6 +447,16 @@ impl ProfileBuilder {
                 [("blocks", "count"), ("offcpu", "nanoseconds")],
                 ("blocks", "count"),
                 1,
+            ),
+            Kind::Alloc { sample_bytes } => (
+                [("alloc_samples", "count"), ("alloc_space", "bytes")],
+                ("space", "bytes"),
+                sample_bytes,
+            ),
+            Kind::Live { sample_bytes } => (
+                [("inuse_samples", "count"), ("inuse_space", "bytes")],
+                ("space", "bytes"),
+                sample_bytes,
             ),
         };
         let sample_type = types
@@ -584,6 +603,40 @@ mod tests {
         assert_eq!(types, ["blocks", "offcpu"]);
         assert_eq!(s(&p, p.default_sample_type), "offcpu");
         assert_eq!(p.sample[0].value, [3, 4_500_000]);
+    }
+
+    #[test]
+    fn heap_profiles_are_bytes_of_space() {
+        for (kind, types) in [
+            (
+                Kind::Alloc {
+                    sample_bytes: 524_288,
+                },
+                ["alloc_samples", "alloc_space"],
+            ),
+            (
+                Kind::Live {
+                    sample_bytes: 524_288,
+                },
+                ["inuse_samples", "inuse_space"],
+            ),
+        ] {
+            let mut b = ProfileBuilder::new(kind);
+            b.add(&st(&["main", "lj_alloc_f"]), &[], &[], 2, 1_048_576);
+            let p = b.build(SystemTime::now(), Duration::from_secs(5));
+            let got: Vec<&str> = p.sample_type.iter().map(|t| s(&p, t.r#type)).collect();
+            assert_eq!(got, types);
+            let units: Vec<&str> = p.sample_type.iter().map(|t| s(&p, t.unit)).collect();
+            assert_eq!(units, ["count", "bytes"]);
+            assert_eq!(s(&p, p.default_sample_type), types[1]);
+            let period_type = p
+                .period_type
+                .as_ref()
+                .map(|t| (s(&p, t.r#type), s(&p, t.unit)));
+            assert_eq!(period_type, Some(("space", "bytes")));
+            assert_eq!(p.period, 524_288);
+            assert_eq!(p.sample[0].value, [2, 1_048_576]);
+        }
     }
 
     #[test]

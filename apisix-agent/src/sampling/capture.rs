@@ -29,7 +29,7 @@ use super::{
 use crate::{
     luajit::{LuaTarget, heap},
     output::{Folded, pprof::Detailed},
-    stacks::{StackBuilder, StackOptions, StackStats, memory::Memory, process},
+    stacks::{StackBuilder, StackOptions, StackStats, label::FrameDetail, memory::Memory, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
@@ -309,7 +309,6 @@ pub fn capture(
     // Counters from here on: blocks held while learning are not the capture's.
     let baseline = sampler.counters()?;
     let started = Instant::now();
-    let mut folded = Folded::new();
     let mut detailed = Detailed::new();
     let mut named = LiveNames::default();
     let live = matches!(mode, Mode::Alloc { live: true, .. });
@@ -319,13 +318,15 @@ pub fn capture(
     let mut sampled = 0u64;
     let mut take = |builder: &mut StackBuilder, detailed: &mut Detailed<u32>, s: &Sample| -> u64 {
         if let Some(stack) = builder.build(s) {
-            if live {
-                named.insert(s.tid, s.time_ns, stack);
-            } else if exclude_idle && is_idle(&stack) {
+            if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
             } else {
                 let details = builder.last_details().to_vec();
-                detailed.add(s.pid, stack, details, s.weight.max(1));
+                if live {
+                    named.insert(s.tid, s.time_ns, (s.pid, stack, details));
+                } else {
+                    detailed.add(s.pid, stack, details, s.weight.max(1));
+                }
             }
         }
         s.weight
@@ -376,7 +377,9 @@ pub fn capture(
             out.live_blocks += 1;
             out.live_bytes += block.weight;
             match named.get(block.tid, block.time_ns) {
-                Some(stack) => folded.add(stack.to_vec(), block.weight),
+                Some((pid, stack, details)) => {
+                    detailed.add(*pid, stack.clone(), details.clone(), block.weight);
+                }
                 None => out.live_unnamed += 1,
             }
         }
@@ -385,7 +388,7 @@ pub fn capture(
     sampler.detach_alloc();
     drop(sampler);
     Ok(Capture {
-        folded: if live { folded } else { detailed.folded() },
+        folded: detailed.folded(),
         detailed,
         counters,
         idle_excluded,
@@ -545,18 +548,21 @@ fn heaps(sampler: &BpfSession, targets: &[CaptureTarget]) -> Vec<(u32, Option<u6
         .collect()
 }
 
+/// A live capture's sampled stack: its process, its frames and their details.
+type LiveStack = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
+
 /// The stacks of a live capture's samples by their identity (thread, time), interned: the
 /// blocks still allocated at the end name their sample.
 #[derive(Default)]
 struct LiveNames {
     ids: HashMap<(u32, u64), usize>,
-    stacks: Vec<Arc<[Arc<str>]>>,
-    index: HashMap<Arc<[Arc<str>]>, usize>,
+    stacks: Vec<Arc<LiveStack>>,
+    index: HashMap<Arc<LiveStack>, usize>,
 }
 
 impl LiveNames {
-    fn insert(&mut self, tid: u32, time_ns: u64, stack: Vec<Arc<str>>) {
-        let stack: Arc<[Arc<str>]> = stack.into();
+    fn insert(&mut self, tid: u32, time_ns: u64, stack: LiveStack) {
+        let stack = Arc::new(stack);
         let i = match self.index.get(&stack) {
             Some(i) => *i,
             None => {
@@ -568,7 +574,7 @@ impl LiveNames {
         self.ids.insert((tid, time_ns), i);
     }
 
-    fn get(&self, tid: u32, time_ns: u64) -> Option<&[Arc<str>]> {
+    fn get(&self, tid: u32, time_ns: u64) -> Option<&LiveStack> {
         let i = self.ids.get(&(tid, time_ns))?;
         self.stacks.get(*i).map(|s| &**s)
     }
@@ -618,12 +624,15 @@ mod tests {
     fn live_names_intern_stacks() {
         let mut n = LiveNames::default();
         let s: Vec<Arc<str>> = vec!["main".into(), "f".into()];
-        n.insert(1, 10, s.clone());
-        n.insert(1, 20, s.clone());
-        n.insert(2, 10, vec!["main".into()]);
+        n.insert(1, 10, (7, s.clone(), Vec::new()));
+        n.insert(1, 20, (7, s.clone(), Vec::new()));
+        n.insert(2, 10, (7, vec!["main".into()], Vec::new()));
         assert_eq!(n.stacks.len(), 2);
-        assert_eq!(n.get(1, 20).map(<[_]>::len), Some(2));
-        assert_eq!(n.get(2, 10).map(<[_]>::len), Some(1));
+        assert_eq!(
+            n.get(1, 20).map(|(pid, s, _)| (*pid, s.len())),
+            Some((7, 2))
+        );
+        assert_eq!(n.get(2, 10).map(|(_, s, _)| s.len()), Some(1));
         assert!(n.get(3, 10).is_none());
     }
 }
