@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what only the test suite needs, on top of scripts/setup.sh, idempotently: a real
-# Prometheus + promtool, headless Chromium, systemd-analyze, capsh, python3 (bench), and the
-# non-GC64 LuaJIT the Lua tests run against. (Docker and debootstrap for the container
+# Prometheus + promtool, headless Chromium, systemd-analyze, capsh, python3 (bench), openssl
+# (certificates for the network tests), and the non-GC64 LuaJIT the Lua tests run against. (Docker and debootstrap for the container
 # tests are installed by scripts/docker-up.sh and scripts/test-image.sh.) Installed without
 # recommends and without starting their services: the tests start their own instances on
 # loopback.
@@ -18,7 +18,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 
-apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3
+apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3 openssl
 
 log "non-GC64 LuaJIT for the tests"
 "$(dirname "$0")/build-luajit-nogc64.sh" >/dev/null
