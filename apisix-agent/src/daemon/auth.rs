@@ -25,7 +25,6 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
 };
 
 use axum::{
@@ -40,6 +39,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use super::{
+    listener::Every,
     metrics::{HttpReasonLabels, Metrics, ReloadLabels},
     tls::{FileStamp, error_chain},
 };
@@ -47,8 +47,6 @@ use crate::config;
 
 /// bcrypt checks running at once; more wait (each takes tens of milliseconds of CPU).
 pub const BCRYPT_AT_ONCE: usize = 2;
-/// Seconds between two warnings about authentication failures.
-const WARN_EVERY_SECONDS: u64 = 60;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,10 +142,9 @@ pub struct Auth {
     challenges: Vec<HeaderValue>,
     bcrypt_slots: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
-    /// Failures since the last warning, and when it was logged (seconds since `started`).
+    /// Failures since the last warning.
     unreported: AtomicU64,
-    last_warning: AtomicU64,
-    started: Instant,
+    warnings: Every,
 }
 
 /// The outcome of checking one request.
@@ -232,8 +229,7 @@ impl Auth {
             bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_AT_ONCE),
             metrics,
             unreported: AtomicU64::new(0),
-            last_warning: AtomicU64::new(0),
-            started: Instant::now(),
+            warnings: Every::new(),
         })))
     }
 
@@ -359,7 +355,7 @@ impl Auth {
         true
     }
 
-    /// Counts a failure; logs a warning at most every [`WARN_EVERY_SECONDS`].
+    /// Counts a failure; logs a warning at most once a minute.
     fn refused(&self, failure: Failure, peer: Option<SocketAddr>, path: &str) {
         self.metrics
             .http
@@ -369,29 +365,21 @@ impl Auth {
             })
             .inc();
         let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = self.started.elapsed().as_secs() + WARN_EVERY_SECONDS;
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if now >= last + WARN_EVERY_SECONDS
-            && self
-                .last_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warnings.due() {
             self.unreported.store(0, Ordering::Relaxed);
             tracing::warn!(
                 reason = failure.name(),
                 peer = %peer.map_or_else(|| "?".to_owned(), |p| p.to_string()),
                 path,
-                refused = unreported,
-                "HTTP request refused for missing or wrong credentials (this one, and {} in all \
-                 since the last such warning; apisix_profiler_http_auth_failures_total)",
-                unreported
+                refused_since_last_warning = unreported,
+                "HTTP request refused for missing or wrong credentials \
+                 (apisix_profiler_http_auth_failures_total; warned at most once a minute)"
             );
         } else {
             tracing::debug!(
                 reason = failure.name(),
                 path,
-                "HTTP request refused: credentials"
+                "HTTP request refused for missing or wrong credentials"
             );
         }
     }

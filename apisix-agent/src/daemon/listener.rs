@@ -355,36 +355,51 @@ where
     });
     let conn = ctx.http.serve_connection(io, service);
     tokio::pin!(conn);
-    // Set once the connection is asked to close: idle timeout (then at most one more header
-    // timeout) or shutdown (then the server's grace period).
-    let mut closing: Option<Option<Instant>> = None;
+    let mut closing = Closing::No;
     loop {
         let deadline = match closing {
-            Some(by) => by,
-            None => clock.deadline(),
+            Closing::No => clock.deadline(),
+            Closing::Idle { by } => Some(by),
+            Closing::Shutdown => None,
         };
         tokio::select! {
             done = conn.as_mut() => return done.err().and_then(|e| ConnectionError::of(&e)),
             () = sleep_until(deadline) => {
-                if closing.is_some() {
+                if closing != Closing::No {
+                    // A request that came in just as the idle timeout struck had its time.
                     return None;
                 }
                 match clock.expired(Instant::now()) {
                     Some(Phase::Headers { .. }) => return Some(ConnectionError::HeaderTimeout),
                     Some(_) => {
                         conn.as_mut().graceful_shutdown();
-                        closing = Some(Some(Instant::now() + ctx.limits.header_timeout));
+                        closing = Closing::Idle {
+                            by: Instant::now() + ctx.limits.header_timeout,
+                        };
                     }
                     None => {}
                 }
             }
             () = clock.changed.notified() => {}
-            _ = stop.changed(), if closing.is_none() => {
+            _ = stop.changed(), if closing == Closing::No => {
                 conn.as_mut().graceful_shutdown();
-                closing = Some(None);
+                closing = Closing::Shutdown;
             }
         }
     }
+}
+
+/// Whether a connection was asked to close (hyper's graceful shutdown: an idle one closes at
+/// once, a request in progress is finished first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    No,
+    /// By the idle timeout: a request that raced it gets one more header timeout.
+    Idle {
+        by: Instant,
+    },
+    /// By the server's shutdown: bounded by [`SHUTDOWN_GRACE`].
+    Shutdown,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -557,22 +572,31 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Timed<I> {
     }
 }
 
-/// A warning gate: open at most once every [`WARN_EVERY_SECONDS`].
-struct Every {
+/// A warning gate: open at most once every [`WARN_EVERY_SECONDS`] (also for
+/// [`super::auth`]).
+#[derive(Debug)]
+pub struct Every {
     started: std::time::Instant,
     /// When it last opened, in seconds since `started`, plus one (0: never).
     last: AtomicU64,
 }
 
+impl Default for Every {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Every {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             started: std::time::Instant::now(),
             last: AtomicU64::new(0),
         }
     }
 
-    fn due(&self) -> bool {
+    /// Whether a warning may be logged now (then not again for a while).
+    pub fn due(&self) -> bool {
         let now = self.started.elapsed().as_secs() + 1;
         let last = self.last.load(Ordering::Relaxed);
         (last == 0 || now >= last + WARN_EVERY_SECONDS)
