@@ -4,6 +4,7 @@
 For --duration seconds (default 600) it keeps, all at once:
   - continuous sampling (19 Hz) of a 4-worker nginx-lua (bench/workload, binary copy named
     nginx-soak so only its workers are host targets) under throttled loopback load (wrk);
+    the container below gets 20 requests a second;
   - an nginx reload (SIGHUP to the master: 4 new workers) every 10 s;
   - a container of the test image (--network host, its nginx named nginx-soak too)
     started, and stopped 10 s later, every 20 s;
@@ -14,8 +15,9 @@ For --duration seconds (default 600) it keeps, all at once:
 Every second it records the agent's RSS, open fds and /targets, and the worker processes
 that exist; every 10 s the entries of the agent's BPF hash maps (bpftool).
 
-Pass: after the first 2 minutes no metric grows (least-squares slope below 1% of its mean
-per 10 minutes, for RSS, fds and map entries); no live worker is missing from /targets for
+Pass: after the first 2 minutes nothing grows (the least-squares slope of the per-minute
+medians below 1% of their mean per 10 minutes, for RSS, fds, map entries and the number of
+/metrics series; the agent keeps 60 s of recent stacks so that window is full by then); no live worker is missing from /targets for
 longer than one discovery interval (plus the 1 s sampling step); no ERROR line in the agent's
 log; every capture and every scrape succeeded. Writes a PNG plot (python3-matplotlib) and
 the section between <!-- soak:begin --> and <!-- soak:end --> of BENCHMARKS.md.
@@ -47,6 +49,9 @@ COMM = "nginx-soak"
 IMAGE = "apisix-profiler-test/nginx-lua:bookworm"
 PASSWORD = "soak-scrape-password"
 DISCOVERY_INTERVAL = 2
+# sampling.retention_seconds of the agent: its window of recent stacks (the memory that
+# legitimately grows until it is full) fills during the warm-up.
+RETENTION = 60
 # BPF map types whose entries are counted (the others are arrays, ring buffers, perf arrays).
 HASH_MAPS = {1: "hash", 5: "percpu_hash", 9: "lru_hash", 10: "lru_percpu_hash"}
 SLOPE_LIMIT_PCT = 1.0
@@ -96,6 +101,23 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid):
+    """Open fds of `pid` by kind: socket, pipe, anon_inode:…, or the file's directory."""
+    kinds = {}
+    d = f"/proc/{pid}/fd"
+    for fd in os.listdir(d):
+        try:
+            link = os.readlink(os.path.join(d, fd))
+        except OSError:
+            continue
+        if link.startswith("/"):
+            kind = os.path.dirname(link)
+        else:
+            kind = link.split(":[", 1)[0] if link.startswith(("socket", "pipe")) else link
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def slope_pct_per_10min(ts, vs):
     """Least-squares slope of vs over ts, as % of the mean per 600 s."""
     n = len(ts)
@@ -120,6 +142,7 @@ class Soak:
         self.events = {"reloads": 0, "containers": 0, "captures": {}, "capture_errors": []}
         self.samples = []  # per second
         self.map_samples = []  # every 10 s
+        self.series = []  # /metrics series, every 10 s
         self.stop = threading.Event()
         self.container = None  # (name, master pid)
         self.t0 = None
@@ -185,6 +208,9 @@ class Soak:
     key_file: {d}/server.key
   basic_auth_users:
     prometheus: '{hash_}'
+sampling:
+  # The recent-stacks window fills in 60 s, before the measured part begins.
+  retention_seconds: {RETENTION}
 discovery:
   interval_seconds: {DISCOVERY_INTERVAL}
   process_names: [{COMM}]
@@ -308,6 +334,18 @@ http {{
 """)
         return d
 
+    def container_load(self):
+        """20 requests a second to whichever container runs (its workers get samples)."""
+        while not self.stop.is_set():
+            if self.container:
+                try:
+                    url = f"http://127.0.0.1:{self.container_port}/"
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        r.read()
+                except OSError:
+                    pass
+            self.stop.wait(0.05)
+
     def start_container(self):
         d = self.container_conf()
         name = f"apisix-soak-{os.getpid()}-{self.events['containers']}"
@@ -330,19 +368,28 @@ http {{
         with self.lock:
             self.containers.discard(name)
 
-    def capture(self):
-        host = [w for w in children(self.procs["nginx"].pid) if is_worker(w)]
-        container = self.container
+    def capture_query(self):
+        """The container when one runs and the agent lists its worker, else the newest listed
+        host worker that is alive; None without either."""
         listed = set(self.samples[-1]["targets"] or []) if self.samples else set()
-        in_container = container and any(w in listed for w in children(container[1]))
-        # The container's worker when one runs and the agent lists it, else a host worker.
-        if in_container:
-            query = f"container={container[0]}"
-        elif host:
-            query = f"pid={max(host)}"
-        else:
+        container = self.container
+        if container and any(w in listed for w in children(container[1])):
+            return f"container={container[0]}"
+        host = [w for w in children(self.procs["nginx"].pid) if is_worker(w) and w in listed]
+        return f"pid={max(host)}" if host else None
+
+    def capture(self):
+        query = self.capture_query()
+        if query is None:
             return
         status, body = self.api(f"/flamegraph?{query}&seconds=3&format=collapsed", timeout=30)
+        if status == 404:
+            # The worker exited (a reload) between the choice and the request: choose again.
+            time.sleep(1)
+            query = self.capture_query() or query
+            status, body = self.api(f"/flamegraph?{query}&seconds=3&format=collapsed", timeout=30)
+            with self.lock:
+                self.events["capture_retries"] = self.events.get("capture_retries", 0) + 1
         with self.lock:
             self.events["captures"][status] = self.events["captures"].get(status, 0) + 1
             if status != 200:
@@ -376,9 +423,16 @@ http {{
             "t": t,
             "rss_kib": rss_kib(agent),
             "fds": fd_count(agent),
+            "fd_kinds": fd_kinds(agent),
             "workers": expected,
             "targets": targets,
         })
+
+    def series_count(self, t):
+        status, body = self.api("/metrics")
+        if status == 200:
+            n = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+            self.series.append({"t": t, "series": n})
 
     def map_entries(self, t):
         agent = self.procs["agent"].pid
@@ -417,6 +471,8 @@ http {{
         self.start_load()
         log(f"soak for {self.args.duration:.0f} s: reload every 10 s, container every 20 s, "
             f"capture every 15 s, scrape every 5 s")
+        self.container_conf()
+        self.in_thread(self.container_load)
         self.t0 = time.monotonic()
         threads = []
         tick = 0
@@ -437,6 +493,7 @@ http {{
             self.sample(t)
             if tick % 10 == 5:
                 self.map_entries(t)
+                self.series_count(t)
             if tick % 60 == 0 and self.samples:
                 s = self.samples[-1]
                 log(f"t={t:4.0f}s rss={s['rss_kib'] / 1024:.1f} MiB fds={s['fds']} "
@@ -446,6 +503,7 @@ http {{
             time.sleep(max(0.0, self.t0 + tick - time.monotonic()))
         for th in threads:
             th.join(timeout=30)
+        self.stop.set()
         self.stop_container()
         self.scrapes = self.scrape_counts()
 
@@ -478,14 +536,27 @@ http {{
             return [r["t"] for r in rows], [r[key] * scale for r in rows]
 
         res = {"warmup_s": warm, "metrics": {}}
+        def minute_medians(rows, key, scale):
+            """(middle of the minute, median) for each whole minute after the warm-up."""
+            out, start = [], warm
+            while start + 60 <= self.args.duration + 1:
+                vs = sorted(r[key] * scale for r in rows if start <= r["t"] < start + 60)
+                if vs:
+                    out.append((start + 30, vs[len(vs) // 2]))
+                start += 60
+            return [t for t, _ in out], [v for _, v in out]
+
         for key, label, rows_all, rows_after, scale in (
             ("rss_kib", "RSS (MiB)", self.samples, after, 1 / 1024),
             ("fds", "open fds", self.samples, after, 1),
             ("entries", "BPF hash map entries", self.map_samples, maps_after, 1),
+            ("series", "/metrics series", self.series, [x for x in self.series if x["t"] >= warm], 1),
         ):
             _, v_all = series(rows_all, key, scale)
-            ts, vs = series(rows_after, key, scale)
-            slope = slope_pct_per_10min(ts, vs)
+            _, vs = series(rows_after, key, scale)
+            # The trend of the per-minute medians: captures (every 15 s) and the moment of a
+            # sample relative to a reload move single samples, not the medians.
+            slope = slope_pct_per_10min(*minute_medians(rows_after, key, scale))
             res["metrics"][key] = {
                 "label": label,
                 "all": (min(v_all), max(v_all)) if v_all else (0, 0),
@@ -493,9 +564,11 @@ http {{
                 "slope": slope,
                 "pass": abs(slope) < SLOPE_LIMIT_PCT if vs else False,
             }
-        # Targets: for each worker, the longest time it was alive but not in /targets.
+        # Targets: for each worker, the longest run of samples (1 s apart) in which it was
+        # alive but not in /targets. Lost: more samples in a row than one discovery interval
+        # plus the sampling step (the measurement's resolution) allow.
         missing_since, worst, worst_pid, lost = {}, 0.0, None, 0
-        limit = DISCOVERY_INTERVAL + 1.0
+        limit = DISCOVERY_INTERVAL + 1.0 + 0.5
         for s in self.samples:
             if s["targets"] is None:
                 continue
@@ -558,28 +631,29 @@ http {{
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(4, 1, figsize=(8, 7.2), sharex=True)
+        fig, axes = plt.subplots(5, 1, figsize=(8, 8.4), sharex=True)
         m = lambda rows: [r["t"] / 60 for r in rows]  # noqa: E731
         panels = [
             (m(self.samples), [s["rss_kib"] / 1024 for s in self.samples], "RSS (MiB)"),
             (m(self.samples), [s["fds"] for s in self.samples], "open fds"),
             (m(self.map_samples), [s["entries"] for s in self.map_samples], "BPF hash map entries"),
+            (m(self.series), [s["series"] for s in self.series], "/metrics series"),
         ]
         for ax, (x, y, label) in zip(axes, panels):
             ax.plot(x, y, lw=1.2)
             ax.set_ylabel(label, fontsize=8)
             ax.set_ylim(bottom=0, top=max(y + [1]) * 1.25)
         ok = [s for s in self.samples if s["targets"] is not None]
-        axes[3].plot(m(ok), [len(s["targets"]) for s in ok], lw=1.0, label="agent /targets")
-        axes[3].plot(m(ok), [len(s["workers"]) for s in ok], lw=0.8, ls="--", label="worker processes")
-        axes[3].set_ylabel("targets", fontsize=8)
-        axes[3].set_ylim(0, 8)
-        axes[3].legend(fontsize=7, loc="lower right")
+        axes[4].plot(m(ok), [len(s["targets"]) for s in ok], lw=1.0, label="agent /targets")
+        axes[4].plot(m(ok), [len(s["workers"]) for s in ok], lw=0.8, ls="--", label="worker processes")
+        axes[4].set_ylabel("targets", fontsize=8)
+        axes[4].set_ylim(0, 8)
+        axes[4].legend(fontsize=7, loc="lower right")
         for ax in axes:
             ax.axvspan(0, res["warmup_s"] / 60, color="0.9")
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        axes[3].set_xlabel("minutes (grey: warm-up, not in the slope)", fontsize=8)
+        axes[4].set_xlabel("minutes (grey: warm-up, not in the slope)", fontsize=8)
         fig.suptitle("apisix-agent soak: reload every 10 s, container every 20 s, capture every 15 s",
                      fontsize=9)
         fig.tight_layout()
@@ -593,7 +667,7 @@ http {{
         captures = sum(ev["captures"].values())
         total, up = res["scrapes"]
         rows = []
-        for key in ("rss_kib", "fds", "entries"):
+        for key in ("rss_kib", "fds", "entries", "series"):
             r = res["metrics"][key]
             fmt = "{:.1f}" if key == "rss_kib" else "{:.0f}"
             rng = lambda p: f"{fmt.format(p[0])}–{fmt.format(p[1])}"  # noqa: E731
@@ -603,7 +677,7 @@ http {{
         warn = res["log"]["warnings"]
         lines = [
             BEGIN,
-            "## 6. Soak under churn (`bench/soak.sh`)",
+            "## 7. Soak under churn (`bench/soak.sh`)",
             "",
             f"- Date: {info['date']}; {res_duration(self.args.duration)}; kernel `{info['kernel']}`; "
             f"{info['ncpu']} CPUs (shared machine); agent at commit {info['rev']}",
@@ -612,24 +686,29 @@ http {{
             "Running together the whole time: continuous sampling (19 Hz) of a 4-worker nginx-lua "
             "(the bench workload) under throttled loopback load (`wrk -c8`, 5 ms between requests "
             "per connection); an nginx reload (4 new workers) every 10 s; a container of the test "
-            "image (`--network host`) started, and stopped 10 s later, every 20 s; an on-demand "
+            "image (`--network host`, 20 requests/s) started, and stopped 10 s later, every 20 s; an on-demand "
             "3 s capture every 15 s (of the container when one runs, else of a host worker); "
             "Prometheus scraping every 5 s over HTTPS with basic auth (`deploy/prometheus/prometheus-tls.yml`). Sampled every second "
-            "(BPF map entries every 10 s, with `bpftool`).",
+            "(BPF map entries and the number of /metrics series every 10 s). The agent keeps "
+            f"{RETENTION} s of recent stacks (`sampling.retention_seconds`), so that window is "
+            "full before the measured part; the trend is the least-squares slope of the "
+            "per-minute medians after the warm-up, as a share of their mean.",
             "",
             f"![soak]({png_rel})",
             "",
-            f"| Agent | Whole run | After {res['warmup_s']:.0f} s | Slope after warm-up, per 10 min | Target | Result |",
+            f"| Agent | Whole run | After {res['warmup_s']:.0f} s | Trend after warm-up, per 10 min | Target | Result |",
             "|---|---|---|---|---|---|",
             *rows,
             "",
             f"- **Targets:** /targets listed {tg['range'][0]}–{tg['range'][1]} processes "
             f"({tg['workers_seen']} distinct workers came and went); the longest time a live "
-            f"worker was missing from it: {tg['worst_gap_s']:.0f} s (limit: one discovery "
+            f"worker was missing from it: {tg['worst_gap_s']:.0f} s of samples (limit: one discovery "
             f"interval, {DISCOVERY_INTERVAL} s, plus the 1 s sampling step); workers missing "
             f"longer: {tg['lost']} — {'PASS' if res['pass']['targets'] else 'FAIL'}.",
             f"- **Churn done:** {ev['reloads']} reloads, {ev['containers']} containers, "
-            f"{captures} captures ({ev['captures'].get(200, 0)} answered 200), "
+            f"{captures} captures ({ev['captures'].get(200, 0)} answered 200; "
+            f"{ev.get('capture_retries', 0)} chosen again after a 404 for a worker a reload had "
+            "just ended), "
             f"{up} of {total} scrapes up — "
             f"{'PASS' if res['pass']['captures'] and res['pass']['scrapes'] else 'FAIL'}.",
             f"- **Log:** {res['log']['lines']} lines, {len(res['log']['errors'])} ERROR, "
@@ -675,7 +754,8 @@ def main():
         soak.cleanup()
     res = soak.analyse()
     with open(os.path.join(args.workdir, "samples.json"), "w") as f:
-        json.dump({"samples": soak.samples, "maps": soak.map_samples, "result": res}, f)
+        json.dump({"samples": soak.samples, "maps": soak.map_samples, "series": soak.series,
+                   "result": res}, f)
     soak.plot(res, args.plot)
     png_rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.output)))
     section, ok = soak.report(res, png_rel)

@@ -3,7 +3,7 @@
 # 4-worker nginx-lua under loopback load, an nginx reload every 10 s, a container started and
 # stopped every 20 s, an on-demand capture every 15 s, Prometheus scraping over HTTPS with
 # basic auth every 5 s. Records the agent's RSS, fds, BPF map entries and targets; writes
-# docs/soak.png and section 6 of BENCHMARKS.md (see bench/soak.py for the pass criteria).
+# docs/soak.png and section 7 of BENCHMARKS.md (see bench/soak.py for the pass criteria).
 #
 #   sudo ./bench/soak.sh                   # ~11 minutes
 #   sudo ./bench/soak.sh --duration 120    # a shorter run (the slope is then less telling)
