@@ -279,15 +279,25 @@ pub fn run_with<S: SampleSource>(
             sampler,
             offcpu,
             builder,
+            tracked,
             ..
         } = &mut state;
+        // Samples of a target just removed can still be in the ring buffer: building them
+        // would load the process again (an old nginx worker lives on for a moment), and
+        // nothing would forget it: its files and caches would stay for good.
         sampler.poll(Duration::from_millis(200), &mut |s| {
+            if !tracked.contains_key(&s.pid) {
+                return;
+            }
             if let Some(stack) = builder.build(s) {
                 batch.push((s.pid, stack, builder.last_vm_state()));
             }
         });
         if let Some(off) = offcpu.as_mut() {
             off.poll(Duration::ZERO, &mut |s| {
+                if !tracked.contains_key(&s.pid) {
+                    return;
+                }
                 if let Some(stack) = builder.build(s) {
                     blocked.push((s.pid, stack, s.weight));
                 }
