@@ -417,7 +417,7 @@ async fn flamegraph(
                 "capture started"
             );
             let result = tokio::task::spawn_blocking(move || {
-                capture::capture(
+                let cap = capture::capture(
                     &targets,
                     Duration::from_secs(seconds),
                     mode,
@@ -427,7 +427,9 @@ async fn flamegraph(
                     },
                     &worker.stop,
                     |_, _| {},
-                )
+                );
+                super::memory::release_freed();
+                cap
             })
             .await;
             drop(permit);

@@ -14,6 +14,7 @@ pub mod aggregate;
 pub mod auth;
 pub mod http;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod state;
 pub mod tls;
