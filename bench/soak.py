@@ -146,6 +146,7 @@ class Soak:
         self.stop = threading.Event()
         self.container = None  # (name, master pid)
         self.t0 = None
+        self.slowest_scrape = 0.0
 
     # ---- setup ---------------------------------------------------------------------------
     def pki(self):
@@ -512,6 +513,10 @@ http {{
         try:
             total = self.prom_query(f'count_over_time(up{{job="apisix-agent"}}[{window}])')
             up = self.prom_query(f'sum_over_time(up{{job="apisix-agent"}}[{window}])')
+            slowest = self.prom_query(
+                f'max_over_time(scrape_duration_seconds{{job="apisix-agent"}}[{window}])'
+            )
+            self.slowest_scrape = float(slowest[0]["value"][1]) if slowest else 0.0
             return int(float(total[0]["value"][1])), int(float(up[0]["value"][1]))
         except (OSError, KeyError, IndexError, ValueError):
             return 0, 0
@@ -709,7 +714,8 @@ http {{
             f"{captures} captures ({ev['captures'].get(200, 0)} answered 200; "
             f"{ev.get('capture_retries', 0)} chosen again after a 404 for a worker a reload had "
             "just ended), "
-            f"{up} of {total} scrapes up — "
+            f"{up} of {total} scrapes up (slowest {self.slowest_scrape * 1000:.0f} ms; "
+            "timeout 4 s) — "
             f"{'PASS' if res['pass']['captures'] and res['pass']['scrapes'] else 'FAIL'}.",
             f"- **Log:** {res['log']['lines']} lines, {len(res['log']['errors'])} ERROR, "
             f"{len(warn)} WARN — {'PASS' if res['pass']['log'] else 'FAIL'}.",
