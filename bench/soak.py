@@ -12,14 +12,16 @@ For --duration seconds (default 600) it keeps, all at once:
     runs and is listed, else of a host worker;
   - Prometheus scraping the agent every 5 s over HTTPS with basic auth
     (deploy/prometheus/prometheus-tls.yml, the agent with http.tls and basic_auth_users).
-Every second it records the agent's RSS, open fds and /targets, and the worker processes
-that exist; every 10 s the entries of the agent's BPF hash maps (bpftool).
+Every second it records the agent's RSS and open fds (by kind), every 0.5 s /targets and
+the worker processes that exist (with their start times), every 10 s the entries of the
+agent's BPF hash maps (bpftool) and the number of /metrics series.
 
-Pass: after the first 2 minutes nothing grows (the least-squares slope of the per-minute
-medians below 1% of their mean per 10 minutes, for RSS, fds, map entries and the number of
-/metrics series; the agent keeps 60 s of recent stacks so that window is full by then); no live worker is missing from /targets for
-longer than one discovery interval (plus the 1 s sampling step); no ERROR line in the agent's
-log; every capture and every scrape succeeded. Writes a PNG plot (python3-matplotlib) and
+Pass: after the first 2 minutes nothing grows (the Theil-Sen slope below +1% of the mean
+per 10 minutes, for RSS, fds and map entries; the agent keeps 60 s of recent stacks so that
+window is full by then; the number of /metrics series is reported); no listed, live worker
+missing from /targets for longer than one discovery interval, and every new worker listed
+within two intervals of its start (watched every 0.5 s); no ERROR line in the agent's log;
+every capture and every scrape succeeded. Writes a PNG plot (python3-matplotlib) and
 the section between <!-- soak:begin --> and <!-- soak:end --> of BENCHMARKS.md.
 """
 
@@ -118,17 +120,43 @@ def fd_kinds(pid):
     return kinds
 
 
-def slope_pct_per_10min(ts, vs):
-    """Least-squares slope of vs over ts, as % of the mean per 600 s."""
+def trend_pct_per_10min(ts, vs):
+    """Theil-Sen slope of vs over ts (the median of the slopes between samples at least 60 s
+    apart: captures, reloads and containers move single samples, not that median), as % of
+    the mean per 600 s."""
     n = len(ts)
-    if n < 3:
+    mean = sum(vs) / n if n else 0
+    slopes = [
+        (vs[j] - vs[i]) / (ts[j] - ts[i])
+        for i in range(n)
+        for j in range(i + 1, n)
+        if ts[j] - ts[i] >= 60
+    ]
+    if not slopes or mean == 0:
         return 0.0
-    mt, mv = sum(ts) / n, sum(vs) / n
-    den = sum((t - mt) ** 2 for t in ts)
-    if den == 0 or mv == 0:
-        return 0.0
-    slope = sum((t - mt) * (v - mv) for t, v in zip(ts, vs)) / den
-    return slope * 600 / mv * 100
+    slopes.sort()
+    return slopes[len(slopes) // 2] * 600 / mean * 100
+
+
+def start_time(pid):
+    """When `pid` started, in seconds since the epoch (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    return BOOT_TIME + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def boot_time():
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return int(line.split()[1])
+    return 0
+
+
+BOOT_TIME = boot_time()
 
 
 class Soak:
@@ -143,6 +171,7 @@ class Soak:
         self.samples = []  # per second
         self.map_samples = []  # every 10 s
         self.series = []  # /metrics series, every 10 s
+        self.watch = []  # workers and /targets, every 0.5 s
         self.stop = threading.Event()
         self.container = None  # (name, master pid)
         self.t0 = None
@@ -474,6 +503,7 @@ http {{
             f"capture every 15 s, scrape every 5 s")
         self.container_conf()
         self.in_thread(self.container_load)
+        self.in_thread(self.watch_targets)
         self.t0 = time.monotonic()
         threads = []
         tick = 0
@@ -506,6 +536,10 @@ http {{
             th.join(timeout=30)
         self.stop.set()
         self.stop_container()
+        # What /metrics and /targets hold at the end, for a look at what stayed.
+        for path, name in (("/metrics", "metrics-end.txt"), ("/targets", "targets-end.json")):
+            with open(os.path.join(self.work, name), "w") as f:
+                f.write(self.api(path)[1])
         self.scrapes = self.scrape_counts()
 
     def scrape_counts(self):
@@ -541,16 +575,6 @@ http {{
             return [r["t"] for r in rows], [r[key] * scale for r in rows]
 
         res = {"warmup_s": warm, "metrics": {}}
-        def minute_medians(rows, key, scale):
-            """(middle of the minute, median) for each whole minute after the warm-up."""
-            out, start = [], warm
-            while start + 60 <= self.args.duration + 1:
-                vs = sorted(r[key] * scale for r in rows if start <= r["t"] < start + 60)
-                if vs:
-                    out.append((start + 30, vs[len(vs) // 2]))
-                start += 60
-            return [t for t, _ in out], [v for _, v in out]
-
         for key, label, rows_all, rows_after, scale in (
             ("rss_kib", "RSS (MiB)", self.samples, after, 1 / 1024),
             ("fds", "open fds", self.samples, after, 1),
@@ -558,57 +582,19 @@ http {{
             ("series", "/metrics series", self.series, [x for x in self.series if x["t"] >= warm], 1),
         ):
             _, v_all = series(rows_all, key, scale)
-            _, vs = series(rows_after, key, scale)
-            # The trend of the per-minute medians: captures (every 15 s) and the moment of a
-            # sample relative to a reload move single samples, not the medians.
-            slope = slope_pct_per_10min(*minute_medians(rows_after, key, scale))
+            ts, vs = series(rows_after, key, scale)
+            slope = trend_pct_per_10min(ts, vs)
             res["metrics"][key] = {
                 "label": label,
                 "all": (min(v_all), max(v_all)) if v_all else (0, 0),
                 "after": (min(vs), max(vs)) if vs else (0, 0),
                 "slope": slope,
-                "pass": abs(slope) < SLOPE_LIMIT_PCT if vs else False,
+                # Growth fails; a falling trend does not. The series count is bounded by
+                # metrics.top_functions per group by design: reported, not judged.
+                "pass": slope < SLOPE_LIMIT_PCT if vs else False,
+                "judged": key != "series",
             }
-        # Targets: for each worker, the longest run of samples (1 s apart) in which it was
-        # alive but not in /targets. Lost: more samples in a row than one discovery interval
-        # plus the sampling step (the measurement's resolution) allow.
-        missing_since, worst, worst_pid, lost = {}, 0.0, None, 0
-        limit = DISCOVERY_INTERVAL + 1.0 + 0.5
-        for s in self.samples:
-            if s["targets"] is None:
-                continue
-            targets = set(s["targets"])
-            for pid in s["workers"]:
-                if pid in targets:
-                    if pid in missing_since:
-                        gap = s["t"] - missing_since.pop(pid)
-                        if gap > worst:
-                            worst, worst_pid = gap, pid
-                        lost += gap > limit
-                elif pid not in missing_since:
-                    missing_since[pid] = s["t"]
-            for pid in list(missing_since):
-                if pid not in s["workers"]:
-                    # Exited before it was listed: a loss only if it lived unlisted too long.
-                    gap = s["t"] - missing_since.pop(pid)
-                    if gap > worst:
-                        worst, worst_pid = gap, pid
-                    lost += gap > limit
-        end = self.samples[-1]["t"] if self.samples else 0
-        for pid, since in missing_since.items():
-            if end - since > limit:
-                lost += 1
-                worst = max(worst, end - since)
-        counts = [len(s["targets"]) for s in self.samples if s["targets"] is not None]
-        res["targets"] = {
-            "range": (min(counts), max(counts)) if counts else (0, 0),
-            "worst_gap_s": worst,
-            "worst_pid": worst_pid,
-            "lost": lost,
-            "limit_s": limit,
-            "api_failures": sum(1 for s in self.samples if s["targets"] is None),
-            "workers_seen": len({p for s in self.samples for p in s["workers"]}),
-        }
+        res["targets"] = self.analyse_targets()
         with open(self.agent_log) as f:
             lines = f.read().splitlines()
         res["log"] = {
@@ -622,13 +608,81 @@ http {{
         captures = sum(self.events["captures"].values())
         total, up = self.scrapes
         res["pass"] = {
-            "growth": all(m["pass"] for m in res["metrics"].values()),
-            "targets": lost == 0 and res["targets"]["api_failures"] == 0,
+            "growth": all(m["pass"] for m in res["metrics"].values() if m["judged"]),
+            "targets": res["targets"]["lost"] == 0 and res["targets"]["late"] == 0
+            and res["targets"]["api_failures"] == 0,
             "log": not res["log"]["errors"],
             "captures": captures > 0 and captures_ok == captures and not self.events["capture_errors"],
             "scrapes": total > 0 and up == total,
         }
         return res
+
+    def analyse_targets(self):
+        """From the 0.5 s watch: each worker's discovery latency (its start to its first
+        listing) and any time a listed, live worker was missing from /targets."""
+        first_listed, alive_at, missing_since = {}, {}, {}
+        dropped = []  # seconds a listed live worker was missing
+        for w in self.watch:
+            listed = w["targets"]
+            for pid, started in w["workers"].items():
+                alive_at.setdefault(pid, started)
+                if pid in listed:
+                    first_listed.setdefault(pid, w["wall"])
+                    if pid in missing_since:
+                        dropped.append(w["wall"] - missing_since.pop(pid))
+                elif pid in first_listed and pid not in missing_since:
+                    missing_since[pid] = w["wall"]
+            for pid in list(missing_since):
+                if pid not in w["workers"]:
+                    missing_since.pop(pid)  # it exited: its removal is right
+        end = self.watch[-1]["wall"] if self.watch else 0
+        dropped += [end - since for since in missing_since.values()]
+        latencies, never = [], 0
+        last_seen = {}
+        for w in self.watch:
+            for pid in w["workers"]:
+                last_seen[pid] = w["wall"]
+        for pid, started in alive_at.items():
+            if started is None:
+                continue
+            if pid in first_listed:
+                latencies.append(max(0.0, first_listed[pid] - started))
+            elif last_seen[pid] - started > 2 * DISCOVERY_INTERVAL:
+                never += 1  # lived through two scans unlisted
+        latencies.sort()
+        pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0  # noqa: E731
+        limit = 2 * DISCOVERY_INTERVAL
+        counts = [len(s["targets"]) for s in self.samples if s["targets"] is not None]
+        return {
+            "range": (min(counts), max(counts)) if counts else (0, 0),
+            "workers_seen": len(alive_at),
+            "latency_p50": pct(0.5),
+            "latency_p95": pct(0.95),
+            "latency_max": latencies[-1] if latencies else 0.0,
+            "late": sum(1 for x in latencies if x > limit) + never,
+            "limit_s": limit,
+            "lost": sum(1 for x in dropped if x > DISCOVERY_INTERVAL),
+            "longest_drop": max(dropped, default=0.0),
+            "api_failures": sum(1 for w in self.watch if w.get("failed")),
+        }
+
+    def watch_targets(self):
+        """Every 0.5 s: the worker processes (with their start times) and /targets."""
+        starts = {}
+        while not self.stop.is_set():
+            workers = {}
+            for pid in self.workers():
+                if pid not in starts:
+                    starts[pid] = start_time(pid)
+                workers[pid] = starts[pid]
+            status, body = self.api("/targets")
+            entry = {"wall": time.time(), "workers": workers, "targets": set()}
+            if status == 200:
+                entry["targets"] = {x["pid"] for x in json.loads(body)}
+            else:
+                entry["failed"] = True
+            self.watch.append(entry)
+            self.stop.wait(0.5)
 
     def plot(self, res, path):
         import matplotlib
@@ -676,8 +730,12 @@ http {{
             r = res["metrics"][key]
             fmt = "{:.1f}" if key == "rss_kib" else "{:.0f}"
             rng = lambda p: f"{fmt.format(p[0])}–{fmt.format(p[1])}"  # noqa: E731
+            if r["judged"]:
+                target, verdict = f"< +{SLOPE_LIMIT_PCT:.0f}%", "PASS" if r["pass"] else "FAIL"
+            else:
+                target, verdict = "bounded (`metrics.top_functions` per group)", "—"
             rows.append(f"| {r['label']} | {rng(r['all'])} | {rng(r['after'])} | {r['slope']:+.2f}% | "
-                        f"< {SLOPE_LIMIT_PCT:.0f}% | {'PASS' if r['pass'] else 'FAIL'} |")
+                        f"{target} | {verdict} |")
         tg = res["targets"]
         warn = res["log"]["warnings"]
         lines = [
@@ -696,8 +754,9 @@ http {{
             "Prometheus scraping every 5 s over HTTPS with basic auth (`deploy/prometheus/prometheus-tls.yml`). Sampled every second "
             "(BPF map entries and the number of /metrics series every 10 s). The agent keeps "
             f"{RETENTION} s of recent stacks (`sampling.retention_seconds`), so that window is "
-            "full before the measured part; the trend is the least-squares slope of the "
-            "per-minute medians after the warm-up, as a share of their mean.",
+            "full before the measured part. Trend: the Theil–Sen slope after the warm-up (the median "
+            "of the slopes between samples at least a minute apart, so that a capture or a "
+            "reload moving single samples does not make one), as a share of the mean.",
             "",
             f"![soak]({png_rel})",
             "",
@@ -705,11 +764,15 @@ http {{
             "|---|---|---|---|---|---|",
             *rows,
             "",
-            f"- **Targets:** /targets listed {tg['range'][0]}–{tg['range'][1]} processes "
-            f"({tg['workers_seen']} distinct workers came and went); the longest time a live "
-            f"worker was missing from it: {tg['worst_gap_s']:.0f} s of samples (limit: one discovery "
-            f"interval, {DISCOVERY_INTERVAL} s, plus the 1 s sampling step); workers missing "
-            f"longer: {tg['lost']} — {'PASS' if res['pass']['targets'] else 'FAIL'}.",
+            f"- **Targets** (watched every 0.5 s): /targets listed {tg['range'][0]}–"
+            f"{tg['range'][1]} processes; {tg['workers_seen']} distinct workers came and went. "
+            f"From a worker's start to its first listing: median {tg['latency_p50']:.1f} s, "
+            f"95th percentile {tg['latency_p95']:.1f} s, longest {tg['latency_max']:.1f} s "
+            f"(discovery scans every {DISCOVERY_INTERVAL} s after the previous scan ends; a "
+            f"Docker start triggers one at once); listed later than two intervals "
+            f"({tg['limit_s']:.0f} s, i.e. missed by more than one scan): {tg['late']}. A listed, "
+            f"live worker missing from /targets: {tg['lost']} times longer than one interval "
+            f"(longest {tg['longest_drop']:.1f} s) — {'PASS' if res['pass']['targets'] else 'FAIL'}.",
             f"- **Churn done:** {ev['reloads']} reloads, {ev['containers']} containers, "
             f"{captures} captures ({ev['captures'].get(200, 0)} answered 200; "
             f"{ev.get('capture_retries', 0)} chosen again after a 404 for a worker a reload had "
