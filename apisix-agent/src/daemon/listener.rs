@@ -24,7 +24,7 @@
 //! [`raise_fd_limit`] raises the soft open-file limit to the hard one at start (as Go does for
 //! every program), so `max_connections` is not cut short by a 1024 soft limit.
 //!
-//! Hooks: a TCP listener, `setrlimit(RLIMIT_NOFILE)`. Metrics:
+//! Hooks: a TCP listener ([`bind`], backlog [`BACKLOG`]), `setrlimit(RLIMIT_NOFILE)`. Metrics:
 //! `apisix_profiler_http_connection_errors_total{reason}` ([`ConnectionError::name`]),
 //! `apisix_profiler_http_open_connections`.
 
@@ -605,6 +605,24 @@ impl Every {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
+}
+
+/// Pending connections the kernel queues before `accept` (std's and tokio's `bind` use 128;
+/// a burst above that while the accept loop is off the CPU for a few milliseconds drops
+/// SYNs, and each dropped one costs its client a 1 s retransmission).
+pub const BACKLOG: u32 = 1024;
+
+/// Binds the endpoint's listening socket, with [`BACKLOG`] (the kernel caps it at
+/// `net.core.somaxconn`).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Raises the soft limit on open files to the hard limit; warns when it stays below what

@@ -68,7 +68,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     // Bind first: a taken port is an error before anything attaches.
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(listen))
+        .block_on(async { listener::bind(listen) })
         .with_context(|| format!("listening on {listen} (http.listen)"))?;
 
     // The continuous sampler: a failure to attach is fatal and reported as such.
