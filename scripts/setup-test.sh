@@ -2,10 +2,11 @@
 # Installs what only the test suite needs, on top of scripts/setup.sh, idempotently: a real
 # Prometheus + promtool, headless Chromium, systemd-analyze, capsh, python3 (bench), bpftool
 # (the kernel's BPF link listing, for the allocator probes' detach checks), Go (its `go tool
-# pprof` reads the daemon's pprof endpoints), and the non-GC64 LuaJIT the Lua tests run
-# against. (Docker and debootstrap for the container tests are installed by
-# scripts/docker-up.sh and scripts/test-image.sh.) Installed without recommends and without
-# starting their services: the tests start their own instances on loopback.
+# pprof` reads the daemon's pprof endpoints), openssl (certificates for the network tests),
+# and the non-GC64 LuaJIT the Lua tests run against. (Docker and debootstrap for the
+# container tests are installed by scripts/docker-up.sh and scripts/test-image.sh.)
+# Installed without recommends and without starting their services: the tests start their
+# own instances on loopback.
 set -euo pipefail
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -19,7 +20,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 
-apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3 bpftool golang-go
+apt_ensure --quiet-services prometheus chromium systemd libcap2-bin python3 bpftool golang-go \
+    openssl
 
 log "non-GC64 LuaJIT for the tests"
 "$(dirname "$0")/build-luajit-nogc64.sh" >/dev/null

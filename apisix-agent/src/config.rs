@@ -95,12 +95,107 @@ impl Attribution {
     }
 }
 
-/// The HTTP endpoint (`/metrics`, `/flamegraph`, `/targets`, `/healthz`).
+/// The HTTP endpoint (`/metrics`, `/flamegraph`, `/targets`, `/healthz`): where it listens,
+/// TLS and credentials (as Prometheus exporter-toolkit's web configuration), which endpoints
+/// exist, and the limits on connections.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Http {
     /// Address to listen on, `IP:PORT`.
     pub listen: String,
+    /// Serve `/flamegraph` and the pprof endpoints (captures, stacks with Lua file names).
+    /// `/metrics`, `/targets` and `/healthz` stay.
+    pub profiling_endpoints: bool,
+    /// TLS; without `cert_file`, plain HTTP.
+    pub tls: HttpTls,
+    /// Basic authentication: user name → bcrypt hash of the password.
+    pub basic_auth_users: BTreeMap<String, String>,
+    /// A file holding a bearer token clients may send instead (empty: none).
+    pub bearer_token_file: String,
+    /// `/healthz` answers without credentials (liveness probes) when auth is set.
+    pub healthz_without_auth: bool,
+    /// Time a client has, from connecting (TLS handshake included), to send a request's
+    /// headers, and from its first byte for each later request on the connection.
+    pub header_timeout_seconds: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_seconds: u64,
+    /// Connections open at once; past it, new ones are refused (503, then closed).
+    pub max_connections: usize,
+    /// Largest request line plus headers accepted; a larger request gets 431.
+    pub max_header_bytes: usize,
+}
+
+/// TLS of the HTTP endpoint. Files are PEM; they are read at start (an unreadable or
+/// invalid one stops the start) and again on SIGHUP or when they change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTls {
+    /// The server's certificate chain (leaf first); empty: no TLS.
+    pub cert_file: String,
+    /// The private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// CA certificates client certificates must chain to; set, every client must present
+    /// one (mutual TLS). Empty: no client certificates.
+    pub client_ca_file: String,
+}
+
+impl Http {
+    /// TLS is configured.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls.cert_file.is_empty()
+    }
+
+    /// Credentials are required (basic auth users or a bearer token).
+    pub fn auth_enabled(&self) -> bool {
+        !self.basic_auth_users.is_empty() || !self.bearer_token_file.is_empty()
+    }
+
+    /// Checks what can be checked without reading files; the error is (field, message).
+    fn check(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, message: String| (format!("http.{field}"), message);
+        let t = &self.tls;
+        if t.cert_file.is_empty() != t.key_file.is_empty() {
+            let missing = if t.cert_file.is_empty() {
+                "tls.cert_file"
+            } else {
+                "tls.key_file"
+            };
+            return Err(bad(
+                missing,
+                "tls.cert_file and tls.key_file go together".to_owned(),
+            ));
+        }
+        if !t.client_ca_file.is_empty() && t.cert_file.is_empty() {
+            return Err(bad(
+                "tls.client_ca_file",
+                "client certificates need TLS (tls.cert_file and tls.key_file)".to_owned(),
+            ));
+        }
+        for (user, hash) in &self.basic_auth_users {
+            if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+                return Err(bad(
+                    "basic_auth_users",
+                    format!(
+                        "{user:?} is not a user name (not empty, no ':' or control characters)"
+                    ),
+                ));
+            }
+            hash.parse::<bcrypt::HashParts>().map_err(|e| {
+                bad(
+                    &format!("basic_auth_users.{user}"),
+                    format!("not a bcrypt hash ({e}); make one with `apisix-agent hash-password`"),
+                )
+            })?;
+        }
+        in_range(self.header_timeout_seconds, 1..=300)
+            .map_err(|e| bad("header_timeout_seconds", e))?;
+        in_range(self.idle_timeout_seconds, 1..=3600)
+            .map_err(|e| bad("idle_timeout_seconds", e))?;
+        in_range(self.max_connections, 1..=65_536).map_err(|e| bad("max_connections", e))?;
+        in_range(self.max_header_bytes, 1024..=1_048_576)
+            .map_err(|e| bad("max_header_bytes", e))?;
+        Ok(())
+    }
 }
 
 /// Sampling rates and limits.
@@ -212,6 +307,15 @@ impl Default for Http {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".to_owned(),
+            profiling_endpoints: true,
+            tls: HttpTls::default(),
+            basic_auth_users: BTreeMap::new(),
+            bearer_token_file: String::new(),
+            healthz_without_auth: true,
+            header_timeout_seconds: 5,
+            idle_timeout_seconds: 120,
+            max_connections: 1024,
+            max_header_bytes: 16_384,
         }
     }
 }
@@ -316,6 +420,9 @@ impl Config {
             message,
         };
         self.listen_addr().map_err(|e| bad("http.listen", e))?;
+        self.http
+            .check()
+            .map_err(|(field, message)| bad(&field, message))?;
         let s = &self.sampling;
         in_range(s.frequency_hz, 1..=1000).map_err(|e| bad("sampling.frequency_hz", e))?;
         in_range(s.on_demand_frequency_hz, 1..=10_000)
@@ -463,6 +570,61 @@ mod tests {
         assert!(e.contains("discovery.docker.socket"), "{e}");
         let e = err("sampling:\n  memory:\n    sample_bytes: 10\n");
         assert!(e.contains("sampling.memory.sample_bytes"), "{e}");
+    }
+
+    #[test]
+    fn http_security_fields() {
+        // `echo hello | apisix-agent hash-password --cost 4`
+        let hash = "$2b$04$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK";
+        let c = match Config::parse(
+            &format!(
+                "http:\n  listen: 0.0.0.0:9464\n  profiling_endpoints: false\n  tls:\n    \
+                 cert_file: /etc/a/tls.crt\n    key_file: /etc/a/tls.key\n    \
+                 client_ca_file: /etc/a/ca.crt\n  basic_auth_users:\n    prometheus: '{hash}'\n  \
+                 bearer_token_file: /etc/a/token\n  healthz_without_auth: false\n  \
+                 header_timeout_seconds: 2\n  idle_timeout_seconds: 30\n  max_connections: 100\n  \
+                 max_header_bytes: 4096\n"
+            ),
+            "x",
+        ) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(c.http.tls_enabled());
+        assert!(c.http.auth_enabled());
+        assert!(!c.http.profiling_endpoints);
+        assert_eq!(c.http.max_connections, 100);
+        assert!(!Config::default().http.tls_enabled());
+        assert!(!Config::default().http.auth_enabled());
+    }
+
+    #[test]
+    fn http_security_errors_name_the_field() {
+        let e = err("http:\n  tls:\n    cert_file: /a.crt\n");
+        assert!(e.contains("http.tls.key_file"), "{e}");
+        let e = err("http:\n  tls:\n    key_file: /a.key\n");
+        assert!(e.contains("http.tls.cert_file"), "{e}");
+        let e = err("http:\n  tls:\n    client_ca_file: /ca.crt\n");
+        assert!(e.contains("http.tls.client_ca_file"), "{e}");
+        let e = err("http:\n  basic_auth_users:\n    prometheus: plaintext\n");
+        assert!(e.contains("http.basic_auth_users.prometheus"), "{e}");
+        assert!(e.contains("not a bcrypt hash"), "{e}");
+        let e = err(
+            "http:\n  basic_auth_users:\n    'a:b': '$2b$04$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK'\n",
+        );
+        assert!(e.contains("http.basic_auth_users"), "{e}");
+        assert!(e.contains("no ':'"), "{e}");
+        let e = err("http:\n  header_timeout_seconds: 0\n");
+        assert!(e.contains("http.header_timeout_seconds"), "{e}");
+        let e = err("http:\n  idle_timeout_seconds: 0\n");
+        assert!(e.contains("http.idle_timeout_seconds"), "{e}");
+        let e = err("http:\n  max_connections: 0\n");
+        assert!(e.contains("http.max_connections"), "{e}");
+        let e = err("http:\n  max_header_bytes: 100\n");
+        assert!(e.contains("http.max_header_bytes"), "{e}");
+        let e = err("http:\n  tls:\n    certfile: /a\n");
+        assert!(e.contains("http.tls"), "{e}");
+        assert!(e.contains("certfile"), "{e}");
     }
 
     #[test]

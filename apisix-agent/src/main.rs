@@ -96,6 +96,13 @@ enum Command {
         /// YAML configuration to check.
         config: PathBuf,
     },
+    /// Read a password from standard input (one line) and print its bcrypt hash, for
+    /// `http.basic_auth_users`.
+    HashPassword {
+        /// bcrypt cost (4..=31); each step doubles the time a check takes.
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -154,6 +161,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => daemon::run(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
+        Command::HashPassword { cost } => hash_password(cost),
         Command::Render {
             input,
             output,
@@ -184,6 +192,19 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::Config::load(Some(path))?;
     let text = serde_yaml::to_string(&config)?;
     std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// `hash-password`: one line of standard input (without its line end) → its bcrypt hash.
+fn hash_password(cost: u32) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(!password.is_empty(), "no password on standard input");
+    let hash = daemon::auth::hash_password(password.as_bytes(), cost)?;
+    std::io::stdout().write_all(format!("{hash}\n").as_bytes())?;
     Ok(())
 }
 

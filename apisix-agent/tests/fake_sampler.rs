@@ -95,11 +95,17 @@ impl FakeDaemon {
             .expect("bind an ephemeral loopback port");
         let addr = listener.local_addr().expect("bound address");
         let stop = shared.clone();
-        runtime.spawn(http::serve(listener, shared.clone(), async move {
-            while !stop.stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }));
+        runtime.spawn(http::serve(
+            listener,
+            shared.clone(),
+            None,
+            None,
+            async move {
+                while !stop.stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        ));
         Self {
             shared,
             source,

@@ -7,7 +7,10 @@
 #
 # Checks: every *.yaml parses (yaml.safe_load_all) and each document has apiVersion, kind
 # and metadata.name; the ConfigMap's config.yaml parses and only uses fields that
-# config.example.yaml has (the agent rejects unknown fields) and listens on 0.0.0.0:9464;
+# config.example.yaml has (the agent rejects unknown fields) and listens on 0.0.0.0:9464
+# with TLS and basic auth, the TLS files coming from a mounted Secret (not subPath, so
+# updates reach the agent), probes over HTTPS (tcpSocket with mutual TLS), and a
+# ServiceMonitor scraping with scheme https, tlsConfig and basicAuth;
 # the DaemonSet is privileged with hostPID, probes /healthz, mounts the ConfigMap where
 # --config points, /sys/kernel/debug, /sys/fs/bpf and the directory of the Docker socket the
 # config names, and sets memory requests/limits; its profiles.grafana.com annotations turn on
@@ -71,8 +74,8 @@ def unknown_fields(value, reference, prefix=""):
     for k, v in value.items():
         if k not in reference:
             out.append(prefix + k)
-        # labels is a free-form map
-        elif prefix + k != "discovery.docker.labels":
+        # labels and basic_auth_users are free-form maps
+        elif prefix + k not in ("discovery.docker.labels", "http.basic_auth_users"):
             out += unknown_fields(v, reference[k], prefix + k + ".")
     return out
 if os.path.exists(example_path):
@@ -81,8 +84,16 @@ if os.path.exists(example_path):
         problem(f"configmap.yaml: config.yaml field {f} is not in config.example.yaml")
 else:
     print(f"note: {example_path} missing, config fields not checked")
-if config.get("http", {}).get("listen") != "0.0.0.0:9464":
+http_cfg = config.get("http", {})
+if http_cfg.get("listen") != "0.0.0.0:9464":
     problem("configmap.yaml: http.listen must be 0.0.0.0:9464")
+tls_cfg = http_cfg.get("tls") or {}
+tls_on = bool(tls_cfg.get("cert_file"))
+mutual = bool(tls_cfg.get("client_ca_file"))
+auth_on = bool(http_cfg.get("basic_auth_users")) or bool(http_cfg.get("bearer_token_file"))
+if not tls_on or not (auth_on or mutual):
+    problem("configmap.yaml: an agent on 0.0.0.0 must have http.tls and http.basic_auth_users "
+            "(or a bearer token or client certificates)")
 
 # --- DaemonSet -----------------------------------------------------------------------------
 ds = docs["DaemonSet"]
@@ -100,9 +111,19 @@ ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
 if ports.get("http-metrics") != 9464:
     problem("daemonset.yaml: port http-metrics must be 9464")
 for probe in ("livenessProbe", "readinessProbe"):
-    g = c.get(probe, {}).get("httpGet", {})
+    p = c.get(probe, {})
+    if mutual:
+        # The kubelet has no client certificate.
+        if p.get("tcpSocket", {}).get("port") not in ("http-metrics", 9464):
+            problem(f"daemonset.yaml: with client certificates {probe} must be tcpSocket on http-metrics")
+        continue
+    g = p.get("httpGet", {})
     if g.get("path") != "/healthz" or g.get("port") not in ("http-metrics", 9464):
         problem(f"daemonset.yaml: {probe} must GET /healthz on http-metrics")
+    if g.get("scheme", "HTTP") != ("HTTPS" if tls_on else "HTTP"):
+        problem(f"daemonset.yaml: {probe} scheme must be {'HTTPS' if tls_on else 'HTTP'} (http.tls)")
+    if auth_on and http_cfg.get("healthz_without_auth") is False:
+        problem(f"daemonset.yaml: {probe} has no credentials but http.healthz_without_auth is false")
 res = c.get("resources", {})
 for k in ("requests", "limits"):
     if "memory" not in res.get(k, {}):
@@ -129,6 +150,15 @@ def host_path_for(container_path):
 for want in ("/sys/kernel/debug", "/sys/fs/bpf"):
     if host_path_for(want) != want:
         problem(f"daemonset.yaml: host {want} not mounted at {want}")
+for field in ("cert_file", "key_file", "client_ca_file"):
+    f = tls_cfg.get(field)
+    if not f:
+        continue
+    m = mounts.get(os.path.dirname(f))
+    if not m or "secret" not in vols.get(m["name"], {}):
+        problem(f"daemonset.yaml: http.tls.{field} {f}: its directory is not a mounted Secret")
+    elif m.get("subPath"):
+        problem(f"daemonset.yaml: the Secret of http.tls.{field} is mounted with subPath (no updates)")
 sock = config.get("discovery", {}).get("docker", {}).get("socket", "/var/run/docker.sock")
 hp = host_path_for(sock)
 if hp not in ("/run/docker.sock", "/var/run/docker.sock"):
@@ -164,6 +194,16 @@ for ep in sm["spec"]["endpoints"]:
         problem(f"servicemonitor.yaml: endpoint port {ep.get('port')} not in the Service")
     if ep.get("path", "/metrics") != "/metrics":
         problem("servicemonitor.yaml: path must be /metrics")
+    if ep.get("scheme", "http") != ("https" if tls_on else "http"):
+        problem(f"servicemonitor.yaml: scheme must be {'https' if tls_on else 'http'} (http.tls)")
+    if tls_on and not ep.get("tlsConfig", {}).get("ca"):
+        problem("servicemonitor.yaml: tlsConfig.ca missing (the agents' CA)")
+    if mutual and not (ep.get("tlsConfig", {}).get("cert") and ep.get("tlsConfig", {}).get("keySecret")):
+        problem("servicemonitor.yaml: tlsConfig.cert and keySecret needed (http.tls.client_ca_file)")
+    if http_cfg.get("basic_auth_users"):
+        ba = ep.get("basicAuth", {})
+        if not (ba.get("username") and ba.get("password")):
+            problem("servicemonitor.yaml: basicAuth username and password needed (http.basic_auth_users)")
 
 if problems:
     sys.exit(1)

@@ -4,6 +4,7 @@
 #   deploy/prometheus/check.sh
 #
 #   promtool check config prometheus.yml   (also loads and checks the rule_files it names)
+#   promtool check config prometheus-tls.yml   (the HTTPS + basic auth variant)
 #   promtool check rules  rules.yml
 #   promtool test  rules  rules_test.yml   (unit tests of the recording rules and alerts)
 #
@@ -48,6 +49,7 @@ run() {
     fi
 }
 run promtool check config prometheus.yml
+run promtool check config prometheus-tls.yml
 run promtool check rules rules.yml
 run promtool test rules rules_test.yml
 

@@ -30,6 +30,7 @@ use std::{
 
 use super::metrics::{
     CFunctionLabels, LuaFunctionLabels, Metrics, PhaseLabels, PluginLabels, TargetLabels,
+    VmStateLabels,
 };
 use crate::{
     attribution::{Attribution, Filter, Phase, Rules},
@@ -680,7 +681,17 @@ impl Aggregator {
                 self.metrics.samples.remove(&labels);
                 self.metrics.lost.remove(&labels);
             }
+            // The sampler thread counts VM states; their series go with the group too.
+            for state in crate::luajit::VmState::ALL {
+                self.metrics.vm_states.remove(&VmStateLabels {
+                    state: state.name(),
+                    container: g.container.clone(),
+                    image: g.image.clone(),
+                });
+            }
         }
+        // Target labels (container names) no retained sample refers to any more.
+        self.targets.retain(|t| Arc::strong_count(t) > 1);
     }
 
     /// Folds the retained stacks of the last `window` that `keep` selects by (pid, container).
@@ -863,6 +874,44 @@ mod tests {
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn gone_groups_lose_every_series_and_their_interned_name() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics.clone(), 10, Duration::from_secs(60), 1000);
+        let t = target();
+        agg.add(
+            1,
+            &t,
+            stack(&["main", "lua_resume", "f@/a.lua:1"]),
+            no_module,
+        );
+        agg.flush();
+        // As the sampler thread counts them.
+        metrics
+            .vm_states
+            .get_or_create(&VmStateLabels {
+                state: crate::luajit::VmState::ALL[0].name(),
+                container: t.container.clone(),
+                image: t.image.clone(),
+            })
+            .inc();
+        let group = Group::of(&t);
+        agg.retain_groups(&HashSet::from([group.clone()]));
+        let text = metrics.encode().unwrap_or_default();
+        assert!(text.contains("container=\"gw\""), "{text}");
+        // Gone for longer than the grace period, and its stacks aged out of the window.
+        agg.retain_groups(&HashSet::new());
+        let long_ago = Instant::now().checked_sub(GROUP_GRACE + Duration::from_secs(1));
+        if let (Some(since), Some(gone)) = (long_ago, agg.gone_since.get_mut(&group)) {
+            *gone = since;
+        }
+        agg.recent.samples.clear();
+        agg.retain_groups(&HashSet::new());
+        let text = metrics.encode().unwrap_or_default();
+        assert!(!text.contains("container=\"gw\""), "{text}");
+        assert!(agg.targets.is_empty(), "interned container names kept");
     }
 
     #[test]

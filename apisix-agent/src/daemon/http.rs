@@ -26,7 +26,12 @@
 //! when `sampling.max_concurrent_captures` captures already run. Handlers only read shared
 //! state or start a capture; nothing a client sends names a file.
 //!
-//! Hooks: a TCP listener. Metrics: none of its own.
+//! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
+//! `http.profiling_endpoints: false` turns off (404 saying so). With credentials configured
+//! every request but an open `/healthz` goes through [`super::auth::require`]; connections,
+//! TLS and their limits are [`super::listener`]'s.
+//!
+//! Hooks: a TCP listener (through [`super::listener`]). Metrics: none of its own.
 
 use std::{
     collections::HashMap,
@@ -37,13 +42,20 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, Request, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 
-use super::{Shared, aggregate::Retention};
+use super::{
+    Shared,
+    aggregate::Retention,
+    auth::{self, Auth},
+    listener::{self, Limits},
+    tls::Tls,
+};
 use crate::{
     attribution::{self, Filter, Phase, Rules},
     discovery::{Lua, TargetProcess},
@@ -53,27 +65,61 @@ use crate::{
     stacks::StackOptions,
 };
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, over TLS when `tls` is set, asking for credentials
+/// when `auth` is set, under the limits of `http`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    tls: Option<Arc<Tls>>,
+    auth: Option<Arc<Auth>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(shared))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = Limits::from(&shared.config.http);
+    let metrics = shared.metrics.clone();
+    listener::serve(
+        listener,
+        router(shared, auth),
+        tls,
+        limits,
+        metrics,
+        shutdown,
+    )
+    .await
 }
 
 /// The routes.
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+pub fn router(shared: Arc<Shared>, auth: Option<Arc<Auth>>) -> Router {
+    let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/flamegraph", get(flamegraph))
-        .merge(pprof_routes())
         .route("/targets", get(targets))
         .route("/healthz", get(healthz))
+        .merge(profiling_routes(shared.config.http.profiling_endpoints))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".to_owned()) })
-        .with_state(shared)
+        .with_state(shared);
+    match auth {
+        Some(auth) => app.layer(middleware::from_fn_with_state(auth, auth::require)),
+        None => app,
+    }
+}
+
+/// The endpoints that capture or show stacks (with the targets' Lua file names); without
+/// `http.profiling_endpoints` each answers 404 saying so.
+fn profiling_routes(enabled: bool) -> Router<Arc<Shared>> {
+    let routes = Router::new()
+        .route("/flamegraph", get(flamegraph))
+        .merge(pprof_routes());
+    if enabled {
+        routes
+    } else {
+        routes.route_layer(middleware::from_fn(profiling_disabled))
+    }
+}
+
+async fn profiling_disabled(_req: Request, _next: Next) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "profiling endpoints are disabled (http.profiling_endpoints: false)".to_owned(),
+    )
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -494,7 +540,7 @@ async fn flamegraph(
                 "capture started"
             );
             let result = tokio::task::spawn_blocking(move || {
-                capture::capture(
+                let cap = capture::capture(
                     &targets,
                     Duration::from_secs(seconds),
                     mode,
@@ -504,7 +550,9 @@ async fn flamegraph(
                     },
                     &worker.stop,
                     |_| {},
-                )
+                );
+                super::memory::release_freed();
+                cap
             })
             .await;
             drop(permit);

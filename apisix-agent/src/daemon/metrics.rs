@@ -23,6 +23,10 @@
 //! - `apisix_profiler_targets` {flavour} (gauge)
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
+//! - the HTTP endpoint's own ([`HttpMetrics`]): `apisix_profiler_http_auth_failures_total`
+//!   {reason}, `apisix_profiler_http_connection_errors_total` {reason},
+//!   `apisix_profiler_http_open_connections`, `apisix_profiler_http_file_reloads_total`
+//!   {file, result}
 //!
 //! Hooks: `/proc/self/stat`, `/proc/self/statm`.
 
@@ -102,6 +106,35 @@ pub struct FlavourLabels {
     pub flavour: String,
 }
 
+/// Labels of the HTTP auth failure and connection error series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpReasonLabels {
+    /// One of `daemon::auth::Failure::name` or `daemon::listener::ConnectionError::name`.
+    pub reason: &'static str,
+}
+
+/// Labels of the credential file reload series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `tls` (certificate, key and client CAs together) or `bearer_token`.
+    pub file: &'static str,
+    /// `ok` or `failed` (the previous files stay in use).
+    pub result: &'static str,
+}
+
+/// The HTTP endpoint's own metrics (`daemon::listener`, `daemon::auth`, `daemon::tls`).
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    /// Requests refused with 401, by reason.
+    pub auth_failures: Family<HttpReasonLabels, Counter>,
+    /// Connections refused or closed on an error, by reason.
+    pub connection_errors: Family<HttpReasonLabels, Counter>,
+    /// Connections open now.
+    pub open_connections: Gauge,
+    /// Reloads of the TLS files and the bearer token file.
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
 /// Every metric of the daemon.
 #[derive(Debug)]
 pub struct Metrics {
@@ -128,6 +161,7 @@ pub struct Metrics {
     agent_cpu: Counter<f64, AtomicU64>,
     agent_rss: Gauge,
     pub frequency: Gauge,
+    pub http: HttpMetrics,
     /// CPU time already added to `agent_cpu`, in clock ticks.
     cpu_ticks_seen: Mutex<u64>,
 }
@@ -162,6 +196,7 @@ impl Metrics {
             agent_cpu: Counter::default(),
             agent_rss: Gauge::default(),
             frequency: Gauge::default(),
+            http: HttpMetrics::default(),
             cpu_ticks_seen: Mutex::new(0),
         };
         m.registry.register(
@@ -265,6 +300,26 @@ impl Metrics {
             "Continuous sampling rate per CPU",
             prometheus_client::registry::Unit::Other("hertz".to_owned()),
             m.frequency.clone(),
+        );
+        m.registry.register(
+            "http_auth_failures",
+            "HTTP requests refused for missing or wrong credentials, by reason",
+            m.http.auth_failures.clone(),
+        );
+        m.registry.register(
+            "http_connection_errors",
+            "HTTP connections refused (connection limit) or closed on an error, by reason",
+            m.http.connection_errors.clone(),
+        );
+        m.registry.register(
+            "http_open_connections",
+            "HTTP connections open",
+            m.http.open_connections.clone(),
+        );
+        m.registry.register(
+            "http_file_reloads",
+            "Reloads of the TLS files and the bearer token file, by result",
+            m.http.reloads.clone(),
         );
         m
     }

@@ -4,14 +4,20 @@
 //! discovery thread ([`crate::discovery::watch`]: scans `/proc` every
 //! `discovery.interval_seconds` or when nudged), the Docker follower task
 //! ([`crate::discovery::docker`]) and the HTTP server ([`http`]) on a tokio runtime. SIGTERM/SIGINT stop everything; the sampler thread detaches every BPF
-//! program before the process exits.
+//! program before the process exits. The TLS files and the bearer token ([`tls`], [`auth`])
+//! are read before anything attaches, and again on SIGHUP or when they change (checked
+//! every [`RELOAD_CHECK`]).
 //!
-//! Hooks: those of its parts. Metrics: those of its parts.
+//! Hooks: SIGTERM, SIGINT, SIGHUP; those of its parts. Metrics: those of its parts.
 
 pub mod aggregate;
+pub mod auth;
 pub mod http;
+pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 
 use std::{
     path::Path,
@@ -22,6 +28,7 @@ use std::{
 use anyhow::Context as _;
 
 pub use self::state::Shared;
+use self::{auth::Auth, tls::Tls};
 use crate::{
     config::Config,
     discovery::{
@@ -33,6 +40,9 @@ use crate::{
     sampling::continuous,
 };
 
+/// How often the TLS files and the bearer token file are checked for changes.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -40,6 +50,15 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .listen_addr()
         .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
     let shared = Arc::new(Shared::new(config));
+    // Credentials and certificates: a bad file stops the start before anything attaches.
+    let http_cfg = &shared.config.http;
+    let tls = Tls::load(&http_cfg.tls, shared.metrics.clone())?;
+    let auth = Auth::load(http_cfg, shared.metrics.clone())?;
+    let authenticated = auth.is_some() || tls.as_ref().is_some_and(|t| t.mutual());
+    if let Some(warning) = listener::exposure_warning(listen, tls.is_some(), authenticated) {
+        tracing::warn!(listen = %listen, "{warning}");
+    }
+    listener::raise_fd_limit(http_cfg.max_connections);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -49,7 +68,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     // Bind first: a taken port is an error before anything attaches.
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(listen))
+        .block_on(async { listener::bind(listen) })
         .with_context(|| format!("listening on {listen} (http.listen)"))?;
 
     // The continuous sampler: a failure to attach is fatal and reported as such.
@@ -106,16 +125,26 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             .context("starting the discovery thread")?
     };
 
+    runtime.spawn(reload_on_change(tls.clone(), auth.clone()));
     // With port 0 in `http.listen` the kernel picks one: the log says which.
     let bound = listener.local_addr().unwrap_or(listen);
-    tracing::info!(listen = %bound, "serving /metrics, /flamegraph, /targets, /healthz");
-    // The signal stops the loops and captures at once: graceful shutdown waits for the
-    // requests in flight, and an on-demand capture ends (its probes detached) only then.
-    let stopping = shared.clone();
-    let served = runtime.block_on(http::serve(listener, shared.clone(), async move {
-        shutdown_signal().await;
-        stopping.stop.store(true, Ordering::SeqCst);
-    }));
+    tracing::info!(
+        listen = %bound,
+        tls = tls.is_some(),
+        client_certificates = tls.as_ref().is_some_and(|t| t.mutual()),
+        auth = auth.is_some(),
+        profiling_endpoints = shared.config.http.profiling_endpoints,
+        "serving /metrics, /flamegraph, /targets, /healthz"
+    );
+    // Captures and loops end as soon as the signal comes, so open requests finish quickly.
+    let shutdown = {
+        let shared = shared.clone();
+        async move {
+            shutdown_signal().await;
+            shared.stop.store(true, Ordering::SeqCst);
+        }
+    };
+    let served = runtime.block_on(http::serve(listener, shared.clone(), tls, auth, shutdown));
     tracing::info!("shutting down");
     shared.stop.store(true, Ordering::SeqCst);
     drop(nudge_tx);
@@ -124,6 +153,48 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     served.context("HTTP server")?;
     Ok(())
+}
+
+/// Reloads the TLS files and the bearer token file: all of them on SIGHUP, otherwise those
+/// that changed (checked every [`RELOAD_CHECK`]). Also keeps SIGHUP from ending the agent.
+async fn reload_on_change(tls: Option<Arc<Tls>>, auth: Option<Arc<Auth>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: files reload when they change");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(RELOAD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+            _ = tick.tick() => false,
+        };
+        if forced && tls.is_none() && auth.is_none() {
+            tracing::info!("SIGHUP: nothing to reload (no http.tls, no http.bearer_token_file)");
+        } else if forced {
+            tracing::info!("SIGHUP: reloading the TLS files and the bearer token file");
+        }
+        // File reads and key parsing are short; they run on the runtime's blocking pool.
+        let (t, a) = (tls.clone(), auth.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(t) = t {
+                t.reload(forced);
+            }
+            if let Some(a) = a {
+                a.reload(forced);
+            }
+        })
+        .await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -376,9 +376,16 @@ pub fn run_with<S: SampleSource>(
             sampler,
             offcpu,
             builder,
+            tracked,
             ..
         } = &mut state;
+        // Samples of a target just removed can still be in the ring buffer: building them
+        // would load the process again (an old nginx worker lives on for a moment), and
+        // nothing would forget it: its files and caches would stay for good.
         sampler.poll(Duration::from_millis(200), &mut |s| {
+            if !tracked.contains_key(&s.pid) {
+                return;
+            }
             if let Some(stack) = builder.build(s) {
                 let details = builder.last_details().to_vec();
                 batch.push(((s.pid, stack, details), builder.last_vm_state()));
@@ -386,6 +393,9 @@ pub fn run_with<S: SampleSource>(
         });
         if let Some(off) = offcpu.as_mut() {
             off.poll(Duration::ZERO, &mut |s| {
+                if !tracked.contains_key(&s.pid) {
+                    return;
+                }
                 if let Some(stack) = builder.build(s) {
                     let details = builder.last_details().to_vec();
                     blocked.push(((s.pid, stack, details), s.weight));

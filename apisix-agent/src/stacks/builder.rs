@@ -140,8 +140,18 @@ impl StackBuilder {
         self.lua_targets.remove(&pid);
         self.namer.forget(pid);
         self.tracer.forget(pid);
-        // Files no process maps any more are closed.
+        // Files no process maps any more are closed, and what the symbolizer read from them
+        // is dropped.
+        let open = self.files.len();
         self.files.retain(|_, f| Arc::strong_count(f) > 1);
+        if self.files.len() < open {
+            let live = self
+                .files
+                .values()
+                .map(|f| Arc::as_ptr(f) as usize)
+                .collect();
+            self.symbolizer.retain_files(&live);
+        }
     }
 
     /// User-side Lua naming errors by reason (prototypes unreadable, freed, invalid).

@@ -3,10 +3,18 @@
 //! `/proc/kallsyms`. An address without a symbol is named `module+0xOFFSET` (offset as the
 //! binary states it), never an error. Results are cached per file and address.
 //!
+//! blazesym's own cache only grows: one open file and its parsed symbols per path and file
+//! identity, and the paths here are `/proc/self/fd/N` of files opened per process. When
+//! processes go, [`Symbolizer::retain_files`] starts the user-space symbolizer afresh (the
+//! names of files still open stay cached); the kernel one lives on.
+//!
 //! Hooks: the target's files (read through the descriptors [`super::process`] keeps open),
 //! `/proc/kallsyms`. Metrics: none.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use blazesym::{
     MaybeDefault,
@@ -20,7 +28,11 @@ use super::process::Module;
 
 /// Caching symbolizer for native and kernel addresses.
 pub struct Symbolizer {
+    /// For the targets' files; replaced by [`Symbolizer::retain_files`].
     blaze: Blaze,
+    /// For `/proc/kallsyms`.
+    kernel_blaze: Blaze,
+    /// Names by (address of the [`super::process::ElfFile`], address in the file).
     user: HashMap<(usize, u64), Arc<str>>,
     kernel: HashMap<u64, Arc<str>>,
 }
@@ -50,9 +62,18 @@ impl Symbolizer {
     pub fn new() -> Self {
         Self {
             blaze: Blaze::new(),
+            kernel_blaze: Blaze::new(),
             user: HashMap::new(),
             kernel: HashMap::new(),
         }
+    }
+
+    /// Keeps only what concerns the files in `live` (addresses of the open
+    /// [`super::process::ElfFile`]s): called when files were closed, before their memory can
+    /// hold another file. blazesym's caches (an open file per path ever read) start afresh.
+    pub fn retain_files(&mut self, live: &HashSet<usize>) {
+        self.user.retain(|(elf, _), _| live.contains(elf));
+        self.blaze = Blaze::new();
     }
 
     /// Names `addr` (an address inside `module` of the target).
@@ -80,7 +101,10 @@ impl Symbolizer {
             vmlinux: MaybeDefault::None,
             ..Default::default()
         });
-        let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::AbsAddr(addr)) {
+        let name: Arc<str> = match self
+            .kernel_blaze
+            .symbolize_single(&src, Input::AbsAddr(addr))
+        {
             Ok(Symbolized::Sym(sym)) => Arc::from(format!("{}_[k]", sym.name)),
             _ => Arc::from(format!("{addr:#x}_[k]")),
         };

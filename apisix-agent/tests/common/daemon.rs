@@ -88,10 +88,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(extra_config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n{extra_config}"
         );
+        Self::start_with(&config, |agent| agent.get("/healthz").0 == 200)
+    }
+
+    /// Starts the agent with the whole configuration `config` (which should listen on
+    /// 127.0.0.1:0) and waits until it logged its port and `ready` holds.
+    pub fn start_with(config: &str, ready: impl Fn(&Self) -> bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.path().join("agent.log");
@@ -115,15 +121,20 @@ impl Agent {
             if me.port == 0 {
                 me.port = bound_port(&me.log()).unwrap_or(0);
             }
-            if me.port != 0
-                && TcpStream::connect(("127.0.0.1", me.port)).is_ok()
-                && me.get("/healthz").0 == 200
-            {
+            if me.port != 0 && TcpStream::connect(("127.0.0.1", me.port)).is_ok() && ready(&me) {
                 return me;
+            }
+            if let Some(Ok(Some(status))) = me.child.as_mut().map(Child::try_wait) {
+                panic!("the agent exited ({status}):\n{}", me.log());
             }
             thread::sleep(Duration::from_millis(100));
         }
         panic!("the agent did not become healthy:\n{}", me.log());
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running agent").id()
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -133,11 +144,6 @@ impl Agent {
     /// [`http_raw`] to this agent.
     pub fn get_raw(&self, path: &str) -> RawResponse {
         http_raw(self.port, path)
-    }
-
-    /// The daemon's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running agent").id()
     }
 
     pub fn log(&self) -> String {

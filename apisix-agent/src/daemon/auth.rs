@@ -1,0 +1,601 @@
+//! Credentials of the HTTP endpoint, the way Prometheus exporter-toolkit's web configuration
+//! has them, so a Prometheus scrape config's `basic_auth` or `authorization` just works:
+//! - `http.basic_auth_users`: user name → bcrypt hash. A password is checked with bcrypt
+//!   (constant-time comparison of the digests; an unknown user is checked against a dummy
+//!   hash of the same cost, so both take as long). At most [`BCRYPT_AT_ONCE`] checks run at
+//!   once, on blocking threads. A password once verified for a user is remembered as a keyed
+//!   SHA-256 digest (compared in constant time), so a scrape every few seconds costs one
+//!   bcrypt per process lifetime, not one per scrape.
+//! - `http.bearer_token_file`: `Authorization: Bearer TOKEN`; the file is read at start
+//!   (whitespace around the token is dropped), again on SIGHUP or when it changes
+//!   ([`Auth::reload`]); tokens are compared as SHA-256 digests in constant time.
+//!
+//! [`require`] is the axum middleware: a request without valid credentials gets 401 with
+//! `WWW-Authenticate` (`Basic realm="apisix-agent"` and/or `Bearer realm="apisix-agent"`);
+//! `/healthz` passes without credentials when `http.healthz_without_auth` (liveness probes).
+//!
+//! Hooks: reads the bearer token file. Metrics: `apisix_profiler_http_auth_failures_total`
+//! {reason} ([`Failure::name`]), `apisix_profiler_http_file_reloads_total{file="bearer_token"}`.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use axum::{
+    Json,
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
+
+use super::{
+    listener::Every,
+    metrics::{HttpReasonLabels, Metrics, ReloadLabels},
+    tls::{FileStamp, error_chain},
+};
+use crate::config;
+
+/// bcrypt checks running at once; more wait (each takes tens of milliseconds of CPU).
+pub const BCRYPT_AT_ONCE: usize = 2;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No `Authorization` header.
+    Missing,
+    /// A scheme that is not configured (e.g. `Bearer` with only basic auth users).
+    UnsupportedScheme,
+    /// Not decodable (bad base64, no `:`, not UTF-8).
+    Malformed,
+    /// Basic auth with a user not in `http.basic_auth_users`.
+    UnknownUser,
+    /// Basic auth with a known user and the wrong password.
+    WrongPassword,
+    /// A bearer token that is not the one in `http.bearer_token_file`.
+    WrongToken,
+}
+
+impl Failure {
+    pub const ALL: [Self; 6] = [
+        Self::Missing,
+        Self::UnsupportedScheme,
+        Self::Malformed,
+        Self::UnknownUser,
+        Self::WrongPassword,
+        Self::WrongToken,
+    ];
+
+    /// The `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::UnsupportedScheme => "unsupported_scheme",
+            Self::Malformed => "malformed",
+            Self::UnknownUser => "unknown_user",
+            Self::WrongPassword => "wrong_password",
+            Self::WrongToken => "wrong_token",
+        }
+    }
+}
+
+/// Errors of loading the credentials; each names the configuration field.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The bearer token file could not be read.
+    #[error("http.bearer_token_file: reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bearer token file holds no token.
+    #[error("http.bearer_token_file: {path}: the file holds no token")]
+    EmptyToken { path: String },
+    /// A hash is not a bcrypt hash (normally caught by the configuration's validation).
+    #[error("http.basic_auth_users.{user}: not a bcrypt hash")]
+    Hash {
+        user: String,
+        #[source]
+        source: bcrypt::BcryptError,
+    },
+    /// No random key for the verified-password digests.
+    #[error("reading random bytes")]
+    Random(#[source] getrandom::Error),
+}
+
+/// One basic auth user.
+#[derive(Debug)]
+struct User {
+    hash: String,
+    /// Keyed digest of the password last verified with bcrypt.
+    verified: Mutex<Option<[u8; 32]>>,
+}
+
+/// The bearer token, reloadable.
+#[derive(Debug)]
+struct Token {
+    path: PathBuf,
+    digest: RwLock<[u8; 32]>,
+    seen: Mutex<Option<FileStamp>>,
+}
+
+/// The endpoint's credentials.
+#[derive(Debug)]
+pub struct Auth {
+    users: BTreeMap<String, User>,
+    /// Checked for unknown users, so they take as long as known ones.
+    dummy_hash: String,
+    token: Option<Token>,
+    /// Key of the verified-password digests (random per process).
+    key: [u8; 32],
+    healthz_open: bool,
+    challenges: Vec<HeaderValue>,
+    bcrypt_slots: tokio::sync::Semaphore,
+    metrics: Arc<Metrics>,
+    /// Failures since the last warning.
+    unreported: AtomicU64,
+    warnings: Every,
+}
+
+/// The outcome of checking one request.
+type Checked = Result<(), Failure>;
+
+impl Auth {
+    /// The credentials of `http`; `None` when neither basic auth users nor a bearer token
+    /// file are configured.
+    pub fn load(
+        http: &config::Http,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Arc<Self>>, AuthError> {
+        if !http.auth_enabled() {
+            return Ok(None);
+        }
+        let mut users = BTreeMap::new();
+        let mut cost = bcrypt::DEFAULT_COST;
+        for (name, hash) in &http.basic_auth_users {
+            let parts = hash
+                .parse::<bcrypt::HashParts>()
+                .map_err(|source| AuthError::Hash {
+                    user: name.clone(),
+                    source,
+                })?;
+            cost = cost.max(parts.get_cost());
+            users.insert(
+                name.clone(),
+                User {
+                    hash: hash.clone(),
+                    verified: Mutex::new(None),
+                },
+            );
+        }
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(AuthError::Random)?;
+        // A hash of a random password nobody knows, at the users' highest cost.
+        let dummy_hash = if users.is_empty() {
+            String::new()
+        } else {
+            let mut junk = [0u8; 16];
+            getrandom::fill(&mut junk).map_err(AuthError::Random)?;
+            bcrypt::hash(junk, cost).map_err(|source| AuthError::Hash {
+                user: "(dummy)".to_owned(),
+                source,
+            })?
+        };
+        let token = if http.bearer_token_file.is_empty() {
+            None
+        } else {
+            let path = PathBuf::from(&http.bearer_token_file);
+            let seen = FileStamp::of(&path);
+            let digest = read_token(&path)?;
+            Some(Token {
+                path,
+                digest: RwLock::new(digest),
+                seen: Mutex::new(seen),
+            })
+        };
+        let mut challenges = Vec::new();
+        if !users.is_empty() {
+            challenges.push(HeaderValue::from_static(
+                "Basic realm=\"apisix-agent\", charset=\"UTF-8\"",
+            ));
+        }
+        if token.is_some() {
+            challenges.push(HeaderValue::from_static("Bearer realm=\"apisix-agent\""));
+        }
+        for f in Failure::ALL {
+            // Every reason exists from the start, so rate() sees the first failure.
+            let _ = metrics
+                .http
+                .auth_failures
+                .get_or_create(&HttpReasonLabels { reason: f.name() });
+        }
+        Ok(Some(Arc::new(Self {
+            users,
+            dummy_hash,
+            token,
+            key,
+            healthz_open: http.healthz_without_auth,
+            challenges,
+            bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_AT_ONCE),
+            metrics,
+            unreported: AtomicU64::new(0),
+            warnings: Every::new(),
+        })))
+    }
+
+    /// Checks the `Authorization` header of a request.
+    pub async fn check(&self, headers: &HeaderMap) -> Checked {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(Failure::Missing);
+        };
+        let value = value.to_str().map_err(|_| Failure::Malformed)?.trim();
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("basic") && !self.users.is_empty() {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .map_err(|_| Failure::Malformed)?;
+            let colon = decoded
+                .iter()
+                .position(|b| *b == b':')
+                .ok_or(Failure::Malformed)?;
+            let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+            let user = std::str::from_utf8(user).map_err(|_| Failure::Malformed)?;
+            self.check_password(user, password).await
+        } else if scheme.eq_ignore_ascii_case("bearer")
+            && let Some(token) = &self.token
+        {
+            let given: [u8; 32] = Sha256::digest(rest.as_bytes()).into();
+            let want = match token.digest.read() {
+                Ok(d) => *d,
+                Err(poisoned) => *poisoned.into_inner(),
+            };
+            if bool::from(given.ct_eq(&want)) {
+                Ok(())
+            } else {
+                Err(Failure::WrongToken)
+            }
+        } else {
+            Err(Failure::UnsupportedScheme)
+        }
+    }
+
+    async fn check_password(&self, user: &str, password: &[u8]) -> Checked {
+        let known = self.users.get(user);
+        let digest = self.digest(user, password);
+        if let Some(u) = known
+            && let Ok(verified) = u.verified.lock()
+            && let Some(v) = *verified
+            && bool::from(v.ct_eq(&digest))
+        {
+            return Ok(());
+        }
+        let hash = known.map_or_else(|| self.dummy_hash.clone(), |u| u.hash.clone());
+        let password = password.to_vec();
+        let good = match self.bcrypt_slots.acquire().await {
+            Ok(_slot) => tokio::task::spawn_blocking(move || {
+                bcrypt::verify(password, &hash).unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false),
+            Err(_) => false,
+        };
+        match known {
+            None => Err(Failure::UnknownUser),
+            Some(_) if !good => Err(Failure::WrongPassword),
+            Some(u) => {
+                if let Ok(mut verified) = u.verified.lock() {
+                    *verified = Some(digest);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// SHA-256 over the process key, the user and the password.
+    fn digest(&self, user: &str, password: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.key);
+        h.update(user.as_bytes());
+        h.update([0]);
+        h.update(password);
+        h.finalize().into()
+    }
+
+    /// Reads the bearer token file again when `force` (SIGHUP) or when it changed; a
+    /// failure keeps the previous token. Returns whether the file was read.
+    pub fn reload(&self, force: bool) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let stamp = FileStamp::of(&token.path);
+        {
+            let Ok(mut seen) = token.seen.lock() else {
+                return false;
+            };
+            if !force && *seen == stamp {
+                return false;
+            }
+            *seen = stamp;
+        }
+        let result = match read_token(&token.path) {
+            Ok(digest) => {
+                if let Ok(mut d) = token.digest.write() {
+                    *d = digest;
+                }
+                tracing::info!(file = %token.path.display(), "bearer token reloaded");
+                "ok"
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %error_chain(&e),
+                    "bearer token reload failed; the previous token stays in use"
+                );
+                "failed"
+            }
+        };
+        self.metrics
+            .http
+            .reloads
+            .get_or_create(&ReloadLabels {
+                file: "bearer_token",
+                result,
+            })
+            .inc();
+        true
+    }
+
+    /// Counts a failure; logs a warning at most once a minute.
+    fn refused(&self, failure: Failure, peer: Option<SocketAddr>, path: &str) {
+        self.metrics
+            .http
+            .auth_failures
+            .get_or_create(&HttpReasonLabels {
+                reason: failure.name(),
+            })
+            .inc();
+        let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.warnings.due() {
+            self.unreported.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                reason = failure.name(),
+                peer = %peer.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                path,
+                refused_since_last_warning = unreported,
+                "HTTP request refused for missing or wrong credentials \
+                 (apisix_profiler_http_auth_failures_total; warned at most once a minute)"
+            );
+        } else {
+            tracing::debug!(
+                reason = failure.name(),
+                path,
+                "HTTP request refused for missing or wrong credentials"
+            );
+        }
+    }
+
+    fn unauthorized(&self) -> Response {
+        let mut response = (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({ "error": "authentication required" })),
+        )
+            .into_response();
+        for c in &self.challenges {
+            response
+                .headers_mut()
+                .append(header::WWW_AUTHENTICATE, c.clone());
+        }
+        response
+    }
+}
+
+/// The token in `path`, as a digest.
+fn read_token(path: &std::path::Path) -> Result<[u8; 32], AuthError> {
+    let text = std::fs::read(path).map_err(|source| AuthError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let token = text.trim_ascii();
+    if token.is_empty() {
+        return Err(AuthError::EmptyToken {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(Sha256::digest(token).into())
+}
+
+/// The middleware: lets a request with valid credentials (or `/healthz`, when open) through,
+/// answers 401 to the others.
+pub async fn require(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    if auth.healthz_open && req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    match auth.check(req.headers()).await {
+        Ok(()) => next.run(req).await,
+        Err(failure) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            auth.refused(failure, peer, req.uri().path());
+            auth.unauthorized()
+        }
+    }
+}
+
+/// The bcrypt hash of `password` at `cost`, for `http.basic_auth_users`
+/// (`apisix-agent hash-password`).
+pub fn hash_password(password: &[u8], cost: u32) -> Result<String, bcrypt::BcryptError> {
+    bcrypt::hash(password, cost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cost 4, the lowest bcrypt allows, keeps the tests fast.
+    fn auth(users: &[(&str, &str)], token: Option<&std::path::Path>) -> Arc<Auth> {
+        let mut http = config::Http::default();
+        for (user, password) in users {
+            let hash = match hash_password(password.as_bytes(), 4) {
+                Ok(h) => h,
+                Err(e) => panic!("{e}"),
+            };
+            http.basic_auth_users.insert((*user).to_owned(), hash);
+        }
+        if let Some(t) = token {
+            http.bearer_token_file = t.display().to_string();
+        }
+        match Auth::load(&http, Arc::default()) {
+            Ok(Some(a)) => a,
+            Ok(None) => panic!("no auth"),
+            Err(e) => panic!("{}", error_chain(&e)),
+        }
+    }
+
+    fn headers(authorization: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = authorization {
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(a).expect("header value"),
+            );
+        }
+        h
+    }
+
+    fn basic(user: &str, password: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        )
+    }
+
+    fn check(auth: &Auth, authorization: Option<&str>) -> Checked {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(auth.check(&headers(authorization)))
+    }
+
+    #[test]
+    fn no_credentials_configured_is_none() {
+        assert!(matches!(
+            Auth::load(&config::Http::default(), Arc::default()),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn basic_auth_outcomes() {
+        let a = auth(&[("prom", "s3cret: with colon"), ("other", "x")], None);
+        assert_eq!(
+            check(&a, Some(&basic("prom", "s3cret: with colon"))),
+            Ok(())
+        );
+        // Verified once, then remembered: still right, and a wrong one still wrong.
+        assert_eq!(
+            check(&a, Some(&basic("prom", "s3cret: with colon"))),
+            Ok(())
+        );
+        assert_eq!(
+            check(&a, Some(&basic("prom", "s3cret"))),
+            Err(Failure::WrongPassword)
+        );
+        assert_eq!(
+            check(&a, Some(&basic("other", "s3cret: with colon"))),
+            Err(Failure::WrongPassword),
+            "another user's password"
+        );
+        assert_eq!(
+            check(&a, Some(&basic("nobody", "x"))),
+            Err(Failure::UnknownUser)
+        );
+        assert_eq!(check(&a, None), Err(Failure::Missing));
+        assert_eq!(check(&a, Some("Basic !!!")), Err(Failure::Malformed));
+        let no_colon = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("promx")
+        );
+        assert_eq!(check(&a, Some(&no_colon)), Err(Failure::Malformed));
+        assert_eq!(
+            check(&a, Some("Bearer abc")),
+            Err(Failure::UnsupportedScheme),
+            "no token configured"
+        );
+        // The scheme is case-insensitive.
+        let lower = basic("other", "x").replacen("Basic", "basic", 1);
+        assert_eq!(check(&a, Some(&lower)), Ok(()));
+    }
+
+    #[test]
+    fn bearer_token_and_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  tok-1\n").expect("write");
+        let a = auth(&[], Some(&file));
+        assert_eq!(check(&a, Some("Bearer tok-1")), Ok(()));
+        assert_eq!(check(&a, Some("Bearer tok-2")), Err(Failure::WrongToken));
+        assert_eq!(check(&a, Some("Bearer ")), Err(Failure::WrongToken));
+        assert_eq!(
+            check(&a, Some(&basic("a", "b"))),
+            Err(Failure::UnsupportedScheme)
+        );
+        assert!(!a.reload(false), "unchanged file: not read again");
+        std::fs::write(&file, "tok-2-longer\n").expect("write");
+        assert!(a.reload(false), "changed file: read again");
+        assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+        assert_eq!(check(&a, Some("Bearer tok-1")), Err(Failure::WrongToken));
+        // A reload that fails keeps the token in use.
+        std::fs::write(&file, "\n").expect("write");
+        assert!(a.reload(true));
+        assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+    }
+
+    #[test]
+    fn token_file_errors_name_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut http = config::Http {
+            bearer_token_file: dir.path().join("absent").display().to_string(),
+            ..config::Http::default()
+        };
+        let e = match Auth::load(&http, Arc::default()) {
+            Err(e) => error_chain(&e),
+            Ok(_) => panic!("accepted a missing token file"),
+        };
+        assert!(e.starts_with("http.bearer_token_file: reading "), "{e}");
+        std::fs::write(dir.path().join("empty"), " \n").expect("write");
+        http.bearer_token_file = dir.path().join("empty").display().to_string();
+        let e = match Auth::load(&http, Arc::default()) {
+            Err(e) => error_chain(&e),
+            Ok(_) => panic!("accepted an empty token file"),
+        };
+        assert!(e.contains("holds no token"), "{e}");
+    }
+
+    #[test]
+    fn htpasswd_style_2y_hashes_verify() {
+        // `htpasswd -nbBC 4 u pw` writes $2y$ hashes; exporter-toolkit accepts them too.
+        let hash = match hash_password(b"pw", 4) {
+            Ok(h) => h.replacen("$2b$", "$2y$", 1),
+            Err(e) => panic!("{e}"),
+        };
+        let mut http = config::Http::default();
+        http.basic_auth_users.insert("u".to_owned(), hash);
+        let a = match Auth::load(&http, Arc::default()) {
+            Ok(Some(a)) => a,
+            _ => panic!("not loaded"),
+        };
+        assert_eq!(check(&a, Some(&basic("u", "pw"))), Ok(()));
+    }
+}

@@ -1,0 +1,332 @@
+//! TLS of the HTTP endpoint (`http.tls`): rustls with the *ring* crypto provider (it builds
+//! with the C compiler alone; aws-lc-rs would add cmake and a longer build), TLS 1.2 and 1.3,
+//! ALPN `http/1.1`, and with `client_ca_file` mutual TLS: every client must present a
+//! certificate that chains to one of those CAs.
+//!
+//! The files are read at start, where an unreadable or invalid one stops the start with its
+//! field path (`http.tls.key_file: /etc/…/tls.key: does not match http.tls.cert_file`).
+//! [`Tls::reload`] reads them again (on SIGHUP, or when their size, mtime or inode changed,
+//! which also catches Kubernetes' symlink swaps of a mounted Secret) and swaps the server
+//! configuration in place: the listener stays, open connections keep the configuration they
+//! were accepted with, new ones get the new one. A reload that fails keeps the previous
+//! files in use and says why in the log.
+//!
+//! Hooks: reads the PEM files. Metrics: `apisix_profiler_http_file_reloads_total{file="tls"}`.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::WebPkiClientVerifier,
+};
+
+use super::metrics::{Metrics, ReloadLabels};
+use crate::config::HttpTls;
+
+/// Errors of reading the TLS files; each names the configuration field.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{field}: reading {path}")]
+    Read {
+        field: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file holds no usable certificate or key, or they do not fit together.
+    #[error("{field}: {path}: {message}")]
+    Invalid {
+        field: &'static str,
+        path: String,
+        message: String,
+    },
+}
+
+/// Size, modification time and identity of a file: what a reload compares. `None`: the file
+/// cannot be looked at (a reload then reports why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path`, following symlinks.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// The files of `http.tls`.
+#[derive(Debug, Clone)]
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl Files {
+    fn stamps(&self) -> Vec<Option<FileStamp>> {
+        let mut v = vec![FileStamp::of(&self.cert), FileStamp::of(&self.key)];
+        if let Some(ca) = &self.client_ca {
+            v.push(FileStamp::of(ca));
+        }
+        v
+    }
+}
+
+/// The endpoint's TLS configuration, swapped in place by [`Tls::reload`].
+#[derive(Debug)]
+pub struct Tls {
+    files: Files,
+    current: RwLock<Arc<ServerConfig>>,
+    /// The stamps of the files when they were last read.
+    seen: Mutex<Vec<Option<FileStamp>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tls {
+    /// Reads the files of `config`; `None` when TLS is not configured.
+    pub fn load(config: &HttpTls, metrics: Arc<Metrics>) -> Result<Option<Arc<Self>>, TlsError> {
+        if config.cert_file.is_empty() {
+            return Ok(None);
+        }
+        let files = Files {
+            cert: PathBuf::from(&config.cert_file),
+            key: PathBuf::from(&config.key_file),
+            client_ca: (!config.client_ca_file.is_empty())
+                .then(|| PathBuf::from(&config.client_ca_file)),
+        };
+        let seen = files.stamps();
+        let server = build(&files)?;
+        Ok(Some(Arc::new(Self {
+            files,
+            current: RwLock::new(Arc::new(server)),
+            seen: Mutex::new(seen),
+            metrics,
+        })))
+    }
+
+    /// Client certificates are required.
+    pub fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// The acceptor for the next connection, with the current configuration.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    /// Reads the files again when `force` (SIGHUP) or when one changed since they were last
+    /// read, and swaps the configuration in; a failure keeps the previous one. Returns
+    /// whether the files were read.
+    pub fn reload(&self, force: bool) -> bool {
+        let stamps = self.files.stamps();
+        {
+            let Ok(mut seen) = self.seen.lock() else {
+                return false;
+            };
+            if !force && *seen == stamps {
+                return false;
+            }
+            *seen = stamps;
+        }
+        let result = match build(&self.files) {
+            Ok(server) => {
+                if let Ok(mut current) = self.current.write() {
+                    *current = Arc::new(server);
+                }
+                tracing::info!(
+                    cert_file = %self.files.cert.display(),
+                    "TLS certificate and key reloaded"
+                );
+                "ok"
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %error_chain(&e),
+                    "TLS reload failed; the previous certificate stays in use"
+                );
+                "failed"
+            }
+        };
+        self.metrics
+            .http
+            .reloads
+            .get_or_create(&ReloadLabels {
+                file: "tls",
+                result,
+            })
+            .inc();
+        true
+    }
+}
+
+/// `e` and its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The crypto provider: *ring*.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn invalid(field: &'static str, path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::Invalid {
+        field,
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// The certificates of a PEM file (at least one).
+fn certificates(
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(field, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(field, path, format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(field, path, "no CERTIFICATE block in the file"));
+    }
+    Ok(certs)
+}
+
+/// Builds the server configuration from the files.
+fn build(files: &Files) -> Result<ServerConfig, TlsError> {
+    const CERT: &str = "http.tls.cert_file";
+    const KEY: &str = "http.tls.key_file";
+    const CA: &str = "http.tls.client_ca_file";
+    let provider = provider();
+    let certs = certificates(CERT, &files.cert)?;
+    let key_pem = read(KEY, &files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        invalid(
+            KEY,
+            &files.key,
+            format!("no private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block): {e}"),
+        )
+    })?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(CERT, &files.cert, e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(CA, ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid(CA, ca, format!("not a CA certificate: {e}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| invalid(CA, ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder.with_single_cert(certs, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            invalid(KEY, &files.key, "does not match http.tls.cert_file")
+        }
+        e => invalid(KEY, &files.key, e.to_string()),
+    })?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_config(dir: &Path, cert: &str, key: &str, ca: &str) -> HttpTls {
+        let p = |name: &str| {
+            if name.is_empty() {
+                String::new()
+            } else {
+                dir.join(name).display().to_string()
+            }
+        };
+        HttpTls {
+            cert_file: p(cert),
+            key_file: p(key),
+            client_ca_file: p(ca),
+        }
+    }
+
+    fn load_err(config: &HttpTls) -> String {
+        match Tls::load(config, Arc::default()) {
+            Ok(_) => panic!("accepted {config:?}"),
+            Err(e) => error_chain(&e),
+        }
+    }
+
+    #[test]
+    fn missing_and_bad_files_name_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate\n").expect("write");
+        let e = load_err(&tls_config(dir.path(), "absent.pem", "absent.key", ""));
+        assert!(e.starts_with("http.tls.cert_file: reading "), "{e}");
+        assert!(e.contains("absent.pem"), "{e}");
+        let e = load_err(&tls_config(dir.path(), "junk.pem", "absent.key", ""));
+        assert!(e.starts_with("http.tls.cert_file: "), "{e}");
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+    }
+
+    #[test]
+    fn unconfigured_is_none() {
+        assert!(matches!(
+            Tls::load(&HttpTls::default(), Arc::default()),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn stamps_see_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, "a").expect("write");
+        let a = FileStamp::of(&f);
+        assert!(a.is_some());
+        std::fs::write(&f, "bb").expect("write");
+        assert_ne!(a, FileStamp::of(&f));
+        assert_eq!(FileStamp::of(&dir.path().join("absent")), None);
+    }
+}
