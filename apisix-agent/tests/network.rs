@@ -569,13 +569,15 @@ fn credentials_basic_and_bearer_and_the_profiling_switch() {
     // /healthz is open by default.
     assert_eq!(request(port, "/healthz", &[]).0, 200);
     // Profiling endpoints are off, with a reason; metrics stay.
-    let (status, _, body) = request(
-        port,
+    for path in [
         "/flamegraph?pid=1",
-        &[("Authorization", good.as_str())],
-    );
-    assert_eq!(status, 404, "{body}");
-    assert!(body.contains("http.profiling_endpoints"), "{body}");
+        "/debug/pprof/profile?seconds=5",
+        "/debug/pprof/offcpu?seconds=5",
+    ] {
+        let (status, _, body) = request(port, path, &[("Authorization", good.as_str())]);
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("http.profiling_endpoints"), "{path}: {body}");
+    }
     drop(server);
 
     let closed = Server::start(&format!(
