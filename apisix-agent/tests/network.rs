@@ -27,7 +27,7 @@ use apisix_agent::{
 use common::{
     Lj, Load, Nginx, agent,
     daemon::{Agent, wait_for},
-    free_port,
+    prometheus::Prometheus,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -683,114 +683,6 @@ function _M.burn(n)
 end
 return _M
 "#;
-
-/// SIGTERM, up to 10 s to exit, then SIGKILL.
-fn terminate(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Debian's Prometheus on a free loopback port with `config`. Stopped on drop.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("prometheus.yml");
-        std::fs::write(&path, config).expect("write prometheus.yml");
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start prometheus (apt-get install prometheus): {e}"));
-        let mut me = Self { child, port, dir };
-        let ready = wait_for(20, || {
-            if let Ok(Some(status)) = me.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", me.log());
-            }
-            (TcpStream::connect(("127.0.0.1", me.port)).is_ok()
-                && common::daemon::http(me.port, "/-/ready").0 == 200)
-                .then_some(())
-        });
-        assert!(ready.is_some(), "prometheus not ready:\n{}", me.log());
-        me
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    fn api(&self, path: &str) -> serde_json::Value {
-        let (status, body) = common::daemon::http(self.port, path);
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("GET {path}: {status}, not JSON ({e}): {body}"));
-        assert!(status == 200 && v["status"] == "success", "{path}: {body}");
-        v["data"].clone()
-    }
-
-    /// job → (health, lastError) of the active targets.
-    fn targets(&self) -> Vec<(String, String, String)> {
-        let data = self.api("/api/v1/targets");
-        data["activeTargets"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|t| {
-                (
-                    t["labels"]["job"].as_str().unwrap_or("").to_owned(),
-                    t["health"].as_str().unwrap_or("").to_owned(),
-                    t["lastError"].as_str().unwrap_or("").to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
-        let mut q = String::new();
-        for b in expr.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                q.push(b as char);
-            } else {
-                q.push_str(&format!("%{b:02X}"));
-            }
-        }
-        let data = self.api(&format!("/api/v1/query?query={q}"));
-        data["result"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        terminate(&mut self.child);
-    }
-}
 
 /// deploy/prometheus/prometheus-tls.yml pointed at the agent on `port`: 1 s scrapes, the
 /// rule files by absolute path, the CA and password files of the test, Prometheus's client

@@ -11,7 +11,6 @@ mod common;
 use std::{
     ffi::OsStr,
     io::Write as _,
-    net::TcpStream,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -21,8 +20,8 @@ use std::{
 
 use common::{
     Lj, Load, Nginx, agent,
-    daemon::{Agent, http, wait_for},
-    free_port,
+    daemon::{Agent, wait_for},
+    prometheus::Prometheus,
 };
 
 /// The workload's Lua module: two named functions that burn CPU, called one after the other
@@ -73,37 +72,6 @@ fn require_program(program: &str, version_arg: &str, hint: &str) {
     }
 }
 
-/// Minimal percent-encoding of a URL query value.
-fn urlencode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// SIGTERM, up to `grace` to exit, then SIGKILL.
-fn terminate(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: plain syscall on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// Host nginx + ngx_lua (GC64 LuaJIT) running [`WORKLOAD_LUA`] under one client of loopback
 /// load. The load stops before nginx (field order).
 struct Workload {
@@ -146,87 +114,6 @@ fn wait_for_target(agent: &Agent, pid: u32) {
             agent.get("/targets").1,
             agent.log()
         );
-    }
-}
-
-/// Debian's `prometheus` on a free loopback port, with deploy/prometheus/prometheus.yml
-/// pointed at the agent (2 s scrape and rule evaluation, rules.yml by absolute path) and its
-/// storage in a temp dir. Stopped on drop.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(agent_port: u16) -> Self {
-        require_program(
-            "prometheus",
-            "--version",
-            "Debian's Prometheus 2.42 is needed: apt-get install prometheus",
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, prometheus_config(agent_port)).expect("write prometheus.yml");
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start prometheus (apt-get install prometheus): {e}"));
-        let mut me = Self { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "/-/ready").0 == 200 {
-                return me;
-            }
-            if let Ok(Some(status)) = me.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", me.log());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        panic!("prometheus did not become ready:\n{}", me.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// GET an API path; the `data` member of a successful answer.
-    fn api(&self, path: &str) -> serde_json::Value {
-        let (status, body) = http(self.port, path);
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("GET {path}: {status}, not JSON ({e}): {body}"));
-        assert!(
-            status == 200 && v["status"] == "success",
-            "GET {path}: {status} {body}"
-        );
-        v["data"].clone()
-    }
-
-    /// Instant query; the result vector.
-    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
-        let data = self.api(&format!("/api/v1/query?query={}", urlencode(expr)));
-        data["result"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        terminate(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -345,7 +232,13 @@ fn prometheus_scrapes_the_agent() {
     let workload = Workload::start(90);
     let agent_started = Instant::now();
     let agent = start_agent();
-    let prom = Prometheus::start(agent.port);
+    require_program(
+        "prometheus",
+        "--version",
+        "Debian's Prometheus 2.42 is needed: apt-get install prometheus",
+    );
+    // deploy/prometheus/prometheus.yml pointed at the agent.
+    let prom = Prometheus::start(&prometheus_config(agent.port));
     let prom_started = Instant::now();
 
     let series = format!(
