@@ -14,124 +14,9 @@ use std::{
 
 use common::{
     Lj, Load, Nginx, agent,
+    container::{Container, IMAGE, require_docker},
     daemon::{Agent, http, series, wait_for},
-    free_port,
 };
-
-const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("docker {args:?}: {e} (run scripts/docker-up.sh)"));
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn require_docker() {
-    let info = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output();
-    match info {
-        Ok(o) if o.status.success() => {}
-        other => {
-            panic!("these tests need a running Docker daemon (scripts/docker-up.sh): {other:?}")
-        }
-    }
-    let images = docker(&["images", "-q", IMAGE]);
-    assert!(
-        !images.is_empty(),
-        "test image {IMAGE} missing: run scripts/test-image.sh"
-    );
-}
-
-/// An nginx-lua container on the host network, removed on drop.
-struct Container {
-    name: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Container {
-    fn start(name_prefix: &str, module: &str, src: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-        let port = free_port();
-        std::fs::write(dir.path().join(format!("{module}.lua")), src).expect("lua");
-        let conf = format!(
-            r#"
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes 1;
-error_log stderr warn;
-pid /tmp/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path /tmp; proxy_temp_path /tmp; fastcgi_temp_path /tmp;
-  uwsgi_temp_path /tmp; scgi_temp_path /tmp;
-  lua_package_path "/app/?.lua;/usr/share/lua/5.1/?.lua;;";
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{ content_by_lua_block {{ ngx.say(require("{module}").run()) }} }}
-  }}
-}}
-"#
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
-        let name = format!("{name_prefix}-{}", std::process::id());
-        let _ = Command::new("docker").args(["rm", "-f", &name]).output();
-        let mount = format!("{}:/app:ro", dir.path().display());
-        docker(&[
-            "run",
-            "-d",
-            "--network",
-            "host",
-            "--name",
-            &name,
-            "-v",
-            &mount,
-            IMAGE,
-            "nginx",
-            "-c",
-            "/app/nginx.conf",
-            "-g",
-            "daemon off;",
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if common::get(port, "/").is_ok() {
-                return Self {
-                    name,
-                    port,
-                    _dir: dir,
-                };
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let logs = Command::new("docker").args(["logs", &name]).output();
-        panic!("container {name} did not serve on {port}: {logs:?}");
-    }
-
-    fn stop(&self) {
-        docker(&["stop", "-t", "2", &self.name]);
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.name])
-            .output();
-    }
-}
 
 fn burner(name: &str) -> String {
     format!(
@@ -167,7 +52,12 @@ fn host_and_docker_targets_are_profiled() {
     require_docker();
     let host = host_nginx("host_burn");
     let _host_load = Load::start(host.port, "/", 1, Duration::from_secs(120));
-    let before = Container::start("apisix-profiler-before", "ctrwork", &burner("ctr_burn"));
+    let before = Container::start(
+        "apisix-profiler-before",
+        "ctrwork",
+        &burner("ctr_burn"),
+        "run()",
+    );
     let _before_load = Load::start(before.port, "/", 1, Duration::from_secs(120));
 
     let mut agent = Agent::start("sampling:\n  frequency_hz: 49\n  max_concurrent_captures: 1\n");
@@ -272,7 +162,12 @@ fn host_and_docker_targets_are_profiled() {
 
     // A container started after the agent is picked up, and dropped when it stops.
     let started = Instant::now();
-    let after = Container::start("apisix-profiler-after", "latework", &burner("late_burn"));
+    let after = Container::start(
+        "apisix-profiler-after",
+        "latework",
+        &burner("late_burn"),
+        "run()",
+    );
     let _after_load = Load::start(after.port, "/", 1, Duration::from_secs(60));
     let after_container = format!("container=\"{}\"", after.name);
     let late = wait_for(15, || {

@@ -25,8 +25,9 @@ use std::{
 use apisix_agent::output::pprof::{Profile, decode};
 use common::{
     Lj, Load, Nginx,
+    container::{Container, IMAGE, require_docker},
     daemon::{Agent, RawResponse, wait_for},
-    free_port, parse_folded,
+    parse_folded,
 };
 
 /// The worker's Lua: `mix` (lines 7–13) is small and called in `burn`'s loop (lines 14–20),
@@ -778,99 +779,11 @@ fn heap_captures_are_space_profiles() {
     }
 }
 
-const IMAGE: &str = "apisix-profiler-test/nginx-lua:bookworm";
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("docker {args:?}: {e} (run scripts/docker-up.sh)"));
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {} (scripts/docker-up.sh, scripts/test-image.sh)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// An nginx-lua container on the host network running `burn`, removed on drop.
-struct Container {
-    name: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Container {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-        std::fs::write(dir.path().join("pprofwork.lua"), WORK).expect("lua");
-        let port = free_port();
-        let conf = format!(
-            r#"
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes 1;
-error_log stderr warn;
-pid /tmp/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path /tmp; proxy_temp_path /tmp; fastcgi_temp_path /tmp;
-  uwsgi_temp_path /tmp; scgi_temp_path /tmp;
-  lua_package_path "/app/?.lua;;";
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{ content_by_lua_block {{ ngx.say(require("pprofwork").burn(80000)) }} }}
-  }}
-}}
-"#
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
-        let name = format!("apisix-profiler-pprof-{}", std::process::id());
-        let _ = Command::new("docker").args(["rm", "-f", &name]).output();
-        let mount = format!("{}:/app:ro", dir.path().display());
-        docker(&[
-            "run",
-            "-d",
-            "--network",
-            "host",
-            "--name",
-            &name,
-            "-v",
-            &mount,
-            IMAGE,
-            "nginx",
-            "-c",
-            "/app/nginx.conf",
-            "-g",
-            "daemon off;",
-        ]);
-        let up = wait_for(20, || common::get(port, "/").ok());
-        assert!(up.is_some(), "container {name} did not serve on {port}");
-        Self {
-            name,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.name])
-            .output();
-    }
-}
-
 #[test]
 fn container_targets_carry_container_and_image_labels() {
     common::require_root!();
-    docker(&["image", "inspect", "--format", "{{.Id}}", IMAGE]);
-    let ctr = Container::start();
+    require_docker();
+    let ctr = Container::start("apisix-profiler-pprof", "pprofwork", WORK, "burn(80000)");
     let agent = Agent::start("sampling:\n  frequency_hz: 99\n");
     let seen = wait_for(15, || {
         let (_, body) = agent.get("/targets");

@@ -3,6 +3,7 @@
 //! Everything panics with context when its real part cannot run.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod container;
 pub mod daemon;
 pub mod prometheus;
 
