@@ -3,6 +3,7 @@
 
     grafana/exprs.py --list [DASHBOARD]
     grafana/exprs.py --prometheus http://127.0.0.1:9090 [--allow-empty] [DASHBOARD]
+    grafana/exprs.py --graph-url http://127.0.0.1:9090 --row Plugins [--var plugin=NAME]
 
 Every panel target's `expr` (rows' nested panels included) is taken from the dashboard JSON
 (default: grafana/dashboards/apisix-profiler.json beside this script) and Grafana's
@@ -16,6 +17,10 @@ $__interval -> 30s, $__range -> 5m ($__range_s 300, $__range_ms 300000, $__inter
 listing each expression that returns an error or - unless --allow-empty, which only checks
 that the expressions parse and evaluate - zero series. A variable left unresolved is an
 error too.
+--graph-url prints the address of Prometheus's own graph page showing every expression of
+the panels of one dashboard row (`--row`, by title) as stacked graphs over `--range`: a
+stand-in for the Grafana row where Grafana is not at hand. `--var NAME=VALUE` sets a
+dashboard variable (e.g. the plugin of "Lua functions of plugin $plugin").
 """
 
 import argparse
@@ -45,6 +50,22 @@ def panels(items):
         yield p
         # collapsed rows keep their panels inside
         yield from panels(p.get("panels"))
+
+
+def row_panels(dashboard, title):
+    """The panels of the row titled `title`: those nested in it when it is collapsed, else
+    those that follow it up to the next row."""
+    out, inside = [], False
+    for p in dashboard.get("panels") or []:
+        if p.get("type") == "row":
+            if inside:
+                break
+            inside = p.get("title") == title
+            if inside:
+                out.extend(p.get("panels") or [])
+        elif inside:
+            out.append(p)
+    return out
 
 
 def variables(dashboard):
@@ -77,11 +98,13 @@ def substitute(expr, values):
     return VAR_RE.sub(repl, expr), unresolved
 
 
-def extract(dashboard):
-    """[(label, expr, unresolved variables)] for every panel target with an expr."""
+def extract(dashboard, items=None, overrides=None):
+    """[(label, expr, unresolved variables)] for every panel target with an expr (of
+    `items`, by default the whole dashboard)."""
     values = variables(dashboard)
+    values.update(overrides or {})
     out = []
-    for p in panels(dashboard.get("panels")):
+    for p in panels(dashboard.get("panels") if items is None else items):
         for t in p.get("targets") or []:
             expr = (t.get("expr") or "").strip()
             if not expr:
@@ -117,12 +140,46 @@ def query(base, expr, timeout):
     return 1, None
 
 
+def graph_url(args, dashboard):
+    if not args.row:
+        print("--graph-url needs --row TITLE", file=sys.stderr)
+        return 2
+    overrides = {}
+    for v in args.var:
+        name, sep, value = v.partition("=")
+        if not sep or not name:
+            print(f"--var {v!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        overrides[name] = value
+    items = row_panels(dashboard, args.row)
+    exprs = extract(dashboard, items, overrides)
+    if not exprs:
+        print(f"{args.dashboard}: no row {args.row!r} with panel expressions", file=sys.stderr)
+        return 1
+    params = []
+    for i, (label, expr, unresolved) in enumerate(exprs):
+        if unresolved:
+            print(f"{label}: unresolved variable(s): {', '.join(unresolved)}",
+                  file=sys.stderr)
+            return 1
+        params += [(f"g{i}.expr", " ".join(expr.split())), (f"g{i}.tab", "0"),
+                   (f"g{i}.stacked", "1"), (f"g{i}.range_input", args.range)]
+    print(args.graph_url.rstrip("/") + "/graph?" + urllib.parse.urlencode(params))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dashboard", nargs="?", default=DEFAULT_DASHBOARD)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--list", action="store_true", help="print the expressions")
     mode.add_argument("--prometheus", metavar="URL", help="evaluate them on this Prometheus")
+    mode.add_argument("--graph-url", metavar="URL",
+                      help="print this Prometheus's graph page for the panels of --row")
+    ap.add_argument("--row", help="with --graph-url: the dashboard row's title")
+    ap.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --graph-url: a dashboard variable's value")
+    ap.add_argument("--range", default="5m", help="with --graph-url: the graphs' time range")
     ap.add_argument("--allow-empty", action="store_true",
                     help="with --prometheus: only errors fail, not empty results")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per query")
@@ -130,6 +187,8 @@ def main():
 
     with open(args.dashboard) as f:
         dashboard = json.load(f)
+    if args.graph_url:
+        return graph_url(args, dashboard)
     exprs = extract(dashboard)
     if not exprs:
         print(f"{args.dashboard}: no panel expressions", file=sys.stderr)

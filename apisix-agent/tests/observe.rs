@@ -24,29 +24,41 @@ use common::{
     prometheus::Prometheus,
 };
 
-/// The workload's Lua module: two named functions that burn CPU, called one after the other
-/// (not as tail calls, so each keeps its own frame under `run`).
-const WORKLOAD_LUA: &str = r#"
+/// The workload's Lua modules, laid out like APISIX plugins so that the dashboard's Plugins
+/// row has data: two named functions that burn CPU, one per plugin, called one after the
+/// other by `run` (not as tail calls, so each keeps its own frame under `run`).
+const KEY_AUTH_LUA: &str = r#"
 local _M = {}
 function _M.handler_fn(n)
   local x = 0
   for i = 1, n do x = (x * 31 + i) % 1000003 end
   return x
 end
+return _M
+"#;
+const LIMIT_COUNT_LUA: &str = r#"
+local _M = {}
 function _M.encode_fn(n)
   local s = 0
   for i = 1, n do s = (s + i * i) % 999983 end
   return s
 end
+return _M
+"#;
+const WORKLOAD_LUA: &str = r#"
+local auth = require("apisix.plugins.key-auth")
+local count = require("apisix.plugins.limit-count")
+local _M = {}
 function _M.run()
-  local a = _M.handler_fn(150000)
-  local b = _M.encode_fn(100000)
+  local a = auth.handler_fn(150000)
+  local b = count.encode_fn(100000)
   return a + b
 end
 return _M
 "#;
 
 const FUNCTIONS: [&str; 2] = ["_M.handler_fn", "_M.encode_fn"];
+const PLUGINS: [&str; 2] = ["key-auth", "limit-count"];
 
 /// The repository root.
 fn root() -> PathBuf {
@@ -83,7 +95,11 @@ impl Workload {
     fn start(secs: u64) -> Self {
         let nginx = Nginx::start(
             Lj::Gc64,
-            &[("obswork", WORKLOAD_LUA)],
+            &[
+                ("obswork", WORKLOAD_LUA),
+                ("apisix/plugins/key-auth", KEY_AUTH_LUA),
+                ("apisix/plugins/limit-count", LIMIT_COUNT_LUA),
+            ],
             "",
             r#"location / { content_by_lua_block { ngx.say(require("obswork").run()) } }"#,
         );
@@ -343,6 +359,14 @@ fn prometheus_scrapes_the_agent() {
             .args(["--prometheus", &prom.url()]),
         "grafana/exprs.py against the real agent's data",
     );
+
+    // The Plugins row: both plugins are series, and Prometheus's own graph page draws the
+    // row's expressions in headless Chromium (Grafana is not installable here).
+    for plugin in PLUGINS {
+        let q = format!("apisix_profiler_plugin_cpu_seconds_total{{plugin=\"{plugin}\"}}");
+        assert!(!prom.query(&q).is_empty(), "no {q}");
+    }
+    plugins_row_renders(&prom);
     drop(workload);
     eprintln!("total {:.1}s", started.elapsed().as_secs_f64());
 }
@@ -481,6 +505,70 @@ fn dashboard_flamegraph_renders_in_chromium() {
         );
     }
     eprintln!("total {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Screenshots Prometheus's graph page with the expressions of the dashboard's Plugins row
+/// (`grafana/exprs.py --graph-url`) and checks the drawn page's legends name both plugins and
+/// every phase of the workload. The PNG is kept as `target/plugins-row.png`.
+fn plugins_row_renders(prom: &Prometheus) {
+    require_program(
+        "chromium",
+        "--version",
+        "Debian's chromium is needed: apt-get install chromium",
+    );
+    let url = run_checked(
+        Command::new("python3")
+            .arg(root().join("grafana/exprs.py"))
+            .args(["--graph-url", &prom.url(), "--row", "Plugins"])
+            .args(["--var", &format!("plugin={}", PLUGINS[0]), "--range", "2m"]),
+        "grafana/exprs.py --graph-url",
+    );
+    let url = url.trim();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = dir.path().join("plugins-row.png");
+    let shot_arg = format!("--screenshot={}", png.display());
+    // The page fetches its data with JavaScript: give it virtual time to do so.
+    let budget = OsStr::new("--virtual-time-budget=15000");
+    let shot = chromium(
+        dir.path(),
+        "plugins-screenshot",
+        &[
+            OsStr::new(&shot_arg),
+            OsStr::new("--window-size=1400,2000"),
+            budget,
+            OsStr::new(url),
+        ],
+        90,
+    );
+    let bytes = std::fs::read(&png)
+        .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20 * 1024,
+        "{png:?}: {} bytes, not a drawn page",
+        bytes.len()
+    );
+    let dom = chromium(
+        dir.path(),
+        "plugins-dom",
+        &[OsStr::new("--dump-dom"), budget, OsStr::new(url)],
+        90,
+    );
+    let dom = text(&dom.stdout);
+    for name in PLUGINS.iter().chain(&["content"]) {
+        assert!(
+            dom.contains(&format!("\"{name}\"")),
+            "the Plugins row drawn by Prometheus's graph page lacks {name:?} in its legends \
+             ({url}):\n{dom}"
+        );
+    }
+    let target = common::agent()
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("plugins-row.png"));
+    if let Some(copy) = target {
+        std::fs::copy(&png, &copy).unwrap_or_else(|e| panic!("copy to {copy:?}: {e}"));
+        eprintln!("screenshot: {} ({} bytes)", copy.display(), bytes.len());
+    }
 }
 
 /// Runs a repository script; asserts success and prints its output.
