@@ -57,7 +57,7 @@ end
 return _M
 "#;
 
-const FUNCTIONS: [&str; 2] = ["_M.handler_fn", "_M.encode_fn"];
+const FUNCTIONS: [&str; 2] = ["auth.handler_fn", "count.encode_fn"];
 const PLUGINS: [&str; 2] = ["key-auth", "limit-count"];
 
 /// The repository root.
@@ -520,7 +520,7 @@ fn plugins_row_renders(prom: &Prometheus) {
         Command::new("python3")
             .arg(root().join("grafana/exprs.py"))
             .args(["--graph-url", &prom.url(), "--row", "Plugins"])
-            .args(["--var", &format!("plugin={}", PLUGINS[0]), "--range", "2m"]),
+            .args(["--var", &format!("plugin={}", PLUGINS[0]), "--range", "1m"]),
         "grafana/exprs.py --graph-url",
     );
     let url = url.trim();
@@ -534,7 +534,7 @@ fn plugins_row_renders(prom: &Prometheus) {
         "plugins-screenshot",
         &[
             OsStr::new(&shot_arg),
-            OsStr::new("--window-size=1400,2000"),
+            OsStr::new("--window-size=1400,2500"),
             budget,
             OsStr::new(url),
         ],
