@@ -11,8 +11,8 @@
 //! and its frame details, for `sampling.retention_seconds` and at most
 //! `sampling.max_retained_samples` samples (off-CPU blocks, when enabled, in a second window
 //! of the same bounds). [`Aggregator::window`] cuts it by arrival time, `(from, to]`: windows
-//! that meet hold each sample exactly once, so consecutive pprof scrapes cover consecutive
-//! windows.
+//! that meet hold each sample exactly once (a scrape's window ends when it is served, so
+//! consecutive pprof scrapes meet only as far as their intervals match `seconds`).
 //!
 //! Each sample is also attributed to an APISIX plugin and request phase
 //! ([`crate::attribution`]); per group, the first `top_functions` plugins get their own
@@ -712,7 +712,7 @@ impl Aggregator {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if keep(r.pid, &r.target.container) && filter.keeps(&r.attribution) {
+            if keep(r.pid, &r.target.container) && self.passes(filter, &r.target, &r.attribution) {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
@@ -743,7 +743,8 @@ impl Aggregator {
             if r.at <= from {
                 break;
             }
-            if !keep(r.pid, &r.target.container) || !filter.keeps(&r.attribution) {
+            if !keep(r.pid, &r.target.container) || !self.passes(filter, &r.target, &r.attribution)
+            {
                 continue;
             }
             let key = (
@@ -778,6 +779,14 @@ impl Aggregator {
             from,
             truncated,
         }
+    }
+
+    /// Whether `filter` passes a sample attributed `a`: by its plugin's own name, or by
+    /// `[other]` when its group's plugin series are capped and it is counted there.
+    fn passes(&self, filter: &Filter, target: &TargetLabels, a: &Attribution) -> bool {
+        filter.keeps(a)
+            || (filter.plugin.as_deref() == Some(OTHER)
+                && filter.keeps(&self.capped_plugin(target, a.clone())))
     }
 
     /// `a` with the plugin name the plugin metrics of its group use: `[other]` once
@@ -1314,6 +1323,18 @@ mod tests {
         };
         let w = agg.window(Retention::Cpu, start, Instant::now(), |_, _| true, &only);
         assert_eq!(total(&w), 1);
+        // The label the metrics and pprof show for it filters too.
+        let other = Filter {
+            plugin: Some(OTHER.to_owned()),
+            phase: None,
+        };
+        let w = agg.window(Retention::Cpu, start, Instant::now(), |_, _| true, &other);
+        assert_eq!(total(&w), 1);
+        assert_eq!(
+            agg.recent_filtered(Duration::from_secs(60), |_, _| true, &other)
+                .total(),
+            1
+        );
     }
 
     #[test]

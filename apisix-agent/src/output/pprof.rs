@@ -346,8 +346,9 @@ impl ProfileBuilder {
         id
     }
 
-    /// Adds `count` events of total `weight` (samples for [`Kind::Cpu`], microseconds for
-    /// [`Kind::OffCpu`]) of a stack given root first. `details` has one entry per frame, or
+    /// Adds `count` events of total `weight` of a stack given root first: `weight` is
+    /// microseconds blocked for [`Kind::OffCpu`], bytes for [`Kind::Alloc`] and
+    /// [`Kind::Live`], and unused for [`Kind::Cpu`] (its time is `count` periods). `details` has one entry per frame, or
     /// none (then lines come from the labels and nothing is inlined). Labels with an empty
     /// value are left out.
     pub fn add(
@@ -398,12 +399,11 @@ impl ProfileBuilder {
             .map(|(k, v)| (self.string(k), self.string(v)))
             .collect();
         let value = match self.kind {
-            Kind::Cpu { period_nanos } => {
-                [count, count.saturating_mul(period_nanos)].map(|v| v as i64)
-            }
-            Kind::OffCpu => [count, weight.saturating_mul(1000)].map(|v| v as i64),
-            Kind::Alloc { .. } | Kind::Live { .. } => [count, weight].map(|v| v as i64),
-        };
+            Kind::Cpu { period_nanos } => [count, count.saturating_mul(period_nanos)],
+            Kind::OffCpu => [count, weight.saturating_mul(1000)],
+            Kind::Alloc { .. } | Kind::Live { .. } => [count, weight],
+        }
+        .map(|v| i64::try_from(v).unwrap_or(i64::MAX));
         let key = (location_ids, label_ids);
         if let Some(&i) = self.samples.get(&key) {
             let s = &mut self.sample[i];
@@ -427,8 +427,9 @@ impl ProfileBuilder {
         self.samples.insert(key, self.sample.len() - 1);
     }
 
-    /// Adds every stack of a folded aggregate (labels only: lines from the labels, nothing
-    /// inlined), each weight counting as that many events.
+    /// Adds every stack of a folded CPU aggregate (labels only: lines from the labels,
+    /// nothing inlined), each weight counting as that many samples. For [`Kind::Cpu`]; the
+    /// weights of the other kinds are not event counts.
     pub fn add_folded(&mut self, folded: &Folded, labels: &[(&str, &str)]) {
         for (stack, w) in folded.iter() {
             self.add(stack, &[], labels, w, w);
