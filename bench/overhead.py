@@ -7,7 +7,8 @@ Sections:
   2. cost of the `sample` BPF program per sample (kernel.bpf_stats_enabled), shallow vs deep
   3. agent footprint: CPU share and peak RSS idle, under load, serving /flamegraph
   4. `apisix-agent render` time for 100 000 samples
-Results go to BENCHMARKS.md and stdout; progress to stderr.
+Results go to stdout and replace the header and sections 1-4 of BENCHMARKS.md (sections 5 on,
+written by the other benches, are kept); progress to stderr.
 
 This file parses the options and runs the bench; the work is in bench/overheadlib/:
 harness.py (processes, /proc, HTTP, wrk), sections.py (the measured sections), stats.py

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Overhead benchmark of apisix-agent on a real nginx-lua workload: throughput/p99 with the
 # daemon on vs off (19 and 99 Hz), BPF cost per sample (shallow vs 100-frame Lua stacks),
-# the agent's CPU and peak RSS, and SVG render time of 100 000 samples. Writes BENCHMARKS.md.
+# the agent's CPU and peak RSS, and SVG render time of 100 000 samples. Rewrites sections 1-4 of
+# BENCHMARKS.md and keeps the rest.
 #
 #   sudo ./bench/overhead.sh            # full run, ~11 minutes
 #   sudo ./bench/overhead.sh --quick    # smoke run, ~2 minutes (figures indicative only)

@@ -31,7 +31,8 @@ def report(a, meta, res):
         " — the machine is shared, other jobs add noise")
     add(f"- Agent: `target/release/apisix-agent` at commit {meta['rev']}; workload: {meta['nginx']} + "
         "libnginx-mod-http-lua (Debian LuaJIT 2.1, GC64)")
-    add(f"- Reproduce (as root, from the repository root): `{cmd}`")
+    add(f"- Reproduce sections 1-4 (as root, from the repository root): `{cmd}`; it rewrites them and"
+        " this header and keeps sections 5 on, which other benches write")
     add("")
     add(PROSE["workload"].substitute(
         wrk_threads=a.wrk_threads,

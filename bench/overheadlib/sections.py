@@ -571,12 +571,32 @@ class Bench:
         meta["load_end"] = open("/proc/loadavg").read().split()[:3]
         meta["runtime_s"] = time.time() - started
         text = report(self.a, meta, self.results)
-        with open(self.a.output, "w") as f:
-            f.write(text)
+        write_report(self.a.output, text)
         print(text)
         log(f"wrote {self.a.output} (total {meta['runtime_s'] / 60:.1f} min)")
         failed = [line for line in text.splitlines() if line.startswith("| ") and "| FAIL" in line]
         return 1 if failed and self.a.strict else 0
+
+
+# The first heading this bench does not write: sections 5 on come from trace_cost.py,
+# alloc_cost.py, pprof_cost.py and soak.sh and are kept as they are.
+KEPT_SECTION = re.compile(r"^## ([0-9]+)\.", re.MULTILINE)
+FIRST_KEPT = 5
+
+
+def merge_report(old, new):
+    """`new` (the header and sections 1-4) followed by `old` from its section 5 on."""
+    for m in KEPT_SECTION.finditer(old):
+        if int(m.group(1)) >= FIRST_KEPT:
+            return new.rstrip("\n") + "\n\n" + old[m.start():]
+    return new
+
+
+def write_report(path, text):
+    """Replaces the header and sections 1-4 of `path`, keeping everything from section 5 on."""
+    old = open(path).read() if os.path.exists(path) else ""
+    with open(path, "w") as f:
+        f.write(merge_report(old, text))
 
 
 def read_folded(path):

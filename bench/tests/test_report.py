@@ -9,6 +9,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overheadlib.report import report  # noqa: E402
+from overheadlib.sections import merge_report  # noqa: E402
 
 
 def run(rps, p99, cpu_share=0.95):
@@ -57,6 +58,17 @@ class ReportTest(unittest.TestCase):
             self.assertIn(heading, text)
         self.assertNotIn("$", text.replace("$ ", ""), "a template placeholder was left unfilled")
         self.assertIn("| 19 Hz (default) | 4815 |", text)
+
+    def test_sections_from_5_on_are_kept(self):
+        new = report(ARGS, META, results())
+        old = ("# old header\n\n## 1. Throughput old\n\nold figures\n\n"
+               "## 5. JIT trace frames\n\nkept 5\n\n## 8. Soak\n\n<!-- soak:begin -->\nkept 8\n")
+        merged = merge_report(old, new)
+        self.assertTrue(merged.startswith(new.rstrip("\n")))
+        self.assertTrue(merged.endswith(old[old.index("## 5."):]))
+        self.assertNotIn("old figures", merged)
+        self.assertEqual(merge_report(merged, new), merged)
+        self.assertEqual(merge_report("", new), new)
 
 
 if __name__ == "__main__":
