@@ -140,7 +140,9 @@ pub struct Auth {
     key: [u8; 32],
     healthz_open: bool,
     challenges: Vec<HeaderValue>,
-    bcrypt_slots: tokio::sync::Semaphore,
+    /// Held by the blocking bcrypt task itself, so a client that hangs up mid-check does not
+    /// free its slot while bcrypt still runs.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     /// Failures since the last warning.
     unreported: AtomicU64,
@@ -226,7 +228,7 @@ impl Auth {
             key,
             healthz_open: http.healthz_without_auth,
             challenges,
-            bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_AT_ONCE),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_AT_ONCE)),
             metrics,
             unreported: AtomicU64::new(0),
             warnings: Every::new(),
@@ -282,9 +284,13 @@ impl Auth {
         }
         let hash = known.map_or_else(|| self.dummy_hash.clone(), |u| u.hash.clone());
         let password = password.to_vec();
-        let good = match self.bcrypt_slots.acquire().await {
-            Ok(_slot) => tokio::task::spawn_blocking(move || {
-                bcrypt::verify(password, &hash).unwrap_or(false)
+        let good = match self.bcrypt_slots.clone().acquire_owned().await {
+            // The slot moves into the blocking task: it is freed when bcrypt ends, not when
+            // this future is dropped (a client hanging up).
+            Ok(slot) => tokio::task::spawn_blocking(move || {
+                let good = bcrypt::verify(password, &hash).unwrap_or(false);
+                drop(slot);
+                good
             })
             .await
             .unwrap_or(false),

@@ -497,7 +497,7 @@ async fn flamegraph(
             (folded, title, "samples")
         }
         Some(seconds) => {
-            let Ok(permit) = shared.captures.try_acquire() else {
+            let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
                 return error(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
@@ -552,10 +552,11 @@ async fn flamegraph(
                     |_| {},
                 );
                 super::memory::release_freed();
+                // Freed when the capture ends, also when the client hung up before.
+                drop(permit);
                 cap
             })
             .await;
-            drop(permit);
             let cap = match result {
                 Ok(Ok(c)) => c,
                 Ok(Err(e @ capture::CaptureError::Alloc { .. })) => {
