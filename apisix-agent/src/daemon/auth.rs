@@ -163,7 +163,9 @@ impl Auth {
             return Ok(None);
         }
         let mut users = BTreeMap::new();
-        let mut cost = bcrypt::DEFAULT_COST;
+        // The users' highest cost: an unknown user takes as long as the slowest known one
+        // (not longer, which would tell them apart as well).
+        let mut cost = 0;
         for (name, hash) in &http.basic_auth_users {
             let parts = hash
                 .parse::<bcrypt::HashParts>()
@@ -587,6 +589,29 @@ mod tests {
             Ok(_) => panic!("accepted an empty token file"),
         };
         assert!(e.contains("holds no token"), "{e}");
+    }
+
+    #[test]
+    fn dummy_hash_has_the_users_highest_cost() {
+        let a = auth(&[("a", "x"), ("b", "y")], None);
+        let dummy = match a.dummy_hash.parse::<bcrypt::HashParts>() {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(dummy.get_cost(), 4, "the users' cost, not bcrypt's default");
+        let mut http = config::Http::default();
+        for (user, cost) in [("low", 4), ("high", 5)] {
+            let hash = match hash_password(b"pw", cost) {
+                Ok(h) => h,
+                Err(e) => panic!("{e}"),
+            };
+            http.basic_auth_users.insert(user.to_owned(), hash);
+        }
+        let a = match Auth::load(&http, Arc::default()) {
+            Ok(Some(a)) => a,
+            _ => panic!("not loaded"),
+        };
+        assert!(matches!(a.dummy_hash.parse::<bcrypt::HashParts>(), Ok(p) if p.get_cost() == 5));
     }
 
     #[test]
