@@ -139,6 +139,9 @@ pub struct HttpTls {
     pub client_ca_file: String,
 }
 
+/// The bcrypt costs bcrypt accepts (each step doubles the time a check takes).
+pub const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
+
 impl Http {
     /// TLS is configured.
     pub fn tls_enabled(&self) -> bool {
@@ -180,10 +183,20 @@ impl Http {
                     ),
                 ));
             }
-            hash.parse::<bcrypt::HashParts>().map_err(|e| {
+            let parts = hash.parse::<bcrypt::HashParts>().map_err(|e| {
                 bad(
                     &format!("basic_auth_users.{user}"),
                     format!("not a bcrypt hash ({e}); make one with `apisix-agent hash-password`"),
+                )
+            })?;
+            // bcrypt refuses to check a password against any other cost: the user could
+            // never log in.
+            in_range(parts.get_cost(), BCRYPT_COSTS).map_err(|e| {
+                bad(
+                    &format!("basic_auth_users.{user}"),
+                    format!(
+                        "bcrypt cost {e}; make a hash with `apisix-agent hash-password --cost N`"
+                    ),
                 )
             })?;
         }
@@ -614,6 +627,26 @@ mod tests {
         );
         assert!(e.contains("http.basic_auth_users"), "{e}");
         assert!(e.contains("no ':'"), "{e}");
+        // A well-formed hash with a cost bcrypt refuses (3, 32): nobody could log in.
+        for cost in ["03", "32"] {
+            let e = err(&format!(
+                "http:\n  basic_auth_users:\n    prometheus: \
+                 '$2b${cost}$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK'\n"
+            ));
+            assert!(e.contains("http.basic_auth_users.prometheus"), "{e}");
+            let value = cost.trim_start_matches('0');
+            assert!(
+                e.contains(&format!("bcrypt cost {value} is outside 4..=31")),
+                "{e}"
+            );
+        }
+        for cost in ["04", "31"] {
+            let yaml = format!(
+                "http:\n  basic_auth_users:\n    prometheus: \
+                 '$2b${cost}$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK'\n"
+            );
+            assert!(Config::parse(&yaml, "x").is_ok(), "cost {cost} is accepted");
+        }
         let e = err("http:\n  header_timeout_seconds: 0\n");
         assert!(e.contains("http.header_timeout_seconds"), "{e}");
         let e = err("http:\n  idle_timeout_seconds: 0\n");
