@@ -23,7 +23,8 @@
 //!
 //! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
 //! path, 422 for a target whose Lua allocator cannot be probed (the reason says why), 429
-//! when `sampling.max_concurrent_captures` captures already run. Handlers only read shared
+//! when `sampling.max_concurrent_captures` captures already run, or when [`PPROF_AT_ONCE`]
+//! pprof profiles of the retained window are being encoded (with `Retry-After: 1`). Handlers only read shared
 //! state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
@@ -837,6 +838,19 @@ async fn pprof_endpoint(
     .await
 }
 
+/// Window profiles (pprof endpoints, `/flamegraph?format=pprof` without `seconds`) copied
+/// and encoded at once; more are answered 429. Each holds a copy of its window (about
+/// 10 MiB for a busy 60 s one) until encoded, so clients that hang up or scrape too often
+/// cannot pile copies up in the encoder's queue.
+pub const PPROF_AT_ONCE: usize = 2;
+
+/// The permits of [`PPROF_AT_ONCE`]; a permit moves into the encoding job.
+fn pprof_slots() -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+        std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(PPROF_AT_ONCE)));
+    SLOTS.clone()
+}
+
 /// The pprof response of the retained samples of `which` of the last `seconds`.
 async fn window_profile(
     shared: &Arc<Shared>,
@@ -847,6 +861,19 @@ async fn window_profile(
     title: String,
     mut headers: Vec<(&'static str, String)>,
 ) -> Response {
+    // Before the copy: a refused request costs nothing.
+    let Ok(slot) = pprof_slots().try_acquire_owned() else {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{PPROF_AT_ONCE} pprof profiles are being encoded already; retry in a moment"
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
     let to = std::time::Instant::now();
     let wall_to = SystemTime::now();
     let cut_started = thread_cpu();
@@ -895,6 +922,8 @@ async fn window_profile(
         let built = thread_cpu().saturating_sub(started);
         let gz = pprof::gzip(&profile);
         let gzipped = thread_cpu().saturating_sub(started).saturating_sub(built);
+        // Held until the window's copy is encoded, also when the client hung up.
+        drop(slot);
         (gz, built, gzipped)
     })
     .await;
