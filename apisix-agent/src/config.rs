@@ -142,12 +142,14 @@ pub struct HttpTls {
 /// The bcrypt costs bcrypt accepts (each step doubles the time a check takes).
 pub const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
 
-impl Http {
+impl HttpTls {
     /// TLS is configured.
-    pub fn tls_enabled(&self) -> bool {
-        !self.tls.cert_file.is_empty()
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
     }
+}
 
+impl Http {
     /// Credentials are required (basic auth users or a bearer token).
     pub fn auth_enabled(&self) -> bool {
         !self.basic_auth_users.is_empty() || !self.bearer_token_file.is_empty()
@@ -603,11 +605,11 @@ mod tests {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         };
-        assert!(c.http.tls_enabled());
+        assert!(c.http.tls.enabled());
         assert!(c.http.auth_enabled());
         assert!(!c.http.profiling_endpoints);
         assert_eq!(c.http.max_connections, 100);
-        assert!(!Config::default().http.tls_enabled());
+        assert!(!Config::default().http.tls.enabled());
         assert!(!Config::default().http.auth_enabled());
     }
 

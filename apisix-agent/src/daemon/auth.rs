@@ -7,15 +7,17 @@
 //!   SHA-256 digest (compared in constant time), so a scrape every few seconds costs one
 //!   bcrypt per process lifetime, not one per scrape.
 //! - `http.bearer_token_file`: `Authorization: Bearer TOKEN`; the file is read at start
-//!   (whitespace around the token is dropped), again on SIGHUP or when it changes
-//!   ([`Auth::reload`]); tokens are compared as SHA-256 digests in constant time.
+//!   (whitespace around the token is dropped), again on SIGHUP, when it changes, or at
+//!   each check after a failed reload ([`Auth::reload`]); tokens are compared as SHA-256
+//!   digests in constant time.
 //!
 //! [`require`] is the axum middleware: a request without valid credentials gets 401 with
 //! `WWW-Authenticate` (`Basic realm="apisix-agent"` and/or `Bearer realm="apisix-agent"`);
 //! `/healthz` passes without credentials when `http.healthz_without_auth` (liveness probes).
 //!
 //! Hooks: reads the bearer token file. Metrics: `apisix_profiler_http_auth_failures_total`
-//! {reason} ([`Failure::name`]), `apisix_profiler_http_file_reloads_total{file="bearer_token"}`.
+//! {reason} ([`Failure::name`]),
+//! `apisix_profiler_http_file_reloads_total{file="bearer_token", result="ok"|"failed"}`.
 
 use std::{
     collections::BTreeMap,
@@ -41,7 +43,7 @@ use subtle::ConstantTimeEq as _;
 use super::{
     listener::Every,
     metrics::{HttpReasonLabels, Metrics, ReloadLabels},
-    tls::{FileStamp, error_chain},
+    tls::{FileStamp, LastError, error_chain},
 };
 use crate::config;
 
@@ -126,7 +128,9 @@ struct User {
 struct Token {
     path: PathBuf,
     digest: RwLock<[u8; 32]>,
+    /// The file's stamp when it was last read successfully.
     seen: Mutex<Option<FileStamp>>,
+    failed: LastError,
 }
 
 /// The endpoint's credentials.
@@ -205,6 +209,7 @@ impl Auth {
                 path,
                 digest: RwLock::new(digest),
                 seen: Mutex::new(seen),
+                failed: LastError::default(),
             })
         };
         let mut challenges = Vec::new();
@@ -320,35 +325,42 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// Reads the bearer token file again when `force` (SIGHUP) or when it changed; a
-    /// failure keeps the previous token. Returns whether the file was read.
+    /// Reads the bearer token file again when `force` (SIGHUP), when it changed since it
+    /// was last read successfully, or when the last reload failed; a failure keeps the
+    /// previous token. Returns whether the file was read.
     pub fn reload(&self, force: bool) -> bool {
         let Some(token) = &self.token else {
             return false;
         };
+        // Taken before the read: a change during it is seen at the next check.
         let stamp = FileStamp::of(&token.path);
-        {
-            let Ok(mut seen) = token.seen.lock() else {
-                return false;
-            };
-            if !force && *seen == stamp {
-                return false;
-            }
-            *seen = stamp;
+        let unchanged = token.seen.lock().is_ok_and(|seen| *seen == stamp);
+        if !force && unchanged && !token.failed.any() {
+            return false;
         }
         let result = match read_token(&token.path) {
             Ok(digest) => {
                 if let Ok(mut d) = token.digest.write() {
                     *d = digest;
                 }
+                if let Ok(mut seen) = token.seen.lock() {
+                    *seen = stamp;
+                }
+                token.failed.clear();
                 tracing::info!(file = %token.path.display(), "bearer token reloaded");
                 "ok"
             }
             Err(e) => {
-                tracing::warn!(
-                    error = %error_chain(&e),
-                    "bearer token reload failed; the previous token stays in use"
-                );
+                let error = error_chain(&e);
+                if token.failed.is_new(&error) {
+                    tracing::warn!(
+                        error,
+                        "bearer token reload failed; the previous token stays in use \
+                         (retried every check; warned once per distinct error)"
+                    );
+                } else {
+                    tracing::debug!(error, "bearer token reload failed again");
+                }
                 "failed"
             }
         };
@@ -564,10 +576,16 @@ mod tests {
         assert!(a.reload(false), "changed file: read again");
         assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
         assert_eq!(check(&a, Some("Bearer tok-1")), Err(Failure::WrongToken));
-        // A reload that fails keeps the token in use.
+        // A reload that fails keeps the token in use, and is tried again at the next check
+        // although the file did not change.
         std::fs::write(&file, "\n").expect("write");
         assert!(a.reload(true));
         assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+        assert!(a.reload(false), "a failed reload is retried");
+        std::fs::write(&file, "tok-3\n").expect("write");
+        assert!(a.reload(false));
+        assert_eq!(check(&a, Some("Bearer tok-3")), Ok(()));
+        assert!(!a.reload(false), "read successfully: not again until it changes");
     }
 
     #[test]
