@@ -453,10 +453,55 @@ pub async fn require(State(auth): State<Arc<Auth>>, req: Request, next: Next) ->
     }
 }
 
-/// The bcrypt hash of `password` at `cost`, for `http.basic_auth_users`
-/// (`apisix-agent hash-password`).
-pub fn hash_password(password: &[u8], cost: u32) -> Result<String, bcrypt::BcryptError> {
-    bcrypt::hash(password, cost)
+/// Longest password bcrypt uses whole; it silently ignores the bytes after.
+pub const MAX_PASSWORD_BYTES: usize = 72;
+
+/// Errors of `apisix-agent hash-password`.
+#[derive(Debug, thiserror::Error)]
+pub enum HashPasswordError {
+    #[error("reading the password")]
+    Read(#[source] std::io::Error),
+    #[error("no password on standard input")]
+    Empty,
+    #[error(
+        "the password is {0} bytes long: bcrypt uses only the first {MAX_PASSWORD_BYTES}, so \
+         longer ones are refused"
+    )]
+    TooLong(usize),
+    #[error("--cost {0} is outside {min}..={max}", min = config::BCRYPT_COSTS.start(),
+        max = config::BCRYPT_COSTS.end())]
+    Cost(u32),
+    #[error("hashing")]
+    Hash(#[source] bcrypt::BcryptError),
+}
+
+/// The bcrypt hash of `password` at `cost`, for `http.basic_auth_users`.
+pub fn hash_password(password: &[u8], cost: u32) -> Result<String, HashPasswordError> {
+    if password.is_empty() {
+        return Err(HashPasswordError::Empty);
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(HashPasswordError::TooLong(password.len()));
+    }
+    if !config::BCRYPT_COSTS.contains(&cost) {
+        return Err(HashPasswordError::Cost(cost));
+    }
+    bcrypt::hash(password, cost).map_err(HashPasswordError::Hash)
+}
+
+/// `apisix-agent hash-password`: the bcrypt hash of the first line of `input` (without its
+/// `\n` or `\r\n`).
+pub fn hash_password_line(
+    mut input: impl std::io::BufRead,
+    cost: u32,
+) -> Result<String, HashPasswordError> {
+    let mut line = Vec::new();
+    input
+        .read_until(b'\n', &mut line)
+        .map_err(HashPasswordError::Read)?;
+    let password = line.strip_suffix(b"\n").unwrap_or(&line);
+    let password = password.strip_suffix(b"\r").unwrap_or(password);
+    hash_password(password, cost)
 }
 
 #[cfg(test)]
@@ -630,6 +675,39 @@ mod tests {
             _ => panic!("not loaded"),
         };
         assert!(matches!(a.dummy_hash.parse::<bcrypt::HashParts>(), Ok(p) if p.get_cost() == 5));
+    }
+
+    #[test]
+    fn hash_password_reads_one_line() {
+        let hash = |input: &[u8]| hash_password_line(std::io::Cursor::new(input.to_vec()), 4);
+        let verifies = |input: &[u8], password: &[u8]| match hash(input) {
+            Ok(h) => bcrypt::verify(password, &h).unwrap_or(false),
+            Err(e) => panic!("{:?}: {}", String::from_utf8_lossy(input), error_chain(&e)),
+        };
+        assert!(verifies(b"pw\n", b"pw"));
+        assert!(verifies(b"pw\r\n", b"pw"), "a CR LF line end is not part of it");
+        assert!(verifies(b"pw", b"pw"), "no line end");
+        assert!(verifies(b" pw \nsecond line\n", b" pw "), "the first line, spaces kept");
+        assert!(!verifies(b"pw\n", b"pw\n"));
+        let longest = [b'x'; MAX_PASSWORD_BYTES];
+        assert!(verifies(&longest, &longest));
+        assert!(matches!(hash(b"\n"), Err(HashPasswordError::Empty)));
+        assert!(matches!(hash(b""), Err(HashPasswordError::Empty)));
+        assert!(matches!(hash(b"\r\n"), Err(HashPasswordError::Empty)));
+        let mut long = vec![b'x'; MAX_PASSWORD_BYTES + 1];
+        long.push(b'\n');
+        match hash(&long) {
+            Err(e @ HashPasswordError::TooLong(73)) => {
+                assert!(e.to_string().contains("73 bytes"), "{e}");
+            }
+            other => panic!("a 73-byte password: {other:?}"),
+        }
+        match hash_password_line(std::io::Cursor::new(b"pw\n".to_vec()), 3) {
+            Err(e @ HashPasswordError::Cost(3)) => {
+                assert_eq!(e.to_string(), "--cost 3 is outside 4..=31");
+            }
+            other => panic!("cost 3: {other:?}"),
+        }
     }
 
     #[test]
