@@ -581,6 +581,7 @@ async fn flamegraph(
                 let c = &cap.counters;
                 let lost = c[apisix_ebpf_common::Counter::RingbufFull as usize];
                 let dropped = c[apisix_ebpf_common::Counter::LiveMapFull as usize];
+                let no_return = c[apisix_ebpf_common::Counter::AllocNoReturn as usize];
                 if lost > 0 {
                     let _ = write!(title, " — {lost} sampled stacks lost (ring buffer full)");
                 }
@@ -588,6 +589,13 @@ async fn flamegraph(
                     let _ = write!(
                         title,
                         " — {dropped} sampled blocks not tracked (tracking map full)"
+                    );
+                }
+                if no_return > 0 {
+                    let _ = write!(
+                        title,
+                        " — {no_return} allocator calls without a return seen (their blocks, \
+                         if sampled, not tracked)"
                     );
                 }
                 if !a.unsettled.is_empty() {
