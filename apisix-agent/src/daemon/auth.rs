@@ -630,7 +630,10 @@ mod tests {
         std::fs::write(&file, "tok-3\n").expect("write");
         assert!(a.reload(false));
         assert_eq!(check(&a, Some("Bearer tok-3")), Ok(()));
-        assert!(!a.reload(false), "read successfully: not again until it changes");
+        assert!(
+            !a.reload(false),
+            "read successfully: not again until it changes"
+        );
     }
 
     #[test]
@@ -685,9 +688,15 @@ mod tests {
             Err(e) => panic!("{:?}: {}", String::from_utf8_lossy(input), error_chain(&e)),
         };
         assert!(verifies(b"pw\n", b"pw"));
-        assert!(verifies(b"pw\r\n", b"pw"), "a CR LF line end is not part of it");
+        assert!(
+            verifies(b"pw\r\n", b"pw"),
+            "a CR LF line end is not part of it"
+        );
         assert!(verifies(b"pw", b"pw"), "no line end");
-        assert!(verifies(b" pw \nsecond line\n", b" pw "), "the first line, spaces kept");
+        assert!(
+            verifies(b" pw \nsecond line\n", b" pw "),
+            "the first line, spaces kept"
+        );
         assert!(!verifies(b"pw\n", b"pw\n"));
         let longest = [b'x'; MAX_PASSWORD_BYTES];
         assert!(verifies(&longest, &longest));

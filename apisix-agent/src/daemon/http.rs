@@ -873,9 +873,7 @@ async fn window_profile(
     let Ok(slot) = pprof_slots().try_acquire_owned() else {
         let mut response = error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "{PPROF_AT_ONCE} pprof profiles are being encoded already; retry in a moment"
-            ),
+            format!("{PPROF_AT_ONCE} pprof profiles are being encoded already; retry in a moment"),
         );
         response
             .headers_mut()

@@ -16,7 +16,6 @@
 //! Hooks: reads the PEM files. Metrics:
 //! `apisix_profiler_http_file_reloads_total{file="tls", result="ok"|"failed"}` (each attempt).
 
-
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
