@@ -139,12 +139,17 @@ pub struct HttpTls {
     pub client_ca_file: String,
 }
 
-impl Http {
-    /// TLS is configured.
-    pub fn tls_enabled(&self) -> bool {
-        !self.tls.cert_file.is_empty()
-    }
+/// The bcrypt costs bcrypt accepts (each step doubles the time a check takes).
+pub const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
 
+impl HttpTls {
+    /// TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
+impl Http {
     /// Credentials are required (basic auth users or a bearer token).
     pub fn auth_enabled(&self) -> bool {
         !self.basic_auth_users.is_empty() || !self.bearer_token_file.is_empty()
@@ -180,10 +185,20 @@ impl Http {
                     ),
                 ));
             }
-            hash.parse::<bcrypt::HashParts>().map_err(|e| {
+            let parts = hash.parse::<bcrypt::HashParts>().map_err(|e| {
                 bad(
                     &format!("basic_auth_users.{user}"),
                     format!("not a bcrypt hash ({e}); make one with `apisix-agent hash-password`"),
+                )
+            })?;
+            // bcrypt refuses to check a password against any other cost: the user could
+            // never log in.
+            in_range(parts.get_cost(), BCRYPT_COSTS).map_err(|e| {
+                bad(
+                    &format!("basic_auth_users.{user}"),
+                    format!(
+                        "bcrypt cost {e}; make a hash with `apisix-agent hash-password --cost N`"
+                    ),
                 )
             })?;
         }
@@ -590,11 +605,11 @@ mod tests {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         };
-        assert!(c.http.tls_enabled());
+        assert!(c.http.tls.enabled());
         assert!(c.http.auth_enabled());
         assert!(!c.http.profiling_endpoints);
         assert_eq!(c.http.max_connections, 100);
-        assert!(!Config::default().http.tls_enabled());
+        assert!(!Config::default().http.tls.enabled());
         assert!(!Config::default().http.auth_enabled());
     }
 
@@ -614,6 +629,26 @@ mod tests {
         );
         assert!(e.contains("http.basic_auth_users"), "{e}");
         assert!(e.contains("no ':'"), "{e}");
+        // A well-formed hash with a cost bcrypt refuses (3, 32): nobody could log in.
+        for cost in ["03", "32"] {
+            let e = err(&format!(
+                "http:\n  basic_auth_users:\n    prometheus: \
+                 '$2b${cost}$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK'\n"
+            ));
+            assert!(e.contains("http.basic_auth_users.prometheus"), "{e}");
+            let value = cost.trim_start_matches('0');
+            assert!(
+                e.contains(&format!("bcrypt cost {value} is outside 4..=31")),
+                "{e}"
+            );
+        }
+        for cost in ["04", "31"] {
+            let yaml = format!(
+                "http:\n  basic_auth_users:\n    prometheus: \
+                 '$2b${cost}$ydjjwXrCnCPYUNLN0pF6BuFHU9jtlld1JS6dVX6XErZXqgnv65jKK'\n"
+            );
+            assert!(Config::parse(&yaml, "x").is_ok(), "cost {cost} is accepted");
+        }
         let e = err("http:\n  header_timeout_seconds: 0\n");
         assert!(e.contains("http.header_timeout_seconds"), "{e}");
         let e = err("http:\n  idle_timeout_seconds: 0\n");

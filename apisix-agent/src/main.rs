@@ -96,8 +96,8 @@ enum Command {
         /// YAML configuration to check.
         config: PathBuf,
     },
-    /// Read a password from standard input (one line) and print its bcrypt hash, for
-    /// `http.basic_auth_users`.
+    /// Read a password from standard input (one line, at most 72 bytes: bcrypt ignores the
+    /// rest) and print its bcrypt hash, for `http.basic_auth_users`.
     HashPassword {
         /// bcrypt cost (4..=31); each step doubles the time a check takes.
         #[arg(long, default_value_t = 10)]
@@ -161,7 +161,11 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => daemon::run(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
-        Command::HashPassword { cost } => hash_password(cost),
+        Command::HashPassword { cost } => {
+            daemon::auth::hash_password_line(std::io::stdin().lock(), cost)
+                .map_err(anyhow::Error::new)
+                .and_then(|hash| print_line(&hash))
+        }
         Command::Render {
             input,
             output,
@@ -195,16 +199,10 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hash-password`: one line of standard input (without its line end) → its bcrypt hash.
-fn hash_password(cost: u32) -> anyhow::Result<()> {
-    use std::io::{BufRead as _, Write as _};
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    let password = line.strip_suffix('\n').unwrap_or(&line);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    anyhow::ensure!(!password.is_empty(), "no password on standard input");
-    let hash = daemon::auth::hash_password(password.as_bytes(), cost)?;
-    std::io::stdout().write_all(format!("{hash}\n").as_bytes())?;
+/// Writes `text` and a line end to standard output.
+fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    std::io::stdout().write_all(format!("{text}\n").as_bytes())?;
     Ok(())
 }
 

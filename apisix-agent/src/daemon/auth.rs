@@ -7,15 +7,17 @@
 //!   SHA-256 digest (compared in constant time), so a scrape every few seconds costs one
 //!   bcrypt per process lifetime, not one per scrape.
 //! - `http.bearer_token_file`: `Authorization: Bearer TOKEN`; the file is read at start
-//!   (whitespace around the token is dropped), again on SIGHUP or when it changes
-//!   ([`Auth::reload`]); tokens are compared as SHA-256 digests in constant time.
+//!   (whitespace around the token is dropped), again on SIGHUP, when it changes, or at
+//!   each check after a failed reload ([`Auth::reload`]); tokens are compared as SHA-256
+//!   digests in constant time.
 //!
 //! [`require`] is the axum middleware: a request without valid credentials gets 401 with
 //! `WWW-Authenticate` (`Basic realm="apisix-agent"` and/or `Bearer realm="apisix-agent"`);
 //! `/healthz` passes without credentials when `http.healthz_without_auth` (liveness probes).
 //!
 //! Hooks: reads the bearer token file. Metrics: `apisix_profiler_http_auth_failures_total`
-//! {reason} ([`Failure::name`]), `apisix_profiler_http_file_reloads_total{file="bearer_token"}`.
+//! {reason} ([`Failure::name`]),
+//! `apisix_profiler_http_file_reloads_total{file="bearer_token", result="ok"|"failed"}`.
 
 use std::{
     collections::BTreeMap,
@@ -41,7 +43,7 @@ use subtle::ConstantTimeEq as _;
 use super::{
     listener::Every,
     metrics::{HttpReasonLabels, Metrics, ReloadLabels},
-    tls::{FileStamp, error_chain},
+    tls::{FileStamp, LastError, error_chain},
 };
 use crate::config;
 
@@ -126,7 +128,9 @@ struct User {
 struct Token {
     path: PathBuf,
     digest: RwLock<[u8; 32]>,
+    /// The file's stamp when it was last read successfully.
     seen: Mutex<Option<FileStamp>>,
+    failed: LastError,
 }
 
 /// The endpoint's credentials.
@@ -140,7 +144,9 @@ pub struct Auth {
     key: [u8; 32],
     healthz_open: bool,
     challenges: Vec<HeaderValue>,
-    bcrypt_slots: tokio::sync::Semaphore,
+    /// Held by the blocking bcrypt task itself, so a client that hangs up mid-check does not
+    /// free its slot while bcrypt still runs.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     /// Failures since the last warning.
     unreported: AtomicU64,
@@ -161,7 +167,9 @@ impl Auth {
             return Ok(None);
         }
         let mut users = BTreeMap::new();
-        let mut cost = bcrypt::DEFAULT_COST;
+        // The users' highest cost: an unknown user takes as long as the slowest known one
+        // (not longer, which would tell them apart as well).
+        let mut cost = 0;
         for (name, hash) in &http.basic_auth_users {
             let parts = hash
                 .parse::<bcrypt::HashParts>()
@@ -201,6 +209,7 @@ impl Auth {
                 path,
                 digest: RwLock::new(digest),
                 seen: Mutex::new(seen),
+                failed: LastError::default(),
             })
         };
         let mut challenges = Vec::new();
@@ -226,7 +235,7 @@ impl Auth {
             key,
             healthz_open: http.healthz_without_auth,
             challenges,
-            bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_AT_ONCE),
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_AT_ONCE)),
             metrics,
             unreported: AtomicU64::new(0),
             warnings: Every::new(),
@@ -282,9 +291,13 @@ impl Auth {
         }
         let hash = known.map_or_else(|| self.dummy_hash.clone(), |u| u.hash.clone());
         let password = password.to_vec();
-        let good = match self.bcrypt_slots.acquire().await {
-            Ok(_slot) => tokio::task::spawn_blocking(move || {
-                bcrypt::verify(password, &hash).unwrap_or(false)
+        let good = match self.bcrypt_slots.clone().acquire_owned().await {
+            // The slot moves into the blocking task: it is freed when bcrypt ends, not when
+            // this future is dropped (a client hanging up).
+            Ok(slot) => tokio::task::spawn_blocking(move || {
+                let good = bcrypt::verify(password, &hash).unwrap_or(false);
+                drop(slot);
+                good
             })
             .await
             .unwrap_or(false),
@@ -312,35 +325,42 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// Reads the bearer token file again when `force` (SIGHUP) or when it changed; a
-    /// failure keeps the previous token. Returns whether the file was read.
+    /// Reads the bearer token file again when `force` (SIGHUP), when it changed since it
+    /// was last read successfully, or when the last reload failed; a failure keeps the
+    /// previous token. Returns whether the file was read.
     pub fn reload(&self, force: bool) -> bool {
         let Some(token) = &self.token else {
             return false;
         };
+        // Taken before the read: a change during it is seen at the next check.
         let stamp = FileStamp::of(&token.path);
-        {
-            let Ok(mut seen) = token.seen.lock() else {
-                return false;
-            };
-            if !force && *seen == stamp {
-                return false;
-            }
-            *seen = stamp;
+        let unchanged = token.seen.lock().is_ok_and(|seen| *seen == stamp);
+        if !force && unchanged && !token.failed.any() {
+            return false;
         }
         let result = match read_token(&token.path) {
             Ok(digest) => {
                 if let Ok(mut d) = token.digest.write() {
                     *d = digest;
                 }
+                if let Ok(mut seen) = token.seen.lock() {
+                    *seen = stamp;
+                }
+                token.failed.clear();
                 tracing::info!(file = %token.path.display(), "bearer token reloaded");
                 "ok"
             }
             Err(e) => {
-                tracing::warn!(
-                    error = %error_chain(&e),
-                    "bearer token reload failed; the previous token stays in use"
-                );
+                let error = error_chain(&e);
+                if token.failed.is_new(&error) {
+                    tracing::warn!(
+                        error,
+                        "bearer token reload failed; the previous token stays in use \
+                         (retried every check; warned once per distinct error)"
+                    );
+                } else {
+                    tracing::debug!(error, "bearer token reload failed again");
+                }
                 "failed"
             }
         };
@@ -433,10 +453,55 @@ pub async fn require(State(auth): State<Arc<Auth>>, req: Request, next: Next) ->
     }
 }
 
-/// The bcrypt hash of `password` at `cost`, for `http.basic_auth_users`
-/// (`apisix-agent hash-password`).
-pub fn hash_password(password: &[u8], cost: u32) -> Result<String, bcrypt::BcryptError> {
-    bcrypt::hash(password, cost)
+/// Longest password bcrypt uses whole; it silently ignores the bytes after.
+pub const MAX_PASSWORD_BYTES: usize = 72;
+
+/// Errors of `apisix-agent hash-password`.
+#[derive(Debug, thiserror::Error)]
+pub enum HashPasswordError {
+    #[error("reading the password")]
+    Read(#[source] std::io::Error),
+    #[error("no password on standard input")]
+    Empty,
+    #[error(
+        "the password is {0} bytes long: bcrypt uses only the first {MAX_PASSWORD_BYTES}, so \
+         longer ones are refused"
+    )]
+    TooLong(usize),
+    #[error("--cost {0} is outside {min}..={max}", min = config::BCRYPT_COSTS.start(),
+        max = config::BCRYPT_COSTS.end())]
+    Cost(u32),
+    #[error("hashing")]
+    Hash(#[source] bcrypt::BcryptError),
+}
+
+/// The bcrypt hash of `password` at `cost`, for `http.basic_auth_users`.
+pub fn hash_password(password: &[u8], cost: u32) -> Result<String, HashPasswordError> {
+    if password.is_empty() {
+        return Err(HashPasswordError::Empty);
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(HashPasswordError::TooLong(password.len()));
+    }
+    if !config::BCRYPT_COSTS.contains(&cost) {
+        return Err(HashPasswordError::Cost(cost));
+    }
+    bcrypt::hash(password, cost).map_err(HashPasswordError::Hash)
+}
+
+/// `apisix-agent hash-password`: the bcrypt hash of the first line of `input` (without its
+/// `\n` or `\r\n`).
+pub fn hash_password_line(
+    mut input: impl std::io::BufRead,
+    cost: u32,
+) -> Result<String, HashPasswordError> {
+    let mut line = Vec::new();
+    input
+        .read_until(b'\n', &mut line)
+        .map_err(HashPasswordError::Read)?;
+    let password = line.strip_suffix(b"\n").unwrap_or(&line);
+    let password = password.strip_suffix(b"\r").unwrap_or(password);
+    hash_password(password, cost)
 }
 
 #[cfg(test)]
@@ -556,10 +621,19 @@ mod tests {
         assert!(a.reload(false), "changed file: read again");
         assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
         assert_eq!(check(&a, Some("Bearer tok-1")), Err(Failure::WrongToken));
-        // A reload that fails keeps the token in use.
+        // A reload that fails keeps the token in use, and is tried again at the next check
+        // although the file did not change.
         std::fs::write(&file, "\n").expect("write");
         assert!(a.reload(true));
         assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+        assert!(a.reload(false), "a failed reload is retried");
+        std::fs::write(&file, "tok-3\n").expect("write");
+        assert!(a.reload(false));
+        assert_eq!(check(&a, Some("Bearer tok-3")), Ok(()));
+        assert!(
+            !a.reload(false),
+            "read successfully: not again until it changes"
+        );
     }
 
     #[test]
@@ -581,6 +655,68 @@ mod tests {
             Ok(_) => panic!("accepted an empty token file"),
         };
         assert!(e.contains("holds no token"), "{e}");
+    }
+
+    #[test]
+    fn dummy_hash_has_the_users_highest_cost() {
+        let a = auth(&[("a", "x"), ("b", "y")], None);
+        let dummy = match a.dummy_hash.parse::<bcrypt::HashParts>() {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(dummy.get_cost(), 4, "the users' cost, not bcrypt's default");
+        let mut http = config::Http::default();
+        for (user, cost) in [("low", 4), ("high", 5)] {
+            let hash = match hash_password(b"pw", cost) {
+                Ok(h) => h,
+                Err(e) => panic!("{e}"),
+            };
+            http.basic_auth_users.insert(user.to_owned(), hash);
+        }
+        let a = match Auth::load(&http, Arc::default()) {
+            Ok(Some(a)) => a,
+            _ => panic!("not loaded"),
+        };
+        assert!(matches!(a.dummy_hash.parse::<bcrypt::HashParts>(), Ok(p) if p.get_cost() == 5));
+    }
+
+    #[test]
+    fn hash_password_reads_one_line() {
+        let hash = |input: &[u8]| hash_password_line(std::io::Cursor::new(input.to_vec()), 4);
+        let verifies = |input: &[u8], password: &[u8]| match hash(input) {
+            Ok(h) => bcrypt::verify(password, &h).unwrap_or(false),
+            Err(e) => panic!("{:?}: {}", String::from_utf8_lossy(input), error_chain(&e)),
+        };
+        assert!(verifies(b"pw\n", b"pw"));
+        assert!(
+            verifies(b"pw\r\n", b"pw"),
+            "a CR LF line end is not part of it"
+        );
+        assert!(verifies(b"pw", b"pw"), "no line end");
+        assert!(
+            verifies(b" pw \nsecond line\n", b" pw "),
+            "the first line, spaces kept"
+        );
+        assert!(!verifies(b"pw\n", b"pw\n"));
+        let longest = [b'x'; MAX_PASSWORD_BYTES];
+        assert!(verifies(&longest, &longest));
+        assert!(matches!(hash(b"\n"), Err(HashPasswordError::Empty)));
+        assert!(matches!(hash(b""), Err(HashPasswordError::Empty)));
+        assert!(matches!(hash(b"\r\n"), Err(HashPasswordError::Empty)));
+        let mut long = vec![b'x'; MAX_PASSWORD_BYTES + 1];
+        long.push(b'\n');
+        match hash(&long) {
+            Err(e @ HashPasswordError::TooLong(73)) => {
+                assert!(e.to_string().contains("73 bytes"), "{e}");
+            }
+            other => panic!("a 73-byte password: {other:?}"),
+        }
+        match hash_password_line(std::io::Cursor::new(b"pw\n".to_vec()), 3) {
+            Err(e @ HashPasswordError::Cost(3)) => {
+                assert_eq!(e.to_string(), "--cost 3 is outside 4..=31");
+            }
+            other => panic!("cost 3: {other:?}"),
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //!
 //! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
 //! path, 422 for a target whose Lua allocator cannot be probed (the reason says why), 429
-//! when `sampling.max_concurrent_captures` captures already run. Handlers only read shared
+//! when `sampling.max_concurrent_captures` captures already run, or when [`PPROF_AT_ONCE`]
+//! pprof profiles of the retained window are being encoded (with `Retry-After: 1`). Handlers only read shared
 //! state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
@@ -497,7 +498,7 @@ async fn flamegraph(
             (folded, title, "samples")
         }
         Some(seconds) => {
-            let Ok(permit) = shared.captures.try_acquire() else {
+            let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
                 return error(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
@@ -552,10 +553,11 @@ async fn flamegraph(
                     |_| {},
                 );
                 super::memory::release_freed();
+                // Freed when the capture ends, also when the client hung up before.
+                drop(permit);
                 cap
             })
             .await;
-            drop(permit);
             let cap = match result {
                 Ok(Ok(c)) => c,
                 Ok(Err(e @ capture::CaptureError::Alloc { .. })) => {
@@ -579,6 +581,7 @@ async fn flamegraph(
                 let c = &cap.counters;
                 let lost = c[apisix_ebpf_common::Counter::RingbufFull as usize];
                 let dropped = c[apisix_ebpf_common::Counter::LiveMapFull as usize];
+                let no_return = c[apisix_ebpf_common::Counter::AllocNoReturn as usize];
                 if lost > 0 {
                     let _ = write!(title, " — {lost} sampled stacks lost (ring buffer full)");
                 }
@@ -586,6 +589,13 @@ async fn flamegraph(
                     let _ = write!(
                         title,
                         " — {dropped} sampled blocks not tracked (tracking map full)"
+                    );
+                }
+                if no_return > 0 {
+                    let _ = write!(
+                        title,
+                        " — {no_return} allocator calls without a return seen (their blocks, \
+                         if sampled, not tracked)"
                     );
                 }
                 if !a.unsettled.is_empty() {
@@ -836,6 +846,19 @@ async fn pprof_endpoint(
     .await
 }
 
+/// Window profiles (pprof endpoints, `/flamegraph?format=pprof` without `seconds`) copied
+/// and encoded at once; more are answered 429. Each holds a copy of its window (about
+/// 10 MiB for a busy 60 s one) until encoded, so clients that hang up or scrape too often
+/// cannot pile copies up in the encoder's queue.
+pub const PPROF_AT_ONCE: usize = 2;
+
+/// The permits of [`PPROF_AT_ONCE`]; a permit moves into the encoding job.
+fn pprof_slots() -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+        std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(PPROF_AT_ONCE)));
+    SLOTS.clone()
+}
+
 /// The pprof response of the retained samples of `which` of the last `seconds`.
 async fn window_profile(
     shared: &Arc<Shared>,
@@ -846,6 +869,17 @@ async fn window_profile(
     title: String,
     mut headers: Vec<(&'static str, String)>,
 ) -> Response {
+    // Before the copy: a refused request costs nothing.
+    let Ok(slot) = pprof_slots().try_acquire_owned() else {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{PPROF_AT_ONCE} pprof profiles are being encoded already; retry in a moment"),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
     let to = std::time::Instant::now();
     let wall_to = SystemTime::now();
     let cut_started = thread_cpu();
@@ -894,6 +928,8 @@ async fn window_profile(
         let built = thread_cpu().saturating_sub(started);
         let gz = pprof::gzip(&profile);
         let gzipped = thread_cpu().saturating_sub(started).saturating_sub(built);
+        // Held until the window's copy is encoded, also when the client hung up.
+        drop(slot);
         (gz, built, gzipped)
     })
     .await;

@@ -19,7 +19,9 @@
 //! - While a handler runs (a capture can take `sampling.max_capture_seconds`) no timeout
 //!   applies; the capture is bounded itself.
 //! - Shutdown: the listener closes, open connections finish their request (graceful
-//!   shutdown of hyper's connection) for at most [`SHUTDOWN_GRACE`].
+//!   shutdown of hyper's connection) for at most [`SHUTDOWN_GRACE`]; then each is closed,
+//!   also one whose client is still sending headers (the header timeout keeps applying
+//!   until then).
 //!
 //! [`raise_fd_limit`] raises the soft open-file limit to the hard one at start (as Go does for
 //! every program), so `max_connections` is not cut short by a 1024 soft limit.
@@ -76,6 +78,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    /// [`SHUTDOWN_GRACE`] (shorter in tests).
+    pub shutdown_grace: Duration,
 }
 
 impl From<&config::Http> for Limits {
@@ -85,6 +89,7 @@ impl From<&config::Http> for Limits {
             idle_timeout: Duration::from_secs(h.idle_timeout_seconds),
             max_connections: h.max_connections,
             max_header_bytes: h.max_header_bytes,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -195,7 +200,8 @@ pub async fn serve(
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // `Some(by)` at shutdown: every connection closes by then.
+    let (stop_tx, stop_rx) = watch::channel(None::<Instant>);
     let limit_warning = Every::new();
     let accept_warning = Every::new();
     tokio::pin!(shutdown);
@@ -238,16 +244,25 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = stop_tx.send(true);
+    let by = Instant::now() + limits.shutdown_grace;
+    let _ = stop_tx.send(Some(by));
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all))
+    if tokio::time::timeout_at(by, slots.acquire_many(all))
         .await
         .is_err()
     {
-        tracing::info!(
-            open = limits.max_connections - slots.available_permits(),
-            "HTTP connections still open at shutdown: closed"
-        );
+        // Each connection closes itself at `by`: wait for that, briefly.
+        let open = limits.max_connections - slots.available_permits();
+        match tokio::time::timeout(Duration::from_secs(1), slots.acquire_many(all)).await {
+            Ok(_) => tracing::info!(
+                closed = open,
+                "HTTP connections still open at the end of the shutdown grace: closed"
+            ),
+            Err(_) => tracing::info!(
+                open = limits.max_connections - slots.available_permits(),
+                "HTTP connections still open after the shutdown grace: they end with the process"
+            ),
+        }
     }
     Ok(())
 }
@@ -298,7 +313,7 @@ async fn connection(
     peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
     ctx: Arc<Ctx>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Option<Instant>>,
 ) {
     let _open = Open::new(&ctx.metrics);
     let _ = stream.set_nodelay(true);
@@ -329,7 +344,7 @@ async fn drive<I>(
     peer: SocketAddr,
     clock: Arc<Clock>,
     ctx: &Ctx,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<Instant>>,
 ) -> Option<ConnectionError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -360,16 +375,26 @@ where
         let deadline = match closing {
             Closing::No => clock.deadline(),
             Closing::Idle { by } => Some(by),
-            Closing::Shutdown => None,
+            // The header timeout still applies to a request being sent.
+            Closing::Shutdown { by } => Some(clock.deadline().map_or(by, |d| d.min(by))),
         };
         tokio::select! {
             done = conn.as_mut() => return done.err().and_then(|e| ConnectionError::of(&e)),
             () = sleep_until(deadline) => {
-                if closing != Closing::No {
+                let expired = clock.expired(Instant::now());
+                match closing {
                     // A request that came in just as the idle timeout struck had its time.
-                    return None;
+                    Closing::Idle { .. } => return None,
+                    Closing::Shutdown { .. } => {
+                        return match expired {
+                            Some(Phase::Headers { .. }) => Some(ConnectionError::HeaderTimeout),
+                            // The grace is over (or an idle connection's timeout struck).
+                            _ => None,
+                        };
+                    }
+                    Closing::No => {}
                 }
-                match clock.expired(Instant::now()) {
+                match expired {
                     Some(Phase::Headers { .. }) => return Some(ConnectionError::HeaderTimeout),
                     Some(_) => {
                         conn.as_mut().graceful_shutdown();
@@ -381,9 +406,11 @@ where
                 }
             }
             () = clock.changed.notified() => {}
-            _ = stop.changed(), if closing == Closing::No => {
+            _ = stop.changed(), if !matches!(closing, Closing::Shutdown { .. }) => {
+                let by = (*stop.borrow_and_update())
+                    .unwrap_or_else(|| Instant::now() + ctx.limits.shutdown_grace);
                 conn.as_mut().graceful_shutdown();
-                closing = Closing::Shutdown;
+                closing = Closing::Shutdown { by };
             }
         }
     }
@@ -398,8 +425,10 @@ enum Closing {
     Idle {
         by: Instant,
     },
-    /// By the server's shutdown: bounded by [`SHUTDOWN_GRACE`].
-    Shutdown,
+    /// By the server's shutdown: closed `by` the end of [`SHUTDOWN_GRACE`].
+    Shutdown {
+        by: Instant,
+    },
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -696,7 +725,58 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             max_connections: 4,
             max_header_bytes: 8192,
+            shutdown_grace: Duration::from_millis(300),
         }
+    }
+
+    /// A client that sent half a request when the server stops is closed at the end of the
+    /// shutdown grace, and the server returns then (not when the runtime ends).
+    #[test]
+    fn shutdown_closes_a_half_sent_request_after_the_grace() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let limits = Limits {
+                header_timeout: Duration::from_secs(60),
+                ..limits()
+            };
+            let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(
+                listener,
+                Router::new(),
+                None,
+                limits,
+                Arc::default(),
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ));
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            client
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("half a request");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let stopped = Instant::now();
+            stop_tx.send(()).expect("stop");
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+            assert!(
+                matches!(read, Ok(Ok(0) | Err(_))),
+                "closed, without an answer: {read:?}"
+            );
+            let waited = stopped.elapsed();
+            assert!(
+                waited >= limits.shutdown_grace && waited < Duration::from_secs(2),
+                "closed after {waited:?}"
+            );
+            let served = tokio::time::timeout(Duration::from_secs(2), server).await;
+            assert!(matches!(served, Ok(Ok(Ok(())))), "{served:?}");
+        });
     }
 
     #[test]

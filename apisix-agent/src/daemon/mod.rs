@@ -66,6 +66,10 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .thread_name("agent-rt")
         .build()
         .context("starting the async runtime")?;
+    // From here on SIGHUP reloads instead of ending the agent (its default action), also
+    // while the BPF programs attach; the signals wait in the stream until the reload task
+    // runs.
+    let hangup = runtime.block_on(async { hangup_stream() });
     // Bind first: a taken port is an error before anything attaches.
     let listener = runtime
         .block_on(async { listener::bind(listen) })
@@ -125,7 +129,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             .context("starting the discovery thread")?
     };
 
-    runtime.spawn(reload_on_change(tls.clone(), auth.clone()));
+    runtime.spawn(reload_on_change(hangup, tls.clone(), auth.clone()));
     // With port 0 in `http.listen` the kernel picks one: the log says which.
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(
@@ -155,17 +159,26 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reloads the TLS files and the bearer token file: all of them on SIGHUP, otherwise those
-/// that changed (checked every [`RELOAD_CHECK`]). Also keeps SIGHUP from ending the agent.
-async fn reload_on_change(tls: Option<Arc<Tls>>, auth: Option<Arc<Auth>>) {
+/// SIGHUP as a stream (installing its handler: SIGHUP no longer ends the process); `None`,
+/// with a warning, when it cannot be listened for. Called within the runtime.
+fn hangup_stream() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
+    match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP: files reload when they change");
             None
         }
-    };
+    }
+}
+
+/// Reloads the TLS files and the bearer token file: all of them on SIGHUP (from `hangup`),
+/// otherwise those that changed (checked every [`RELOAD_CHECK`]).
+async fn reload_on_change(
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    tls: Option<Arc<Tls>>,
+    auth: Option<Arc<Auth>>,
+) {
     let mut tick = tokio::time::interval(RELOAD_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -26,8 +26,9 @@ pub struct Shared {
     pub targets: RwLock<Snapshot>,
     /// The continuous sampler is attached.
     pub attached: AtomicBool,
-    /// On-demand captures allowed at once.
-    pub captures: tokio::sync::Semaphore,
+    /// On-demand captures allowed at once; a capture's permit is owned by its blocking task,
+    /// so the limit holds also after its client hung up.
+    pub captures: Arc<tokio::sync::Semaphore>,
     /// Set on shutdown: every loop and capture ends.
     pub stop: AtomicBool,
     /// The Lua VM of each target whose VM the continuous sampler learned, with its heap size
@@ -63,7 +64,9 @@ impl Shared {
             metrics,
             targets: RwLock::new(Arc::new(Vec::new())),
             attached: AtomicBool::new(false),
-            captures: tokio::sync::Semaphore::new(config.sampling.max_concurrent_captures),
+            captures: Arc::new(tokio::sync::Semaphore::new(
+                config.sampling.max_concurrent_captures,
+            )),
             stop: AtomicBool::new(false),
             lua_vms: RwLock::new(HashMap::new()),
             config,

@@ -9,9 +9,12 @@
 //! which also catches Kubernetes' symlink swaps of a mounted Secret) and swaps the server
 //! configuration in place: the listener stays, open connections keep the configuration they
 //! were accepted with, new ones get the new one. A reload that fails keeps the previous
-//! files in use and says why in the log.
+//! files in use and says why in the log (once per distinct error); it is tried again at
+//! each check until it succeeds, so a transient failure (a file not readable for a moment)
+//! heals without the file changing.
 //!
-//! Hooks: reads the PEM files. Metrics: `apisix_profiler_http_file_reloads_total{file="tls"}`.
+//! Hooks: reads the PEM files. Metrics:
+//! `apisix_profiler_http_file_reloads_total{file="tls", result="ok"|"failed"}` (each attempt).
 
 use std::{
     path::{Path, PathBuf},
@@ -95,15 +98,16 @@ impl Files {
 pub struct Tls {
     files: Files,
     current: RwLock<Arc<ServerConfig>>,
-    /// The stamps of the files when they were last read.
+    /// The stamps of the files when they were last read successfully.
     seen: Mutex<Vec<Option<FileStamp>>>,
+    failed: LastError,
     metrics: Arc<Metrics>,
 }
 
 impl Tls {
     /// Reads the files of `config`; `None` when TLS is not configured.
     pub fn load(config: &HttpTls, metrics: Arc<Metrics>) -> Result<Option<Arc<Self>>, TlsError> {
-        if config.cert_file.is_empty() {
+        if !config.enabled() {
             return Ok(None);
         }
         let files = Files {
@@ -118,6 +122,7 @@ impl Tls {
             files,
             current: RwLock::new(Arc::new(server)),
             seen: Mutex::new(seen),
+            failed: LastError::default(),
             metrics,
         })))
     }
@@ -136,25 +141,25 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(config)
     }
 
-    /// Reads the files again when `force` (SIGHUP) or when one changed since they were last
-    /// read, and swaps the configuration in; a failure keeps the previous one. Returns
-    /// whether the files were read.
+    /// Reads the files again when `force` (SIGHUP), when one changed since they were last
+    /// read successfully, or when the last reload failed, and swaps the configuration in; a
+    /// failure keeps the previous one. Returns whether the files were read.
     pub fn reload(&self, force: bool) -> bool {
+        // Taken before the read: a change during it is seen at the next check.
         let stamps = self.files.stamps();
-        {
-            let Ok(mut seen) = self.seen.lock() else {
-                return false;
-            };
-            if !force && *seen == stamps {
-                return false;
-            }
-            *seen = stamps;
+        let unchanged = self.seen.lock().is_ok_and(|seen| *seen == stamps);
+        if !force && unchanged && !self.failed.any() {
+            return false;
         }
         let result = match build(&self.files) {
             Ok(server) => {
                 if let Ok(mut current) = self.current.write() {
                     *current = Arc::new(server);
                 }
+                if let Ok(mut seen) = self.seen.lock() {
+                    *seen = stamps;
+                }
+                self.failed.clear();
                 tracing::info!(
                     cert_file = %self.files.cert.display(),
                     "TLS certificate and key reloaded"
@@ -162,10 +167,16 @@ impl Tls {
                 "ok"
             }
             Err(e) => {
-                tracing::warn!(
-                    error = %error_chain(&e),
-                    "TLS reload failed; the previous certificate stays in use"
-                );
+                let error = error_chain(&e);
+                if self.failed.is_new(&error) {
+                    tracing::warn!(
+                        error,
+                        "TLS reload failed; the previous certificate stays in use \
+                         (retried every check; warned once per distinct error)"
+                    );
+                } else {
+                    tracing::debug!(error, "TLS reload failed again");
+                }
                 "failed"
             }
         };
@@ -178,6 +189,37 @@ impl Tls {
             })
             .inc();
         true
+    }
+}
+
+/// The error of the last reload of a file, while it keeps failing: a file retried at every
+/// check is warned about once per distinct error, not every few seconds.
+#[derive(Debug, Default)]
+pub struct LastError(Mutex<Option<String>>);
+
+impl LastError {
+    /// Remembers `error`; whether it differs from the one remembered (then warn).
+    pub fn is_new(&self, error: &str) -> bool {
+        let Ok(mut last) = self.0.lock() else {
+            return true;
+        };
+        if last.as_deref() == Some(error) {
+            return false;
+        }
+        *last = Some(error.to_owned());
+        true
+    }
+
+    /// The last reload failed.
+    pub fn any(&self) -> bool {
+        self.0.lock().is_ok_and(|l| l.is_some())
+    }
+
+    /// A reload succeeded.
+    pub fn clear(&self) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = None;
+        }
     }
 }
 
@@ -316,6 +358,19 @@ mod tests {
             Tls::load(&HttpTls::default(), Arc::default()),
             Ok(None)
         ));
+    }
+
+    #[test]
+    fn last_error_warns_once_per_distinct_error() {
+        let e = LastError::default();
+        assert!(!e.any());
+        assert!(e.is_new("a"));
+        assert!(!e.is_new("a"), "the same error again: no warning");
+        assert!(e.any());
+        assert!(e.is_new("b"));
+        e.clear();
+        assert!(!e.any());
+        assert!(e.is_new("b"), "after a success, the error is new again");
     }
 
     #[test]
