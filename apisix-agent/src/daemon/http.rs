@@ -24,8 +24,8 @@
 //! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
 //! path, 422 for a target whose Lua allocator cannot be probed (the reason says why), 429
 //! when `sampling.max_concurrent_captures` captures already run, or when [`PPROF_AT_ONCE`]
-//! pprof profiles of the retained window are being encoded (with `Retry-After: 1`). Handlers only read shared
-//! state or start a capture; nothing a client sends names a file.
+//! pprof profiles of the retained window are being encoded (with `Retry-After: 1`).
+//! Handlers only read shared state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
 //! `http.profiling_endpoints: false` turns off (404 saying so). With credentials configured
