@@ -429,10 +429,15 @@ impl StackBuilder {
                 d.inlined = true;
             }
             if self.trace_marker
-                && let Some((n, _)) = &traced
+                && let Some((vmstate, decoded)) = &traced
                 && let Some(last) = segments.last_mut()
             {
                 let at = last.len().saturating_sub(inlined);
+                // The trace whose frames these are: `vmstate` still names the previous one
+                // right after a jump to a linked or side trace.
+                let n = decoded
+                    .as_ref()
+                    .map_or(i64::from(*vmstate), |t| i64::from(t.traceno));
                 let marker = Arc::from(format!("[trace {n}]"));
                 last.insert(at, (marker, FrameDetail::default()));
             }
