@@ -70,7 +70,11 @@ impl CycleWatch {
 /// Reads where the collector of the VM at `g` is (two bytes).
 pub fn gc_phase(mem: &Memory, layout: &Layout, g: u64) -> Result<GcPhase, HeapError> {
     let mut b = [0u8; 2];
-    mem.read_into(g + u64::from(layout.heap.g_gc_currentwhite), &mut b)
+    // An address that wraps is no VM's.
+    let at = g
+        .checked_add(u64::from(layout.heap.g_gc_currentwhite))
+        .ok_or(HeapError::NotAVm { g })?;
+    mem.read_into(at, &mut b)
         .map_err(|source| HeapError::Read { g, source })?;
     Ok(GcPhase {
         white: b[0],
@@ -132,8 +136,11 @@ pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> 
     let not_vm = HeapError::NotAVm { g };
     let mainthref = word(h.g_mainthref, refw).ok_or(HeapError::NotAVm { g })?;
     let glref = {
+        let at = main
+            .checked_add(u64::from(layout.bpf.l_glref))
+            .ok_or(HeapError::NotAVm { g })?;
         let b = mem
-            .read(main + u64::from(layout.bpf.l_glref), refw as usize)
+            .read(at, refw as usize)
             .map_err(|source| HeapError::Read { g, source })?;
         if gc64 {
             u64::from_le_bytes(

@@ -6,7 +6,7 @@
 //! IR, snapshots and snapshot map are one allocation, read at once — finds the snapshot whose
 //! interval holds the machine-code address, and turns its frame entries into [`LuaFrame`]s
 //! the namer handles like walked ones. Precision is one snapshot interval: code between two
-//! snapshots is charged to the later one's frames (see [`Trace::at`]). LuaJIT takes a
+//! snapshots is charged to the later one's frames (see [`Trace::index_at`]). LuaJIT takes a
 //! snapshot after a store or a call with side effects, and merges two snapshots with no guard
 //! between them, so an inlined function that writes nothing has no snapshot of its own and
 //! its time goes to the frames around it.
@@ -55,6 +55,8 @@ const FRAME_TYPEP: u64 = 7;
 const FRAME_VARG: u64 = 3;
 /// Decoded traces kept at most (all processes together).
 const MAX_CACHED_TRACES: usize = 4096;
+/// The end of x86-64 user space (47-bit addresses): machine code lies below it.
+const USER_SPACE_END: u64 = 1 << 47;
 
 /// Why a sample in trace code kept only its physical frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,7 +149,7 @@ struct TraceKey {
     nsnapmap: u32,
 }
 
-/// The header fields of a `GCtrace`, validated.
+/// The header fields of a `GCtrace`, validated (its machine code lies in user space).
 #[derive(Clone, Copy, Debug)]
 struct Header {
     key: TraceKey,
@@ -206,6 +208,9 @@ fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
     if sizebc == 0 || u64::from(sizebc) * 4 + u64::from(l.bpf.pt_size) > u64::from(sizept) {
         return None;
     }
+    // The bytecode's end must be an address (what `holds` computes cannot wrap).
+    let bc = addr.checked_add(u64::from(l.bpf.pt_size))?;
+    bc.checked_add(4 * u64::from(sizebc))?;
     let chunkname = if l.bpf.gc64 != 0 {
         le_u64(&head, l.bpf.pt_chunkname as usize)?
     } else {
@@ -214,7 +219,7 @@ fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
     Some(ProtoHead {
         chunkname,
         firstline: le_u32(&head, l.bpf.pt_firstline as usize)?,
-        bc: addr + u64::from(l.bpf.pt_size),
+        bc,
         sizebc,
     })
 }
@@ -264,9 +269,13 @@ fn trace_address(
 ) -> Result<u64, TraceFallback> {
     let t = &layout.trace;
     let gc64 = layout.bpf.gc64 != 0;
-    let j = g + u64::from(t.g_to_j);
+    // Addresses from the target's memory: one that wraps is garbage.
+    let jt_addr = g
+        .checked_add(u64::from(t.g_to_j))
+        .and_then(|j| j.checked_add(u64::from(t.j_trace)))
+        .ok_or(TraceFallback::Invalid)?;
     let jt = mem
-        .read(j + u64::from(t.j_trace), 16)
+        .read(jt_addr, 16)
         .map_err(|_| TraceFallback::ReadFailed)?;
     let table = le_u64(&jt, 0).ok_or(TraceFallback::Invalid)?;
     let sizetrace =
@@ -275,8 +284,11 @@ fn trace_address(
         return Err(TraceFallback::Gone);
     }
     let refw: u64 = if gc64 { 8 } else { 4 };
+    let slot = table
+        .checked_add(refw * u64::from(traceno))
+        .ok_or(TraceFallback::Invalid)?;
     let raw = mem
-        .read(table + refw * u64::from(traceno), refw as usize)
+        .read(slot, refw as usize)
         .map_err(|_| TraceFallback::ReadFailed)?;
     let addr = if gc64 {
         le_u64(&raw, 0)
@@ -329,16 +341,22 @@ fn read_header(
         return Err(TraceFallback::Invalid);
     }
     let szins = 8 * u64::from(nins - nk);
-    let ir_start = addr + sztr;
-    let snap_start = ir_start + szins;
-    let map_start = snap_start + SNAPSHOT_SIZE as u64 * u64::from(nsnap);
+    // Every address here comes from the target: one that wraps, or machine code that ends
+    // beyond user space, is not a trace (and would make range checks accept anything).
+    let ir_start = addr.checked_add(sztr).ok_or(TraceFallback::Invalid)?;
+    let snap_start = ir_start.checked_add(szins).ok_or(TraceFallback::Invalid)?;
+    let map_start = snap_start
+        .checked_add(SNAPSHOT_SIZE as u64 * u64::from(nsnap))
+        .ok_or(TraceFallback::Invalid)?;
     let size = map_start - addr + 4 * u64::from(nsnapmap);
-    if ir.wrapping_add(8 * u64::from(nk)) != ir_start
+    let mcode_end = mcode.checked_add(u64::from(szmcode));
+    if ir.checked_add(8 * u64::from(nk)) != Some(ir_start)
         || snap != snap_start
         || snapmap != map_start
         || mcode == 0
         || szmcode == 0
         || szmcode > 1 << 24
+        || mcode_end.is_none_or(|end| end > USER_SPACE_END)
         || size > MAX_READ as u64
     {
         return Err(TraceFallback::Invalid);
@@ -364,6 +382,13 @@ fn read_header(
         snap_off: (snap_start - addr) as usize,
         map_off: (map_start - addr) as usize,
     })
+}
+
+impl Header {
+    /// The trace's machine code (validated by [`read_header`]: it cannot wrap).
+    fn mcode(&self) -> Range<u64> {
+        self.key.mcode..self.key.mcode + u64::from(self.key.szmcode)
+    }
 }
 
 /// A trace's allocation, read whole, with the accessors snapshot decoding needs.
@@ -670,7 +695,7 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
         return Err(TraceFallback::Invalid);
     }
     Ok(Trace {
-        mcode: h.key.mcode..h.key.mcode + u64::from(h.key.szmcode),
+        mcode: h.mcode(),
         snaps,
     })
 }
@@ -744,7 +769,9 @@ impl Tracer {
         if let Some(g) = self.g_of.get(&(pid, l)) {
             return Some(*g);
         }
-        let raw = mem.read(l + u64::from(layout.bpf.l_glref), 8).ok()?;
+        let raw = mem
+            .read(l.checked_add(u64::from(layout.bpf.l_glref))?, 8)
+            .ok()?;
         let g = if layout.bpf.gc64 != 0 {
             le_u64(&raw, 0)?
         } else {
@@ -810,8 +837,7 @@ impl Tracer {
         /// Side traces looked at per lookup.
         const MAX_SIDE_WALK: usize = 256;
         let g = self.global(mem, layout, pid, sample.l)?;
-        let holds =
-            |c: &Header| (c.key.mcode..c.key.mcode + u64::from(c.key.szmcode)).contains(&ip);
+        let holds = |c: &Header| c.mcode().contains(&ip);
         let own = h.key.traceno;
         let mut found = None;
         if h.link != 0 && h.link != own {
