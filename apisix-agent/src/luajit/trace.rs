@@ -55,6 +55,10 @@ const FRAME_TYPEP: u64 = 7;
 const FRAME_VARG: u64 = 3;
 /// Decoded traces kept at most (all processes together).
 const MAX_CACHED_TRACES: usize = 4096;
+/// Side-trace chains kept at most (all processes together).
+const MAX_CACHED_CHAINS: usize = 512;
+/// Side traces walked per chain.
+const MAX_SIDE_WALK: usize = 256;
 /// The end of x86-64 user space (47-bit addresses): machine code lies below it.
 const USER_SPACE_END: u64 = 1 << 47;
 
@@ -737,10 +741,16 @@ pub struct TraceSample<'a> {
     pub base: Option<&'a LuaFrame>,
 }
 
+/// The side traces of a root trace, in chain order: each one's identity and machine code.
+type SideChain = Arc<[(TraceKey, Range<u64>)]>;
+
 /// Decoded traces of every target, and the counts of what happened.
 #[derive(Debug, Default)]
 pub struct Tracer {
     cache: HashMap<TraceKey, Arc<Trace>>,
+    /// Side-trace chains by their root's identity and the head of the chain (`nextside`):
+    /// LuaJIT adds a side trace at the head, a flushed or reused root has another identity.
+    chains: HashMap<(TraceKey, u16), SideChain>,
     /// `global_State` of each (pid, `lua_State`) that led to a trace.
     g_of: HashMap<(u32, u64), u64>,
     /// Prototype headers of physical base frames, for the base check.
@@ -758,6 +768,7 @@ impl Tracer {
     /// Drops everything cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.cache.retain(|k, _| k.pid != pid);
+        self.chains.retain(|(k, _), _| k.pid != pid);
         self.g_of.retain(|(p, _), _| *p != pid);
         self.base_protos.retain(|(p, _), _| *p != pid);
     }
@@ -819,12 +830,52 @@ impl Tracer {
         Ok(t)
     }
 
+    /// The side traces of `root` (a root trace of the VM `g`), walked once per state of its
+    /// chain (at most [`MAX_SIDE_WALK`]). A walk cut short by a failed read is not kept.
+    fn side_chain(
+        &mut self,
+        mem: &Memory,
+        layout: &Layout,
+        pid: u32,
+        g: u64,
+        root: &Header,
+    ) -> SideChain {
+        let key = (root.key, root.nextside);
+        if let Some(chain) = self.chains.get(&key) {
+            return chain.clone();
+        }
+        let mut chain = Vec::new();
+        let mut next = root.nextside;
+        let mut complete = true;
+        while next != 0 && chain.len() < MAX_SIDE_WALK {
+            match Self::header_of(mem, layout, pid, g, next) {
+                Ok(side) => {
+                    next = side.nextside;
+                    chain.push((side.key, side.mcode()));
+                }
+                Err(e) => {
+                    complete = e != TraceFallback::ReadFailed;
+                    break;
+                }
+            }
+        }
+        let chain: SideChain = chain.into();
+        if complete {
+            if self.chains.len() >= MAX_CACHED_CHAINS {
+                self.chains.clear();
+            }
+            self.chains.insert(key, chain.clone());
+        }
+        chain
+    }
+
     /// The trace whose machine code holds `ip` when trace `h`, the one `vmstate` names,
     /// does not. A trace writes its number into `vmstate` a few instructions after its
     /// entry (side traces first move the parent's registers), so right after the jump to
     /// the trace `h` links to, or through a patched exit of `h` into a side trace of the
     /// same root, `vmstate` still names `h`. Those candidates are tried, the side traces
-    /// along their root's chain (bounded); each is validated like any trace.
+    /// along their root's chain (cached per root, [`Tracer::side_chain`]); the one found is
+    /// validated like any trace, and must still be the trace the chain recorded.
     fn entered(
         &mut self,
         mem: &Memory,
@@ -834,8 +885,6 @@ impl Tracer {
         h: &Header,
         ip: u64,
     ) -> Option<(u16, Arc<Trace>)> {
-        /// Side traces looked at per lookup.
-        const MAX_SIDE_WALK: usize = 256;
         let g = self.global(mem, layout, pid, sample.l)?;
         let holds = |c: &Header| c.mcode().contains(&ip);
         let own = h.key.traceno;
@@ -846,29 +895,26 @@ impl Tracer {
                 .filter(holds);
         }
         if found.is_none() {
-            let root = if h.root != 0 { h.root } else { own };
-            let mut next = if root == own {
-                h.nextside
+            let root_no = if h.root != 0 { h.root } else { own };
+            let root = if root_no == own {
+                Some(*h)
             } else {
-                match Self::header_of(mem, layout, pid, g, root) {
-                    Ok(r) if holds(&r) => {
-                        found = Some(r);
-                        0
-                    }
-                    Ok(r) => r.nextside,
-                    Err(_) => 0,
-                }
+                Self::header_of(mem, layout, pid, g, root_no).ok()
             };
-            let mut walked = 0;
-            while found.is_none() && next != 0 && walked < MAX_SIDE_WALK {
-                walked += 1;
-                let Ok(side) = Self::header_of(mem, layout, pid, g, next) else {
-                    break;
-                };
-                next = side.nextside;
-                if side.key.traceno != own && holds(&side) {
-                    found = Some(side);
+            match root {
+                Some(r) if r.key.traceno != own && holds(&r) => found = Some(r),
+                Some(r) => {
+                    let chain = self.side_chain(mem, layout, pid, g, &r);
+                    if let Some((key, _)) = chain
+                        .iter()
+                        .find(|(k, mcode)| k.traceno != own && mcode.contains(&ip))
+                    {
+                        found = read_header(mem, layout, pid, key.addr, key.traceno)
+                            .ok()
+                            .filter(|c| c.key == *key);
+                    }
                 }
+                None => {}
             }
         }
         let found = found?;
