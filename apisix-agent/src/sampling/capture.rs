@@ -239,7 +239,8 @@ pub struct Capture {
     pub stats: StackStats,
     /// Traces read and decoded from the targets.
     pub traces_decoded: u64,
-    /// Errors of naming Lua frames in user space, by reason.
+    /// Errors of reading Lua memory in user space, by reason: naming frames, and the heap
+    /// sizes of [`Capture::heaps`] (`heap_*`, [`heap::HeapError::reason`]).
     pub lua_errors: std::collections::BTreeMap<&'static str, u64>,
     /// The Lua heap size of each target with a known VM, at the start and the end.
     pub heaps: Vec<HeapReading>,
@@ -293,7 +294,8 @@ pub fn capture(
             None
         }
     };
-    let heaps_at_start = heaps(&sampler, targets);
+    let mut heap_errors = std::collections::BTreeMap::new();
+    let heaps_at_start = heaps(&sampler, targets, &mut heap_errors);
     let started_heaps: Vec<(u32, u64)> = heaps_at_start
         .iter()
         .filter_map(|(pid, b)| Some((*pid, (*b)?)))
@@ -384,7 +386,10 @@ pub fn capture(
             }
         }
     }
-    let heaps_at_end = heaps(&sampler, targets);
+    let heaps_at_end = heaps(&sampler, targets, &mut heap_errors);
+    let mut lua_errors: std::collections::BTreeMap<&'static str, u64> =
+        builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect();
+    lua_errors.extend(heap_errors);
     sampler.detach_alloc();
     drop(sampler);
     Ok(Capture {
@@ -396,7 +401,7 @@ pub fn capture(
         elapsed,
         stats: builder.stats(),
         traces_decoded: builder.traces_decoded(),
-        lua_errors: builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect(),
+        lua_errors,
         heaps: heaps_at_start
             .into_iter()
             .zip(heaps_at_end)
@@ -534,13 +539,27 @@ fn settle(
     watches.into_iter().map(|w| w.0).collect()
 }
 
-/// The heap size of each target's VM now (`None`: VM unknown or unreadable).
-fn heaps(sampler: &BpfSession, targets: &[CaptureTarget]) -> Vec<(u32, Option<u64>)> {
+/// The heap size of each target's VM now (`None`: VM unknown or unreadable). A failed read
+/// of a process that still runs is counted in `errors` by reason.
+fn heaps(
+    sampler: &BpfSession,
+    targets: &[CaptureTarget],
+    errors: &mut std::collections::BTreeMap<&'static str, u64>,
+) -> Vec<(u32, Option<u64>)> {
     targets
         .iter()
         .map(|t| {
             let bytes = match (&t.lua, sampler.lua_vm(t.pid)) {
-                (Some(lua), Some(g)) => alloc::heap_bytes(t.pid, lua, g),
+                (Some(lua), Some(g)) => match alloc::heap_bytes(t.pid, lua, g) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        // A process that just exited is not a failed read.
+                        if process::exists(t.pid) {
+                            *errors.entry(e.reason()).or_insert(0) += 1;
+                        }
+                        None
+                    }
+                },
                 _ => None,
             };
             (t.pid, bytes)
