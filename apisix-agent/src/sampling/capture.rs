@@ -218,8 +218,8 @@ pub struct AllocOutcome {
     /// Live mode: blocks still allocated whose sample was lost or could not be named.
     pub live_unnamed: u64,
     /// Live mode: how long the capture waited for a collection after it ended, and the
-    /// targets whose collector completed no cycle by then (their live blocks include garbage
-    /// not yet collected).
+    /// targets whose collector completed no cycle by then or could not be read (their live
+    /// blocks may include garbage not yet collected).
     pub settle_time: Duration,
     pub unsettled: Vec<u32>,
 }
@@ -489,9 +489,15 @@ fn attach_allocators(
     Ok(out)
 }
 
+/// How often a settling VM is checked to still be one (its collector state alone says
+/// nothing of that).
+const SETTLE_VM_CHECK: Duration = Duration::from_millis(100);
+
 /// Waits (up to [`SETTLE_WAIT`], or until `stop`) until the collector of each probed VM has
-/// run a whole cycle whose atomic phase came after now; returns the pids whose VM did not
-/// (an exited process counts as done: its blocks stay as they were at its exit).
+/// run a whole cycle whose atomic phase came after now; returns the pids whose VM did not,
+/// or could not be read while the process still ran. An exited process counts as done (its
+/// blocks stay as they were at its exit), and so does a VM that is no longer one (closed:
+/// `lua_close` freed its blocks through the probed allocator).
 fn settle(
     targets: &[CaptureTarget],
     probes: &[AllocProbe],
@@ -507,11 +513,32 @@ fn settle(
         .collect();
     let start = Instant::now();
     let mut last = None::<Instant>;
+    let mut last_check = None::<Instant>;
+    let mut unreadable = Vec::new();
     loop {
+        let check = last_check.is_none_or(|c| c.elapsed() >= SETTLE_VM_CHECK);
+        if check {
+            last_check = Some(Instant::now());
+        }
         watches.retain_mut(|(pid, g, lua, watch)| {
-            let Ok(now) = heap::gc_phase(&Memory::new(*pid), lua.flavour.layout(), *g) else {
-                // Exited (or unreadable): nothing more will be freed.
-                return false;
+            let mem = Memory::new(*pid);
+            let layout = lua.flavour.layout();
+            let read = if check {
+                heap::check_vm(&mem, layout, *g).and_then(|()| heap::gc_phase(&mem, layout, *g))
+            } else {
+                heap::gc_phase(&mem, layout, *g)
+            };
+            let now = match read {
+                Ok(now) => now,
+                // Closed: nothing of it is left to free.
+                Err(heap::HeapError::NotAVm { .. }) => return false,
+                // Exited: nothing more will be freed.
+                Err(_) if !process::exists(*pid) => return false,
+                Err(e) => {
+                    tracing::debug!(pid = *pid, error = %e, "settling VM unreadable");
+                    unreadable.push(*pid);
+                    return false;
+                }
             };
             match watch {
                 None => {
@@ -536,7 +563,8 @@ fn settle(
         // them between reads look like none.
         std::thread::sleep(Duration::from_micros(500));
     }
-    watches.into_iter().map(|w| w.0).collect()
+    unreadable.extend(watches.into_iter().map(|w| w.0));
+    unreadable
 }
 
 /// The heap size of each target's VM now (`None`: VM unknown or unreadable). A failed read
