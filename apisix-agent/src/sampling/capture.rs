@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apisix_ebpf_common::{COUNTER_SLOTS, Sample};
+use apisix_ebpf_common::{COUNTER_SLOTS, LIVE_MAX_TRACKED, Sample};
 
 use super::{
     alloc::{self, AllocError, AllocProbe},
@@ -318,7 +318,11 @@ pub fn capture(
     let mut all_exited = false;
     // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
     let mut sampled = 0u64;
-    let mut take = |builder: &mut StackBuilder, detailed: &mut Detailed<u32>, s: &Sample| -> u64 {
+    let mut take = |builder: &mut StackBuilder,
+                    detailed: &mut Detailed<u32>,
+                    named: &mut LiveNames,
+                    s: &Sample|
+     -> u64 {
         if let Some(stack) = builder.build(s) {
             if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
@@ -335,8 +339,23 @@ pub fn capture(
     };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            sampled += take(&mut builder, &mut detailed, s);
+            sampled += take(&mut builder, &mut detailed, &mut named, s);
         });
+        if live && named.ids.len() > named.prune_at {
+            // Most sampled blocks are freed long before the end: only those the BPF side
+            // still tracks (at most LIVE_MAX_TRACKED) can name a live block. (Unreadable
+            // now: tried again after the next poll.)
+            match sampler.live_allocs() {
+                Ok(allocs) => {
+                    let tracked: std::collections::HashSet<(u32, u64)> = allocs
+                        .into_iter()
+                        .map(|(_, b)| (b.tid, b.time_ns))
+                        .collect();
+                    named.retain(&tracked);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the live allocations"),
+            }
+        }
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
             progress(Progress::Sampling {
@@ -365,7 +384,7 @@ pub fn capture(
     }
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
-        take(&mut builder, &mut detailed, s);
+        take(&mut builder, &mut detailed, &mut named, s);
     }) > 0
     {}
     let mut counters = sampler.counters()?;
@@ -599,15 +618,61 @@ fn heaps(
 type LiveStack = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
 
 /// The stacks of a live capture's samples by their identity (thread, time), interned: the
-/// blocks still allocated at the end name their sample.
-#[derive(Default)]
+/// blocks still allocated at the end name their sample. Pruned ([`LiveNames::retain`]) to
+/// the samples whose block is still tracked once it holds [`LiveNames::prune_at`].
 struct LiveNames {
     ids: HashMap<(u32, u64), usize>,
     stacks: Vec<Arc<LiveStack>>,
     index: HashMap<Arc<LiveStack>, usize>,
+    /// The newest sample time seen.
+    newest_ns: u64,
+    /// Samples held above which the caller prunes.
+    prune_at: usize,
+}
+
+/// Samples a live capture holds at least before pruning: twice what the BPF side tracks.
+const LIVE_PRUNE_AT: usize = 2 * LIVE_MAX_TRACKED as usize;
+/// Samples this recent are kept by a prune: the BPF side tracks a block once the allocator
+/// returned, after its sample was emitted.
+const LIVE_RECENT_NS: u64 = 1_000_000_000;
+
+impl Default for LiveNames {
+    fn default() -> Self {
+        Self {
+            ids: HashMap::new(),
+            stacks: Vec::new(),
+            index: HashMap::new(),
+            newest_ns: 0,
+            prune_at: LIVE_PRUNE_AT,
+        }
+    }
 }
 
 impl LiveNames {
+    /// Keeps the samples in `tracked` (whose block is still allocated) and the recent ones,
+    /// and the stacks they use.
+    fn retain(&mut self, tracked: &std::collections::HashSet<(u32, u64)>) {
+        let recent = self.newest_ns.saturating_sub(LIVE_RECENT_NS);
+        let old_stacks = std::mem::take(&mut self.stacks);
+        self.index.clear();
+        let mut renumbered: HashMap<usize, usize> = HashMap::new();
+        self.ids.retain(|id, i| {
+            if id.1 < recent && !tracked.contains(id) {
+                return false;
+            }
+            *i = *renumbered.entry(*i).or_insert_with(|| {
+                let stack = old_stacks[*i].clone();
+                self.stacks.push(stack.clone());
+                self.index.insert(stack, self.stacks.len() - 1);
+                self.stacks.len() - 1
+            });
+            true
+        });
+        // A capture whose tracked and recent samples alone pass the mark prunes again only
+        // once they doubled.
+        self.prune_at = LIVE_PRUNE_AT.max(2 * self.ids.len());
+    }
+
     fn insert(&mut self, tid: u32, time_ns: u64, stack: LiveStack) {
         let stack = Arc::new(stack);
         let i = match self.index.get(&stack) {
@@ -619,6 +684,7 @@ impl LiveNames {
             }
         };
         self.ids.insert((tid, time_ns), i);
+        self.newest_ns = self.newest_ns.max(time_ns);
     }
 
     fn get(&self, tid: u32, time_ns: u64) -> Option<&LiveStack> {
@@ -681,5 +747,34 @@ mod tests {
         );
         assert_eq!(n.get(2, 10).map(|(_, s, _)| s.len()), Some(1));
         assert!(n.get(3, 10).is_none());
+    }
+
+    #[test]
+    fn live_names_keep_tracked_and_recent_samples() {
+        let mut n = LiveNames::default();
+        let a: Vec<Arc<str>> = vec!["main".into(), "a".into()];
+        let b: Vec<Arc<str>> = vec!["main".into(), "b".into()];
+        let c: Vec<Arc<str>> = vec!["main".into(), "c".into()];
+        let s = 1_000_000_000;
+        n.insert(1, 10, (7, a.clone(), Vec::new()));
+        n.insert(1, 20, (7, b.clone(), Vec::new()));
+        n.insert(2, 30, (7, a.clone(), Vec::new()));
+        n.insert(2, 5 * s, (7, c.clone(), Vec::new()));
+        n.retain(&[(1, 20)].into_iter().collect());
+        // The tracked sample and the recent one stay, with their stacks; the rest go.
+        assert_eq!(n.ids.len(), 2);
+        assert_eq!(n.stacks.len(), 2);
+        assert_eq!(
+            n.get(1, 20).map(|(_, s, _)| s[1].to_string()).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            n.get(2, 5 * s).map(|(_, s, _)| s[1].to_string()).as_deref(),
+            Some("c")
+        );
+        assert!(n.get(1, 10).is_none() && n.get(2, 30).is_none());
+        // Stacks are still interned after the renumbering.
+        n.insert(3, 6 * s, (7, b, Vec::new()));
+        assert_eq!(n.stacks.len(), 2);
     }
 }
