@@ -1,9 +1,10 @@
-//! The continuous sampler: one thread owning the low-rate BPF sampler and a stack builder.
+//! The daemon's continuous sampler: one thread owning the low-rate BPF sampler and a stack
+//! builder.
 //! It applies each discovery [`Snapshot`] to the BPF target map (new processes added with
 //! their LuaJIT layout, gone ones removed), turns samples into stacks for the
 //! [`Aggregator`], and once a second moves BPF counters into metrics.
 //!
-//! Hooks: the BPF sampler ([`super::bpf`]) for the daemon's lifetime, plus the off-CPU
+//! Hooks: the BPF sampler ([`crate::sampling::bpf`]) for the daemon's lifetime, plus the off-CPU
 //! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
@@ -23,17 +24,17 @@ use std::{
 use apisix_ebpf_common::Counter;
 
 use super::{
-    bpf::{BpfError, BpfSession},
-    source::SampleSource,
+    aggregate::Group,
+    metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
+    state::{Shared, VmMemory},
 };
 use crate::{
-    daemon::{
-        aggregate::Group,
-        metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
-        state::{Shared, VmMemory},
-    },
     discovery::{Lua, Snapshot, TargetProcess},
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
+    sampling::{
+        bpf::{BpfError, BpfSession},
+        source::SampleSource,
+    },
     stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
 };
 
@@ -372,7 +373,7 @@ pub fn run(
 /// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until
 /// `shared.stop`: applies snapshots, builds and aggregates stacks, moves counters into
 /// metrics once a second. [`run`] calls it with the BPF sessions; root-free tests with a
-/// [`super::source::ReplaySource`].
+/// [`crate::sampling::source::ReplaySource`].
 pub fn run_with<S: SampleSource>(
     shared: &Shared,
     snapshots: &mpsc::Receiver<Snapshot>,
