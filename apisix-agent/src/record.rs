@@ -198,7 +198,7 @@ pub struct LuaSummary {
     pub idle: u64,
     /// The BPF side's error counters, by [`Counter::name`] (every one, zeros included).
     pub errors: BTreeMap<&'static str, u64>,
-    /// Errors of naming Lua frames in user space, by reason.
+    /// Errors of reading Lua memory in user space (naming frames, heap sizes), by reason.
     pub user_errors: BTreeMap<&'static str, u64>,
 }
 
@@ -292,7 +292,7 @@ pub struct Recording {
     pub idle_excluded: u64,
     /// Traces read and decoded from the target.
     pub traces_decoded: u64,
-    /// Errors of naming Lua frames in user space, by reason.
+    /// Errors of reading Lua memory in user space (naming frames, heap sizes), by reason.
     pub user_errors: BTreeMap<&'static str, u64>,
     /// Weight per plugin and phase, most first (every stack, before `--plugin`/`--phase`).
     pub plugins: Vec<(attribution::Attribution, u64)>,

@@ -14,13 +14,10 @@ use std::{
 
 use apisix_agent::{
     config::Config,
-    daemon::{Shared, http},
+    daemon::{Shared, continuous, http},
     discovery::{Labels, Lua, Snapshot, TargetProcess},
     luajit::{Flavour, LuaTarget, ffnames},
-    sampling::{
-        continuous,
-        source::{ReplaySource, blank_sample},
-    },
+    sampling::source::{ReplaySource, blank_sample},
 };
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 

@@ -1,6 +1,6 @@
 //! `apisix-agent run`: wires the daemon together and owns its lifecycle.
 //!
-//! Threads and tasks: the continuous sampler thread ([`crate::sampling::continuous`]), the
+//! Threads and tasks: the continuous sampler thread ([`continuous`]), the
 //! discovery thread ([`crate::discovery::watch`]: scans `/proc` every
 //! `discovery.interval_seconds` or when nudged), the Docker follower task
 //! ([`crate::discovery::docker`]) and the HTTP server ([`http`]) on a tokio runtime. SIGTERM/SIGINT stop everything; the sampler thread detaches every BPF
@@ -12,6 +12,7 @@
 
 pub mod aggregate;
 pub mod auth;
+pub mod continuous;
 pub mod http;
 pub mod listener;
 pub mod memory;
@@ -37,7 +38,6 @@ use crate::{
         procfs::Scanner,
         watch,
     },
-    sampling::continuous,
 };
 
 /// How often the TLS files and the bearer token file are checked for changes.

@@ -4,7 +4,7 @@
 //! the address must still be a VM (its main thread, which opens the `GG_State` right below
 //! it, points back to it both ways) and the size must be below LuaJIT's own limit.
 //!
-//! Hooks: `process_vm_readv` (two reads per call). Metrics: none; a failure has a
+//! Hooks: `process_vm_readv` (two reads per [`read`] or [`check_vm`], one per [`gc_phase`]). Metrics: none; a failure has a
 //! [`HeapError::reason`], counted by the caller.
 
 use super::layout::Layout;
@@ -70,7 +70,11 @@ impl CycleWatch {
 /// Reads where the collector of the VM at `g` is (two bytes).
 pub fn gc_phase(mem: &Memory, layout: &Layout, g: u64) -> Result<GcPhase, HeapError> {
     let mut b = [0u8; 2];
-    mem.read_into(g + u64::from(layout.heap.g_gc_currentwhite), &mut b)
+    // An address that wraps is no VM's.
+    let at = g
+        .checked_add(u64::from(layout.heap.g_gc_currentwhite))
+        .ok_or(HeapError::NotAVm { g })?;
+    mem.read_into(at, &mut b)
         .map_err(|source| HeapError::Read { g, source })?;
     Ok(GcPhase {
         white: b[0],
@@ -111,8 +115,45 @@ impl HeapError {
     }
 }
 
+/// Checks that `g` is still a VM (its main thread points back to it both ways), as
+/// [`read`] does: for watches that read nothing else of it for long ([`gc_phase`]).
+pub fn check_vm(mem: &Memory, layout: &Layout, g: u64) -> Result<(), HeapError> {
+    vm_head(mem, layout, g).map(|_| ())
+}
+
 /// Reads the heap fields of the VM whose `global_State` is at `g` in the process of `mem`.
 pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> {
+    let h = &layout.heap;
+    let gc64 = layout.bpf.gc64 != 0;
+    let head = vm_head(mem, layout, g)?;
+    let word = |off: u32, width: u32| -> Option<u64> {
+        let b = head.get(off as usize..(off + width) as usize)?;
+        Some(match width {
+            8 => u64::from_le_bytes(b.try_into().ok()?),
+            _ => u64::from(u32::from_le_bytes(b.try_into().ok()?)),
+        })
+    };
+    let allocf = word(h.g_allocf, 8).ok_or(HeapError::NotAVm { g })?;
+    let allocd = word(h.g_allocd, 8).ok_or(HeapError::NotAVm { g })?;
+    let total = word(h.g_gc_total, h.gc_total_size).ok_or(HeapError::NotAVm { g })?;
+    if allocf == 0 {
+        return Err(HeapError::NoAllocator { g });
+    }
+    let max = if gc64 { MAX_MEM64 } else { MAX_MEM32 };
+    if total == 0 || total > max {
+        return Err(HeapError::Implausible { g, total });
+    }
+    Ok(VmHeap {
+        g,
+        allocf,
+        allocd,
+        total,
+    })
+}
+
+/// The head of the `global_State` at `g` (up to its main thread reference), once the
+/// main thread is found to point back to it both ways.
+fn vm_head(mem: &Memory, layout: &Layout, g: u64) -> Result<Vec<u8>, HeapError> {
     let h = &layout.heap;
     let gc64 = layout.bpf.gc64 != 0;
     let refw = if gc64 { 8 } else { 4 };
@@ -132,8 +173,11 @@ pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> 
     let not_vm = HeapError::NotAVm { g };
     let mainthref = word(h.g_mainthref, refw).ok_or(HeapError::NotAVm { g })?;
     let glref = {
+        let at = main
+            .checked_add(u64::from(layout.bpf.l_glref))
+            .ok_or(HeapError::NotAVm { g })?;
         let b = mem
-            .read(main + u64::from(layout.bpf.l_glref), refw as usize)
+            .read(at, refw as usize)
             .map_err(|source| HeapError::Read { g, source })?;
         if gc64 {
             u64::from_le_bytes(
@@ -152,22 +196,7 @@ pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> 
     if mainthref != main || glref != g {
         return Err(not_vm);
     }
-    let allocf = word(h.g_allocf, 8).ok_or(HeapError::NotAVm { g })?;
-    let allocd = word(h.g_allocd, 8).ok_or(HeapError::NotAVm { g })?;
-    let total = word(h.g_gc_total, h.gc_total_size).ok_or(HeapError::NotAVm { g })?;
-    if allocf == 0 {
-        return Err(HeapError::NoAllocator { g });
-    }
-    let max = if gc64 { MAX_MEM64 } else { MAX_MEM32 };
-    if total == 0 || total > max {
-        return Err(HeapError::Implausible { g, total });
-    }
-    Ok(VmHeap {
-        g,
-        allocf,
-        allocd,
-        total,
-    })
+    Ok(head)
 }
 
 #[cfg(test)]

@@ -28,7 +28,9 @@ use self::layout::Layout;
 pub enum NameStyle {
     /// `NAME@FILE:FIRSTLINE`: one frame per function.
     FirstLine,
-    /// `NAME@FILE:CURRENTLINE`.
+    /// `NAME@FILE:CURRENTLINE`; `NAME@FILE:FIRSTLINE` when the current line is unknown
+    /// (counted as `proto_line_unknown`; the frame's [`crate::stacks::label::FrameDetail`]
+    /// line is 0 then).
     CurrentLine,
 }
 

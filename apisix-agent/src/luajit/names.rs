@@ -355,7 +355,9 @@ pub struct LuaNamer {
     /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
     /// of stacks; the pprof encoder knows a frame by its label's address).
     labels: HashSet<Arc<str>>,
-    /// Prototypes that failed validation, by reason.
+    /// Prototypes that failed validation, and frames whose current line could not be
+    /// found (`proto_line_unknown`: the PC is outside the bytecode, or no line info), by
+    /// reason.
     pub errors: HashMap<&'static str, u64>,
 }
 
@@ -458,14 +460,17 @@ impl LuaNamer {
                             }
                             .to_owned()
                         });
-                        let current = p
-                            .pc_index(f.pc)
-                            .and_then(|pc| p.line(pc))
-                            .unwrap_or(p.firstline);
-                        detail.line = current;
+                        // An unknown current line stays unknown (0) in the details; the
+                        // current-line label falls back to the first line (see
+                        // [`NameStyle::CurrentLine`]).
+                        let current = p.pc_index(f.pc).and_then(|pc| p.line(pc));
+                        if current.is_none() {
+                            *self.errors.entry("proto_line_unknown").or_insert(0) += 1;
+                        }
+                        detail.line = current.unwrap_or(0);
                         let line = match style {
                             NameStyle::FirstLine => p.firstline,
-                            NameStyle::CurrentLine => current,
+                            NameStyle::CurrentLine => current.unwrap_or(p.firstline),
                         };
                         self.label(format!("{name}@{}:{line}", p.chunk))
                     }

@@ -6,7 +6,7 @@
 //! IR, snapshots and snapshot map are one allocation, read at once — finds the snapshot whose
 //! interval holds the machine-code address, and turns its frame entries into [`LuaFrame`]s
 //! the namer handles like walked ones. Precision is one snapshot interval: code between two
-//! snapshots is charged to the later one's frames (see [`Trace::at`]). LuaJIT takes a
+//! snapshots is charged to the later one's frames (see [`Trace::index_at`]). LuaJIT takes a
 //! snapshot after a store or a call with side effects, and merges two snapshots with no guard
 //! between them, so an inlined function that writes nothing has no snapshot of its own and
 //! its time goes to the frames around it.
@@ -55,6 +55,12 @@ const FRAME_TYPEP: u64 = 7;
 const FRAME_VARG: u64 = 3;
 /// Decoded traces kept at most (all processes together).
 const MAX_CACHED_TRACES: usize = 4096;
+/// Side-trace chains kept at most (all processes together).
+const MAX_CACHED_CHAINS: usize = 512;
+/// Side traces walked per chain.
+const MAX_SIDE_WALK: usize = 256;
+/// The end of x86-64 user space (47-bit addresses): machine code lies below it.
+const USER_SPACE_END: u64 = 1 << 47;
 
 /// Why a sample in trace code kept only its physical frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,7 +153,7 @@ struct TraceKey {
     nsnapmap: u32,
 }
 
-/// The header fields of a `GCtrace`, validated.
+/// The header fields of a `GCtrace`, validated (its machine code lies in user space).
 #[derive(Clone, Copy, Debug)]
 struct Header {
     key: TraceKey,
@@ -206,6 +212,9 @@ fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
     if sizebc == 0 || u64::from(sizebc) * 4 + u64::from(l.bpf.pt_size) > u64::from(sizept) {
         return None;
     }
+    // The bytecode's end must be an address (what `holds` computes cannot wrap).
+    let bc = addr.checked_add(u64::from(l.bpf.pt_size))?;
+    bc.checked_add(4 * u64::from(sizebc))?;
     let chunkname = if l.bpf.gc64 != 0 {
         le_u64(&head, l.bpf.pt_chunkname as usize)?
     } else {
@@ -214,7 +223,7 @@ fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
     Some(ProtoHead {
         chunkname,
         firstline: le_u32(&head, l.bpf.pt_firstline as usize)?,
-        bc: addr + u64::from(l.bpf.pt_size),
+        bc,
         sizebc,
     })
 }
@@ -264,9 +273,13 @@ fn trace_address(
 ) -> Result<u64, TraceFallback> {
     let t = &layout.trace;
     let gc64 = layout.bpf.gc64 != 0;
-    let j = g + u64::from(t.g_to_j);
+    // Addresses from the target's memory: one that wraps is garbage.
+    let jt_addr = g
+        .checked_add(u64::from(t.g_to_j))
+        .and_then(|j| j.checked_add(u64::from(t.j_trace)))
+        .ok_or(TraceFallback::Invalid)?;
     let jt = mem
-        .read(j + u64::from(t.j_trace), 16)
+        .read(jt_addr, 16)
         .map_err(|_| TraceFallback::ReadFailed)?;
     let table = le_u64(&jt, 0).ok_or(TraceFallback::Invalid)?;
     let sizetrace =
@@ -275,8 +288,11 @@ fn trace_address(
         return Err(TraceFallback::Gone);
     }
     let refw: u64 = if gc64 { 8 } else { 4 };
+    let slot = table
+        .checked_add(refw * u64::from(traceno))
+        .ok_or(TraceFallback::Invalid)?;
     let raw = mem
-        .read(table + refw * u64::from(traceno), refw as usize)
+        .read(slot, refw as usize)
         .map_err(|_| TraceFallback::ReadFailed)?;
     let addr = if gc64 {
         le_u64(&raw, 0)
@@ -329,16 +345,22 @@ fn read_header(
         return Err(TraceFallback::Invalid);
     }
     let szins = 8 * u64::from(nins - nk);
-    let ir_start = addr + sztr;
-    let snap_start = ir_start + szins;
-    let map_start = snap_start + SNAPSHOT_SIZE as u64 * u64::from(nsnap);
+    // Every address here comes from the target: one that wraps, or machine code that ends
+    // beyond user space, is not a trace (and would make range checks accept anything).
+    let ir_start = addr.checked_add(sztr).ok_or(TraceFallback::Invalid)?;
+    let snap_start = ir_start.checked_add(szins).ok_or(TraceFallback::Invalid)?;
+    let map_start = snap_start
+        .checked_add(SNAPSHOT_SIZE as u64 * u64::from(nsnap))
+        .ok_or(TraceFallback::Invalid)?;
     let size = map_start - addr + 4 * u64::from(nsnapmap);
-    if ir.wrapping_add(8 * u64::from(nk)) != ir_start
+    let mcode_end = mcode.checked_add(u64::from(szmcode));
+    if ir.checked_add(8 * u64::from(nk)) != Some(ir_start)
         || snap != snap_start
         || snapmap != map_start
         || mcode == 0
         || szmcode == 0
         || szmcode > 1 << 24
+        || mcode_end.is_none_or(|end| end > USER_SPACE_END)
         || size > MAX_READ as u64
     {
         return Err(TraceFallback::Invalid);
@@ -364,6 +386,13 @@ fn read_header(
         snap_off: (snap_start - addr) as usize,
         map_off: (map_start - addr) as usize,
     })
+}
+
+impl Header {
+    /// The trace's machine code (validated by [`read_header`]: it cannot wrap).
+    fn mcode(&self) -> Range<u64> {
+        self.key.mcode..self.key.mcode + u64::from(self.key.szmcode)
+    }
 }
 
 /// A trace's allocation, read whole, with the accessors snapshot decoding needs.
@@ -670,7 +699,7 @@ fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallb
         return Err(TraceFallback::Invalid);
     }
     Ok(Trace {
-        mcode: h.key.mcode..h.key.mcode + u64::from(h.key.szmcode),
+        mcode: h.mcode(),
         snaps,
     })
 }
@@ -712,10 +741,16 @@ pub struct TraceSample<'a> {
     pub base: Option<&'a LuaFrame>,
 }
 
+/// The side traces of a root trace, in chain order: each one's identity and machine code.
+type SideChain = Arc<[(TraceKey, Range<u64>)]>;
+
 /// Decoded traces of every target, and the counts of what happened.
 #[derive(Debug, Default)]
 pub struct Tracer {
     cache: HashMap<TraceKey, Arc<Trace>>,
+    /// Side-trace chains by their root's identity and the head of the chain (`nextside`):
+    /// LuaJIT adds a side trace at the head, a flushed or reused root has another identity.
+    chains: HashMap<(TraceKey, u16), SideChain>,
     /// `global_State` of each (pid, `lua_State`) that led to a trace.
     g_of: HashMap<(u32, u64), u64>,
     /// Prototype headers of physical base frames, for the base check.
@@ -733,6 +768,7 @@ impl Tracer {
     /// Drops everything cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.cache.retain(|k, _| k.pid != pid);
+        self.chains.retain(|(k, _), _| k.pid != pid);
         self.g_of.retain(|(p, _), _| *p != pid);
         self.base_protos.retain(|(p, _), _| *p != pid);
     }
@@ -744,7 +780,9 @@ impl Tracer {
         if let Some(g) = self.g_of.get(&(pid, l)) {
             return Some(*g);
         }
-        let raw = mem.read(l + u64::from(layout.bpf.l_glref), 8).ok()?;
+        let raw = mem
+            .read(l.checked_add(u64::from(layout.bpf.l_glref))?, 8)
+            .ok()?;
         let g = if layout.bpf.gc64 != 0 {
             le_u64(&raw, 0)?
         } else {
@@ -792,12 +830,52 @@ impl Tracer {
         Ok(t)
     }
 
+    /// The side traces of `root` (a root trace of the VM `g`), walked once per state of its
+    /// chain (at most [`MAX_SIDE_WALK`]). A walk cut short by a failed read is not kept.
+    fn side_chain(
+        &mut self,
+        mem: &Memory,
+        layout: &Layout,
+        pid: u32,
+        g: u64,
+        root: &Header,
+    ) -> SideChain {
+        let key = (root.key, root.nextside);
+        if let Some(chain) = self.chains.get(&key) {
+            return chain.clone();
+        }
+        let mut chain = Vec::new();
+        let mut next = root.nextside;
+        let mut complete = true;
+        while next != 0 && chain.len() < MAX_SIDE_WALK {
+            match Self::header_of(mem, layout, pid, g, next) {
+                Ok(side) => {
+                    next = side.nextside;
+                    chain.push((side.key, side.mcode()));
+                }
+                Err(e) => {
+                    complete = e != TraceFallback::ReadFailed;
+                    break;
+                }
+            }
+        }
+        let chain: SideChain = chain.into();
+        if complete {
+            if self.chains.len() >= MAX_CACHED_CHAINS {
+                self.chains.clear();
+            }
+            self.chains.insert(key, chain.clone());
+        }
+        chain
+    }
+
     /// The trace whose machine code holds `ip` when trace `h`, the one `vmstate` names,
     /// does not. A trace writes its number into `vmstate` a few instructions after its
     /// entry (side traces first move the parent's registers), so right after the jump to
     /// the trace `h` links to, or through a patched exit of `h` into a side trace of the
     /// same root, `vmstate` still names `h`. Those candidates are tried, the side traces
-    /// along their root's chain (bounded); each is validated like any trace.
+    /// along their root's chain (cached per root, [`Tracer::side_chain`]); the one found is
+    /// validated like any trace, and must still be the trace the chain recorded.
     fn entered(
         &mut self,
         mem: &Memory,
@@ -807,11 +885,8 @@ impl Tracer {
         h: &Header,
         ip: u64,
     ) -> Option<(u16, Arc<Trace>)> {
-        /// Side traces looked at per lookup.
-        const MAX_SIDE_WALK: usize = 256;
         let g = self.global(mem, layout, pid, sample.l)?;
-        let holds =
-            |c: &Header| (c.key.mcode..c.key.mcode + u64::from(c.key.szmcode)).contains(&ip);
+        let holds = |c: &Header| c.mcode().contains(&ip);
         let own = h.key.traceno;
         let mut found = None;
         if h.link != 0 && h.link != own {
@@ -820,29 +895,26 @@ impl Tracer {
                 .filter(holds);
         }
         if found.is_none() {
-            let root = if h.root != 0 { h.root } else { own };
-            let mut next = if root == own {
-                h.nextside
+            let root_no = if h.root != 0 { h.root } else { own };
+            let root = if root_no == own {
+                Some(*h)
             } else {
-                match Self::header_of(mem, layout, pid, g, root) {
-                    Ok(r) if holds(&r) => {
-                        found = Some(r);
-                        0
-                    }
-                    Ok(r) => r.nextside,
-                    Err(_) => 0,
-                }
+                Self::header_of(mem, layout, pid, g, root_no).ok()
             };
-            let mut walked = 0;
-            while found.is_none() && next != 0 && walked < MAX_SIDE_WALK {
-                walked += 1;
-                let Ok(side) = Self::header_of(mem, layout, pid, g, next) else {
-                    break;
-                };
-                next = side.nextside;
-                if side.key.traceno != own && holds(&side) {
-                    found = Some(side);
+            match root {
+                Some(r) if r.key.traceno != own && holds(&r) => found = Some(r),
+                Some(r) => {
+                    let chain = self.side_chain(mem, layout, pid, g, &r);
+                    if let Some((key, _)) = chain
+                        .iter()
+                        .find(|(k, mcode)| k.traceno != own && mcode.contains(&ip))
+                    {
+                        found = read_header(mem, layout, pid, key.addr, key.traceno)
+                            .ok()
+                            .filter(|c| c.key == *key);
+                    }
                 }
+                None => {}
             }
         }
         let found = found?;

@@ -7,7 +7,7 @@
 //! [`FrameDetail`]s:
 //! - Lua `NAME@FILE:LINE`: name = the whole label (it stays unique per function, as in the
 //!   flame graphs: every APISIX plugin has an `_M.access`), system name = `NAME`, filename =
-//!   the chunk, start line = `LINE`; the location's line is the frame's current line.
+//!   the chunk, start line = `LINE`; the location's line is the frame's current line (0: unknown).
 //! - A frame a JIT trace inlined becomes a `Line` of the location of the frame it was inlined
 //!   into (innermost first, the physical frame last): pprof's convention for inlining.
 //! - Native frames: the symbol (or `module+0x…`), filename = the module.
@@ -372,11 +372,11 @@ impl ProfileBuilder {
         for (i, label) in stack.iter().enumerate() {
             let detail = details.map(|d| &d[i]);
             let ids = self.frame(label, detail.and_then(|d| d.module));
-            let current = detail.map_or(0, |d| d.line);
-            let line = if ids.lua && current != 0 {
-                current
-            } else {
-                ids.line
+            // A Lua frame's line is its current line (0 when the builder could not find
+            // it: unknown in pprof too); without details, the line its label names.
+            let line = match detail {
+                Some(d) if ids.lua => d.line,
+                _ => ids.line,
             };
             if groups.is_empty() || !detail.is_some_and(|d| d.inlined) {
                 groups.push((lines.len(), ids.mapping));
@@ -690,7 +690,14 @@ mod tests {
         assert_eq!((root.mapping_id, p.mapping[0].id), (1, 1));
         assert_eq!(s(&p, p.mapping[0].filename), "nginx");
         assert!(p.mapping[0].has_functions);
-        // Without details the line is the first line.
+        // An unknown current line is unknown (0), not the first line.
+        let mut b = ProfileBuilder::new(Kind::cpu(100));
+        b.add(&stack, &[module("nginx"), d(0, false)], &[], 1, 1);
+        let p = b.build(SystemTime::now(), Duration::from_secs(1));
+        let leaf = location(&p, p.sample[0].location_id[0]);
+        assert_eq!(leaf.line[0].line, 0);
+        assert_eq!(function(&p, leaf.line[0].function_id).start_line, 40);
+        // Without details the line is the one the label names.
         let mut b = ProfileBuilder::new(Kind::cpu(100));
         b.add(&stack, &[], &[], 1, 1);
         let p = b.build(SystemTime::now(), Duration::from_secs(1));

@@ -134,11 +134,10 @@ pub fn probe_skip(code: &[u8]) -> u64 {
     if jump { len as u64 } else { 0 }
 }
 
-/// The heap size of the VM at `g` in process `pid`, or `None` when it cannot be read.
-pub fn heap_bytes(pid: u32, lua: &LuaTarget, g: u64) -> Option<u64> {
-    heap::read(&Memory::new(pid), lua.flavour.layout(), g)
-        .ok()
-        .map(|h| h.total)
+/// The heap size of the VM at `g` in process `pid`; the error's reason is for the caller
+/// to count.
+pub fn heap_bytes(pid: u32, lua: &LuaTarget, g: u64) -> Result<u64, heap::HeapError> {
+    heap::read(&Memory::new(pid), lua.flavour.layout(), g).map(|h| h.total)
 }
 
 #[cfg(test)]

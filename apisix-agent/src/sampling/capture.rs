@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apisix_ebpf_common::{COUNTER_SLOTS, Sample};
+use apisix_ebpf_common::{COUNTER_SLOTS, LIVE_MAX_TRACKED, Sample};
 
 use super::{
     alloc::{self, AllocError, AllocProbe},
@@ -218,8 +218,8 @@ pub struct AllocOutcome {
     /// Live mode: blocks still allocated whose sample was lost or could not be named.
     pub live_unnamed: u64,
     /// Live mode: how long the capture waited for a collection after it ended, and the
-    /// targets whose collector completed no cycle by then (their live blocks include garbage
-    /// not yet collected).
+    /// targets whose collector completed no cycle by then or could not be read (their live
+    /// blocks may include garbage not yet collected).
     pub settle_time: Duration,
     pub unsettled: Vec<u32>,
 }
@@ -239,7 +239,8 @@ pub struct Capture {
     pub stats: StackStats,
     /// Traces read and decoded from the targets.
     pub traces_decoded: u64,
-    /// Errors of naming Lua frames in user space, by reason.
+    /// Errors of reading Lua memory in user space, by reason: naming frames, and the heap
+    /// sizes of [`Capture::heaps`] (`heap_*`, [`heap::HeapError::reason`]).
     pub lua_errors: std::collections::BTreeMap<&'static str, u64>,
     /// The Lua heap size of each target with a known VM, at the start and the end.
     pub heaps: Vec<HeapReading>,
@@ -293,7 +294,8 @@ pub fn capture(
             None
         }
     };
-    let heaps_at_start = heaps(&sampler, targets);
+    let mut heap_errors = std::collections::BTreeMap::new();
+    let heaps_at_start = heaps(&sampler, targets, &mut heap_errors);
     let started_heaps: Vec<(u32, u64)> = heaps_at_start
         .iter()
         .filter_map(|(pid, b)| Some((*pid, (*b)?)))
@@ -316,7 +318,11 @@ pub fn capture(
     let mut all_exited = false;
     // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
     let mut sampled = 0u64;
-    let mut take = |builder: &mut StackBuilder, detailed: &mut Detailed<u32>, s: &Sample| -> u64 {
+    let mut take = |builder: &mut StackBuilder,
+                    detailed: &mut Detailed<u32>,
+                    named: &mut LiveNames,
+                    s: &Sample|
+     -> u64 {
         if let Some(stack) = builder.build(s) {
             if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
@@ -333,8 +339,23 @@ pub fn capture(
     };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         sampler.poll(Duration::from_millis(100), |s| {
-            sampled += take(&mut builder, &mut detailed, s);
+            sampled += take(&mut builder, &mut detailed, &mut named, s);
         });
+        if live && named.ids.len() > named.prune_at {
+            // Most sampled blocks are freed long before the end: only those the BPF side
+            // still tracks (at most LIVE_MAX_TRACKED) can name a live block. (Unreadable
+            // now: tried again after the next poll.)
+            match sampler.live_allocs() {
+                Ok(allocs) => {
+                    let tracked: std::collections::HashSet<(u32, u64)> = allocs
+                        .into_iter()
+                        .map(|(_, b)| (b.tid, b.time_ns))
+                        .collect();
+                    named.retain(&tracked);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the live allocations"),
+            }
+        }
         if last_progress.elapsed() >= Duration::from_millis(250) {
             last_progress = Instant::now();
             progress(Progress::Sampling {
@@ -363,7 +384,7 @@ pub fn capture(
     }
     // Samples still in the ring buffer belong to the capture.
     while sampler.poll(Duration::from_millis(0), |s| {
-        take(&mut builder, &mut detailed, s);
+        take(&mut builder, &mut detailed, &mut named, s);
     }) > 0
     {}
     let mut counters = sampler.counters()?;
@@ -384,7 +405,10 @@ pub fn capture(
             }
         }
     }
-    let heaps_at_end = heaps(&sampler, targets);
+    let heaps_at_end = heaps(&sampler, targets, &mut heap_errors);
+    let mut lua_errors: std::collections::BTreeMap<&'static str, u64> =
+        builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect();
+    lua_errors.extend(heap_errors);
     sampler.detach_alloc();
     drop(sampler);
     Ok(Capture {
@@ -396,7 +420,7 @@ pub fn capture(
         elapsed,
         stats: builder.stats(),
         traces_decoded: builder.traces_decoded(),
-        lua_errors: builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect(),
+        lua_errors,
         heaps: heaps_at_start
             .into_iter()
             .zip(heaps_at_end)
@@ -484,9 +508,15 @@ fn attach_allocators(
     Ok(out)
 }
 
+/// How often a settling VM is checked to still be one (its collector state alone says
+/// nothing of that).
+const SETTLE_VM_CHECK: Duration = Duration::from_millis(100);
+
 /// Waits (up to [`SETTLE_WAIT`], or until `stop`) until the collector of each probed VM has
-/// run a whole cycle whose atomic phase came after now; returns the pids whose VM did not
-/// (an exited process counts as done: its blocks stay as they were at its exit).
+/// run a whole cycle whose atomic phase came after now; returns the pids whose VM did not,
+/// or could not be read while the process still ran. An exited process counts as done (its
+/// blocks stay as they were at its exit), and so does a VM that is no longer one (closed:
+/// `lua_close` freed its blocks through the probed allocator).
 fn settle(
     targets: &[CaptureTarget],
     probes: &[AllocProbe],
@@ -502,11 +532,32 @@ fn settle(
         .collect();
     let start = Instant::now();
     let mut last = None::<Instant>;
+    let mut last_check = None::<Instant>;
+    let mut unreadable = Vec::new();
     loop {
+        let check = last_check.is_none_or(|c| c.elapsed() >= SETTLE_VM_CHECK);
+        if check {
+            last_check = Some(Instant::now());
+        }
         watches.retain_mut(|(pid, g, lua, watch)| {
-            let Ok(now) = heap::gc_phase(&Memory::new(*pid), lua.flavour.layout(), *g) else {
-                // Exited (or unreadable): nothing more will be freed.
-                return false;
+            let mem = Memory::new(*pid);
+            let layout = lua.flavour.layout();
+            let read = if check {
+                heap::check_vm(&mem, layout, *g).and_then(|()| heap::gc_phase(&mem, layout, *g))
+            } else {
+                heap::gc_phase(&mem, layout, *g)
+            };
+            let now = match read {
+                Ok(now) => now,
+                // Closed: nothing of it is left to free.
+                Err(heap::HeapError::NotAVm { .. }) => return false,
+                // Exited: nothing more will be freed.
+                Err(_) if !process::exists(*pid) => return false,
+                Err(e) => {
+                    tracing::debug!(pid = *pid, error = %e, "settling VM unreadable");
+                    unreadable.push(*pid);
+                    return false;
+                }
             };
             match watch {
                 None => {
@@ -531,16 +582,31 @@ fn settle(
         // them between reads look like none.
         std::thread::sleep(Duration::from_micros(500));
     }
-    watches.into_iter().map(|w| w.0).collect()
+    unreadable.extend(watches.into_iter().map(|w| w.0));
+    unreadable
 }
 
-/// The heap size of each target's VM now (`None`: VM unknown or unreadable).
-fn heaps(sampler: &BpfSession, targets: &[CaptureTarget]) -> Vec<(u32, Option<u64>)> {
+/// The heap size of each target's VM now (`None`: VM unknown or unreadable). A failed read
+/// of a process that still runs is counted in `errors` by reason.
+fn heaps(
+    sampler: &BpfSession,
+    targets: &[CaptureTarget],
+    errors: &mut std::collections::BTreeMap<&'static str, u64>,
+) -> Vec<(u32, Option<u64>)> {
     targets
         .iter()
         .map(|t| {
             let bytes = match (&t.lua, sampler.lua_vm(t.pid)) {
-                (Some(lua), Some(g)) => alloc::heap_bytes(t.pid, lua, g),
+                (Some(lua), Some(g)) => match alloc::heap_bytes(t.pid, lua, g) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        // A process that just exited is not a failed read.
+                        if process::exists(t.pid) {
+                            *errors.entry(e.reason()).or_insert(0) += 1;
+                        }
+                        None
+                    }
+                },
                 _ => None,
             };
             (t.pid, bytes)
@@ -552,15 +618,61 @@ fn heaps(sampler: &BpfSession, targets: &[CaptureTarget]) -> Vec<(u32, Option<u6
 type LiveStack = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
 
 /// The stacks of a live capture's samples by their identity (thread, time), interned: the
-/// blocks still allocated at the end name their sample.
-#[derive(Default)]
+/// blocks still allocated at the end name their sample. Pruned ([`LiveNames::retain`]) to
+/// the samples whose block is still tracked once it holds [`LiveNames::prune_at`].
 struct LiveNames {
     ids: HashMap<(u32, u64), usize>,
     stacks: Vec<Arc<LiveStack>>,
     index: HashMap<Arc<LiveStack>, usize>,
+    /// The newest sample time seen.
+    newest_ns: u64,
+    /// Samples held above which the caller prunes.
+    prune_at: usize,
+}
+
+/// Samples a live capture holds at least before pruning: twice what the BPF side tracks.
+const LIVE_PRUNE_AT: usize = 2 * LIVE_MAX_TRACKED as usize;
+/// Samples this recent are kept by a prune: the BPF side tracks a block once the allocator
+/// returned, after its sample was emitted.
+const LIVE_RECENT_NS: u64 = 1_000_000_000;
+
+impl Default for LiveNames {
+    fn default() -> Self {
+        Self {
+            ids: HashMap::new(),
+            stacks: Vec::new(),
+            index: HashMap::new(),
+            newest_ns: 0,
+            prune_at: LIVE_PRUNE_AT,
+        }
+    }
 }
 
 impl LiveNames {
+    /// Keeps the samples in `tracked` (whose block is still allocated) and the recent ones,
+    /// and the stacks they use.
+    fn retain(&mut self, tracked: &std::collections::HashSet<(u32, u64)>) {
+        let recent = self.newest_ns.saturating_sub(LIVE_RECENT_NS);
+        let old_stacks = std::mem::take(&mut self.stacks);
+        self.index.clear();
+        let mut renumbered: HashMap<usize, usize> = HashMap::new();
+        self.ids.retain(|id, i| {
+            if id.1 < recent && !tracked.contains(id) {
+                return false;
+            }
+            *i = *renumbered.entry(*i).or_insert_with(|| {
+                let stack = old_stacks[*i].clone();
+                self.stacks.push(stack.clone());
+                self.index.insert(stack, self.stacks.len() - 1);
+                self.stacks.len() - 1
+            });
+            true
+        });
+        // A capture whose tracked and recent samples alone pass the mark prunes again only
+        // once they doubled.
+        self.prune_at = LIVE_PRUNE_AT.max(2 * self.ids.len());
+    }
+
     fn insert(&mut self, tid: u32, time_ns: u64, stack: LiveStack) {
         let stack = Arc::new(stack);
         let i = match self.index.get(&stack) {
@@ -572,6 +684,7 @@ impl LiveNames {
             }
         };
         self.ids.insert((tid, time_ns), i);
+        self.newest_ns = self.newest_ns.max(time_ns);
     }
 
     fn get(&self, tid: u32, time_ns: u64) -> Option<&LiveStack> {
@@ -634,5 +747,34 @@ mod tests {
         );
         assert_eq!(n.get(2, 10).map(|(_, s, _)| s.len()), Some(1));
         assert!(n.get(3, 10).is_none());
+    }
+
+    #[test]
+    fn live_names_keep_tracked_and_recent_samples() {
+        let mut n = LiveNames::default();
+        let a: Vec<Arc<str>> = vec!["main".into(), "a".into()];
+        let b: Vec<Arc<str>> = vec!["main".into(), "b".into()];
+        let c: Vec<Arc<str>> = vec!["main".into(), "c".into()];
+        let s = 1_000_000_000;
+        n.insert(1, 10, (7, a.clone(), Vec::new()));
+        n.insert(1, 20, (7, b.clone(), Vec::new()));
+        n.insert(2, 30, (7, a.clone(), Vec::new()));
+        n.insert(2, 5 * s, (7, c.clone(), Vec::new()));
+        n.retain(&[(1, 20)].into_iter().collect());
+        // The tracked sample and the recent one stay, with their stacks; the rest go.
+        assert_eq!(n.ids.len(), 2);
+        assert_eq!(n.stacks.len(), 2);
+        assert_eq!(
+            n.get(1, 20).map(|(_, s, _)| s[1].to_string()).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            n.get(2, 5 * s).map(|(_, s, _)| s[1].to_string()).as_deref(),
+            Some("c")
+        );
+        assert!(n.get(1, 10).is_none() && n.get(2, 30).is_none());
+        // Stacks are still interned after the renumbering.
+        n.insert(3, 6 * s, (7, b, Vec::new()));
+        assert_eq!(n.stacks.len(), 2);
     }
 }

@@ -1,16 +1,15 @@
 //! The BPF programs seen from user space: [`bpf`] loads and attaches them and owns their
-//! maps, [`continuous`] is the daemon's always-on sampler thread, [`capture`] a bounded
-//! capture with a sampler of its own (`record`, `/flamegraph?seconds=N`), [`alloc`] finds
-//! where to probe a Lua VM's allocator for allocation captures, [`source`] the seam between
-//! the sampler thread and BPF (and a replaying fake for root-free tests).
+//! maps, [`capture`] a bounded capture with a sampler of its own (`record`,
+//! `/flamegraph?seconds=N`), [`alloc`] finds where to probe a Lua VM's allocator for
+//! allocation captures, [`source`] the seam between the daemon's sampler thread
+//! ([`crate::daemon::continuous`]) and BPF (and a replaying fake for root-free tests).
 //!
 //! Hooks: `perf_event_open`, BTF tracepoints, the `lua_resume` uprobe, the allocator probes,
 //! `bpf()`. Metrics: the BPF counters (read by [`bpf::BpfSession::counters`]) and, in the
 //! daemon, the unwind error, lost sample, target and Lua memory gauges updated by
-//! [`continuous`].
+//! [`crate::daemon::continuous`].
 
 pub mod alloc;
 pub mod bpf;
 pub mod capture;
-pub mod continuous;
 pub mod source;

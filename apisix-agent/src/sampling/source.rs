@@ -1,5 +1,5 @@
 //! The seam between the daemon's sampler thread and the BPF side: [`SampleSource`] is what
-//! [`super::continuous`] needs (targets in and out, samples, counters, lost samples).
+//! [`crate::daemon::continuous`] needs (targets in and out, samples, counters, lost samples).
 //! [`BpfSession`] implements it for real; [`ReplaySource`] replays samples handed to it, so
 //! the sampler thread's bookkeeping, the aggregation and the HTTP router get tests that run
 //! without root. Root tests always use the real session.

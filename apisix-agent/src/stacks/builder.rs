@@ -7,7 +7,7 @@
 //! [`StackStats`] counters, read by the caller.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -94,7 +94,8 @@ pub struct StackBuilder {
     lua_targets: HashMap<u32, LuaTarget>,
     /// Module (file name) of each native frame label produced.
     module_of: HashMap<Arc<str>, Arc<str>>,
-    /// The interned id of each module (by its file), for frame details.
+    /// The interned id of each module, by the address of its open file (in `files`, which
+    /// keeps it from being reused while the entry lives), for frame details.
     module_ids: HashMap<usize, Option<ModuleId>>,
 }
 
@@ -145,13 +146,20 @@ impl StackBuilder {
         let open = self.files.len();
         self.files.retain(|_, f| Arc::strong_count(f) > 1);
         if self.files.len() < open {
-            let live = self
-                .files
-                .values()
-                .map(|f| Arc::as_ptr(f) as usize)
-                .collect();
-            self.symbolizer.retain_files(&live);
+            self.files_closed();
         }
+    }
+
+    /// Drops what is keyed by the address of a file no longer open, before a file opened
+    /// later can take that address (and inherit its symbols or module id).
+    fn files_closed(&mut self) {
+        let live: HashSet<usize> = self
+            .files
+            .values()
+            .map(|f| Arc::as_ptr(f) as usize)
+            .collect();
+        self.module_ids.retain(|elf, _| live.contains(elf));
+        self.symbolizer.retain_files(&live);
     }
 
     /// User-side Lua naming errors by reason (prototypes unreadable, freed, invalid).
@@ -421,10 +429,15 @@ impl StackBuilder {
                 d.inlined = true;
             }
             if self.trace_marker
-                && let Some((n, _)) = &traced
+                && let Some((vmstate, decoded)) = &traced
                 && let Some(last) = segments.last_mut()
             {
                 let at = last.len().saturating_sub(inlined);
+                // The trace whose frames these are: `vmstate` still names the previous one
+                // right after a jump to a linked or side trace.
+                let n = decoded
+                    .as_ref()
+                    .map_or(i64::from(*vmstate), |t| i64::from(t.traceno));
                 let marker = Arc::from(format!("[trace {n}]"));
                 last.insert(at, (marker, FrameDetail::default()));
             }
@@ -687,6 +700,27 @@ mod tests {
         assert!(is_tracing_frame("__bpf_trace_sched_switch_[k]"));
         assert!(is_tracing_frame("bpf_trace_run4_[k]"));
         assert!(!is_tracing_frame("__schedule_[k]"));
+    }
+
+    #[test]
+    fn module_ids_of_closed_files_are_dropped() {
+        let mut b = StackBuilder::new(StackOptions::default());
+        let exe = std::env::current_exe().expect("current_exe");
+        let elf = Arc::new(
+            ElfFile::open(std::process::id(), exe.to_str().expect("utf-8 path"))
+                .expect("open own executable"),
+        );
+        let key = Arc::as_ptr(&elf) as usize;
+        b.files.insert("1:exe".into(), elf.clone());
+        b.module_ids.insert(key, ModuleId::of(&elf.name));
+        // Still mapped by a process: kept.
+        b.forget(1);
+        assert!(b.module_ids.contains_key(&key));
+        // Mapped by none any more: the file is closed and its address forgotten.
+        drop(elf);
+        b.forget(1);
+        assert!(b.files.is_empty());
+        assert!(b.module_ids.is_empty());
     }
 
     #[test]

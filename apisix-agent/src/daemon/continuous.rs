@@ -1,9 +1,10 @@
-//! The continuous sampler: one thread owning the low-rate BPF sampler and a stack builder.
+//! The daemon's continuous sampler: one thread owning the low-rate BPF sampler and a stack
+//! builder.
 //! It applies each discovery [`Snapshot`] to the BPF target map (new processes added with
 //! their LuaJIT layout, gone ones removed), turns samples into stacks for the
 //! [`Aggregator`], and once a second moves BPF counters into metrics.
 //!
-//! Hooks: the BPF sampler ([`super::bpf`]) for the daemon's lifetime, plus the off-CPU
+//! Hooks: the BPF sampler ([`crate::sampling::bpf`]) for the daemon's lifetime, plus the off-CPU
 //! tracepoints when `sampling.offcpu.enabled`; dropping them at the end of [`run`] detaches
 //! every program. Metrics: `apisix_profiler_unwind_errors_total`,
 //! `apisix_profiler_lost_samples_total`, `apisix_profiler_targets`,
@@ -23,22 +24,27 @@ use std::{
 use apisix_ebpf_common::Counter;
 
 use super::{
-    bpf::{BpfError, BpfSession},
-    source::SampleSource,
+    aggregate::Group,
+    metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
+    state::{Shared, VmMemory},
 };
 use crate::{
-    daemon::{
-        aggregate::Group,
-        metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
-        state::{Shared, VmMemory},
-    },
     discovery::{Lua, Snapshot, TargetProcess},
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
+    sampling::{
+        bpf::{BpfError, BpfSession},
+        source::SampleSource,
+    },
     stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).
 const MAX_VMS_PER_PROCESS: usize = 4;
+/// Consecutive failed heap reads (each counted) after which a VM is given up: the BPF side
+/// learning it again does not bring it back.
+const MAX_VM_FAILURES: u32 = 10;
+/// VMs given up remembered per process.
+const MAX_GIVEN_UP: usize = 16;
 
 struct Tracked {
     start_time: u64,
@@ -46,6 +52,10 @@ struct Tracked {
     lua: Option<LuaTarget>,
     /// The VMs the BPF side learned in this process (the latest last), while they check out.
     vms: Vec<u64>,
+    /// Consecutive failed heap reads of each VM in `vms`.
+    failures: HashMap<u64, u32>,
+    /// VMs given up after [`MAX_VM_FAILURES`] failed reads in a row.
+    given_up: HashSet<u64>,
 }
 
 fn metric_labels(t: &TargetProcess) -> TargetLabels {
@@ -145,6 +155,8 @@ impl<S: SampleSource> State<S> {
                     labels: metric_labels(t),
                     lua: lua.cloned(),
                     vms: Vec::new(),
+                    failures: HashMap::new(),
+                    given_up: HashSet::new(),
                 },
             );
         }
@@ -224,22 +236,27 @@ impl<S: SampleSource> State<S> {
             let Some(lua) = &tr.lua else {
                 continue;
             };
-            if let Some(g) = self.sampler.lua_vm(*pid) {
+            if let Some(g) = self.sampler.lua_vm(*pid)
+                && !tr.given_up.contains(&g)
+            {
                 tr.vms.retain(|v| *v != g);
                 tr.vms.push(g);
                 if tr.vms.len() > MAX_VMS_PER_PROCESS {
                     tr.vms.remove(0);
                 }
             }
-            let Some(&latest) = tr.vms.last() else {
+            if tr.vms.is_empty() {
                 continue;
-            };
+            }
             let mem = Memory::new(*pid);
             let mut total = None::<u64>;
             let mut failed = Vec::new();
             for g in &tr.vms {
                 match heap::read(&mem, lua.flavour.layout(), *g) {
-                    Ok(h) => *total.get_or_insert(0) += h.total,
+                    Ok(h) => {
+                        *total.get_or_insert(0) += h.total;
+                        tr.failures.remove(g);
+                    }
                     Err(e) => {
                         // A process that just exited is not a failed read.
                         if process::exists(*pid) {
@@ -251,14 +268,33 @@ impl<S: SampleSource> State<S> {
                                 })
                                 .inc();
                         }
+                        let n = tr.failures.entry(*g).or_insert(0);
+                        *n += 1;
                         if matches!(e, heap::HeapError::NotAVm { .. }) {
                             failed.push(*g);
+                        } else if *n >= MAX_VM_FAILURES {
+                            tracing::info!(
+                                pid = *pid,
+                                g = format_args!("{g:#x}"),
+                                error = %e,
+                                "Lua VM given up after {MAX_VM_FAILURES} failed reads in a row"
+                            );
+                            failed.push(*g);
+                            if tr.given_up.len() >= MAX_GIVEN_UP {
+                                tr.given_up.clear();
+                            }
+                            tr.given_up.insert(*g);
                         }
                     }
                 }
             }
-            // A VM that no longer checks out (closed) is forgotten.
+            // A VM that no longer checks out (closed), or keeps failing, is forgotten; only
+            // one still kept is published (captures take it as the process's VM).
             tr.vms.retain(|g| !failed.contains(g));
+            tr.failures.retain(|g, _| tr.vms.contains(g));
+            let Some(&latest) = tr.vms.last() else {
+                continue;
+            };
             view.insert(
                 *pid,
                 VmMemory {
@@ -337,7 +373,7 @@ pub fn run(
 /// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until
 /// `shared.stop`: applies snapshots, builds and aggregates stacks, moves counters into
 /// metrics once a second. [`run`] calls it with the BPF sessions; root-free tests with a
-/// [`super::source::ReplaySource`].
+/// [`crate::sampling::source::ReplaySource`].
 pub fn run_with<S: SampleSource>(
     shared: &Shared,
     snapshots: &mpsc::Receiver<Snapshot>,
