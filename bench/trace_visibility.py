@@ -45,13 +45,14 @@ def record(binary, pid, seconds, hz, out):
     return stacks
 
 
-def lua_shares(stacks):
+def lua_shares(stacks, prefix):
     """Inclusive share of the Lua samples of each Lua function (`NAME@FILE:LINE`), keyed by
-    FILE:LINE (a function's call sites may name it differently)."""
+    FILE:LINE (a function's call sites may name it differently), FILE without `prefix` (the
+    run's own nginx directory, so that runs compare)."""
     per_fn = {}
     total = 0
     for stack, n in stacks.items():
-        frames = {f.split("@", 1)[1] for f in stack.split(";")
+        frames = {f.split("@", 1)[1].removeprefix(prefix) for f in stack.split(";")
                   if "@" in f and not f.startswith("[main]@")}
         if not frames:
             continue
@@ -67,7 +68,8 @@ def run(jit, binaries, args, work, port):
     mode = "on" if jit else "off"
     nginx = wrk = None
     try:
-        nginx, worker = trace_cost.start_nginx(os.path.join(work, f"run-{mode}"), port, jit)
+        run_dir = os.path.join(work, f"run-{mode}")
+        nginx, worker = trace_cost.start_nginx(run_dir, port, jit)
         wrk = subprocess.Popen(
             ["wrk", "-t1", "-c8", f"-d{args.seconds * 4}s", "-s",
              os.path.join(trace_cost.WORKLOAD, "wrk-routes.lua"), f"http://127.0.0.1:{port}/"],
@@ -75,9 +77,10 @@ def run(jit, binaries, args, work, port):
         time.sleep(3)  # warm up: the JIT compiles the hot paths
         out = {}
         for i, (label, binary) in enumerate(binaries):
-            log(f"JIT {mode}: recording {args.seconds} s with the {label} binary")
+            log(f"JIT {mode}: recording {args.seconds} s with the binary of {label}")
             out[label] = lua_shares(record(binary, worker, args.seconds, args.hz,
-                                           os.path.join(work, f"{mode}-{i}.folded")))
+                                           os.path.join(work, f"{mode}-{i}.folded")),
+                                    run_dir + "/")
         return out
     finally:
         for p in (wrk, nginx):
@@ -101,8 +104,8 @@ def main():
     try:
         new = trace_cost.build(trace_cost.REPO, os.path.join(trace_cost.REPO, "target"))
         old = trace_cost.baseline_binary(args.baseline_rev, work)
-        off = run(False, [("this tree's", new)], args, work, args.port)["this tree's"]
-        on = run(True, [("this tree's", new), (args.baseline_rev, old)], args, work,
+        off = run(False, [("this tree", new)], args, work, args.port)["this tree"]
+        on = run(True, [("this tree", new), (args.baseline_rev, old)], args, work,
                  args.port + 1)
     finally:
         subprocess.run(["git", "-C", trace_cost.REPO, "worktree", "remove", "--force",
@@ -119,12 +122,12 @@ def main():
         # Visible with the JIT on: at least a fifth of the threshold, so that a share that
         # merely moved a little is not counted as lost.
         lost = [f for f in visible if shares.get(f, 0.0) < args.min_share / 5]
-        print(f"| {label} binary | {len(visible) - len(lost)} of {len(visible)} | "
+        print(f"| {label} | {len(visible) - len(lost)} of {len(visible)} | "
               f"{len(lost)} ({100 * len(lost) / max(len(visible), 1):.0f}%) |")
     for label, shares in on.items():
         lost = [f for f in visible if shares.get(f, 0.0) < args.min_share / 5]
         if lost:
-            print(f"\nLost with the {label} binary (share JIT off → on):")
+            print(f"\nLost with the binary of {label} (share JIT off → on):")
             for f in lost:
                 print(f"  {f}: {100 * off[f]:.1f}% → {100 * shares.get(f, 0.0):.2f}%")
 
