@@ -875,7 +875,8 @@ impl Tracer {
     /// the trace `h` links to, or through a patched exit of `h` into a side trace of the
     /// same root, `vmstate` still names `h`. Those candidates are tried, the side traces
     /// along their root's chain (cached per root, [`Tracer::side_chain`]); the one found is
-    /// validated like any trace, and must still be the trace the chain recorded.
+    /// read again through the trace table, validated like any trace, and must still be the
+    /// trace the chain recorded.
     fn entered(
         &mut self,
         mem: &Memory,
@@ -909,7 +910,9 @@ impl Tracer {
                         .iter()
                         .find(|(k, mcode)| k.traceno != own && mcode.contains(&ip))
                     {
-                        found = read_header(mem, layout, pid, key.addr, key.traceno)
+                        // Through the trace table again: a freed trace's memory may
+                        // still look like it.
+                        found = Self::header_of(mem, layout, pid, g, key.traceno)
                             .ok()
                             .filter(|c| c.key == *key);
                     }
