@@ -13,7 +13,7 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, atomic::Ordering, mpsc},
     thread,
@@ -28,22 +28,11 @@ use common::{
     Lj, Load, Nginx, agent,
     daemon::{Agent, wait_for},
     prometheus::Prometheus,
+    repo_root, text,
 };
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// The repository root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
 fn openssl(dir: &Path, args: &[&str]) -> String {
@@ -690,7 +679,7 @@ return _M
 /// certificate.
 fn prometheus_tls_config(port: u16, pki: &Pki, password: &Path, wrong: &Path) -> String {
     use serde_yaml::Value;
-    let dir = root().join("deploy/prometheus");
+    let dir = repo_root().join("deploy/prometheus");
     let path = dir.join("prometheus-tls.yml");
     let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let mut v: Value = serde_yaml::from_str(&src).unwrap_or_else(|e| panic!("{path:?}: {e}"));

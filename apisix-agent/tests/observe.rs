@@ -12,7 +12,7 @@ use std::{
     ffi::OsStr,
     io::Write as _,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -22,6 +22,7 @@ use common::{
     Lj, Load, Nginx, agent,
     daemon::{Agent, wait_for},
     prometheus::Prometheus,
+    repo_root, text,
 };
 
 /// The workload's Lua modules, laid out like APISIX plugins so that the dashboard's Plugins
@@ -59,18 +60,6 @@ return _M
 
 const FUNCTIONS: [&str; 2] = ["auth.handler_fn", "count.encode_fn"];
 const PLUGINS: [&str; 2] = ["key-auth", "limit-count"];
-
-/// The repository root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Panics with `hint` when `program` cannot be started at all.
 fn require_program(program: &str, version_arg: &str, hint: &str) {
@@ -137,7 +126,7 @@ fn wait_for_target(agent: &Agent, pid: u32) {
 /// interval/timeout and evaluation interval, and its rule files by absolute path.
 fn prometheus_config(agent_port: u16) -> String {
     use serde_yaml::Value;
-    let dir = root().join("deploy/prometheus");
+    let dir = repo_root().join("deploy/prometheus");
     let path = dir.join("prometheus.yml");
     let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let mut v: Value = serde_yaml::from_str(&src).unwrap_or_else(|e| panic!("{path:?}: {e}"));
@@ -190,7 +179,7 @@ fn prometheus_config(agent_port: u16) -> String {
 
 /// The `record:` names of deploy/prometheus/rules.yml.
 fn recording_rules() -> Vec<String> {
-    let path = root().join("deploy/prometheus/rules.yml");
+    let path = repo_root().join("deploy/prometheus/rules.yml");
     let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let v: serde_yaml::Value =
         serde_yaml::from_str(&src).unwrap_or_else(|e| panic!("{path:?}: {e}"));
@@ -355,7 +344,7 @@ fn prometheus_scrapes_the_agent() {
     // Every dashboard expression returns data.
     run_checked(
         Command::new("python3")
-            .arg(root().join("grafana/exprs.py"))
+            .arg(repo_root().join("grafana/exprs.py"))
             .args(["--prometheus", &prom.url()]),
         "grafana/exprs.py against the real agent's data",
     );
@@ -518,7 +507,7 @@ fn plugins_row_renders(prom: &Prometheus) {
     );
     let url = run_checked(
         Command::new("python3")
-            .arg(root().join("grafana/exprs.py"))
+            .arg(repo_root().join("grafana/exprs.py"))
             .args(["--graph-url", &prom.url(), "--row", "Plugins"])
             .args(["--var", &format!("plugin={}", PLUGINS[0]), "--range", "1m"]),
         "grafana/exprs.py --graph-url",
@@ -575,8 +564,8 @@ fn plugins_row_renders(prom: &Prometheus) {
 fn run_script(rel: &str) -> String {
     run_checked(
         Command::new("bash")
-            .arg(root().join(rel))
-            .current_dir(root())
+            .arg(repo_root().join(rel))
+            .current_dir(repo_root())
             .stdin(Stdio::null()),
         rel,
     )
@@ -667,22 +656,22 @@ fn container_image_builds() {
     // context with just the files the Dockerfile copies.
     let bin = agent();
     let context_dir;
-    let context = if bin == root().join("target/release/apisix-agent") {
-        root()
+    let context = if bin == repo_root().join("target/release/apisix-agent") {
+        repo_root()
     } else {
         context_dir = tempfile::tempdir().expect("tempdir");
         let c = context_dir.path();
         std::fs::create_dir_all(c.join("target/release")).expect("mkdir");
         std::fs::copy(&bin, c.join("target/release/apisix-agent")).expect("copy agent");
         std::fs::copy(
-            root().join("config.example.yaml"),
+            repo_root().join("config.example.yaml"),
             c.join("config.example.yaml"),
         )
         .expect("copy config");
         c.to_path_buf()
     };
     let image = Image(format!("apisix-agent:observe-test-{}", std::process::id()));
-    let dockerfile = root().join("deploy/Dockerfile.prebuilt");
+    let dockerfile = repo_root().join("deploy/Dockerfile.prebuilt");
     let build_arg = format!("BASE_IMAGE={BASE_IMAGE}");
     let out = docker(&[
         "build",

@@ -21,6 +21,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+/// A process's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// The agent binary built by cargo for this test run.
 pub fn agent() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_apisix-agent"))
