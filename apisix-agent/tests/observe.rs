@@ -447,38 +447,14 @@ fn dashboard_flamegraph_renders_in_chromium() {
     let svg_path = dir.path().join("flamegraph.svg");
     std::fs::write(&svg_path, &svg).expect("write svg");
     let url = format!("file://{}", svg_path.display());
-    let png = dir.path().join("flamegraph.png");
-
-    let shot_arg = format!("--screenshot={}", png.display());
-    let shot = chromium(
+    screenshot(
         dir.path(),
-        "screenshot",
-        &[
-            OsStr::new(&shot_arg),
-            OsStr::new("--window-size=1600,1000"),
-            OsStr::new(&url),
-        ],
+        "flamegraph-screenshot.png",
+        &[OsStr::new("--window-size=1600,1000")],
+        &url,
+        10 * 1024,
         60,
     );
-    let bytes = std::fs::read(&png)
-        .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
-    assert!(
-        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "{png:?} is not a PNG"
-    );
-    assert!(
-        bytes.len() > 10 * 1024,
-        "screenshot only {} bytes: blank page?",
-        bytes.len()
-    );
-    let target = common::agent()
-        .parent()
-        .and_then(Path::parent)
-        .map(|t| t.join("flamegraph-screenshot.png"));
-    if let Some(copy) = target {
-        std::fs::copy(&png, &copy).unwrap_or_else(|e| panic!("copy to {copy:?}: {e}"));
-        eprintln!("screenshot: {} ({} bytes)", copy.display(), bytes.len());
-    }
 
     let dom = chromium(
         dir.path(),
@@ -514,27 +490,15 @@ fn plugins_row_renders(prom: &Prometheus) {
     );
     let url = url.trim();
     let dir = tempfile::tempdir().expect("tempdir");
-    let png = dir.path().join("plugins-row.png");
-    let shot_arg = format!("--screenshot={}", png.display());
     // The page fetches its data with JavaScript: give it virtual time to do so.
     let budget = OsStr::new("--virtual-time-budget=15000");
-    let shot = chromium(
+    screenshot(
         dir.path(),
-        "plugins-screenshot",
-        &[
-            OsStr::new(&shot_arg),
-            OsStr::new("--window-size=1400,2500"),
-            budget,
-            OsStr::new(url),
-        ],
+        "plugins-row.png",
+        &[OsStr::new("--window-size=1400,2500"), budget],
+        url,
+        20 * 1024,
         90,
-    );
-    let bytes = std::fs::read(&png)
-        .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
-    assert!(
-        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20 * 1024,
-        "{png:?}: {} bytes, not a drawn page",
-        bytes.len()
     );
     let dom = chromium(
         dir.path(),
@@ -550,10 +514,33 @@ fn plugins_row_renders(prom: &Prometheus) {
              ({url}):\n{dom}"
         );
     }
+}
+
+/// Screenshots `url` with headless chromium (`args` besides the output file) into `dir`,
+/// asserts a PNG of more than `min_bytes` (less is a blank page) and keeps a copy as
+/// `target/NAME`.
+fn screenshot(dir: &Path, name: &str, args: &[&OsStr], url: &str, min_bytes: usize, secs: u64) {
+    let png = dir.join(name);
+    let shot_arg = format!("--screenshot={}", png.display());
+    let mut all = vec![OsStr::new(&shot_arg)];
+    all.extend_from_slice(args);
+    all.push(OsStr::new(url));
+    let shot = chromium(dir, &format!("screenshot-{name}"), &all, secs);
+    let bytes = std::fs::read(&png)
+        .unwrap_or_else(|e| panic!("no screenshot {png:?} ({e}):\n{}", text(&shot.stderr)));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{png:?} is not a PNG"
+    );
+    assert!(
+        bytes.len() > min_bytes,
+        "screenshot {png:?} only {} bytes: blank page?",
+        bytes.len()
+    );
     let target = common::agent()
         .parent()
         .and_then(Path::parent)
-        .map(|t| t.join("plugins-row.png"));
+        .map(|t| t.join(name));
     if let Some(copy) = target {
         std::fs::copy(&png, &copy).unwrap_or_else(|e| panic!("copy to {copy:?}: {e}"));
         eprintln!("screenshot: {} ({} bytes)", copy.display(), bytes.len());

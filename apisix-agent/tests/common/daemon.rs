@@ -13,21 +13,8 @@ use super::agent;
 
 /// One HTTP/1.0 request on loopback: (status, body).
 pub fn http(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to the agent on {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write request");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read response");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad response to {path}: {text}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_owned())
+    let r = http_raw(port, path);
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }
 
 /// A response as bytes, with its headers (names in lower case).
