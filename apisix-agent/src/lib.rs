@@ -3,12 +3,13 @@
 //!
 //! - [`discovery`]: which processes to profile (`/proc`, Docker), as snapshots of targets.
 //! - [`sampling`]: the BPF side seen from user space — loading and attaching the programs,
-//!   the daemon's continuous sampler thread, bounded captures.
+//!   the sample source the daemon's continuous sampler reads, bounded captures.
 //! - [`stacks`]: one raw sample → a named stack (native unwinding, symbols, target memory,
 //!   Lua frames spliced in at the VM boundary).
 //! - [`luajit`]: everything LuaJIT (layouts, build detection, bytecode, frame naming).
-//! - [`daemon`]: `apisix-agent run` — shared state, aggregation, metrics, the HTTP server.
-//! - [`output`]: folded text, SVG and JSON flame graphs.
+//! - [`daemon`]: `apisix-agent run` — the continuous sampler thread, shared state,
+//!   aggregation, metrics, the HTTP server (listener, TLS, authentication).
+//! - [`output`]: folded text, SVG and JSON flame graphs, pprof profiles.
 //! - [`attribution`]: which APISIX plugin and request phase a stack belongs to.
 //! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML.
 //!

@@ -42,8 +42,8 @@ use subtle::ConstantTimeEq as _;
 
 use super::{
     listener::Every,
-    metrics::{HttpReasonLabels, Metrics, ReloadLabels},
-    tls::{FileStamp, LastError, error_chain},
+    metrics::{HttpReasonLabels, Metrics},
+    tls::{FileStamp, Watched},
 };
 use crate::config;
 
@@ -128,9 +128,7 @@ struct User {
 struct Token {
     path: PathBuf,
     digest: RwLock<[u8; 32]>,
-    /// The file's stamp when it was last read successfully.
-    seen: Mutex<Option<FileStamp>>,
-    failed: LastError,
+    watched: Watched<Option<FileStamp>>,
 }
 
 /// The endpoint's credentials.
@@ -208,8 +206,7 @@ impl Auth {
             Some(Token {
                 path,
                 digest: RwLock::new(digest),
-                seen: Mutex::new(seen),
-                failed: LastError::default(),
+                watched: Watched::new("bearer_token", "bearer token", "token", seen),
             })
         };
         let mut challenges = Vec::new();
@@ -332,47 +329,18 @@ impl Auth {
         let Some(token) = &self.token else {
             return false;
         };
-        // Taken before the read: a change during it is seen at the next check.
-        let stamp = FileStamp::of(&token.path);
-        let unchanged = token.seen.lock().is_ok_and(|seen| *seen == stamp);
-        if !force && unchanged && !token.failed.any() {
-            return false;
-        }
-        let result = match read_token(&token.path) {
-            Ok(digest) => {
+        token.watched.reload(
+            force,
+            FileStamp::of(&token.path),
+            &token.path,
+            &self.metrics,
+            || read_token(&token.path),
+            |digest| {
                 if let Ok(mut d) = token.digest.write() {
                     *d = digest;
                 }
-                if let Ok(mut seen) = token.seen.lock() {
-                    *seen = stamp;
-                }
-                token.failed.clear();
-                tracing::info!(file = %token.path.display(), "bearer token reloaded");
-                "ok"
-            }
-            Err(e) => {
-                let error = error_chain(&e);
-                if token.failed.is_new(&error) {
-                    tracing::warn!(
-                        error,
-                        "bearer token reload failed; the previous token stays in use \
-                         (retried every check; warned once per distinct error)"
-                    );
-                } else {
-                    tracing::debug!(error, "bearer token reload failed again");
-                }
-                "failed"
-            }
-        };
-        self.metrics
-            .http
-            .reloads
-            .get_or_create(&ReloadLabels {
-                file: "bearer_token",
-                result,
-            })
-            .inc();
-        true
+            },
+        )
     }
 
     /// Counts a failure; logs a warning at most once a minute.
@@ -507,6 +475,7 @@ pub fn hash_password_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::tls::error_chain;
 
     /// Cost 4, the lowest bcrypt allows, keeps the tests fast.
     fn auth(users: &[(&str, &str)], token: Option<&std::path::Path>) -> Arc<Auth> {

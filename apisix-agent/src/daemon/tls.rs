@@ -98,9 +98,7 @@ impl Files {
 pub struct Tls {
     files: Files,
     current: RwLock<Arc<ServerConfig>>,
-    /// The stamps of the files when they were last read successfully.
-    seen: Mutex<Vec<Option<FileStamp>>>,
-    failed: LastError,
+    watched: Watched<Vec<Option<FileStamp>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -121,8 +119,7 @@ impl Tls {
         Ok(Some(Arc::new(Self {
             files,
             current: RwLock::new(Arc::new(server)),
-            seen: Mutex::new(seen),
-            failed: LastError::default(),
+            watched: Watched::new("tls", "TLS", "certificate", seen),
             metrics,
         })))
     }
@@ -145,25 +142,74 @@ impl Tls {
     /// read successfully, or when the last reload failed, and swaps the configuration in; a
     /// failure keeps the previous one. Returns whether the files were read.
     pub fn reload(&self, force: bool) -> bool {
-        // Taken before the read: a change during it is seen at the next check.
-        let stamps = self.files.stamps();
-        let unchanged = self.seen.lock().is_ok_and(|seen| *seen == stamps);
-        if !force && unchanged && !self.failed.any() {
-            return false;
-        }
-        let result = match build(&self.files) {
-            Ok(server) => {
+        self.watched.reload(
+            force,
+            self.files.stamps(),
+            &self.files.cert,
+            &self.metrics,
+            || build(&self.files),
+            |server| {
                 if let Ok(mut current) = self.current.write() {
                     *current = Arc::new(server);
                 }
+            },
+        )
+    }
+}
+
+/// The reload rule of a file or a set of files (the TLS files, the bearer token): what they
+/// were (`S`, their stamps) when last read successfully, and the error of the last reload
+/// while it keeps failing.
+#[derive(Debug)]
+pub struct Watched<S> {
+    /// The `file` label of `apisix_profiler_http_file_reloads_total`.
+    file: &'static str,
+    /// What the files are for, and what they hold, for the log.
+    what: &'static str,
+    holds: &'static str,
+    seen: Mutex<S>,
+    failed: LastError,
+}
+
+impl<S: PartialEq> Watched<S> {
+    /// Watching files just read successfully, stamped `seen`.
+    pub fn new(file: &'static str, what: &'static str, holds: &'static str, seen: S) -> Self {
+        Self {
+            file,
+            what,
+            holds,
+            seen: Mutex::new(seen),
+            failed: LastError::default(),
+        }
+    }
+
+    /// Reads again (`read`, then `install` swaps what it made in) when `force` (SIGHUP), when
+    /// `now` differs from the stamps of the last successful read, or when the last reload
+    /// failed; a failure keeps what is installed and is warned about once per distinct
+    /// error. `now` is taken before the read, so a change during it is seen at the next
+    /// check. Counts each attempt; returns whether the files were read.
+    pub fn reload<T, E: std::error::Error>(
+        &self,
+        force: bool,
+        now: S,
+        path: &Path,
+        metrics: &Metrics,
+        read: impl FnOnce() -> Result<T, E>,
+        install: impl FnOnce(T),
+    ) -> bool {
+        let unchanged = self.seen.lock().is_ok_and(|seen| *seen == now);
+        if !force && unchanged && !self.failed.any() {
+            return false;
+        }
+        let (what, holds) = (self.what, self.holds);
+        let result = match read() {
+            Ok(value) => {
+                install(value);
                 if let Ok(mut seen) = self.seen.lock() {
-                    *seen = stamps;
+                    *seen = now;
                 }
                 self.failed.clear();
-                tracing::info!(
-                    cert_file = %self.files.cert.display(),
-                    "TLS certificate and key reloaded"
-                );
+                tracing::info!(file = %path.display(), "{what} reloaded: the new {holds} in use");
                 "ok"
             }
             Err(e) => {
@@ -171,20 +217,20 @@ impl Tls {
                 if self.failed.is_new(&error) {
                     tracing::warn!(
                         error,
-                        "TLS reload failed; the previous certificate stays in use \
-                         (retried every check; warned once per distinct error)"
+                        "{what} reload failed; the previous {holds} stays in use (retried every \
+                         check; warned once per distinct error)"
                     );
                 } else {
-                    tracing::debug!(error, "TLS reload failed again");
+                    tracing::debug!(error, "{what} reload failed again");
                 }
                 "failed"
             }
         };
-        self.metrics
+        metrics
             .http
             .reloads
             .get_or_create(&ReloadLabels {
-                file: "tls",
+                file: self.file,
                 result,
             })
             .inc();
