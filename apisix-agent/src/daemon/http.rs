@@ -55,6 +55,7 @@ use super::{
     aggregate::Retention,
     auth::{self, Auth},
     listener::{self, Limits},
+    state::PPROF_AT_ONCE,
     tls::Tls,
 };
 use crate::{
@@ -846,19 +847,6 @@ async fn pprof_endpoint(
     .await
 }
 
-/// Window profiles (pprof endpoints, `/flamegraph?format=pprof` without `seconds`) copied
-/// and encoded at once; more are answered 429. Each holds a copy of its window (about
-/// 10 MiB for a busy 60 s one) until encoded, so clients that hang up or scrape too often
-/// cannot pile copies up in the encoder's queue.
-pub const PPROF_AT_ONCE: usize = 2;
-
-/// The permits of [`PPROF_AT_ONCE`]; a permit moves into the encoding job.
-fn pprof_slots() -> Arc<tokio::sync::Semaphore> {
-    static SLOTS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
-        std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(PPROF_AT_ONCE)));
-    SLOTS.clone()
-}
-
 /// The pprof response of the retained samples of `which` of the last `seconds`.
 async fn window_profile(
     shared: &Arc<Shared>,
@@ -870,7 +858,7 @@ async fn window_profile(
     mut headers: Vec<(&'static str, String)>,
 ) -> Response {
     // Before the copy: a refused request costs nothing.
-    let Ok(slot) = pprof_slots().try_acquire_owned() else {
+    let Ok(slot) = shared.pprof_encodes.clone().try_acquire_owned() else {
         let mut response = error(
             StatusCode::TOO_MANY_REQUESTS,
             format!("{PPROF_AT_ONCE} pprof profiles are being encoded already; retry in a moment"),

@@ -14,6 +14,12 @@ use std::{
 use super::{aggregate::Aggregator, metrics::Metrics};
 use crate::{attribution::Rules, config::Config, discovery::Snapshot};
 
+/// Window profiles (pprof endpoints, `/flamegraph?format=pprof` without `seconds`) copied
+/// and encoded at once; more are answered 429. Each holds a copy of its window (about
+/// 10 MiB for a busy 60 s one) until encoded, so clients that hang up or scrape too often
+/// cannot pile copies up in the encoder's queue.
+pub const PPROF_AT_ONCE: usize = 2;
+
 /// State shared by the HTTP handlers, the sampler thread and discovery.
 #[derive(Debug)]
 pub struct Shared {
@@ -29,6 +35,9 @@ pub struct Shared {
     /// On-demand captures allowed at once; a capture's permit is owned by its blocking task,
     /// so the limit holds also after its client hung up.
     pub captures: Arc<tokio::sync::Semaphore>,
+    /// Window profiles copied and encoded at once ([`PPROF_AT_ONCE`]); a
+    /// permit moves into its encoding job.
+    pub pprof_encodes: Arc<tokio::sync::Semaphore>,
     /// Set on shutdown: every loop and capture ends.
     pub stop: AtomicBool,
     /// The Lua VM of each target whose VM the continuous sampler learned, with its heap size
@@ -67,6 +76,7 @@ impl Shared {
             captures: Arc::new(tokio::sync::Semaphore::new(
                 config.sampling.max_concurrent_captures,
             )),
+            pprof_encodes: Arc::new(tokio::sync::Semaphore::new(PPROF_AT_ONCE)),
             stop: AtomicBool::new(false),
             lua_vms: RwLock::new(HashMap::new()),
             config,
