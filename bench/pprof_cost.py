@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from overheadlib.harness import NGINX, NGINX_COMM, free_port, proc_status_kb  # noqa: E402
+from overheadlib.harness import NGINX, NGINX_COMM, free_port, proc_status_kb, workload_prefix  # noqa: E402
 
 WORKLOAD = os.path.join(HERE, "workload")
 WINDOW = 60
@@ -59,24 +59,8 @@ def build():
 
 def start_nginx(work, port, workers):
     prefix = os.path.join(work, "nginx")
-    for d in ("logs", "tmp", "sbin"):
-        os.makedirs(os.path.join(prefix, d), exist_ok=True)
-    shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
     os.chmod(work, 0o755)  # the workers run unprivileged and read their Lua files
-    for root, _, files in os.walk(prefix):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    # A copy named nginx-bench: the agent's discovery selects exactly these workers.
-    binary = os.path.join(prefix, "sbin", NGINX_COMM)
-    shutil.copy2(NGINX, binary)
-    os.chmod(binary, 0o755)
-    with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
-        conf = (f.read().replace("@PREFIX@", prefix).replace("@PORT@", str(port))
-                .replace("@WORKERS@", str(workers)))
-    path = os.path.join(prefix, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(conf)
+    binary, path = workload_prefix(prefix, port, workers, comm=NGINX_COMM)
     nginx = subprocess.Popen([binary, "-p", prefix, "-c", path, "-e",
                               os.path.join(prefix, "logs/error.log")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -45,7 +45,7 @@ REPO = os.path.dirname(HERE)
 WORKLOAD = os.path.join(HERE, "workload")
 sys.path.insert(0, HERE)
 
-from overheadlib.harness import NGINX, free_port, machine_info, terminate  # noqa: E402
+from overheadlib.harness import free_port, machine_info, terminate, workload_prefix  # noqa: E402
 
 COMM = "nginx-soak"
 IMAGE = "apisix-profiler-test/nginx-lua:bookworm"
@@ -198,23 +198,8 @@ class Soak:
 
     def start_nginx(self):
         prefix = os.path.join(self.work, "nginx")
-        for sub in ("logs", "tmp", "sbin"):
-            os.makedirs(os.path.join(prefix, sub))
-        shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
-        for root, _, files in os.walk(prefix):
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
-        binary = os.path.join(prefix, "sbin", COMM)
-        shutil.copy2(NGINX, binary)
-        os.chmod(binary, 0o755)
         self.nginx_port = free_port()
-        with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
-            conf = (f.read().replace("@PREFIX@", prefix).replace("@PORT@", str(self.nginx_port))
-                    .replace("@WORKERS@", "4"))
-        conf_path = os.path.join(prefix, "nginx.conf")
-        with open(conf_path, "w") as f:
-            f.write(conf)
+        binary, conf_path = workload_prefix(prefix, self.nginx_port, 4, comm=COMM)
         out = open(os.path.join(prefix, "logs", "stderr.log"), "w")
         p = subprocess.Popen([binary, "-p", prefix, "-c", conf_path], stdout=out,
                              stderr=subprocess.STDOUT)

@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKLOAD = os.path.join(HERE, "workload")
 NGINX = "/usr/sbin/nginx"
+sys.path.insert(0, HERE)
+from overheadlib.harness import workload_prefix  # noqa: E402
 PERF_EVENT_PROG = 7  # BPF_PROG_TYPE_PERF_EVENT: the `sample` program
 DEFAULT_BASELINE = "37a3282"  # the last commit before trace frames
 
@@ -110,23 +112,8 @@ def start_nginx(work, port, jit=None):
     """The workload's nginx (one worker) under `work`; `jit` True or False turns the JIT on
     or off in `init_by_lua`, None leaves LuaJIT's default (on)."""
     prefix = os.path.join(work, "nginx")
-    for d in ("logs", "tmp"):
-        os.makedirs(os.path.join(prefix, d), exist_ok=True)
-    shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
     os.chmod(work, 0o755)  # the worker runs unprivileged and reads its Lua files
-    for root, _, files in os.walk(prefix):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
-        conf = (f.read().replace("@PREFIX@", prefix).replace("@PORT@", str(port))
-                .replace("@WORKERS@", "1"))
-    if jit is not None:
-        conf = conf.replace("init_by_lua_block {",
-                            f'init_by_lua_block {{ require("jit").{"on" if jit else "off"}();', 1)
-    path = os.path.join(prefix, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(conf)
+    _, path = workload_prefix(prefix, port, 1, jit=jit)
     nginx = subprocess.Popen([NGINX, "-p", prefix, "-c", path, "-e", os.path.join(prefix, "logs/error.log")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 10

@@ -5,6 +5,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,13 +15,14 @@ import urllib.error
 import urllib.request
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/, above this package.
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(BENCH)
 
 
-WORKLOAD = os.path.join(HERE, "workload")
+WORKLOAD = os.path.join(BENCH, "workload")
 
 
 NGINX = "/usr/sbin/nginx"
@@ -35,6 +37,37 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 PERF_EVENT_PROG = 7  # BPF_PROG_TYPE_PERF_EVENT: the `sample` program
+
+
+def workload_prefix(prefix, port, workers, comm=None, jit=None):
+    """Makes `prefix` the nginx prefix of bench/workload: its Lua files (readable by the
+    unprivileged workers), logs/ and tmp/, and nginx.conf for 127.0.0.1:`port` with
+    `workers` workers; `jit` True or False turns the JIT on or off in `init_by_lua` (None
+    leaves LuaJIT's default, on). With `comm`, nginx runs from a copy of the binary with that
+    name (the agent's discovery then selects exactly these processes). Returns (binary,
+    path of nginx.conf)."""
+    for d in ("logs", "tmp", "sbin"):
+        os.makedirs(os.path.join(prefix, d), exist_ok=True)
+    shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
+    for root, _, files in os.walk(prefix):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    binary = NGINX
+    if comm:
+        binary = os.path.join(prefix, "sbin", comm)
+        shutil.copy2(NGINX, binary)
+        os.chmod(binary, 0o755)
+    with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
+        conf = (f.read().replace("@PREFIX@", prefix).replace("@PORT@", str(port))
+                .replace("@WORKERS@", str(workers)))
+    if jit is not None:
+        conf = conf.replace("init_by_lua_block {",
+                            f'init_by_lua_block {{ require("jit").{"on" if jit else "off"}();', 1)
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return binary, path
 
 
 def log(msg):

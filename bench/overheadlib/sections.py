@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from .harness import BenchError, BlockedWatch, NGINX, NGINX_COMM, WORKLOAD, bpf_sample_stats, free_port, http_get, log, machine_info, metric_sum, parse_wrk, proc_cpu_seconds, proc_status_kb, set_group_nice, terminate, uprobe_links
+from .harness import BenchError, BlockedWatch, NGINX, NGINX_COMM, WORKLOAD, workload_prefix, bpf_sample_stats, free_port, http_get, log, machine_info, metric_sum, parse_wrk, proc_cpu_seconds, proc_status_kb, set_group_nice, terminate, uprobe_links
 from .report import report
 from .stats import median
 
@@ -47,26 +47,7 @@ class Bench:
         prefix = os.path.join(self.work, f"nginx-{workers}w")
         if os.path.exists(prefix):
             shutil.rmtree(prefix)
-        for d in ("logs", "tmp", "sbin"):
-            os.makedirs(os.path.join(prefix, d))
-        shutil.copytree(os.path.join(WORKLOAD, "lua"), os.path.join(prefix, "lua"))
-        for root, dirs, files in os.walk(prefix):  # the workers run unprivileged
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
-        binary = os.path.join(prefix, "sbin", NGINX_COMM)
-        shutil.copy2(NGINX, binary)
-        os.chmod(binary, 0o755)
-        with open(os.path.join(WORKLOAD, "nginx.conf.in")) as f:
-            conf = f.read()
-        conf = (
-            conf.replace("@PREFIX@", prefix)
-            .replace("@PORT@", str(self.port))
-            .replace("@WORKERS@", str(workers))
-        )
-        conf_path = os.path.join(prefix, "nginx.conf")
-        with open(conf_path, "w") as f:
-            f.write(conf)
+        binary, conf_path = workload_prefix(prefix, self.port, workers, comm=NGINX_COMM)
         log(f"starting nginx ({workers} workers) on 127.0.0.1:{self.port}")
         errlog = open(os.path.join(prefix, "logs", "stderr.log"), "w")
         self.nginx = subprocess.Popen(
