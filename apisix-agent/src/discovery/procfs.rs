@@ -3,9 +3,21 @@
 //! `discovery.pids`. A process inside a Docker container (its cgroup names a container id) is
 //! kept when the container is selected; LuaJIT detection runs once per process start.
 //!
-//! Hooks: `/proc` (`comm`, `cmdline`, `stat`, `cgroup`, `maps`). Metrics: none.
+//! Detection reads the files the process mapped ([`crate::stacks::target_file`]: never a
+//! FIFO or a file outside the target's root) on a thread of its own, for at most
+//! [`DETECT_DEADLINE`], so no target stalls the scan of the others.
+//!
+//! Hooks: `/proc` (`comm`, `cmdline`, `stat`, `cgroup`, `maps`, `map_files`). Metrics: none.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
 
 use globset::GlobSet;
 
@@ -31,11 +43,57 @@ pub struct Scanner {
     pids: Vec<u32>,
     /// pid → (start time, detection result).
     cache: HashMap<u32, (u64, Lua)>,
+    /// Detections past their deadline that still run (their threads are left to finish).
+    stuck: Arc<AtomicUsize>,
+}
+
+/// Longest one LuaJIT detection may take; past it the target is listed without Lua frames.
+/// Detection reads the target's mapped files, which the target chooses (e.g. on a FUSE
+/// file system that never answers): it runs on a thread of its own.
+pub const DETECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Detections past their deadline beyond which no new one starts (each holds a thread).
+const MAX_STUCK: usize = 4;
+
+/// [`luajit::detect`] of `pid` on a thread of its own, waited for at most `deadline`.
+fn detect_bounded(
+    pid: u32,
+    deadline: Duration,
+    stuck: &Arc<AtomicUsize>,
+) -> Result<Option<luajit::LuaTarget>, String> {
+    if stuck.load(Ordering::Relaxed) >= MAX_STUCK {
+        return Err(format!(
+            "{MAX_STUCK} LuaJIT detections are still stuck in other targets' files; not tried"
+        ));
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    let counter = stuck.clone();
+    let spawned = std::thread::Builder::new()
+        .name("detect".into())
+        .spawn(move || {
+            let result = luajit::detect(pid).map_err(|e| e.to_string());
+            if tx.send(result).is_err() {
+                // Nobody waits any more: this detection was counted as stuck.
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start the detection thread: {e}"));
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(result) => result,
+        Err(_) => {
+            stuck.fetch_add(1, Ordering::Relaxed);
+            // Dropping `rx` tells the thread, when it ends, that it was given up.
+            Err(format!(
+                "LuaJIT detection took longer than {deadline:?} (a mapped file does not answer)"
+            ))
+        }
+    }
 }
 
 /// The start time of a running process (field 22 of `/proc/PID/stat`); `None` when it is
 /// gone or a zombie.
-fn start_time(pid: u32) -> Option<u64> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let fields = crate::stacks::process::stat_fields(&pid.to_string())?;
     if matches!(fields.first().map(String::as_str), Some("Z" | "X")) {
         return None;
@@ -88,6 +146,7 @@ impl Scanner {
             host: cfg.host,
             pids: cfg.pids.clone(),
             cache: HashMap::new(),
+            stuck: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -98,12 +157,12 @@ impl Scanner {
         {
             return lua.clone();
         }
-        let lua = match luajit::detect(pid) {
+        let lua = match detect_bounded(pid, DETECT_DEADLINE, &self.stuck) {
             Ok(Some(t)) => Lua::Known(t),
             Ok(None) => Lua::Absent,
             Err(e) => {
-                tracing::warn!(pid, error = %e, "LuaJIT build not supported; native stacks only");
-                Lua::Unknown(e.to_string())
+                tracing::warn!(pid, error = %e, "LuaJIT not detected; native stacks only");
+                Lua::Unknown(e)
             }
         };
         self.cache.insert(pid, (start, lua.clone()));
@@ -186,7 +245,13 @@ impl Scanner {
         }
         out.sort_by_key(|t| t.pid);
         let live: std::collections::HashSet<u32> = out.iter().map(|t| t.pid).collect();
-        self.cache.retain(|pid, _| live.contains(pid));
+        self.cache.retain(|pid, _| {
+            let keep = live.contains(pid);
+            if !keep {
+                crate::stacks::target_file::forget(*pid);
+            }
+            keep
+        });
         out
     }
 }

@@ -1,9 +1,9 @@
 //! From a raw [`apisix_ebpf_common::Sample`] to a named stack, root first:
 //! [`builder`] drives it, [`unwind`] walks native frames over `.eh_frame`, [`symbolize`]
-//! names them, [`process`] opens a target's `/proc/PID` files and [`memory`] reads its
-//! memory (Lua prototypes and strings).
+//! names them, [`process`] opens a target's `/proc/PID` files (its mapped files through
+//! [`target_file`]) and [`memory`] reads its memory (Lua prototypes and strings).
 //!
-//! Hooks: `/proc/PID/*` (maps, files through `/proc/PID/root`, `mem`). Metrics: the
+//! Hooks: `/proc/PID/*` (maps, files through `/proc/PID/map_files`, `mem`). Metrics: the
 //! [`StackStats`] counters, read by the caller.
 
 pub mod builder;
@@ -11,6 +11,7 @@ pub mod label;
 pub mod memory;
 pub mod process;
 pub mod symbolize;
+pub mod target_file;
 pub mod unwind;
 
 pub use builder::{StackBuilder, StackOptions, StackStats};

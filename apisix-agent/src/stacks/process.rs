@@ -1,15 +1,20 @@
 //! What the agent knows of one target process: its executable mappings and the ELF files
-//! behind them, opened through `/proc/PID/root` so that processes in other mount namespaces
-//! (containers) are read from their own files.
+//! behind them, opened through `/proc/PID/map_files/` ([`super::target_file`]: the very file
+//! mapped, a regular file with the maps line's device and inode, never by the path the
+//! target shows), so that processes in other mount namespaces (containers) are read from
+//! their own files and no target can make the agent open a FIFO or a file outside its root.
 //!
 //! Files are opened once and memory-mapped; the mapping keeps the file readable after the
 //! process exits, so samples taken before the exit can still be unwound and symbolized.
-//! Hooks: `/proc/PID/maps`, `/proc/PID/root`, `/proc/PID/status`, `/proc/PID/stat`. Metrics: none.
+//! Hooks: `/proc/PID/maps`, `/proc/PID/map_files/`, `/proc/PID/status`, `/proc/PID/stat`.
+//! Metrics: refusals, through [`super::target_file`].
 
 use std::{collections::HashMap, fs::File, io, ops::Range, path::PathBuf, sync::Arc};
 
 use memmap2::Mmap;
 use object::{Object as _, ObjectSegment as _};
+
+use super::target_file::{self, Refusal};
 
 /// Errors reading a process.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,19 @@ pub struct Mapping {
     pub offset: u64,
     /// Path as the process sees it.
     pub path: String,
+    /// Device (major, minor) of the file, from the maps line.
+    pub dev: (u32, u32),
+    /// Inode of the file, from the maps line.
+    pub inode: u64,
+}
+
+/// `major:minor` of a maps line (hexadecimal).
+fn parse_dev(dev: &str) -> Option<(u32, u32)> {
+    let (major, minor) = dev.split_once(':')?;
+    Some((
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    ))
 }
 
 /// Parses the executable file-backed mappings out of `/proc/PID/maps` text.
@@ -42,7 +60,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut it = line.split_ascii_whitespace();
-        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) =
+        let (Some(range), Some(perms), Some(offset), Some(dev), Some(inode)) =
             (it.next(), it.next(), it.next(), it.next(), it.next())
         else {
             continue;
@@ -54,10 +72,12 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         let Some((start, end)) = range.split_once('-') else {
             continue;
         };
-        let (Ok(start), Ok(end), Ok(offset)) = (
+        let (Ok(start), Ok(end), Ok(offset), Some(dev), Ok(inode)) = (
             u64::from_str_radix(start, 16),
             u64::from_str_radix(end, 16),
             u64::from_str_radix(offset, 16),
+            parse_dev(dev),
+            inode.parse::<u64>(),
         ) else {
             continue;
         };
@@ -68,6 +88,8 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
             range: start..end,
             offset,
             path: path.trim_end_matches(" (deleted)").to_owned(),
+            dev,
+            inode,
         });
     }
     out
@@ -132,15 +154,14 @@ pub struct ElfFile {
 }
 
 impl ElfFile {
-    /// Opens `path` of process `pid` through its root directory.
-    pub fn open(pid: u32, path: &str) -> io::Result<Self> {
-        let host_path = format!("/proc/{pid}/root{path}");
-        let file = File::open(&host_path)?;
+    /// Opens the file behind mapping `m` of process `pid` ([`target_file::open`]).
+    pub fn open(pid: u32, m: &Mapping) -> Result<Self, Refusal> {
+        let path = m.path.as_str();
+        let file = target_file::open(pid, m, target_file::MAX_ELF_BYTES)?;
         // SAFETY: read-only private mapping; a file truncated underneath would fault, which
         // shared libraries and executables in use are not (the kernel refuses writes to them).
-        let data = unsafe { Mmap::map(&file) }?;
-        let obj = object::File::parse(&*data)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let data = unsafe { Mmap::map(&file) }.map_err(|_| Refusal::Unreadable)?;
+        let obj = object::File::parse(&*data).map_err(|_| Refusal::NotElf)?;
         let segments = obj
             .segments()
             .map(|s| {
@@ -201,14 +222,15 @@ impl ProcessModules {
             let key = format!("{pid}:{}", m.path);
             let elf = match cache.get(&key) {
                 Some(elf) => elf.clone(),
-                None => match ElfFile::open(pid, &m.path) {
+                None => match ElfFile::open(pid, &m) {
                     Ok(elf) => {
                         let elf = Arc::new(elf);
                         cache.insert(key, elf.clone());
                         elf
                     }
-                    Err(e) => {
-                        out.unreadable.push((m.path.clone(), e.to_string()));
+                    Err(refusal) => {
+                        target_file::note(pid, &m.path, refusal);
+                        out.unreadable.push((m.path.clone(), refusal.to_string()));
                         continue;
                     }
                 },
@@ -261,6 +283,7 @@ mod tests {
             "/usr/lib/x86_64-linux-gnu/libluajit-5.1.so.2.1.0"
         );
         assert_eq!(maps[2].path, "/tmp/my lib.so");
+        assert_eq!((maps[0].dev, maps[0].inode), ((0xfe, 1), 1234));
     }
 
     #[test]

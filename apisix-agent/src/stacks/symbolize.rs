@@ -1,6 +1,6 @@
-//! Names for native code addresses: ELF symbols (and debug symbols where installed, through
-//! `.gnu_debuglink` / build-id under `/usr/lib/debug`) via blazesym, kernel symbols from
-//! `/proc/kallsyms`. An address without a symbol is named `module+0xOFFSET` (offset as the
+//! Names for native code addresses: ELF symbols via blazesym (not separate debug files: their
+//! lookup follows names and paths the target controls, and could open a FIFO it planted),
+//! kernel symbols from `/proc/kallsyms`. An address without a symbol is named `module+0xOFFSET` (offset as the
 //! binary states it), never an error. Results are cached per file and address.
 //!
 //! blazesym's own cache only grows: one open file and its parsed symbols per path and file
@@ -83,7 +83,12 @@ impl Symbolizer {
         if let Some(name) = self.user.get(&key) {
             return name.clone();
         }
-        let src = Source::Elf(Elf::new(module.elf.fd_path()));
+        // No debug files: where they are looked up (beside the file as the agent's root
+        // resolves its path, by a name the file states) is the target's to choose.
+        let src = Source::Elf(Elf {
+            debug_syms: false,
+            ..Elf::new(module.elf.fd_path())
+        });
         let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::VirtOffset(svma)) {
             Ok(Symbolized::Sym(sym)) => Arc::from(&*sym.name),
             _ => Arc::from(offset_label(&module.elf.name, svma)),
