@@ -112,6 +112,12 @@ pub struct Http {
     pub basic_auth_users: BTreeMap<String, String>,
     /// A file holding a bearer token clients may send instead (empty: none).
     pub bearer_token_file: String,
+    /// With credentials configured: the basic auth users who may start on-demand captures
+    /// (`/flamegraph?seconds=`), which load BPF programs against targets (`mode=alloc|live`:
+    /// probes on every Lua allocation). Other users and the bearer token only read (metrics,
+    /// targets, the retained window). Without credentials everyone may, as for every
+    /// endpoint.
+    pub capture_users: Vec<String>,
     /// `/healthz` answers without credentials (liveness probes) when auth is set.
     pub healthz_without_auth: bool,
     /// Time a client has, from connecting (TLS handshake included), to send a request's
@@ -202,6 +208,16 @@ impl Http {
                 )
             })?;
         }
+        if let Some(user) = self
+            .capture_users
+            .iter()
+            .find(|u| !self.basic_auth_users.contains_key(*u))
+        {
+            return Err(bad(
+                "capture_users",
+                format!("{user:?} is not one of http.basic_auth_users"),
+            ));
+        }
         in_range(self.header_timeout_seconds, 1..=300)
             .map_err(|e| bad("header_timeout_seconds", e))?;
         in_range(self.idle_timeout_seconds, 1..=3600)
@@ -244,12 +260,16 @@ pub struct Sampling {
 pub struct LuaMemory {
     /// Mean allocated bytes between two sampled stacks (`&sample_bytes=N` overrides it).
     pub sample_bytes: u64,
+    /// Least time between the starts of two such captures (they slow the targets down while
+    /// they run); one asked for sooner gets 429 with `Retry-After`. 0: no limit.
+    pub min_interval_seconds: u64,
 }
 
 impl Default for LuaMemory {
     fn default() -> Self {
         Self {
             sample_bytes: crate::sampling::capture::DEFAULT_SAMPLE_BYTES,
+            min_interval_seconds: 60,
         }
     }
 }
@@ -326,6 +346,7 @@ impl Default for Http {
             tls: HttpTls::default(),
             basic_auth_users: BTreeMap::new(),
             bearer_token_file: String::new(),
+            capture_users: Vec::new(),
             healthz_without_auth: true,
             header_timeout_seconds: 5,
             idle_timeout_seconds: 120,
@@ -457,6 +478,8 @@ impl Config {
             crate::sampling::capture::SAMPLE_BYTES_RANGE,
         )
         .map_err(|e| bad("sampling.memory.sample_bytes", e))?;
+        in_range(s.memory.min_interval_seconds, 0..=86_400)
+            .map_err(|e| bad("sampling.memory.min_interval_seconds", e))?;
         in_range(self.metrics.top_functions, 1..=10_000)
             .map_err(|e| bad("metrics.top_functions", e))?;
         let d = &self.discovery;

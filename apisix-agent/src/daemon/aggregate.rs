@@ -29,8 +29,8 @@ use std::{
 };
 
 use super::metrics::{
-    CFunctionLabels, LuaFunctionLabels, Metrics, PhaseLabels, PluginLabels, TargetLabels,
-    VmStateLabels,
+    CFunctionLabels, LabelValue, LuaFunctionLabels, Metrics, PhaseLabels, PluginLabels,
+    TargetLabels, VmStateLabels,
 };
 use crate::{
     attribution::{Attribution, Filter, Phase, Rules},
@@ -52,8 +52,8 @@ impl Group {
     /// The group of a target.
     pub fn of(target: &TargetLabels) -> Self {
         Self {
-            container: target.container.clone(),
-            image: target.image.clone(),
+            container: target.container.as_str().to_owned(),
+            image: target.image.as_str().to_owned(),
         }
     }
 }
@@ -75,11 +75,11 @@ impl LuaKey {
     /// The series labels of this function in `group`.
     fn labels(self, group: &Group) -> LuaFunctionLabels {
         LuaFunctionLabels {
-            function: self.function,
-            file: self.file,
-            line: self.line,
-            container: group.container.clone(),
-            image: group.image.clone(),
+            function: self.function.into(),
+            file: self.file.into(),
+            line: self.line.into(),
+            container: group.container.clone().into(),
+            image: group.image.clone().into(),
         }
     }
 
@@ -96,10 +96,10 @@ impl CKey {
     /// The series labels of this function in `group`.
     fn labels(self, group: &Group) -> CFunctionLabels {
         CFunctionLabels {
-            function: self.function,
-            module: self.module,
-            container: group.container.clone(),
-            image: group.image.clone(),
+            function: self.function.into(),
+            module: self.module.into(),
+            container: group.container.clone().into(),
+            image: group.image.clone().into(),
         }
     }
 
@@ -495,7 +495,7 @@ impl Aggregator {
                 .entry(group)
                 .or_default()
                 .processes
-                .insert(target.process);
+                .insert(target.process.as_str().to_owned());
         }
         for (group, pending) in self.pending.drain() {
             let admitted = self.admitted.entry(group.clone()).or_default();
@@ -579,15 +579,15 @@ impl Aggregator {
         };
         (
             PluginLabels {
-                plugin,
-                phase: a.phase.name(),
-                container: group.container.clone(),
-                image: group.image.clone(),
+                plugin: plugin.into(),
+                phase: LabelValue::fixed(a.phase.name()),
+                container: group.container.clone().into(),
+                image: group.image.clone().into(),
             },
             PhaseLabels {
-                phase: a.phase.name(),
-                container: group.container.clone(),
-                image: group.image.clone(),
+                phase: LabelValue::fixed(a.phase.name()),
+                container: group.container.clone().into(),
+                image: group.image.clone().into(),
             },
         )
     }
@@ -654,10 +654,10 @@ impl Aggregator {
             for plugin in admitted.plugins.into_iter().chain(specials) {
                 for phase in Phase::ALL {
                     let labels = PluginLabels {
-                        plugin: plugin.clone(),
-                        phase: phase.name(),
-                        container: g.container.clone(),
-                        image: g.image.clone(),
+                        plugin: plugin.clone().into(),
+                        phase: LabelValue::fixed(phase.name()),
+                        container: g.container.clone().into(),
+                        image: g.image.clone().into(),
                     };
                     self.metrics.plugin_cpu.remove(&labels);
                     self.metrics.plugin_offcpu.remove(&labels);
@@ -665,18 +665,18 @@ impl Aggregator {
             }
             for phase in Phase::ALL {
                 let labels = PhaseLabels {
-                    phase: phase.name(),
-                    container: g.container.clone(),
-                    image: g.image.clone(),
+                    phase: LabelValue::fixed(phase.name()),
+                    container: g.container.clone().into(),
+                    image: g.image.clone().into(),
                 };
                 self.metrics.phase_cpu.remove(&labels);
                 self.metrics.phase_offcpu.remove(&labels);
             }
             for process in admitted.processes {
                 let labels = TargetLabels {
-                    container: g.container.clone(),
-                    image: g.image.clone(),
-                    process,
+                    container: g.container.clone().into(),
+                    image: g.image.clone().into(),
+                    process: process.into(),
                 };
                 self.metrics.samples.remove(&labels);
                 self.metrics.lost.remove(&labels);
@@ -684,9 +684,9 @@ impl Aggregator {
             // The sampler thread counts VM states; their series go with the group too.
             for state in crate::luajit::VmState::ALL {
                 self.metrics.vm_states.remove(&VmStateLabels {
-                    state: state.name(),
-                    container: g.container.clone(),
-                    image: g.image.clone(),
+                    state: LabelValue::fixed(state.name()),
+                    container: g.container.clone().into(),
+                    image: g.image.clone().into(),
                 });
             }
         }
@@ -712,11 +712,36 @@ impl Aggregator {
             if now.duration_since(r.at) > window {
                 break;
             }
-            if keep(r.pid, &r.target.container) && self.passes(filter, &r.target, &r.attribution) {
+            if keep(r.pid, r.target.container.as_str())
+                && self.passes(filter, &r.target, &r.attribution)
+            {
                 folded.add(r.stack.to_vec(), 1);
             }
         }
         folded
+    }
+
+    /// The stacks of [`Self::recent_filtered`], one per sample, unfolded: copying references
+    /// is all that happens under the aggregator's lock; the caller folds them after.
+    pub fn recent_stacks(
+        &self,
+        window: Duration,
+        keep: impl Fn(u32, &str) -> bool,
+        filter: &Filter,
+    ) -> Vec<Arc<[Arc<str>]>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for r in self.recent.samples.iter().rev() {
+            if now.duration_since(r.at) > window {
+                break;
+            }
+            if keep(r.pid, r.target.container.as_str())
+                && self.passes(filter, &r.target, &r.attribution)
+            {
+                out.push(r.stack.clone());
+            }
+        }
+        out
     }
 
     /// The distinct stacks of the samples of `which` that arrived in `(from, to]`, of the
@@ -743,7 +768,8 @@ impl Aggregator {
             if r.at <= from {
                 break;
             }
-            if !keep(r.pid, &r.target.container) || !self.passes(filter, &r.target, &r.attribution)
+            if !keep(r.pid, r.target.container.as_str())
+                || !self.passes(filter, &r.target, &r.attribution)
             {
                 continue;
             }
@@ -901,7 +927,7 @@ mod tests {
         metrics
             .vm_states
             .get_or_create(&VmStateLabels {
-                state: crate::luajit::VmState::ALL[0].name(),
+                state: LabelValue::fixed(crate::luajit::VmState::ALL[0].name()),
                 container: t.container.clone(),
                 image: t.image.clone(),
             })

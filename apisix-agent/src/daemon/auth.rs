@@ -3,15 +3,20 @@
 //! - `http.basic_auth_users`: user name → bcrypt hash. A password is checked with bcrypt
 //!   (constant-time comparison of the digests; an unknown user is checked against a dummy
 //!   hash of the same cost, so both take as long). At most [`BCRYPT_AT_ONCE`] checks run at
-//!   once, on blocking threads. A password once verified for a user is remembered as a keyed
+//!   once, on blocking threads; at most [`BCRYPT_QUEUE`] requests wait for one, each for at
+//!   most [`BCRYPT_WAIT`]; past either the request is answered 503 with `Retry-After: 1`
+//!   (reason `bcrypt_busy`), so wrong passwords cannot queue up and hold connections. A password once verified for a user is remembered as a keyed
 //!   SHA-256 digest (compared in constant time), so a scrape every few seconds costs one
 //!   bcrypt per process lifetime, not one per scrape.
 //! - `http.bearer_token_file`: `Authorization: Bearer TOKEN`; the file is read at start
 //!   (whitespace around the token is dropped), again on SIGHUP, when it changes, or at
-//!   each check after a failed reload ([`Auth::reload`]); tokens are compared as SHA-256
-//!   digests in constant time.
+//!   each check after a failed reload ([`Auth::reload`], every 5 s); tokens are compared as
+//!   SHA-256 digests in constant time. A reload that fails (the file removed, emptied or
+//!   unreadable) revokes the token until the file holds one again: deleting the file is a
+//!   way to revoke it (fail closed).
 //!
-//! [`require`] is the axum middleware: a request without valid credentials gets 401 with
+//! [`require`] is the axum middleware: a request with valid credentials carries its
+//! [`Caller`] (for `http.capture_users`); a request without valid credentials gets 401 with
 //! `WWW-Authenticate` (`Basic realm="apisix-agent"` and/or `Bearer realm="apisix-agent"`);
 //! `/healthz` passes without credentials when `http.healthz_without_auth` (liveness probes).
 //!
@@ -25,7 +30,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -42,13 +47,17 @@ use subtle::ConstantTimeEq as _;
 
 use super::{
     listener::Every,
-    metrics::{HttpReasonLabels, Metrics},
+    metrics::{HttpReasonLabels, LabelValue, Metrics},
     tls::{FileStamp, Watched},
 };
 use crate::config;
 
 /// bcrypt checks running at once; more wait (each takes tens of milliseconds of CPU).
 pub const BCRYPT_AT_ONCE: usize = 2;
+/// Requests waiting for a bcrypt check at most; one more is answered 503 at once.
+pub const BCRYPT_QUEUE: usize = 16;
+/// Longest wait for a bcrypt check; then the request is answered 503.
+pub const BCRYPT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,18 +72,22 @@ pub enum Failure {
     UnknownUser,
     /// Basic auth with a known user and the wrong password.
     WrongPassword,
-    /// A bearer token that is not the one in `http.bearer_token_file`.
+    /// A bearer token that is not the one in `http.bearer_token_file` (or none, revoked).
     WrongToken,
+    /// Not checked: [`BCRYPT_QUEUE`] requests wait for a bcrypt check already, or this one
+    /// waited [`BCRYPT_WAIT`] (answered 503 with `Retry-After`, not 401).
+    Busy,
 }
 
 impl Failure {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Missing,
         Self::UnsupportedScheme,
         Self::Malformed,
         Self::UnknownUser,
         Self::WrongPassword,
         Self::WrongToken,
+        Self::Busy,
     ];
 
     /// The `reason` label.
@@ -86,6 +99,7 @@ impl Failure {
             Self::UnknownUser => "unknown_user",
             Self::WrongPassword => "wrong_password",
             Self::WrongToken => "wrong_token",
+            Self::Busy => "bcrypt_busy",
         }
     }
 }
@@ -127,7 +141,8 @@ struct User {
 #[derive(Debug)]
 struct Token {
     path: PathBuf,
-    digest: RwLock<[u8; 32]>,
+    /// `None` once revoked: the file was removed, emptied or unreadable at a reload.
+    digest: RwLock<Option<[u8; 32]>>,
     watched: Watched<Option<FileStamp>>,
 }
 
@@ -145,6 +160,8 @@ pub struct Auth {
     /// Held by the blocking bcrypt task itself, so a client that hangs up mid-check does not
     /// free its slot while bcrypt still runs.
     bcrypt_slots: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting for a bcrypt slot or running bcrypt now.
+    bcrypt_queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     /// Failures since the last warning.
     unreported: AtomicU64,
@@ -153,6 +170,26 @@ pub struct Auth {
 
 /// The outcome of checking one request.
 type Checked = Result<(), Failure>;
+
+/// Who a request with valid credentials came from, in its extensions: the basic auth user,
+/// or `None` for the bearer token. Handlers read it for permissions beyond reading
+/// (`http.capture_users`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub Option<String>);
+
+/// The user name of a basic `Authorization` header (not checked).
+fn basic_user(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    String::from_utf8(decoded[..colon].to_vec()).ok()
+}
 
 impl Auth {
     /// The credentials of `http`; `None` when neither basic auth users nor a bearer token
@@ -205,8 +242,9 @@ impl Auth {
             let digest = read_token(&path)?;
             Some(Token {
                 path,
-                digest: RwLock::new(digest),
-                watched: Watched::new("bearer_token", "bearer token", "token", seen),
+                digest: RwLock::new(Some(digest)),
+                watched: Watched::new("bearer_token", "bearer token", "token", seen)
+                    .failing_closed(),
             })
         };
         let mut challenges = Vec::new();
@@ -220,10 +258,9 @@ impl Auth {
         }
         for f in Failure::ALL {
             // Every reason exists from the start, so rate() sees the first failure.
-            let _ = metrics
-                .http
-                .auth_failures
-                .get_or_create(&HttpReasonLabels { reason: f.name() });
+            let _ = metrics.http.auth_failures.get_or_create(&HttpReasonLabels {
+                reason: LabelValue::fixed(f.name()),
+            });
         }
         Ok(Some(Arc::new(Self {
             users,
@@ -233,6 +270,7 @@ impl Auth {
             healthz_open: http.healthz_without_auth,
             challenges,
             bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_AT_ONCE)),
+            bcrypt_queued: Arc::new(AtomicUsize::new(0)),
             metrics,
             unreported: AtomicU64::new(0),
             warnings: Every::new(),
@@ -266,7 +304,10 @@ impl Auth {
                 Ok(d) => *d,
                 Err(poisoned) => *poisoned.into_inner(),
             };
-            if bool::from(given.ct_eq(&want)) {
+            // Revoked: no token is valid until the file holds one again.
+            if let Some(want) = want
+                && bool::from(given.ct_eq(&want))
+            {
                 Ok(())
             } else {
                 Err(Failure::WrongToken)
@@ -288,12 +329,17 @@ impl Auth {
         }
         let hash = known.map_or_else(|| self.dummy_hash.clone(), |u| u.hash.clone());
         let password = password.to_vec();
-        let good = match self.bcrypt_slots.clone().acquire_owned().await {
-            // The slot moves into the blocking task: it is freed when bcrypt ends, not when
-            // this future is dropped (a client hanging up).
+        let queued = Queued::join(&self.bcrypt_queued).ok_or(Failure::Busy)?;
+        let slot = tokio::time::timeout(BCRYPT_WAIT, self.bcrypt_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| Failure::Busy)?;
+        let good = match slot {
+            // The slot and the queue place move into the blocking task: they are freed when
+            // bcrypt ends, not when this future is dropped (a client hanging up).
             Ok(slot) => tokio::task::spawn_blocking(move || {
                 let good = bcrypt::verify(password, &hash).unwrap_or(false);
                 drop(slot);
+                drop(queued);
                 good
             })
             .await
@@ -323,8 +369,9 @@ impl Auth {
     }
 
     /// Reads the bearer token file again when `force` (SIGHUP), when it changed since it
-    /// was last read successfully, or when the last reload failed; a failure keeps the
-    /// previous token. Returns whether the file was read.
+    /// was last read successfully, or when the last reload failed; a failure (the file
+    /// removed, emptied or unreadable) revokes the token: fail closed. Returns whether the
+    /// file was read.
     pub fn reload(&self, force: bool) -> bool {
         let Some(token) = &self.token else {
             return false;
@@ -334,10 +381,18 @@ impl Auth {
             FileStamp::of(&token.path),
             &token.path,
             &self.metrics,
-            || read_token(&token.path),
+            || {
+                let read = read_token(&token.path);
+                if read.is_err()
+                    && let Ok(mut d) = token.digest.write()
+                {
+                    *d = None;
+                }
+                read
+            },
             |digest| {
                 if let Ok(mut d) = token.digest.write() {
-                    *d = digest;
+                    *d = Some(digest);
                 }
             },
         )
@@ -349,7 +404,7 @@ impl Auth {
             .http
             .auth_failures
             .get_or_create(&HttpReasonLabels {
-                reason: failure.name(),
+                reason: LabelValue::fixed(failure.name()),
             })
             .inc();
         let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
@@ -372,6 +427,20 @@ impl Auth {
         }
     }
 
+    fn busy() -> Response {
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": "too many password checks waiting; retry in a moment"
+            })),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
+
     fn unauthorized(&self) -> Response {
         let mut response = (
             StatusCode::UNAUTHORIZED,
@@ -387,12 +456,40 @@ impl Auth {
     }
 }
 
+/// Longest bearer token file read; the bytes after are ignored (and make the token wrong).
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// A place in the bcrypt queue, freed on drop.
+struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    /// A place, or `None` when [`BCRYPT_QUEUE`] are taken.
+    fn join(queue: &Arc<AtomicUsize>) -> Option<Self> {
+        queue
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < BCRYPT_QUEUE).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(queue.clone()))
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The token in `path`, as a digest.
 fn read_token(path: &std::path::Path) -> Result<[u8; 32], AuthError> {
-    let text = std::fs::read(path).map_err(|source| AuthError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE_BYTES).read_to_end(&mut text))
+        .map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
     let token = text.trim_ascii();
     if token.is_empty() {
         return Err(AuthError::EmptyToken {
@@ -404,19 +501,27 @@ fn read_token(path: &std::path::Path) -> Result<[u8; 32], AuthError> {
 
 /// The middleware: lets a request with valid credentials (or `/healthz`, when open) through,
 /// answers 401 to the others.
-pub async fn require(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     if auth.healthz_open && req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
     match auth.check(req.headers()).await {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            let user = basic_user(req.headers()).filter(|_| !auth.users.is_empty());
+            req.extensions_mut().insert(Caller(user));
+            next.run(req).await
+        }
         Err(failure) => {
             let peer = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0);
             auth.refused(failure, peer, req.uri().path());
-            auth.unauthorized()
+            if failure == Failure::Busy {
+                Auth::busy()
+            } else {
+                auth.unauthorized()
+            }
         }
     }
 }
@@ -517,9 +622,53 @@ mod tests {
 
     fn check(auth: &Auth, authorization: Option<&str>) -> Checked {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("runtime");
         rt.block_on(auth.check(&headers(authorization)))
+    }
+
+    #[test]
+    fn the_bcrypt_queue_is_bounded() {
+        // Cost 10: tens of milliseconds each, so the checks pile up.
+        let mut http = config::Http::default();
+        let hash = bcrypt::hash("right", 10).expect("hash");
+        http.basic_auth_users.insert("prom".to_owned(), hash);
+        let a = match Auth::load(&http, Arc::default()) {
+            Ok(Some(a)) => a,
+            _ => panic!("no auth"),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let outcomes = rt.block_on(async {
+            let wrong = headers(Some(&basic("prom", "wrong")));
+            let checks: Vec<_> = (0..64)
+                .map(|_| {
+                    let (a, h) = (a.clone(), wrong.clone());
+                    tokio::spawn(async move { a.check(&h).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for c in checks {
+                out.push(c.await.expect("join"));
+            }
+            out
+        });
+        let busy = outcomes
+            .iter()
+            .filter(|o| **o == Err(Failure::Busy))
+            .count();
+        let wrong = outcomes
+            .iter()
+            .filter(|o| **o == Err(Failure::WrongPassword))
+            .count();
+        assert!(busy >= 64 - BCRYPT_QUEUE, "{busy} busy of 64");
+        assert_eq!(busy + wrong, 64);
+        // Once the queue drained, the right password passes.
+        assert_eq!(check(&a, Some(&basic("prom", "right"))), Ok(()));
     }
 
     #[test]
@@ -590,12 +739,25 @@ mod tests {
         assert!(a.reload(false), "changed file: read again");
         assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
         assert_eq!(check(&a, Some("Bearer tok-1")), Err(Failure::WrongToken));
-        // A reload that fails keeps the token in use, and is tried again at the next check
-        // although the file did not change.
+        // A reload that fails revokes the token (fail closed), and is tried again at the next
+        // check although the file did not change.
         std::fs::write(&file, "\n").expect("write");
         assert!(a.reload(true));
-        assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+        assert_eq!(
+            check(&a, Some("Bearer tok-2-longer")),
+            Err(Failure::WrongToken)
+        );
         assert!(a.reload(false), "a failed reload is retried");
+        std::fs::write(&file, "tok-2-longer\n").expect("write");
+        assert!(a.reload(false));
+        assert_eq!(check(&a, Some("Bearer tok-2-longer")), Ok(()));
+        std::fs::remove_file(&file).expect("remove");
+        assert!(a.reload(false), "a removed file is a change");
+        assert_eq!(
+            check(&a, Some("Bearer tok-2-longer")),
+            Err(Failure::WrongToken),
+            "a removed token file revokes the token"
+        );
         std::fs::write(&file, "tok-3\n").expect("write");
         assert!(a.reload(false));
         assert_eq!(check(&a, Some("Bearer tok-3")), Ok(()));

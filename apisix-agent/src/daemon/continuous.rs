@@ -25,7 +25,7 @@ use apisix_ebpf_common::Counter;
 
 use super::{
     aggregate::Group,
-    metrics::{FlavourLabels, ReasonLabels, TargetLabels, VmStateLabels},
+    metrics::{FlavourLabels, LabelValue, ReasonLabels, TargetLabels, VmStateLabels},
     state::{Shared, VmMemory},
 };
 use crate::{
@@ -60,9 +60,9 @@ struct Tracked {
 
 fn metric_labels(t: &TargetProcess) -> TargetLabels {
     TargetLabels {
-        container: t.labels.container.clone(),
-        image: t.labels.image.clone(),
-        process: t.labels.process.clone(),
+        container: t.labels.container.clone().into(),
+        image: t.labels.image.clone().into(),
+        process: t.labels.process.clone().into(),
     }
 }
 
@@ -101,8 +101,8 @@ impl<S: SampleSource> State<S> {
             if let Some(tr) = self.tracked.remove(&pid) {
                 tracing::info!(
                     pid,
-                    process = tr.labels.process,
-                    container = tr.labels.container,
+                    process = tr.labels.process.as_str(),
+                    container = tr.labels.container.as_str(),
                     "target gone"
                 );
             }
@@ -115,8 +115,8 @@ impl<S: SampleSource> State<S> {
                 if tr.labels != labels {
                     tracing::info!(
                         pid = t.pid,
-                        container = labels.container,
-                        image = labels.image,
+                        container = labels.container.as_str(),
+                        image = labels.image.as_str(),
                         "target relabelled"
                     );
                     tr.labels = labels;
@@ -172,7 +172,7 @@ impl<S: SampleSource> State<S> {
                 .metrics
                 .targets
                 .get_or_create(&FlavourLabels {
-                    flavour: flavour.to_owned(),
+                    flavour: LabelValue::fixed(flavour),
                 })
                 .set(n);
         }
@@ -264,7 +264,7 @@ impl<S: SampleSource> State<S> {
                                 .metrics
                                 .lua_memory_errors
                                 .get_or_create(&ReasonLabels {
-                                    reason: e.reason().to_owned(),
+                                    reason: LabelValue::fixed(e.reason()),
                                 })
                                 .inc();
                         }
@@ -328,7 +328,7 @@ impl<S: SampleSource> State<S> {
         *seen = total;
         let family = &shared.metrics.unwind_errors;
         let series = family.get_or_create(&ReasonLabels {
-            reason: reason.to_owned(),
+            reason: LabelValue::fixed(reason),
         });
         series.inc_by(delta);
     }
@@ -451,9 +451,9 @@ pub fn run_with<S: SampleSource>(
                             .metrics
                             .vm_states
                             .get_or_create(&VmStateLabels {
-                                state: v.name(),
-                                container: tr.labels.container.clone(),
-                                image: tr.labels.image.clone(),
+                                state: LabelValue::fixed(v.name()),
+                                container: tr.labels.container.clone().into(),
+                                image: tr.labels.image.clone().into(),
                             })
                             .inc();
                     }

@@ -21,10 +21,15 @@
 //!   JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
 //!
-//! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 404 for an unknown target or
-//! path, 422 for a target whose Lua allocator cannot be probed (the reason says why), 429
-//! when `sampling.max_concurrent_captures` captures already run, or when [`PPROF_AT_ONCE`]
-//! pprof profiles of the retained window are being encoded (with `Retry-After: 1`).
+//! Errors are JSON `{"error": "…"}`: 400 for bad parameters, 403 for a capture by
+//! credentials not in `http.capture_users` (when credentials are configured), 404 for an
+//! unknown target or path, or a PID whose process is not the one discovered any more (its
+//! start time differs: reused), 422 for a target whose Lua allocator cannot be probed (the
+//! reason says why), 429 with `Retry-After` when `sampling.max_concurrent_captures` captures
+//! already run, when [`PPROF_AT_ONCE`] pprof profiles or [`RENDERS_AT_ONCE`] flame graphs of
+//! the retained window are being made, or when a Lua memory capture started less than
+//! `sampling.memory.min_interval_seconds` ago. Window flame graphs are folded and rendered
+//! on blocking threads, the aggregator's lock held only to copy references.
 //! Handlers only read shared state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
@@ -42,7 +47,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{Query, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
@@ -53,14 +58,14 @@ use axum::{
 use super::{
     Shared,
     aggregate::Retention,
-    auth::{self, Auth},
+    auth::{self, Auth, Caller},
     listener::{self, Limits},
-    state::PPROF_AT_ONCE,
+    state::{PPROF_AT_ONCE, RENDERS_AT_ONCE},
     tls::Tls,
 };
 use crate::{
     attribution::{self, Filter, Phase, Rules},
-    discovery::{Lua, TargetProcess},
+    discovery::{Lua, TargetProcess, procfs},
     luajit::NameStyle,
     output::{Folded, pprof},
     sampling::capture::{self, CaptureTarget},
@@ -419,10 +424,18 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<Filter, BadRequest> {
     Ok(Filter { plugin, phase })
 }
 
-/// The targets a selector names.
+/// Whether `t`'s process still runs as the one discovered: its PID was not reused by another
+/// process since (the start time, field 22 of `/proc/PID/stat`, is the same).
+fn same_process(t: &TargetProcess) -> bool {
+    procfs::start_time(t.pid) == Some(t.start_time)
+}
+
+/// The targets a selector names, leaving out those whose PID now belongs to another process
+/// ([`same_process`]).
 fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess> {
     snapshot
         .iter()
+        .filter(|t| same_process(t))
         .filter(|t| match selector {
             Selector::Pid(pid) => t.pid == *pid,
             Selector::Container(name) => {
@@ -435,8 +448,54 @@ fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess>
         .collect()
 }
 
+/// Whether `caller` may start a capture of `mode` now: with credentials configured only
+/// the users of `http.capture_users` may (403), and Lua memory captures start at most once
+/// per `sampling.memory.min_interval_seconds` (429 with `Retry-After`).
+fn may_capture(
+    shared: &Shared,
+    caller: Option<&Caller>,
+    mode: RequestMode,
+) -> Result<(), Response> {
+    let http = &shared.config.http;
+    if http.auth_enabled() {
+        let user = caller.and_then(|c| c.0.as_deref());
+        if !user.is_some_and(|u| http.capture_users.iter().any(|c| c == u)) {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "captures need a user of http.capture_users; these credentials only read"
+                    .to_owned(),
+            ));
+        }
+    }
+    let interval = Duration::from_secs(shared.config.sampling.memory.min_interval_seconds);
+    if matches!(mode, RequestMode::Alloc | RequestMode::Live) && !interval.is_zero() {
+        let Ok(mut last) = shared.last_alloc_capture.lock() else {
+            return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()));
+        };
+        let now = std::time::Instant::now();
+        if let Some(wait) = last.and_then(|at| interval.checked_sub(now.duration_since(at))) {
+            let secs = wait.as_secs() + 1;
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "a Lua memory capture started less than {}s ago \
+                     (sampling.memory.min_interval_seconds); retry in {secs}s",
+                    interval.as_secs()
+                ),
+            );
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return Err(response);
+        }
+        *last = Some(now);
+    }
+    Ok(())
+}
+
 async fn flamegraph(
     State(shared): State<Arc<Shared>>,
+    caller: Option<Extension<Caller>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let cfg = &shared.config.sampling;
@@ -481,32 +540,55 @@ async fn flamegraph(
             .await;
         }
         None => {
+            let Ok(slot) = shared.renders.clone().try_acquire_owned() else {
+                return busy(format!(
+                    "{RENDERS_AT_ONCE} flame graphs of the retained window are being rendered \
+                     already; retry in a moment"
+                ));
+            };
             let window = Duration::from_secs(cfg.retention_seconds);
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
-            let folded = match shared.aggregator.lock() {
-                Ok(agg) => agg.recent_filtered(window, |pid, _| pids.contains(&pid), &req.filter),
-                Err(_) => {
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "aggregator poisoned".into(),
-                    );
-                }
-            };
             let title = format!(
                 "{describe} — last {}s of continuous sampling at {} Hz",
                 cfg.retention_seconds, cfg.frequency_hz
             );
-            (folded, title, "samples")
+            let worker = shared.clone();
+            let filter = req.filter.clone();
+            // The lock is held while references are copied; folding and rendering run on a
+            // blocking thread, off the async workers (/healthz, handshakes, the sampler).
+            let rendered = tokio::task::spawn_blocking(move || {
+                let stacks = match worker.aggregator.lock() {
+                    Ok(agg) => agg.recent_stacks(window, |pid, _| pids.contains(&pid), &filter),
+                    Err(_) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "aggregator poisoned".into(),
+                        );
+                    }
+                };
+                let mut folded = Folded::new();
+                for stack in stacks {
+                    folded.add(stack.to_vec(), 1);
+                }
+                let title = filtered_title(title, &filter, &folded);
+                let response = render(&folded, req.format, &title, "samples", &worker.rules);
+                drop(slot);
+                response
+            })
+            .await;
+            return rendered.unwrap_or_else(|e| {
+                error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}"))
+            });
         }
         Some(seconds) => {
+            if let Err(refused) = may_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode) {
+                return refused;
+            }
             let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
-                return error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "{} captures already running (sampling.max_concurrent_captures)",
-                        cfg.max_concurrent_captures
-                    ),
-                );
+                return busy(format!(
+                    "{} captures already running (sampling.max_concurrent_captures)",
+                    cfg.max_concurrent_captures
+                ));
             };
             let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
             let targets: Vec<CaptureTarget> = chosen
@@ -571,6 +653,15 @@ async fn flamegraph(
                     return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
                 }
             };
+            if let Some(t) = chosen.iter().find(|t| !same_process(t)) {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "pid {} ended or was reused by another process during the capture",
+                        t.pid
+                    ),
+                );
+            }
             tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
             let mut title = format!(
                 "{describe} — {:.0}s {} from {}",
@@ -633,14 +724,35 @@ async fn flamegraph(
             )
         }
     };
-    let title = if req.filter.is_empty() {
+    // Rendered on a blocking thread, off the async workers; the capture's own permit bounds
+    // how many run at once.
+    let worker = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let title = filtered_title(title, &req.filter, &folded);
+        render(&folded, req.format, &title, unit, &worker.rules)
+    })
+    .await
+    .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+}
+
+/// `title` with what `filter` kept, or that it kept nothing.
+fn filtered_title(title: String, filter: &Filter, folded: &Folded) -> String {
+    if filter.is_empty() {
         title
     } else if folded.total() == 0 {
-        format!("{title} — {}: no samples matched", req.filter.describe())
+        format!("{title} — {}: no samples matched", filter.describe())
     } else {
-        format!("{title} — {}", req.filter.describe())
-    };
-    render(&folded, req.format, &title, unit, &shared.rules)
+        format!("{title} — {}", filter.describe())
+    }
+}
+
+/// 429 with `Retry-After: 1`.
+fn busy(message: String) -> Response {
+    let mut response = error(StatusCode::TOO_MANY_REQUESTS, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
 }
 
 fn describe(chosen: &[TargetProcess], what: &str) -> String {

@@ -55,7 +55,7 @@ use tokio::{
 use tower::ServiceExt as _;
 
 use super::{
-    metrics::{HttpReasonLabels, Metrics},
+    metrics::{HttpReasonLabels, LabelValue, Metrics},
     tls::Tls,
 };
 use crate::config;
@@ -165,7 +165,9 @@ impl Ctx {
         self.metrics
             .http
             .connection_errors
-            .get_or_create(&HttpReasonLabels { reason: e.name() })
+            .get_or_create(&HttpReasonLabels {
+                reason: LabelValue::fixed(e.name()),
+            })
             .inc();
     }
 }
@@ -189,7 +191,9 @@ pub async fn serve(
         let _ = metrics
             .http
             .connection_errors
-            .get_or_create(&HttpReasonLabels { reason: e.name() });
+            .get_or_create(&HttpReasonLabels {
+                reason: LabelValue::fixed(e.name()),
+            });
     }
     let ctx = Arc::new(Ctx {
         app,

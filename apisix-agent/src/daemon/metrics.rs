@@ -21,6 +21,8 @@
 //!   (`gc.total`) of the targets' VMs, summed over the processes of each label set;
 //!   `apisix_profiler_lua_memory_read_errors_total` {reason}: reads of it that failed
 //! - `apisix_profiler_targets` {flavour} (gauge)
+//! - `apisix_profiler_target_file_refusals_total` {reason}: files a target mapped that were
+//!   not opened ([`crate::stacks::target_file::Refusal::name`])
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
 //! - the HTTP endpoint's own ([`HttpMetrics`]): `apisix_profiler_http_auth_failures_total`
@@ -30,96 +32,185 @@
 //!
 //! Hooks: `/proc/self/stat`, `/proc/self/statm`.
 
-use std::sync::{Mutex, atomic::AtomicU64};
+use std::{
+    borrow::Cow,
+    sync::{Mutex, atomic::AtomicU64},
+};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
+/// Longest label value kept, in bytes; a longer one is cut (at a character boundary) and
+/// ends in [`TRUNCATED`]. Values come from the targets (chunk names, file names, symbols,
+/// container names), which any tenant controls.
+pub const MAX_LABEL_VALUE_BYTES: usize = 512;
+/// What a cut label value ends with.
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// One label value. Every label of every family is one of these, so that its
+/// [`EncodeLabelValue`] is the one place where values are escaped for the exposition formats
+/// (`\\`, `\"`, `\n`, the same in the Prometheus text format and OpenMetrics), whatever a
+/// target put in them. Built from a `String` or bytes, a value is capped at
+/// [`MAX_LABEL_VALUE_BYTES`] and invalid UTF-8 is replaced (U+FFFD).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LabelValue(Cow<'static, str>);
+
+impl LabelValue {
+    /// A value fixed in the agent (a reason, a phase): not capped.
+    pub const fn fixed(s: &'static str) -> Self {
+        Self(Cow::Borrowed(s))
+    }
+
+    /// A value from bytes a target controls: invalid UTF-8 replaced, then capped.
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Self::from(String::from_utf8_lossy(b).into_owned())
+    }
+
+    /// The value, unescaped.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary) with [`TRUNCATED`] appended
+/// when it was longer; the result is at most `max` + `TRUNCATED.len()` bytes.
+pub fn cap_str(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(TRUNCATED);
+    }
+    s
+}
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        Self(Cow::Owned(cap_str(s, MAX_LABEL_VALUE_BYTES)))
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(s: &str) -> Self {
+        Self::from(s.to_owned())
+    }
+}
+
+impl std::fmt::Display for LabelValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        escape_label_value(&self.0, encoder)
+    }
+}
+
+/// Writes `value` escaped as a label value of the Prometheus text format and OpenMetrics:
+/// backslash, double quote and line feed become `\\`, `\"` and `\n`; nothing else needs it.
+pub fn escape_label_value(value: &str, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+    let mut rest = value;
+    while let Some(i) = rest.find(['\\', '"', '\n']) {
+        out.write_str(&rest[..i])?;
+        out.write_str(match rest.as_bytes()[i] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        })?;
+        rest = &rest[i + 1..];
+    }
+    out.write_str(rest)
+}
+
 /// Labels of a Lua function series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LuaFunctionLabels {
-    pub function: String,
-    pub file: String,
-    pub line: String,
-    pub container: String,
-    pub image: String,
+    pub function: LabelValue,
+    pub file: LabelValue,
+    pub line: LabelValue,
+    pub container: LabelValue,
+    pub image: LabelValue,
 }
 
 /// Labels of a C function series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CFunctionLabels {
-    pub function: String,
-    pub module: String,
-    pub container: String,
-    pub image: String,
+    pub function: LabelValue,
+    pub module: LabelValue,
+    pub container: LabelValue,
+    pub image: LabelValue,
 }
 
 /// Labels of per-target series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
-    pub container: String,
-    pub image: String,
-    pub process: String,
+    pub container: LabelValue,
+    pub image: LabelValue,
+    pub process: LabelValue,
 }
 
 /// Labels of the VM-state series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VmStateLabels {
     /// One of [`crate::luajit::VmState::name`].
-    pub state: &'static str,
-    pub container: String,
-    pub image: String,
+    pub state: LabelValue,
+    pub container: LabelValue,
+    pub image: LabelValue,
 }
 
 /// Labels of the per-plugin series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabels {
     /// A sanitised plugin name, `[core]`, `[other]` (beyond the cap) or empty (no Lua).
-    pub plugin: String,
+    pub plugin: LabelValue,
     /// One of [`crate::attribution::Phase::name`].
-    pub phase: &'static str,
-    pub container: String,
-    pub image: String,
+    pub phase: LabelValue,
+    pub container: LabelValue,
+    pub image: LabelValue,
 }
 
 /// Labels of the per-phase series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     /// One of [`crate::attribution::Phase::name`].
-    pub phase: &'static str,
-    pub container: String,
-    pub image: String,
+    pub phase: LabelValue,
+    pub container: LabelValue,
+    pub image: LabelValue,
 }
 
 /// Labels of unwind error series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: LabelValue,
 }
 
 /// Labels of the targets gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlavourLabels {
-    pub flavour: String,
+    pub flavour: LabelValue,
 }
 
 /// Labels of the HTTP auth failure and connection error series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpReasonLabels {
     /// One of `daemon::auth::Failure::name` or `daemon::listener::ConnectionError::name`.
-    pub reason: &'static str,
+    pub reason: LabelValue,
 }
 
 /// Labels of the credential file reload series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `tls` (certificate, key and client CAs together) or `bearer_token`.
-    pub file: &'static str,
+    pub file: LabelValue,
     /// `ok` or `failed` (the previous files stay in use).
-    pub result: &'static str,
+    pub result: LabelValue,
 }
 
 /// The HTTP endpoint's own metrics (`daemon::listener`, `daemon::auth`, `daemon::tls`).
@@ -162,6 +253,10 @@ pub struct Metrics {
     agent_rss: Gauge,
     pub frequency: Gauge,
     pub http: HttpMetrics,
+    /// Target files not opened, by reason ([`crate::stacks::target_file`]).
+    target_file_refusals: Family<ReasonLabels, Counter>,
+    /// Refusals already added to `target_file_refusals`, by reason.
+    refusals_seen: Mutex<[u64; crate::stacks::target_file::Refusal::ALL.len()]>,
     /// CPU time already added to `agent_cpu`, in clock ticks.
     cpu_ticks_seen: Mutex<u64>,
 }
@@ -197,6 +292,8 @@ impl Metrics {
             agent_rss: Gauge::default(),
             frequency: Gauge::default(),
             http: HttpMetrics::default(),
+            target_file_refusals: Family::default(),
+            refusals_seen: Mutex::new([0; crate::stacks::target_file::Refusal::ALL.len()]),
             cpu_ticks_seen: Mutex::new(0),
         };
         m.registry.register(
@@ -317,6 +414,12 @@ impl Metrics {
             m.http.open_connections.clone(),
         );
         m.registry.register(
+            "target_file_refusals",
+            "Files mapped by a target that were not opened (not a regular file, changed since \
+             the maps line, too large, unreachable, not ELF), by reason",
+            m.target_file_refusals.clone(),
+        );
+        m.registry.register(
             "http_file_reloads",
             "Reloads of the TLS files and the bearer token file, by result",
             m.http.reloads.clone(),
@@ -332,7 +435,25 @@ impl Metrics {
         Ok(out)
     }
 
+    /// Adds the target file refusals counted since the last scrape.
+    fn refresh_refusals(&self) {
+        let Ok(mut seen) = self.refusals_seen.lock() else {
+            return;
+        };
+        for (i, (reason, total)) in crate::stacks::target_file::refusals()
+            .into_iter()
+            .enumerate()
+        {
+            let series = self.target_file_refusals.get_or_create(&ReasonLabels {
+                reason: LabelValue::fixed(reason),
+            });
+            series.inc_by(total.saturating_sub(seen[i]));
+            seen[i] = total;
+        }
+    }
+
     fn refresh_self(&self) {
+        self.refresh_refusals();
         let usage = self_usage();
         if let Some((ticks, rss)) = usage {
             if let Ok(mut seen) = self.cpu_ticks_seen.lock()
@@ -404,18 +525,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hostile_label_values_are_escaped_in_both_formats() {
+        let m = Metrics::new(false);
+        let evil = "x\"} 9\nforged{a=\"b\"} 1\n#\\";
+        m.lua_self
+            .get_or_create(&LuaFunctionLabels {
+                function: evil.into(),
+                file: evil.into(),
+                line: LabelValue::fixed("1"),
+                container: evil.into(),
+                image: LabelValue::from_bytes(b"\xff\xfe"),
+            })
+            .inc();
+        let text = m.encode().expect("encode");
+        let escaped = r#"x\"} 9\nforged{a=\"b\"} 1\n#\\"#;
+        for t in [text.clone(), to_prometheus_text(&text)] {
+            assert!(!t.lines().any(|l| l.starts_with("forged")), "{t}");
+            assert!(t.contains(&format!("function=\"{escaped}\"")), "{t}");
+            assert!(t.contains("image=\"\u{fffd}\u{fffd}\""), "{t}");
+        }
+        let long = LabelValue::from("é".repeat(MAX_LABEL_VALUE_BYTES));
+        assert!(long.as_str().ends_with(TRUNCATED));
+        assert!(long.as_str().len() <= MAX_LABEL_VALUE_BYTES + TRUNCATED.len());
+    }
+
+    #[test]
     fn names_follow_the_convention() {
         let m = Metrics::new(false);
         m.samples
             .get_or_create(&TargetLabels {
-                container: "c".into(),
-                image: "i".into(),
-                process: "nginx".into(),
+                container: LabelValue::fixed("c"),
+                image: LabelValue::fixed("i"),
+                process: LabelValue::fixed("nginx"),
             })
             .inc();
         m.unwind_errors
             .get_or_create(&ReasonLabels {
-                reason: "lua_bad_frame".into(),
+                reason: LabelValue::fixed("lua_bad_frame"),
             })
             .inc();
         let text = match m.encode() {
@@ -431,9 +577,9 @@ mod tests {
         assert!(text.contains("apisix_profiler_unwind_errors_total{reason=\"lua_bad_frame\"} 1"));
         m.lua_memory
             .get_or_create(&TargetLabels {
-                container: "c".into(),
-                image: "i".into(),
-                process: "nginx".into(),
+                container: LabelValue::fixed("c"),
+                image: LabelValue::fixed("i"),
+                process: LabelValue::fixed("nginx"),
             })
             .set(4096);
         let text = match m.encode() {

@@ -20,6 +20,11 @@ use crate::{attribution::Rules, config::Config, discovery::Snapshot};
 /// cannot pile copies up in the encoder's queue.
 pub const PPROF_AT_ONCE: usize = 2;
 
+/// Flame graph renders of the retained window (`/flamegraph` without `seconds`) at once; more
+/// are answered 429. Each folds up to `sampling.max_retained_samples` stacks on a blocking
+/// thread, holding the aggregator's lock only to copy references to them.
+pub const RENDERS_AT_ONCE: usize = 2;
+
 /// State shared by the HTTP handlers, the sampler thread and discovery.
 #[derive(Debug)]
 pub struct Shared {
@@ -38,6 +43,12 @@ pub struct Shared {
     /// Window profiles copied and encoded at once ([`PPROF_AT_ONCE`]); a
     /// permit moves into its encoding job.
     pub pprof_encodes: Arc<tokio::sync::Semaphore>,
+    /// Window flame graph renders at once ([`RENDERS_AT_ONCE`]); a permit moves into its
+    /// blocking job.
+    pub renders: Arc<tokio::sync::Semaphore>,
+    /// When the last Lua memory capture (`mode=alloc|live`) started, for
+    /// `sampling.memory.min_interval_seconds`.
+    pub last_alloc_capture: Mutex<Option<std::time::Instant>>,
     /// Set on shutdown: every loop and capture ends.
     pub stop: AtomicBool,
     /// The Lua VM of each target whose VM the continuous sampler learned, with its heap size
@@ -77,6 +88,8 @@ impl Shared {
                 config.sampling.max_concurrent_captures,
             )),
             pprof_encodes: Arc::new(tokio::sync::Semaphore::new(PPROF_AT_ONCE)),
+            renders: Arc::new(tokio::sync::Semaphore::new(RENDERS_AT_ONCE)),
+            last_alloc_capture: Mutex::new(None),
             stop: AtomicBool::new(false),
             lua_vms: RwLock::new(HashMap::new()),
             config,

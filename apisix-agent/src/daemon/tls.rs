@@ -28,7 +28,7 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 
-use super::metrics::{Metrics, ReloadLabels};
+use super::metrics::{LabelValue, Metrics, ReloadLabels};
 use crate::config::HttpTls;
 
 /// Errors of reading the TLS files; each names the configuration field.
@@ -169,6 +169,9 @@ pub struct Watched<S> {
     holds: &'static str,
     seen: Mutex<S>,
     failed: LastError,
+    /// A failed reload revokes what was installed (the caller's `read` does it) instead of
+    /// keeping it; said so in the log.
+    fails_closed: bool,
 }
 
 impl<S: PartialEq> Watched<S> {
@@ -180,7 +183,15 @@ impl<S: PartialEq> Watched<S> {
             holds,
             seen: Mutex::new(seen),
             failed: LastError::default(),
+            fails_closed: false,
         }
+    }
+
+    /// Says in the log that a failed reload revokes what was installed (the caller's `read`
+    /// revokes it).
+    pub fn failing_closed(mut self) -> Self {
+        self.fails_closed = true;
+        self
     }
 
     /// Reads again (`read`, then `install` swaps what it made in) when `force` (SIGHUP), when
@@ -214,7 +225,14 @@ impl<S: PartialEq> Watched<S> {
             }
             Err(e) => {
                 let error = error_chain(&e);
-                if self.failed.is_new(&error) {
+                let new = self.failed.is_new(&error);
+                if new && self.fails_closed {
+                    tracing::warn!(
+                        error,
+                        "{what} reload failed; the {holds} is revoked until the file holds one \
+                         again (retried every check; warned once per distinct error)"
+                    );
+                } else if new {
                     tracing::warn!(
                         error,
                         "{what} reload failed; the previous {holds} stays in use (retried every \
@@ -230,8 +248,8 @@ impl<S: PartialEq> Watched<S> {
             .http
             .reloads
             .get_or_create(&ReloadLabels {
-                file: self.file,
-                result,
+                file: LabelValue::fixed(self.file),
+                result: LabelValue::fixed(result),
             })
             .inc();
         true

@@ -26,7 +26,7 @@ use crate::stacks::{
 /// Largest prototype (with its colocated debug data) read from a target.
 const MAX_PROTO_BYTES: u32 = 1 << 20;
 /// Longest chunk name or string constant read.
-const MAX_STR: u32 = 512;
+pub const MAX_STR: u32 = 512;
 /// `GCproto.gct`: the GC type `~LJ_TPROTO`, i.e. 7.
 const GCT_PROTO: u8 = 7;
 /// `GCstr.gct`: the GC type `~LJ_TSTR`, i.e. 4.
@@ -81,11 +81,19 @@ pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, Prot
     let data = mem
         .read(addr + u64::from(layout.str_size), take as usize)
         .map_err(|source| ProtoError::Read { addr, source })?;
-    let mut s = String::from_utf8_lossy(&data).into_owned();
-    if take < len {
-        s.push('…');
+    Ok(decode_str(&data, len))
+}
+
+/// What the agent shows of a Lua string of `len` bytes of which `data` were read (at most
+/// [`MAX_STR`] are used): invalid UTF-8 replaced (U+FFFD), and when cut, ending in
+/// [`crate::daemon::metrics::TRUNCATED`]. At most `3 × MAX_STR` bytes plus the marker.
+pub fn decode_str(data: &[u8], len: u32) -> String {
+    let take = data.len().min(len.min(MAX_STR) as usize);
+    let mut s = String::from_utf8_lossy(&data[..take]).into_owned();
+    if (take as u64) < u64::from(len) {
+        s.push_str(crate::daemon::metrics::TRUNCATED);
     }
-    Ok(s)
+    s
 }
 
 /// One prototype read from a target.
