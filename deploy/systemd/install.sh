@@ -45,11 +45,17 @@ install -m 0755 "$BIN" "$bindir/.apisix-agent.new"
 mv -f "$bindir/.apisix-agent.new" "$bindir/apisix-agent"
 
 install -d -m 0755 "$confdir"
+# The configuration holds the basic auth users' bcrypt hashes: readable by root only (the
+# agent runs as root), also when it already existed. (A staging run as a normal user keeps
+# its own ownership: it cannot give files away.)
+if [ "$(id -u)" -eq 0 ]; then owner=(-o root -g root); else owner=(); fi
 if [ -e "$confdir/config.yaml" ]; then
-    log "config  -> $confdir/config.yaml exists, kept"
+    log "config  -> $confdir/config.yaml exists, kept (made 0640 root:root)"
+    [ "$(id -u)" -ne 0 ] || chown root:root "$confdir/config.yaml"
+    chmod 0640 "$confdir/config.yaml"
 elif [ -f "$config_src" ]; then
-    log "config  -> $confdir/config.yaml (from config.example.yaml)"
-    install -m 0644 "$config_src" "$confdir/config.yaml"
+    log "config  -> $confdir/config.yaml (from config.example.yaml, 0640 root:root)"
+    install -m 0640 "${owner[@]}" "$config_src" "$confdir/config.yaml"
 else
     die "$config_src missing and $confdir/config.yaml absent"
 fi
