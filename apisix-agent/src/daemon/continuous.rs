@@ -452,8 +452,8 @@ pub fn run_with<S: SampleSource>(
                             .vm_states
                             .get_or_create(&VmStateLabels {
                                 state: LabelValue::fixed(v.name()),
-                                container: tr.labels.container.clone().into(),
-                                image: tr.labels.image.clone().into(),
+                                container: tr.labels.container.clone(),
+                                image: tr.labels.image.clone(),
                             })
                             .inc();
                     }

@@ -448,19 +448,15 @@ fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess>
         .collect()
 }
 
-/// Whether `caller` may start a capture of `mode` now: with credentials configured only
+/// Why `caller` may not start a capture of `mode` now (`None`: it may): with credentials configured only
 /// the users of `http.capture_users` may (403), and Lua memory captures start at most once
 /// per `sampling.memory.min_interval_seconds` (429 with `Retry-After`).
-fn may_capture(
-    shared: &Shared,
-    caller: Option<&Caller>,
-    mode: RequestMode,
-) -> Result<(), Response> {
+fn refuse_capture(shared: &Shared, caller: Option<&Caller>, mode: RequestMode) -> Option<Response> {
     let http = &shared.config.http;
     if http.auth_enabled() {
         let user = caller.and_then(|c| c.0.as_deref());
         if !user.is_some_and(|u| http.capture_users.iter().any(|c| c == u)) {
-            return Err(error(
+            return Some(error(
                 StatusCode::FORBIDDEN,
                 "captures need a user of http.capture_users; these credentials only read"
                     .to_owned(),
@@ -470,7 +466,7 @@ fn may_capture(
     let interval = Duration::from_secs(shared.config.sampling.memory.min_interval_seconds);
     if matches!(mode, RequestMode::Alloc | RequestMode::Live) && !interval.is_zero() {
         let Ok(mut last) = shared.last_alloc_capture.lock() else {
-            return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()));
+            return Some(error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()));
         };
         let now = std::time::Instant::now();
         if let Some(wait) = last.and_then(|at| interval.checked_sub(now.duration_since(at))) {
@@ -486,11 +482,11 @@ fn may_capture(
             if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
-            return Err(response);
+            return Some(response);
         }
         *last = Some(now);
     }
-    Ok(())
+    None
 }
 
 async fn flamegraph(
@@ -581,7 +577,8 @@ async fn flamegraph(
             });
         }
         Some(seconds) => {
-            if let Err(refused) = may_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode) {
+            if let Some(refused) = refuse_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode)
+            {
                 return refused;
             }
             let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
