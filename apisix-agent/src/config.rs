@@ -44,6 +44,62 @@ pub struct Config {
     pub metrics: Metrics,
     pub discovery: Discovery,
     pub attribution: Attribution,
+    pub limits: Limits,
+}
+
+/// Caps in bytes of the agent's memory that targets can make grow: the caches fed by target
+/// memory (Lua prototypes, frame labels, decoded JIT traces) and the retained window. A full
+/// cache starts afresh; a full window drops its oldest samples. The defaults keep the agent
+/// under 200 MiB resident against a workload that generates names (`bench/hostile_memory.py`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Each retained window (CPU, off-CPU): its samples, their stacks and their share of the
+    /// labels' text, estimated.
+    pub retained_window_bytes: usize,
+    /// Lua prototypes read from targets (each up to 1 MiB).
+    pub proto_cache_bytes: usize,
+    /// Interned Lua frame labels (function, chunk name, line; each up to 512 bytes plus a
+    /// marker).
+    pub label_cache_bytes: usize,
+    /// Decoded JIT traces.
+    pub trace_cache_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let caches = crate::stacks::CacheLimits::default();
+        Self {
+            retained_window_bytes: 64 << 20,
+            proto_cache_bytes: caches.proto_bytes,
+            label_cache_bytes: caches.label_bytes,
+            trace_cache_bytes: caches.trace_bytes,
+        }
+    }
+}
+
+impl Limits {
+    /// The caps of the stack builder's caches.
+    pub fn caches(&self) -> crate::stacks::CacheLimits {
+        crate::stacks::CacheLimits {
+            proto_bytes: self.proto_cache_bytes,
+            label_bytes: self.label_cache_bytes,
+            trace_bytes: self.trace_cache_bytes,
+        }
+    }
+
+    /// Checks each cap: 1 MiB to 16 GiB; the error is (field, message).
+    fn check(&self) -> Result<(), (String, String)> {
+        for (field, value) in [
+            ("retained_window_bytes", self.retained_window_bytes),
+            ("proto_cache_bytes", self.proto_cache_bytes),
+            ("label_cache_bytes", self.label_cache_bytes),
+            ("trace_cache_bytes", self.trace_cache_bytes),
+        ] {
+            in_range(value, 1 << 20..=16 << 30).map_err(|e| (format!("limits.{field}"), e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Attribution of samples to APISIX (or Kong) plugins and request phases
@@ -459,6 +515,9 @@ impl Config {
         self.http
             .check()
             .map_err(|(field, message)| bad(&field, message))?;
+        self.limits
+            .check()
+            .map_err(|(field, message)| bad(&field, message))?;
         let s = &self.sampling;
         in_range(s.frequency_hz, 1..=1000).map_err(|e| bad("sampling.frequency_hz", e))?;
         in_range(s.on_demand_frequency_hz, 1..=10_000)
@@ -608,6 +667,12 @@ mod tests {
         assert!(e.contains("discovery.docker.socket"), "{e}");
         let e = err("sampling:\n  memory:\n    sample_bytes: 10\n");
         assert!(e.contains("sampling.memory.sample_bytes"), "{e}");
+        let e = err("limits:\n  proto_cache_bytes: 10\n");
+        assert!(e.contains("limits.proto_cache_bytes"), "{e}");
+        let e = err("limits:\n  trace_cache: 10\n");
+        assert!(e.contains("trace_cache"), "{e}");
+        let e = err("http:\n  capture_users: [nobody]\n");
+        assert!(e.contains("http.capture_users"), "{e}");
     }
 
     #[test]

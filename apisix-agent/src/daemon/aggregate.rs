@@ -156,10 +156,32 @@ struct Recent {
     attribution: Arc<Attribution>,
 }
 
+impl Recent {
+    /// Bytes this sample holds: itself, its stack and details, and its share of each label's
+    /// text (a label shared by `n` holders counts `len / n`, as counted when it arrives: a
+    /// label unique to this sample counts whole).
+    fn bytes(&self) -> usize {
+        let labels: usize = self
+            .stack
+            .iter()
+            .map(|l| l.len() / Arc::strong_count(l).max(1))
+            .sum();
+        // Stacks and details are interned: shared by the samples that have them.
+        std::mem::size_of::<Self>()
+            + std::mem::size_of_val(&*self.stack) / Arc::strong_count(&self.stack).max(1)
+            + std::mem::size_of_val(&*self.details) / Arc::strong_count(&self.details).max(1)
+            + labels
+    }
+}
+
 /// A retained window: CPU samples, or off-CPU blocks.
 #[derive(Debug)]
 struct Retained {
+    /// Each sample with the bytes counted for it.
     samples: VecDeque<Recent>,
+    sizes: VecDeque<usize>,
+    /// Sum of `sizes`.
+    bytes: usize,
     /// When the newest sample dropped for `max_retained_samples` had arrived.
     evicted: Option<Instant>,
 }
@@ -168,17 +190,29 @@ impl Retained {
     fn new() -> Self {
         Self {
             samples: VecDeque::new(),
+            sizes: VecDeque::new(),
+            bytes: 0,
             evicted: None,
         }
     }
 
-    fn push(&mut self, r: Recent, max: usize) {
+    /// Keeps `r`, dropping the oldest samples past `max` samples or `max_bytes` bytes.
+    fn push(&mut self, r: Recent, max: usize, max_bytes: usize) {
+        let size = r.bytes();
         self.samples.push_back(r);
-        while self.samples.len() > max {
-            if let Some(old) = self.samples.pop_front() {
+        self.sizes.push_back(size);
+        self.bytes += size;
+        while self.samples.len() > max || (self.bytes > max_bytes && self.samples.len() > 1) {
+            if let Some(old) = self.pop() {
                 self.evicted = Some(old.at);
             }
         }
+    }
+
+    fn pop(&mut self) -> Option<Recent> {
+        let size = self.sizes.pop_front().unwrap_or(0);
+        self.bytes = self.bytes.saturating_sub(size);
+        self.samples.pop_front()
     }
 
     fn expire(&mut self, now: Instant, retention: Duration) {
@@ -187,7 +221,7 @@ impl Retained {
             .front()
             .is_some_and(|r| now.duration_since(r.at) > retention)
         {
-            self.samples.pop_front();
+            self.pop();
         }
     }
 }
@@ -234,6 +268,8 @@ pub struct Aggregator {
     top: usize,
     retention: Duration,
     max_recent: usize,
+    /// Bytes the retained window may hold (`limits.retained_window_bytes`), per window.
+    max_recent_bytes: usize,
     pending: HashMap<Group, Pending>,
     pending_samples: HashMap<TargetLabels, u64>,
     pending_offcpu: HashMap<(Group, LuaKey), u64>,
@@ -272,6 +308,7 @@ impl Aggregator {
             top,
             retention,
             max_recent,
+            max_recent_bytes: usize::MAX,
             pending: HashMap::new(),
             pending_samples: HashMap::new(),
             pending_offcpu: HashMap::new(),
@@ -290,6 +327,17 @@ impl Aggregator {
             started: Instant::now(),
             pruned: Instant::now(),
         }
+    }
+
+    /// Caps each retained window at `bytes` (estimated: [`Recent::bytes`]); the oldest
+    /// samples go first, as for `sampling.max_retained_samples`.
+    pub fn set_retained_bytes(&mut self, bytes: usize) {
+        self.max_recent_bytes = bytes;
+    }
+
+    /// Bytes of the retained windows (CPU, off-CPU) as counted for their cap.
+    pub fn retained_bytes(&self) -> (usize, usize) {
+        (self.recent.bytes, self.recent_offcpu.bytes)
     }
 
     /// Sets the plugin rules and the sampling rate (a sample counts 1 / `frequency_hz`
@@ -471,8 +519,11 @@ impl Aggregator {
             attribution,
         };
         match which {
-            Retention::Cpu => self.recent.push(r, self.max_recent),
-            Retention::OffCpu => self.recent_offcpu.push(r, self.max_recent),
+            Retention::Cpu => self.recent.push(r, self.max_recent, self.max_recent_bytes),
+            Retention::OffCpu => {
+                self.recent_offcpu
+                    .push(r, self.max_recent, self.max_recent_bytes);
+            }
         }
     }
 
@@ -942,11 +993,37 @@ mod tests {
         if let (Some(since), Some(gone)) = (long_ago, agg.gone_since.get_mut(&group)) {
             *gone = since;
         }
-        agg.recent.samples.clear();
+        while agg.recent.pop().is_some() {}
         agg.retain_groups(&HashSet::new());
         let text = metrics.encode().unwrap_or_default();
         assert!(!text.contains("container=\"gw\""), "{text}");
         assert!(agg.targets.is_empty(), "interned container names kept");
+    }
+
+    #[test]
+    fn the_window_is_capped_in_bytes() {
+        let metrics = Arc::new(Metrics::new(false));
+        let mut agg = Aggregator::new(metrics, 10, Duration::from_secs(600), 1_000_000);
+        agg.set_retained_bytes(1 << 20);
+        let t = target();
+        // Names a target generates: each sample a new 500-byte label.
+        for i in 0..20_000 {
+            let name = format!("{i}{}", "x".repeat(500));
+            agg.add(1, &t, stack(&["main", &name]), |_: &str| None);
+        }
+        let (bytes, _) = agg.retained_bytes();
+        assert!(bytes <= 1 << 20, "{bytes}");
+        let kept = agg.recent.samples.len();
+        assert!(kept > 100 && kept < 20_000, "{kept}");
+        // A shared stack costs little per sample: many more fit.
+        for _ in 0..20_000 {
+            agg.add(1, &t, stack(&["main", "f@/a.lua:1"]), |_: &str| None);
+        }
+        assert!(
+            agg.recent.samples.len() > 5_000,
+            "{}",
+            agg.recent.samples.len()
+        );
     }
 
     #[test]

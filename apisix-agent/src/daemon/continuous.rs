@@ -25,7 +25,7 @@ use apisix_ebpf_common::Counter;
 
 use super::{
     aggregate::Group,
-    metrics::{FlavourLabels, LabelValue, ReasonLabels, TargetLabels, VmStateLabels},
+    metrics::{CacheLabels, FlavourLabels, LabelValue, ReasonLabels, TargetLabels, VmStateLabels},
     state::{Shared, VmMemory},
 };
 use crate::{
@@ -186,6 +186,7 @@ impl<S: SampleSource> State<S> {
     }
 
     fn tick(&mut self, shared: &Shared) {
+        self.cache_gauges(shared);
         self.sampler.retire_learners();
         if let Some(off) = self.offcpu.as_mut() {
             off.retire_learners();
@@ -322,6 +323,32 @@ impl<S: SampleSource> State<S> {
     }
 
     /// Adds the growth of a cumulative error counter to the metric.
+    /// `apisix_profiler_cache_bytes`: what the caches fed by target memory and the retained
+    /// windows hold, as counted for their `limits:` caps.
+    fn cache_gauges(&self, shared: &Shared) {
+        let (protos, labels, traces) = self.builder.cached_bytes();
+        let (cpu, offcpu) = shared
+            .aggregator
+            .lock()
+            .map(|a| a.retained_bytes())
+            .unwrap_or_default();
+        for (cache, bytes) in [
+            ("protos", protos),
+            ("labels", labels),
+            ("traces", traces),
+            ("window_cpu", cpu),
+            ("window_offcpu", offcpu),
+        ] {
+            shared
+                .metrics
+                .cache_bytes
+                .get_or_create(&CacheLabels {
+                    cache: LabelValue::fixed(cache),
+                })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
     fn bump(&mut self, shared: &Shared, reason: &'static str, total: u64) {
         let seen = self.counters_seen.entry(reason).or_insert(0);
         let delta = total.saturating_sub(*seen);
@@ -390,7 +417,11 @@ pub fn run_with<S: SampleSource>(
     let mut state = State {
         sampler,
         offcpu,
-        builder: StackBuilder::new(StackOptions::default()),
+        builder: {
+            let mut b = StackBuilder::new(StackOptions::default());
+            b.set_cache_limits(shared.config.limits.caches());
+            b
+        },
         tracked: HashMap::new(),
         counters_seen: HashMap::new(),
         lost_seen: HashMap::new(),

@@ -21,6 +21,8 @@
 //!   (`gc.total`) of the targets' VMs, summed over the processes of each label set;
 //!   `apisix_profiler_lua_memory_read_errors_total` {reason}: reads of it that failed
 //! - `apisix_profiler_targets` {flavour} (gauge)
+//! - `apisix_profiler_cache_bytes` {cache} (gauge): bytes of the caches fed by target memory
+//!   and of the retained windows, against their `limits:` caps
 //! - `apisix_profiler_target_file_refusals_total` {reason}: files a target mapped that were
 //!   not opened ([`crate::stacks::target_file::Refusal::name`])
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
@@ -191,6 +193,13 @@ pub struct ReasonLabels {
     pub reason: LabelValue,
 }
 
+/// Labels of the cache size gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `protos`, `labels`, `traces`, `window_cpu` or `window_offcpu`.
+    pub cache: LabelValue,
+}
+
 /// Labels of the targets gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlavourLabels {
@@ -253,6 +262,8 @@ pub struct Metrics {
     agent_rss: Gauge,
     pub frequency: Gauge,
     pub http: HttpMetrics,
+    /// Bytes held by each cache fed by target memory and each retained window.
+    pub cache_bytes: Family<CacheLabels, Gauge>,
     /// Target files not opened, by reason ([`crate::stacks::target_file`]).
     target_file_refusals: Family<ReasonLabels, Counter>,
     /// Refusals already added to `target_file_refusals`, by reason.
@@ -293,6 +304,7 @@ impl Metrics {
             frequency: Gauge::default(),
             http: HttpMetrics::default(),
             target_file_refusals: Family::default(),
+            cache_bytes: Family::default(),
             refusals_seen: Mutex::new([0; crate::stacks::target_file::Refusal::ALL.len()]),
             cpu_ticks_seen: Mutex::new(0),
         };
@@ -412,6 +424,13 @@ impl Metrics {
             "http_open_connections",
             "HTTP connections open",
             m.http.open_connections.clone(),
+        );
+        m.registry.register_with_unit(
+            "cache",
+            "Bytes held by the caches fed by target memory (protos, labels, traces) and the \
+             retained windows, as counted for their limits: caps",
+            prometheus_client::registry::Unit::Bytes,
+            m.cache_bytes.clone(),
         );
         m.registry.register(
             "target_file_refusals",

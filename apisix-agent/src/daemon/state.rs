@@ -78,6 +78,7 @@ impl Shared {
             config.sampling.max_retained_samples,
         );
         aggregator.set_attribution(rules.clone(), config.sampling.frequency_hz);
+        aggregator.set_retained_bytes(config.limits.retained_window_bytes);
         Self {
             aggregator: Mutex::new(aggregator),
             rules,

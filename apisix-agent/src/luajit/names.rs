@@ -119,6 +119,12 @@ pub struct Proto {
 }
 
 impl Proto {
+    /// Bytes this prototype holds: its blob and chunk name (the call names found later are
+    /// bounded by its bytecode, each by `MAX_STR`).
+    pub fn bytes(&self) -> usize {
+        self.blob.len() + self.chunk.len() + ENTRY_OVERHEAD
+    }
+
     /// Reads and validates the prototype at `addr`.
     pub fn read(
         mem: Memory,
@@ -356,10 +362,23 @@ impl ProtoView for Proto {
     }
 }
 
-/// Frame names for one process at a time, with a prototype cache per process.
+/// Bytes counted for each cached prototype or label besides its own bytes (map entry,
+/// allocation headers).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// Frame names for one process at a time, with a prototype cache per process. Both caches
+/// are fed by target memory, so each is capped in bytes (`limits.proto_cache_bytes`,
+/// `limits.label_cache_bytes`) and starts afresh when full.
 #[derive(Debug, Default)]
 pub struct LuaNamer {
     protos: HashMap<(u32, u64), Arc<Proto>>,
+    /// Bytes of `protos` (blobs, chunk names, overhead).
+    proto_bytes: usize,
+    /// Bytes of `labels`.
+    label_bytes: usize,
+    /// The caps (`None` until [`LuaNamer::set_limits`]: the defaults of
+    /// [`crate::stacks::CacheLimits`]).
+    limits: Option<crate::stacks::CacheLimits>,
     /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
     /// of stacks; the pprof encoder knows a frame by its label's address).
     labels: HashSet<Arc<str>>,
@@ -375,14 +394,31 @@ impl LuaNamer {
         Self::default()
     }
 
+    /// Caps the caches at `limits`.
+    pub fn set_limits(&mut self, limits: crate::stacks::CacheLimits) {
+        self.limits = Some(limits);
+    }
+
+    fn limits(&self) -> crate::stacks::CacheLimits {
+        self.limits.unwrap_or_default()
+    }
+
+    /// Bytes held by the prototype and label caches.
+    pub fn cached_bytes(&self) -> (usize, usize) {
+        (self.proto_bytes, self.label_bytes)
+    }
+
     /// The shared copy of `label`.
     fn label(&mut self, label: String) -> Arc<str> {
         if let Some(l) = self.labels.get(label.as_str()) {
             return l.clone();
         }
-        if self.labels.len() > 100_000 {
+        let size = label.len() + ENTRY_OVERHEAD;
+        if self.labels.len() > 100_000 || self.label_bytes + size > self.limits().label_bytes {
             self.labels.clear();
+            self.label_bytes = 0;
         }
+        self.label_bytes += size;
         let l: Arc<str> = Arc::from(label);
         self.labels.insert(l.clone());
         l
@@ -391,6 +427,7 @@ impl LuaNamer {
     /// Drops the prototypes cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.protos.retain(|(p, _), _| *p != pid);
+        self.proto_bytes = self.protos.values().map(|p| p.bytes()).sum();
     }
 
     fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
@@ -402,10 +439,17 @@ impl LuaNamer {
         match Proto::read(Memory::new(pid), layout, f.code, f.chunkname, f.firstline) {
             Ok(p) => {
                 let p = Arc::new(p);
-                if self.protos.len() > 100_000 {
+                let size = p.bytes();
+                if self.protos.len() > 100_000
+                    || self.proto_bytes + size > self.limits().proto_bytes
+                {
                     self.protos.clear();
+                    self.proto_bytes = 0;
                 }
-                self.protos.insert((pid, f.code), p.clone());
+                self.proto_bytes += size;
+                if let Some(old) = self.protos.insert((pid, f.code), p.clone()) {
+                    self.proto_bytes = self.proto_bytes.saturating_sub(old.bytes());
+                }
                 Some(p)
             }
             Err(e) => {

@@ -757,9 +757,39 @@ pub struct Tracer {
     base_protos: HashMap<(u32, u64), Option<ProtoHead>>,
     /// Traces read and decoded (cache misses).
     pub decoded: u64,
+    /// Bytes of `cache` (estimated from the decoded frames).
+    bytes: usize,
+    /// Cap of `cache` in bytes (`limits.trace_cache_bytes`); 0 until set: the default.
+    max_bytes: usize,
+}
+
+impl Trace {
+    /// Bytes a decoded trace holds.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .snaps
+                .iter()
+                .map(|(_, s)| {
+                    std::mem::size_of::<(u32, Result<SnapFrames, TraceFallback>)>()
+                        + s.as_ref()
+                            .map_or(0, |f| f.frames.len() * std::mem::size_of::<LuaFrame>())
+                })
+                .sum::<usize>()
+    }
 }
 
 impl Tracer {
+    /// Caps the decoded traces at `bytes`.
+    pub fn set_max_bytes(&mut self, bytes: usize) {
+        self.max_bytes = bytes;
+    }
+
+    /// Bytes held by the decoded traces.
+    pub fn cached_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// An empty tracer.
     pub fn new() -> Self {
         Self::default()
@@ -768,6 +798,7 @@ impl Tracer {
     /// Drops everything cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.cache.retain(|k, _| k.pid != pid);
+        self.bytes = self.cache.values().map(|t| t.bytes()).sum();
         self.chains.retain(|(k, _), _| k.pid != pid);
         self.g_of.retain(|(p, _), _| *p != pid);
         self.base_protos.retain(|(p, _), _| *p != pid);
@@ -823,10 +854,20 @@ impl Tracer {
         }
         let t = Arc::new(decode(mem, layout, h)?);
         self.decoded += 1;
-        if self.cache.len() >= MAX_CACHED_TRACES {
+        let size = t.bytes();
+        let max = if self.max_bytes == 0 {
+            crate::stacks::CacheLimits::default().trace_bytes
+        } else {
+            self.max_bytes
+        };
+        if self.cache.len() >= MAX_CACHED_TRACES || self.bytes + size > max {
             self.cache.clear();
+            self.bytes = 0;
         }
-        self.cache.insert(h.key, t.clone());
+        self.bytes += size;
+        if let Some(old) = self.cache.insert(h.key, t.clone()) {
+            self.bytes = self.bytes.saturating_sub(old.bytes());
+        }
         Ok(t)
     }
 

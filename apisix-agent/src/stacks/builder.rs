@@ -35,6 +35,27 @@ pub struct StackOptions {
     pub trace_frames: bool,
 }
 
+/// Caps in bytes of the caches fed by target memory (`limits:` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Lua prototypes read from targets (each up to 1 MiB).
+    pub proto_bytes: usize,
+    /// Interned Lua frame labels (function, chunk name, line).
+    pub label_bytes: usize,
+    /// Decoded JIT traces.
+    pub trace_bytes: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            proto_bytes: 32 << 20,
+            label_bytes: 16 << 20,
+            trace_bytes: 16 << 20,
+        }
+    }
+}
+
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
@@ -186,6 +207,18 @@ impl StackBuilder {
     /// Traces read and decoded so far (the rest were served from the cache).
     pub fn traces_decoded(&self) -> u64 {
         self.tracer.decoded
+    }
+
+    /// Caps the caches fed by target memory at `limits`.
+    pub fn set_cache_limits(&mut self, limits: CacheLimits) {
+        self.namer.set_limits(limits);
+        self.tracer.set_max_bytes(limits.trace_bytes);
+    }
+
+    /// Bytes held by the caches fed by target memory: (prototypes, labels, traces).
+    pub fn cached_bytes(&self) -> (usize, usize, usize) {
+        let (protos, labels) = self.namer.cached_bytes();
+        (protos, labels, self.tracer.cached_bytes())
     }
 
     /// Counters so far.

@@ -14,4 +14,4 @@ pub mod symbolize;
 pub mod target_file;
 pub mod unwind;
 
-pub use builder::{StackBuilder, StackOptions, StackStats};
+pub use builder::{CacheLimits, StackBuilder, StackOptions, StackStats};
