@@ -70,7 +70,7 @@ impl Default for Limits {
     fn default() -> Self {
         let caches = crate::stacks::CacheLimits::default();
         Self {
-            retained_window_bytes: 64 << 20,
+            retained_window_bytes: 48 << 20,
             proto_cache_bytes: caches.proto_bytes,
             label_cache_bytes: caches.label_bytes,
             trace_cache_bytes: caches.trace_bytes,

@@ -49,8 +49,8 @@ pub struct CacheLimits {
 impl Default for CacheLimits {
     fn default() -> Self {
         Self {
-            proto_bytes: 32 << 20,
-            label_bytes: 16 << 20,
+            proto_bytes: 16 << 20,
+            label_bytes: 8 << 20,
             trace_bytes: 16 << 20,
         }
     }
