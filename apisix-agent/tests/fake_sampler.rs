@@ -47,7 +47,9 @@ fn string_rep_ffid() -> u8 {
 fn me() -> TargetProcess {
     TargetProcess {
         pid: std::process::id(),
-        start_time: 1,
+        // As discovery saw it: requests check it against the process's start time.
+        start_time: apisix_agent::discovery::procfs::start_time(std::process::id())
+            .expect("own start time"),
         labels: Labels {
             process: "fake-worker".to_owned(),
             ..Labels::default()
