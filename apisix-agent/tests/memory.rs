@@ -333,8 +333,10 @@ fn leak_is_found_and_the_gauge_grows() {
         clean.worker().expect("worker"),
     );
     // Only these two workers: other nginx processes on the machine stay out of the sums.
+    // Several memory captures in a row: no rate limit.
     let agent = Agent::start(&format!(
-        "  process_names: []\n  pids: [{lw}, {cw}]\n  docker:\n    enabled: false\n"
+        "  process_names: []\n  pids: [{lw}, {cw}]\n  docker:\n    enabled: false\n\
+         sampling:\n  memory:\n    min_interval_seconds: 0\n"
     ));
     let _leak = Load::start(leaky.port, "/leak", 1, Duration::from_secs(40));
     let _garbage = Load::start(leaky.port, "/garbage", 1, Duration::from_secs(40));
@@ -699,7 +701,8 @@ fn probes_are_detached_after_captures_signals_and_exits() {
 
     // The daemon: links only during a capture, none after; then SIGTERM mid-capture.
     let mut agent = Agent::start(&format!(
-        "  process_names: []\n  pids: [{worker}]\n  docker:\n    enabled: false\n"
+        "  process_names: []\n  pids: [{worker}]\n  docker:\n    enabled: false\n\
+         sampling:\n  memory:\n    min_interval_seconds: 0\n"
     ));
     let daemon_pid = agent.pid();
     assert!(

@@ -726,7 +726,8 @@ fn heap_captures_are_space_profiles() {
 "#,
     );
     let worker = nginx.worker().expect("worker");
-    let agent = Agent::start("");
+    // Several memory captures in a row: no rate limit.
+    let agent = Agent::start("sampling:\n  memory:\n    min_interval_seconds: 0\n");
     wait_target(&agent, worker);
     let _leak = Load::start(nginx.port, "/leak", 1, Duration::from_secs(60));
     let _garbage = Load::start(nginx.port, "/garbage", 1, Duration::from_secs(60));
