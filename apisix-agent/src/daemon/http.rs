@@ -536,45 +536,8 @@ async fn flamegraph(
             .await;
         }
         None => {
-            let Ok(slot) = shared.renders.clone().try_acquire_owned() else {
-                return busy(format!(
-                    "{RENDERS_AT_ONCE} flame graphs of the retained window are being rendered \
-                     already; retry in a moment"
-                ));
-            };
-            let window = Duration::from_secs(cfg.retention_seconds);
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
-            let title = format!(
-                "{describe} — last {}s of continuous sampling at {} Hz",
-                cfg.retention_seconds, cfg.frequency_hz
-            );
-            let worker = shared.clone();
-            let filter = req.filter.clone();
-            // The lock is held while references are copied; folding and rendering run on a
-            // blocking thread, off the async workers (/healthz, handshakes, the sampler).
-            let rendered = tokio::task::spawn_blocking(move || {
-                let stacks = match worker.aggregator.lock() {
-                    Ok(agg) => agg.recent_stacks(window, |pid, _| pids.contains(&pid), &filter),
-                    Err(_) => {
-                        return error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "aggregator poisoned".into(),
-                        );
-                    }
-                };
-                let mut folded = Folded::new();
-                for stack in stacks {
-                    folded.add(stack.to_vec(), 1);
-                }
-                let title = filtered_title(title, &filter, &folded);
-                let response = render(&folded, req.format, &title, "samples", &worker.rules);
-                drop(slot);
-                response
-            })
-            .await;
-            return rendered.unwrap_or_else(|e| {
-                error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}"))
-            });
+            return window_flamegraph(&shared, pids, &describe, req.filter, req.format).await;
         }
         Some(seconds) => {
             if let Some(refused) = refuse_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode)
@@ -725,11 +688,95 @@ async fn flamegraph(
     // how many run at once.
     let worker = shared.clone();
     tokio::task::spawn_blocking(move || {
+        let _background = Background::enter();
         let title = filtered_title(title, &req.filter, &folded);
         render(&folded, req.format, &title, unit, &worker.rules)
     })
     .await
     .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+}
+
+/// The flame graph of the retained window of `pids`: the aggregator's lock is held while
+/// references to the stacks are copied; folding and rendering run on a blocking thread, off
+/// the async workers (`/healthz`, handshakes), at most [`RENDERS_AT_ONCE`] at once (429).
+async fn window_flamegraph(
+    shared: &Arc<Shared>,
+    pids: Vec<u32>,
+    describe: &str,
+    filter: Filter,
+    format: ResponseFormat,
+) -> Response {
+    let cfg = &shared.config.sampling;
+    let Ok(slot) = shared.renders.clone().try_acquire_owned() else {
+        return busy(format!(
+            "{RENDERS_AT_ONCE} flame graphs of the retained window are being rendered already; \
+             retry in a moment"
+        ));
+    };
+    let window = Duration::from_secs(cfg.retention_seconds);
+    let title = format!(
+        "{describe} — last {}s of continuous sampling at {} Hz",
+        cfg.retention_seconds, cfg.frequency_hz
+    );
+    let worker = shared.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _background = Background::enter();
+        let stacks = match worker.aggregator.lock() {
+            Ok(agg) => agg.recent_stacks(window, |pid, _| pids.contains(&pid), &filter),
+            Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "aggregator poisoned".into(),
+                );
+            }
+        };
+        let mut folded = Folded::new();
+        for stack in stacks {
+            folded.add(stack.to_vec(), 1);
+        }
+        let title = filtered_title(title, &filter, &folded);
+        let response = render(&folded, format, &title, "samples", &worker.rules);
+        drop(slot);
+        response
+    })
+    .await;
+    rendered.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+}
+
+/// The calling thread at nice [`Background::NICE`] while this lives, so that a render yields
+/// the CPU to the async workers (`/healthz`, handshakes) and the sampler thread; back to its
+/// previous nice value on drop.
+struct Background {
+    previous: Option<libc::c_int>,
+}
+
+impl Background {
+    const NICE: libc::c_int = 10;
+
+    fn enter() -> Self {
+        // SAFETY: plain system calls on the calling thread.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // SAFETY: as above; -1 is also a valid nice value, so errno is not checked: a
+        // failure leaves the priority as it was.
+        let previous = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+        // SAFETY: as above.
+        let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, Self::NICE) } == 0;
+        Self {
+            previous: set.then_some(previous),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous {
+            // SAFETY: plain system calls on the calling thread (the same one: the guard
+            // lives on the blocking thread's stack).
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, previous);
+            }
+        }
+    }
 }
 
 /// `title` with what `filter` kept, or that it kept nothing.
