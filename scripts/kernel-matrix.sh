@@ -20,7 +20,7 @@
 #                             with cargo build --release when missing)
 #   KERNEL_CACHE              kernel cache, default /var/cache/apisix-profiler/kernels
 #   KERNEL_MATRIX_OUT         results, default target/kernel-matrix
-#   KERNEL_MATRIX_TIMEOUT     seconds a guest may run before it is killed, default 300
+#   KERNEL_MATRIX_TIMEOUT     seconds a guest may run before it is killed, default 480
 #   KERNEL_MATRIX_DURATION    seconds per recording in the guest, default 4
 #   KERNEL_MATRIX_CHECKS      which checks, default all: budgets cpu-gc64 cpu-nogc64
 #                             offcpu alloc live daemon
@@ -37,7 +37,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 KERNELS="${KERNELS:-5.10 6.1 6.12}"
 CACHE="${KERNEL_CACHE:-/var/cache/apisix-profiler/kernels}"
 OUT="${KERNEL_MATRIX_OUT:-$ROOT/target/kernel-matrix}"
-TIMEOUT="${KERNEL_MATRIX_TIMEOUT:-300}"
+TIMEOUT="${KERNEL_MATRIX_TIMEOUT:-480}"
 DURATION="${KERNEL_MATRIX_DURATION:-4}"
 CHECKS="${KERNEL_MATRIX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
 CHECKS="${CHECKS//,/ }"
@@ -275,7 +275,7 @@ boot() {
     cp "$kd/package" "$dir/package" 2>/dev/null || true
     log "booting $k ($(cut -d' ' -f1 "$kd/package" 2>/dev/null || echo "$kd")) with ${ACCEL[*]}, timeout ${TIMEOUT} s"
     t0="$(date +%s)"
-    local filter='^KMX-(KERNEL|RESULT|NOTE)|Kernel panic|BUG:'
+    local filter='^KMX-(KERNEL|RESULT|NOTE|TIME)|Kernel panic|BUG:'
     [ "$VERBOSE" != 1 ] || filter='.'
     set +o errexit +o pipefail
     timeout -k 10 "$TIMEOUT" qemu-system-x86_64 "${ACCEL[@]}" -m 2G -smp 2 \
@@ -301,7 +301,7 @@ boot() {
         grep '^KMX-RESULT ' "$dir/console.log" \
             | sed -E 's/^KMX-RESULT ([^ ]+) ([^ ]+) (.*)$/\1\t\2\t\3/' >"$dir/results.tsv" || true
     fi
-    KVER[$k]="$(sed -n 's/^KMX-KERNEL //p' "$dir/console.log" | head -n 1)"
+    KVER[$k]="$(grep -o 'KMX-KERNEL .*' "$dir/console.log" | head -n 1 | cut -d' ' -f2)"
     local why="" c st
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         why="the guest timed out after ${TIMEOUT} s (during $(sed -n 's/^KMX-START //p' "$dir/console.log" | tail -n 1))"

@@ -6,13 +6,14 @@
 # and metrics) go to /results for the host.
 # Settings from the kernel command line (the kernel hands them to init as environment):
 # KMX_DURATION (seconds per recording, default 4), KMX_CHECKS (which checks, default all),
-# KMX_DAEMON_WAIT (seconds the daemon has to show Lua samples, default 20).
+# KMX_DAEMON_WAIT (seconds the daemon has to show Lua samples, default 20). KMX_RESULTS,
+# KMX_AGENT, KMX_NOGC64_LIB and KMX_LUA_DIR move its paths, to try it outside a guest.
 set -euo pipefail
 
-R=/results
-AGENT=/usr/local/bin/apisix-agent
-NOGC64_LIB=/opt/luajit-nogc64/lib
-LUA_DIR=/kmx/lua
+R="${KMX_RESULTS:-/results}"
+AGENT="${KMX_AGENT:-/usr/local/bin/apisix-agent}"
+NOGC64_LIB="${KMX_NOGC64_LIB:-/opt/luajit-nogc64/lib}"
+LUA_DIR="${KMX_LUA_DIR:-/kmx/lua}"
 DURATION="${KMX_DURATION:-4}"
 DAEMON_WAIT="${KMX_DAEMON_WAIT:-20}"
 CHECKS="${KMX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
@@ -32,14 +33,16 @@ result() {
     echo "KMX-RESULT $1 $2 $reason"
 }
 
-# error_line FILE: the line of an agent's stderr that says what went wrong.
+# error_line FILE: the line of an agent's stderr that says what went wrong (joined with the
+# next line when it ends in a colon), else its last line.
 error_line() {
-    local line
-    line="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 -iE 'error|failed|refused|invalid|denied|panick' || true)"
-    if [ -z "$line" ]; then
-        line="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -n 1 || true)"
-    fi
-    printf '%s' "${line:-no output}"
+    sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | awk '
+        found && NF { print prev " " $0; done = 1; exit }
+        !found && tolower($0) ~ /error|failed|refused|invalid|denied|panick/ {
+            if ($0 ~ /:[[:space:]]*$/) { prev = $0; found = 1 } else { print; done = 1; exit }
+        }
+        NF { last = $0 }
+        END { if (!done) { if (found) print prev; else if (last != "") print last; else print "no output" } }'
 }
 
 # json_u64 FILE KEY: the first "KEY":NUMBER of a JSON file (the top-level one for summaries).
@@ -165,15 +168,19 @@ check_budgets() {
         result budgets fail "this agent build has no check-kernel subcommand: $(error_line "$R/check-kernel.stderr")"
         return
     fi
-    local loaded refused
-    loaded="$(grep -o '"loaded":true' "$R/check-kernel.json" | wc -l || true)"
-    refused="$(grep -o '"loaded":false' "$R/check-kernel.json" | wc -l || true)"
+    local loaded refused walk detail
+    loaded="$(grep -oE '"loaded": *true' "$R/check-kernel.json" | wc -l || true)"
+    refused="$(grep -oE '"loaded": *false' "$R/check-kernel.json" | wc -l || true)"
+    walk="$(grep -oE '"lua_walk": *"[a-z_]*"' "$R/check-kernel.json" | head -n 1 | cut -d'"' -f4 || true)"
+    # The first error the JSON names, else the first error line on stderr.
+    detail="$(grep -oE '"error": *"([^"\\]|\\.)*"' "$R/check-kernel.json" | head -n 1 | cut -d'"' -f4- | sed 's/"$//' || true)"
+    [ -n "$detail" ] || detail="$(error_line "$R/check-kernel.stderr")"
     if [ "$rc" -eq 0 ] && ! grep -q '[{[]' "$R/check-kernel.json"; then
         result budgets fail "check-kernel exited 0 but printed no JSON: $(error_line "$R/check-kernel.stderr")"
     elif [ "$rc" -eq 0 ]; then
-        result budgets pass "check-kernel exited 0 ($loaded programs loaded, $refused refused)"
+        result budgets pass "check-kernel exited 0: $loaded programs loaded, $refused refused${walk:+, Lua walk $walk}"
     else
-        result budgets fail "check-kernel exited $rc ($loaded loaded, $refused refused): $(error_line "$R/check-kernel.stderr")"
+        result budgets fail "check-kernel exited $rc ($loaded loaded, $refused refused): $detail"
     fi
 }
 
@@ -300,7 +307,7 @@ run_check() {
         *) result "$check" skip "unknown check" ;;
     esac
     t1="$(date +%s)"
-    echo "KMX-TIME $check $((t1 - t0))"
+    echo "KMX-TIME $check $((t1 - t0)) s (uptime $(cut -d" " -f1 /proc/uptime) s)"
 }
 
 for c in $CHECKS; do
