@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel matrix: boots Debian's cloud kernels (5.10 bullseye, 6.1 bookworm, 6.12 trixie;
 # optionally the host's own) under QEMU with one initramfs made from this host's files
-# (busybox, bash, curl, nginx + ngx_lua, Debian's GC64 LuaJIT and the non-GC64 build, wrk, the
+# (busybox, bash, curl, jq, nginx + ngx_lua, Debian's GC64 LuaJIT and the non-GC64 build, wrk, the
 # agent), runs scripts/kernel-matrix/checks.sh in each guest against real nginx workers on
 # 127.0.0.1 (the guests have no network device), and prints a kernel × check table, also
 # written to target/kernel-matrix/matrix.md with each kernel's result files beside it.
@@ -64,7 +64,7 @@ fi
 # ---------------------------------------------------------------------------------------
 log "installing what is missing (Debian packages)"
 apt_ensure --quiet-services qemu-system-x86 busybox-static cpio debian-archive-keyring \
-    nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2 wrk curl
+    nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2 wrk curl jq
 log "non-GC64 LuaJIT (scripts/build-luajit-nogc64.sh)"
 NOGC64_DIR="$(./scripts/build-luajit-nogc64.sh | tail -n 1)"
 [ -f "$NOGC64_DIR/lib/libluajit-5.1.so.2" ] || die "no non-GC64 LuaJIT in $NOGC64_DIR"
@@ -239,6 +239,7 @@ put_elf /usr/lib/nginx/modules/ndk_http_module.so
 put_elf /usr/lib/nginx/modules/ngx_http_lua_module.so
 put_elf /usr/bin/wrk
 put_elf /usr/bin/curl
+put_elf /usr/bin/jq
 put_elf "$AGENT" /usr/local/bin/apisix-agent
 put_elf "$NOGC64_DIR/lib/libluajit-5.1.so.2" /opt/luajit-nogc64/lib/libluajit-5.1.so.2
 while read -r f; do

@@ -45,9 +45,9 @@ error_line() {
         END { if (!done) { if (found) print prev; else if (last != "") print last; else print "no output" } }'
 }
 
-# json_u64 FILE KEY: the first "KEY":NUMBER of a JSON file (the top-level one for summaries).
+# json_u64 FILE KEY: the top-level number KEY of a JSON file, empty when there is none.
 json_u64() {
-    grep -o "\"$2\":[0-9]*" "$1" 2>/dev/null | head -n 1 | cut -d: -f2 || true
+    jq -r --arg k "$2" '.[$k] // empty' "$1" 2>/dev/null || true
 }
 
 cleanup() {
@@ -146,41 +146,48 @@ record_check() {
         result "$check" fail "record exited $rc: $(error_line "$R/$check.stderr")"
         return
     fi
-    local samples stacks under
+    local samples stacks under weight total
     samples="$(json_u64 "$R/$check.json" samples)"
-    stacks="$(wc -l <"$R/$check.folded" 2>/dev/null || echo 0)"
+    stacks="$(grep -c . "$R/$check.folded" 2>/dev/null || true)"
     under="$(grep -cE "(^|;)$frame@" "$R/$check.folded" 2>/dev/null || true)"
+    # Folded lines end in their weight (samples; off-CPU: microseconds; alloc, live: bytes).
+    total="$(awk '{s += $NF} END {print s + 0}' "$R/$check.folded" 2>/dev/null || echo 0)"
+    weight="$(grep -E "(^|;)$frame@" "$R/$check.folded" 2>/dev/null | awk '{s += $NF} END {print s + 0}' || echo 0)"
     if [ -z "$samples" ]; then
         result "$check" fail "record wrote no summary: $(error_line "$R/$check.stderr")"
     elif [ "$samples" -eq 0 ]; then
         result "$check" fail "0 samples: $(error_line "$R/$check.stderr")"
     elif [ "${under:-0}" -eq 0 ]; then
-        result "$check" fail "$samples samples in $stacks stacks, none with a $frame@ frame"
+        result "$check" fail "$samples samples in ${stacks:-0} stacks, none with a $frame@ frame"
     else
-        result "$check" pass "$samples samples, $under of $stacks stacks with $frame@"
+        result "$check" pass "$samples samples; $frame@ in $under of $stacks stacks, weight $weight of $total"
     fi
 }
 
 check_budgets() {
-    local rc=0
-    timeout 180 "$AGENT" check-kernel --json >"$R/check-kernel.json" 2>"$R/check-kernel.stderr" || rc=$?
+    local rc=0 j="$R/check-kernel.json"
+    timeout 300 "$AGENT" check-kernel --json >"$j" 2>"$R/check-kernel.stderr" || rc=$?
     if grep -qiE "unrecognized subcommand|unexpected argument|invalid subcommand" "$R/check-kernel.stderr"; then
         result budgets fail "this agent build has no check-kernel subcommand: $(error_line "$R/check-kernel.stderr")"
         return
     fi
-    local loaded refused walk detail
-    loaded="$(grep -oE '"loaded": *true' "$R/check-kernel.json" | wc -l || true)"
-    refused="$(grep -oE '"loaded": *false' "$R/check-kernel.json" | wc -l || true)"
-    walk="$(grep -oE '"lua_walk": *"[a-z_]*"' "$R/check-kernel.json" | head -n 1 | cut -d'"' -f4 || true)"
-    # The first error the JSON names, else the first error line on stderr.
-    detail="$(grep -oE '"error": *"([^"\\]|\\.)*"' "$R/check-kernel.json" | head -n 1 | cut -d'"' -f4- | sed 's/"$//' || true)"
-    [ -n "$detail" ] || detail="$(error_line "$R/check-kernel.stderr")"
-    if [ "$rc" -eq 0 ] && ! grep -q '[{[]' "$R/check-kernel.json"; then
-        result budgets fail "check-kernel exited 0 but printed no JSON: $(error_line "$R/check-kernel.stderr")"
-    elif [ "$rc" -eq 0 ]; then
-        result budgets pass "check-kernel exited 0: $loaded programs loaded, $refused refused${walk:+, Lua walk $walk}"
+    if ! jq -e .programs "$j" >/dev/null 2>&1; then
+        result budgets fail "check-kernel exited $rc without its JSON: $(error_line "$R/check-kernel.stderr")"
+        return
+    fi
+    local loaded total problems
+    loaded="$(jq '[.programs[] | select(.loaded)] | length' "$j")"
+    total="$(jq '.programs | length' "$j")"
+    problems="$(jq -r '[(.error // empty | "object: " + .),
+        (.programs[] | select(.loaded | not) | "\(.program) refused: \(.error // "no reason given")"),
+        (.programs[] | .program as $p | .over_budget[] | "\($p) over budget: \(.)")] | join("; ")' "$j")"
+    if [ "$rc" -eq 0 ] && [ "$(jq -r .ok "$j")" = true ] && [ "$total" -gt 0 ] && [ -z "$problems" ]; then
+        result budgets pass "$(jq -r '[.programs[] | select(.verifier) | .verifier] as $v
+            | "\($v | length) programs loaded within budgets, Lua walk \(.kernel.lua_walk // "?");"
+            + " most insns \($v | max_by(.insns_processed) | "\(.program) \(.insns_processed)"),"
+            + " largest stack \($v | max_by(.combined_stack) | "\(.program) \(.combined_stack) B")"' "$j")"
     else
-        result budgets fail "check-kernel exited $rc ($loaded loaded, $refused refused): $detail"
+        result budgets fail "check-kernel exited $rc, $loaded of $total programs loaded: ${problems:-$(error_line "$R/check-kernel.stderr")}"
     fi
 }
 
