@@ -20,8 +20,9 @@
 #                             with cargo build --release when missing)
 #   KERNEL_CACHE              kernel cache, default /var/cache/apisix-profiler/kernels
 #   KERNEL_MATRIX_OUT         results, default target/kernel-matrix
-#   KERNEL_MATRIX_TIMEOUT     seconds a guest may run before it is killed, default 480
+#   KERNEL_MATRIX_TIMEOUT     seconds a guest may run before it is killed, default 600
 #   KERNEL_MATRIX_DURATION    seconds per recording in the guest, default 4
+#   KERNEL_MATRIX_CHECK_TIMEOUT  seconds one agent command may take in the guest, default 120
 #   KERNEL_MATRIX_CHECKS      which checks, default all: budgets cpu-gc64 cpu-nogc64
 #                             offcpu alloc live daemon
 #   KERNEL_MATRIX_REFRESH=1   refresh the private apt lists now (else when older than a day)
@@ -37,8 +38,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 KERNELS="${KERNELS:-5.10 6.1 6.12}"
 CACHE="${KERNEL_CACHE:-/var/cache/apisix-profiler/kernels}"
 OUT="${KERNEL_MATRIX_OUT:-$ROOT/target/kernel-matrix}"
-TIMEOUT="${KERNEL_MATRIX_TIMEOUT:-480}"
+TIMEOUT="${KERNEL_MATRIX_TIMEOUT:-600}"
 DURATION="${KERNEL_MATRIX_DURATION:-4}"
+CHECK_TIMEOUT="${KERNEL_MATRIX_CHECK_TIMEOUT:-120}"
 CHECKS="${KERNEL_MATRIX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
 CHECKS="${CHECKS//,/ }"
 ALLOW_FAIL="${KERNEL_MATRIX_ALLOW_FAIL:-0}"
@@ -78,7 +80,9 @@ if [ -z "${AGENT:-}" ]; then
 fi
 [ -x "$AGENT" ] || die "no agent binary at $AGENT"
 AGENT="$(readlink -f "$AGENT")"
-log "agent: $AGENT ($(date -u -r "$AGENT" '+built %Y-%m-%d %H:%M UTC'))"
+# What the guests run (the file may be rebuilt while they do).
+AGENT_INFO="\`$AGENT\` ($(date -u -r "$AGENT" '+built %Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$AGENT" | cut -c1-12))"
+log "agent: $AGENT_INFO"
 
 # ---------------------------------------------------------------------------------------
 # Kernels: Debian's cloud images, through a private apt configuration
@@ -282,9 +286,9 @@ boot() {
     timeout -k 10 "$TIMEOUT" qemu-system-x86_64 "${ACCEL[@]}" -m 2G -smp 2 \
         -nographic -monitor none -nic none -no-reboot \
         -kernel "$kd/vmlinuz" -initrd "$INITRAMFS" \
-        -append "console=ttyS0 quiet loglevel=3 panic=-1 KMX_DURATION=$DURATION KMX_CHECKS=${CHECKS// /,}" \
+        -append "console=ttyS0 quiet loglevel=3 panic=-1 KMX_DURATION=$DURATION KMX_CHECK_TIMEOUT=$CHECK_TIMEOUT KMX_CHECKS=${CHECKS// /,}" \
         -serial stdio -serial "file:$dir/serial1.out" </dev/null 2>&1 \
-        | tee "$dir/console.raw" | tr -d '\r' | grep --line-buffered -E "$filter" | sed -u "s/^/    [$k] /" >&2
+        | tee "$dir/console.raw" | sed -u 's/\r$//' | grep --line-buffered -aE "$filter" | sed -u "s/^/    [$k] /" >&2
     rc="${PIPESTATUS[0]}"
     set -o errexit -o pipefail
     KTIME[$k]=$(($(date +%s) - t0))
@@ -349,7 +353,7 @@ failed=0
 {
     echo "# Kernel matrix"
     echo
-    echo "Agent: \`$AGENT\` ($(date -u -r "$AGENT" '+built %Y-%m-%d %H:%M UTC')); run $(date -u '+%Y-%m-%d %H:%M UTC'), QEMU ${ACCEL[*]}, ${DURATION} s per recording."
+    echo "Agent: $AGENT_INFO; run $(date -u -d "@$START" '+%Y-%m-%d %H:%M UTC'), QEMU ${ACCEL[*]}, ${DURATION} s per recording."
     echo
     printf '| kernel |'
     for c in $CHECKS; do printf ' %s |' "$c"; done

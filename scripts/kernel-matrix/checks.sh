@@ -6,7 +6,8 @@
 # and metrics) go to /results for the host.
 # Settings from the kernel command line (the kernel hands them to init as environment):
 # KMX_DURATION (seconds per recording, default 4), KMX_CHECKS (which checks, default all),
-# KMX_DAEMON_WAIT (seconds the daemon has to show Lua samples, default 20). KMX_RESULTS,
+# KMX_DAEMON_WAIT (seconds the daemon has to show Lua samples, default 20),
+# KMX_CHECK_TIMEOUT (seconds one agent command may take, default 120). KMX_RESULTS,
 # KMX_AGENT, KMX_NOGC64_LIB and KMX_LUA_DIR move its paths, to try it outside a guest.
 set -euo pipefail
 
@@ -16,6 +17,7 @@ NOGC64_LIB="${KMX_NOGC64_LIB:-/opt/luajit-nogc64/lib}"
 LUA_DIR="${KMX_LUA_DIR:-/kmx/lua}"
 DURATION="${KMX_DURATION:-4}"
 DAEMON_WAIT="${KMX_DAEMON_WAIT:-20}"
+CHECK_TIMEOUT="${KMX_CHECK_TIMEOUT:-120}"
 CHECKS="${KMX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
 CHECKS="${CHECKS//,/ }"
 export NO_COLOR=1
@@ -139,10 +141,13 @@ record_check() {
     local check=$1 frame=$2
     shift 2
     local rc=0
-    timeout 120 "$AGENT" record --pid "$NGX_WORKER" --duration "$DURATION" --format collapsed \
+    timeout -s KILL "$CHECK_TIMEOUT" "$AGENT" record --pid "$NGX_WORKER" --duration "$DURATION" --format collapsed \
         --output "$R/$check.folded" --summary "$R/$check.json" "$@" \
         >"$R/$check.stdout" 2>"$R/$check.stderr" || rc=$?
-    if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        result "$check" fail "record did not finish within $CHECK_TIMEOUT s (killed); stderr: $(error_line "$R/$check.stderr")"
+        return
+    elif [ "$rc" -ne 0 ]; then
         result "$check" fail "record exited $rc: $(error_line "$R/$check.stderr")"
         return
     fi
@@ -166,7 +171,11 @@ record_check() {
 
 check_budgets() {
     local rc=0 j="$R/check-kernel.json"
-    timeout 300 "$AGENT" check-kernel --json >"$j" 2>"$R/check-kernel.stderr" || rc=$?
+    timeout -s KILL "$CHECK_TIMEOUT" "$AGENT" check-kernel --json >"$j" 2>"$R/check-kernel.stderr" || rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        result budgets fail "check-kernel did not finish within $CHECK_TIMEOUT s (killed); stderr: $(error_line "$R/check-kernel.stderr")"
+        return
+    fi
     if grep -qiE "unrecognized subcommand|unexpected argument|invalid subcommand" "$R/check-kernel.stderr"; then
         result budgets fail "this agent build has no check-kernel subcommand: $(error_line "$R/check-kernel.stderr")"
         return
