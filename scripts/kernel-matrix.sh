@@ -380,9 +380,15 @@ failed=0
         done
     done
 } >"$MD"
+passed=0
+skipped=0
 for k in "${SELECTED[@]}"; do
     for c in $CHECKS; do
-        case "${STATUS[$k.$c]}" in pass | skip) ;; *) failed=$((failed + 1)) ;; esac
+        case "${STATUS[$k.$c]}" in
+            pass) passed=$((passed + 1)) ;;
+            skip) skipped=$((skipped + 1)) ;;
+            *) failed=$((failed + 1)) ;;
+        esac
     done
 done
 
@@ -392,10 +398,10 @@ echo
 log "total $(($(date +%s) - START)) s; matrix: $MD; per-kernel files: $OUT/<kernel>/"
 if [ "$failed" -gt 0 ]; then
     if [ "$ALLOW_FAIL" = 1 ]; then
-        log "warning: $failed check(s) failed (KERNEL_MATRIX_ALLOW_FAIL=1)"
+        log "warning: $failed check(s) failed, $passed passed, $skipped skipped (KERNEL_MATRIX_ALLOW_FAIL=1)"
         exit 0
     fi
-    log "$failed check(s) failed"
+    log "$failed check(s) failed, $passed passed, $skipped skipped"
     exit 1
 fi
-log "every check passed"
+log "no check failed ($passed passed, $skipped skipped)"
