@@ -24,7 +24,8 @@ echo "==> cargo clippy" >&2
 cargo clippy --release --all-targets -- -D warnings
 echo "==> cargo clippy (BPF programs)" >&2
 # The BPF crate only builds for its own target, with a core library built from source.
-(cd apisix-ebpf && cargo +nightly clippy --target bpfel-unknown-none -Z build-std=core --release -- -D warnings)
+# (apisix-ebpf/rust-toolchain.toml picks the pinned nightly.)
+(cd apisix-ebpf && cargo clippy --target bpfel-unknown-none -Z build-std=core --release -- -D warnings)
 echo "==> cargo test" >&2
 # One test at a time: the root tests measure CPU shares on a small machine.
 cargo test --release -- --test-threads=1

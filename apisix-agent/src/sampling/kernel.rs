@@ -34,6 +34,14 @@ pub enum WalkVariant {
 }
 
 impl WalkVariant {
+    /// Its name in reports (`bpf_loop`, `bounded`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::BpfLoop => "bpf_loop",
+            Self::Bounded => "bounded",
+        }
+    }
+
     /// The deepest Lua stack walked whole.
     pub const fn max_lua_frames(self) -> usize {
         match self {
