@@ -196,6 +196,7 @@ declare -A KDIR=()
 SELECTED=()
 for k in $KERNELS; do
     SELECTED+=("$k")
+    rm -rf "${OUT:?}/$k"
     d=""
     if [ "$k" = host ]; then
         d="$(host_kernel)" || true
@@ -376,9 +377,23 @@ failed=0
     echo
     for k in "${SELECTED[@]}"; do
         for c in $CHECKS; do
-            printf -- '- %s %s: %s — %s\n' "$k" "$c" "${STATUS[$k.$c]}" "${REASON[$k.$c]}"
+            secs="$(sed -n "s/^KMX-TIME $c \([0-9]*\) s.*/ (\1 s)/p" "$OUT/$k/console.log" 2>/dev/null | head -n 1)"
+            printf -- '- %s %s: %s%s — %s\n' "$k" "$c" "${STATUS[$k.$c]}" "$secs" "${REASON[$k.$c]}"
         done
     done
+    # The verifier's figures per program, from each guest's check-kernel JSON.
+    if compgen -G "$OUT/*/check-kernel.json" >/dev/null && command -v jq >/dev/null; then
+        echo
+        echo "## Verifier figures (check-kernel)"
+        echo
+        echo "| kernel | program | loaded | insns processed | stack depths | combined stack | over budget |"
+        echo "|---|---|---|---:|---|---:|---|"
+        for k in "${SELECTED[@]}"; do
+            [ -s "$OUT/$k/check-kernel.json" ] || continue
+            jq -r --arg k "$k" '.programs[]? | "| \($k) | \(.program) | \(if .loaded then "yes" else "**no**: \(.error // "")" end) | \(.verifier.insns_processed // "-") | \(.verifier.stack_depths // [] | map(tostring) | join("+")) | \(.verifier.combined_stack // "-") | \(.over_budget | join("; "))|"' \
+                "$OUT/$k/check-kernel.json" 2>/dev/null || true
+        done
+    fi
 } >"$MD"
 passed=0
 skipped=0
