@@ -16,11 +16,15 @@ use super::{
     ffnames,
     layout::Layout,
 };
-use crate::stacks::{
-    label::{FrameDetail, ModuleId},
-    memory::Memory,
-    process::ProcessModules,
-    symbolize::Symbolizer,
+use crate::{
+    attribution,
+    plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
+    stacks::{
+        label::{FrameDetail, ModuleId},
+        memory::Memory,
+        process::ProcessModules,
+        symbolize::Symbolizer,
+    },
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
@@ -355,9 +359,12 @@ pub struct LuaNamer {
     /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
     /// of stacks; the pprof encoder knows a frame by its label's address).
     labels: HashSet<Arc<str>>,
-    /// Prototypes that failed validation, and frames whose current line could not be
-    /// found (`proto_line_unknown`: the PC is outside the bytecode, or no line info), by
-    /// reason.
+    /// The plugins each process's gateway names ([`crate::plugin_map`]).
+    plugins: PluginMaps,
+    /// Prototypes that failed validation, frames whose current line could not be found
+    /// (`proto_line_unknown`: the PC is outside the bytecode, or no line info), the plugin
+    /// maps' failures (`plugin_map_*`) and samples in a plugin file's code that no plugin
+    /// map names (`plugin_name_*`, see [`LuaNamer::gateway_names`]), by reason.
     pub errors: HashMap<&'static str, u64>,
 }
 
@@ -380,9 +387,62 @@ impl LuaNamer {
         l
     }
 
-    /// Drops the prototypes cached for process `pid`.
+    /// Drops the prototypes and the plugin map cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.protos.retain(|(p, _), _| *p != pid);
+        self.plugins.forget(pid);
+    }
+
+    /// Plugins and functions in the plugin map of `pid`, once one was read.
+    pub fn plugin_map_summary(&self, pid: u32) -> Option<(usize, usize)> {
+        self.plugins.summary(pid)
+    }
+
+    /// The plugin the gateway names for each frame (innermost first). A sample with a frame
+    /// in a plugin file's code and no named frame is counted once, by what its outermost
+    /// such frame got: `plugin_name_func_unknown` (a compiled trace's snapshot did not hold
+    /// the function), `plugin_name_not_in_map`, `plugin_name_stale` (the address now holds
+    /// another prototype), `plugin_name_ambiguous` (two plugins reach the function),
+    /// `plugin_name_no_map` (no map could be read). Such samples fall back to the file
+    /// rules.
+    fn gateway_names(
+        &mut self,
+        pid: u32,
+        frames: &[LuaFrame],
+        protos: &[Option<Arc<Proto>>],
+    ) -> Vec<Option<Arc<str>>> {
+        let mut out = vec![None; frames.len()];
+        let mut fallback = None;
+        for (i, (f, p)) in frames.iter().zip(protos).enumerate() {
+            let Some(p) = p else { continue };
+            let plugin_file = is_plugin_chunk(&p.chunk);
+            let found = if f.func == 0 {
+                None
+            } else {
+                Some(self.plugins.lookup(pid, f.func, f.code, plugin_file))
+            };
+            let reason = match found {
+                Some(Lookup::Named(n)) => {
+                    out[i] = Some(n);
+                    continue;
+                }
+                None => "plugin_name_func_unknown",
+                Some(Lookup::Unknown) => "plugin_name_not_in_map",
+                Some(Lookup::Stale) => "plugin_name_stale",
+                Some(Lookup::Ambiguous) => "plugin_name_ambiguous",
+                Some(Lookup::NoMap) => "plugin_name_no_map",
+            };
+            if plugin_file {
+                // Frames are innermost first: the last one kept is the outermost.
+                fallback = Some(reason);
+            }
+        }
+        if let Some(reason) = fallback
+            && out.iter().all(Option::is_none)
+        {
+            *self.errors.entry(reason).or_insert(0) += 1;
+        }
+        out
     }
 
     fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
@@ -416,10 +476,18 @@ impl LuaNamer {
     /// Names `frames` (innermost first, as walked) and splits them into segments, root
     /// first, each starting at a function entered from C. Each label comes with its frame's
     /// current line (Lua) or module (C).
+    ///
+    /// `l` is the sampled `lua_State` (its VM's plugin map names the frames of plugins,
+    /// see [`attribution::gateway_function`]).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one sample's context, passed through"
+    )]
     pub fn segments(
         &mut self,
         pid: u32,
         target: &LuaTarget,
+        l: u64,
         frames: &[LuaFrame],
         style: NameStyle,
         symbolizer: &mut Symbolizer,
@@ -434,6 +502,9 @@ impl LuaNamer {
                     .flatten()
             })
             .collect();
+        let errors = &mut self.errors;
+        self.plugins.prepare(pid, layout, l, errors);
+        let gateway = self.gateway_names(pid, frames, &protos);
         let mut segments: Vec<Vec<(Arc<str>, FrameDetail)>> = vec![Vec::new()];
         for i in (0..frames.len()).rev() {
             let f = &frames[i];
@@ -452,14 +523,28 @@ impl LuaNamer {
                         } else {
                             None
                         };
-                        let name = name.unwrap_or_else(|| {
-                            if p.firstline == 0 {
-                                "[main]"
-                            } else {
-                                "anonymous"
-                            }
-                            .to_owned()
-                        });
+                        // A name from the bytecode never opens with `[`: that marks names the
+                        // agent gives (`[main]`, a plugin's `[NAME]`).
+                        let name = name
+                            .map(|n| {
+                                if n.starts_with('[') {
+                                    format!("_{n}")
+                                } else {
+                                    n
+                                }
+                            })
+                            .unwrap_or_else(|| {
+                                if p.firstline == 0 {
+                                    "[main]"
+                                } else {
+                                    "anonymous"
+                                }
+                                .to_owned()
+                            });
+                        let name = match &gateway[i] {
+                            Some(plugin) => attribution::gateway_function(plugin, &name),
+                            None => name,
+                        };
                         // An unknown current line stays unknown (0) in the details; the
                         // current-line label falls back to the first line (see
                         // [`NameStyle::CurrentLine`]).
