@@ -415,12 +415,7 @@ impl LuaNamer {
         let mut fallback = None;
         for (i, (f, p)) in frames.iter().zip(protos).enumerate() {
             let Some(p) = p else { continue };
-            let plugin_file = is_plugin_chunk(&p.chunk);
-            let found = if f.func == 0 {
-                None
-            } else {
-                Some(self.plugins.lookup(pid, f.func, f.code, plugin_file))
-            };
+            let found = (f.func != 0).then(|| self.plugins.lookup(pid, f.func, f.code));
             let reason = match found {
                 Some(Lookup::Named(n)) => {
                     out[i] = Some(n);
@@ -432,15 +427,19 @@ impl LuaNamer {
                 Some(Lookup::Ambiguous) => "plugin_name_ambiguous",
                 Some(Lookup::NoMap) => "plugin_name_no_map",
             };
-            if plugin_file {
+            if is_plugin_chunk(&p.chunk) {
                 // Frames are innermost first: the last one kept is the outermost.
-                fallback = Some(reason);
+                fallback = Some((reason, f.func));
             }
         }
-        if let Some(reason) = fallback
+        if let Some((reason, func)) = fallback
             && out.iter().all(Option::is_none)
         {
             *self.errors.entry(reason).or_insert(0) += 1;
+            // A function the map may not know yet (a plugin reloaded): read it again soon.
+            if matches!(reason, "plugin_name_not_in_map" | "plugin_name_stale") {
+                self.plugins.ask_rebuild(pid, func);
+            }
         }
         out
     }
