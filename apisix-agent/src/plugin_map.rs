@@ -315,7 +315,9 @@ fn map_reason(e: &TableError) -> &'static str {
 /// address checked to be one (a request's coroutine is a new state of a known VM: one read).
 fn vm_of(mem: &Memory, layout: &Layout, l: u64, known: &[u64]) -> Option<u64> {
     let w = if layout.bpf.gc64 != 0 { 8 } else { 4 };
-    let b = mem.read(l + u64::from(layout.bpf.l_glref), w).ok()?;
+    let b = mem
+        .read(l.wrapping_add(u64::from(layout.bpf.l_glref)), w)
+        .ok()?;
     let g = if w == 8 {
         u64::from_le_bytes(b.try_into().ok()?)
     } else {

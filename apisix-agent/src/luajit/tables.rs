@@ -250,7 +250,7 @@ impl Reader<'_> {
                 t.truncate(take);
                 t
             }
-            _ => self.read(addr + u64::from(l.str_size), take)?,
+            _ => self.read(addr.wrapping_add(u64::from(l.str_size)), take)?,
         };
         Ok(LuaStr {
             bytes,
@@ -407,7 +407,7 @@ impl Reader<'_> {
 
     /// The registry table of the VM whose `global_State` is at `g`.
     pub fn registry(&self, g: u64) -> Result<Table, TableError> {
-        let at = g + u64::from(self.layout.values.g_registrytv);
+        let at = g.wrapping_add(u64::from(self.layout.values.g_registrytv));
         match self.value(at)? {
             Value::Table(t) => self.table(t),
             _ => Err(TableError::WrongType {
@@ -677,6 +677,10 @@ pub(crate) mod tests {
             assert!(matches!(r.table(s), Err(TableError::WrongType { .. })));
             assert!(matches!(r.func(s, true), Err(TableError::WrongType { .. })));
             assert!(matches!(r.table(8), Err(TableError::Read { .. })));
+            // Addresses at the top of the address space wrap into failed reads.
+            assert!(r.string(u64::MAX - 8).is_err());
+            assert!(r.registry(u64::MAX - 8).is_err());
+            assert!(r.func(u64::MAX - 8, true).is_err());
             let t = h.table(2, &[]);
             h.put(t + u64::from(l.values.t_hmask), &u32::MAX.to_le_bytes());
             let r = h.reader(&ME);
