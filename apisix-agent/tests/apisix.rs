@@ -360,6 +360,29 @@ fn plugin_cpu(metrics: &str) -> BTreeMap<(String, String), f64> {
     out
 }
 
+fn same(phase: &str) -> &str {
+    phase
+}
+
+/// The growth of (plugin, phase) counters from `before` to `after`, by plugin and by phase
+/// (`phase` maps a key's phase; only the plugins `counts` accepts count for the phases).
+fn window(
+    before: &BTreeMap<(String, String), f64>,
+    after: &BTreeMap<(String, String), f64>,
+    counts: impl Fn(&str) -> bool,
+    phase: fn(&str) -> &str,
+) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+    let (mut by_plugin, mut by_phase) = (BTreeMap::new(), BTreeMap::new());
+    for (k, v) in after {
+        let d = v - before.get(k).copied().unwrap_or(0.0);
+        *by_plugin.entry(k.0.clone()).or_insert(0.0) += d;
+        if counts(&k.0) {
+            *by_phase.entry(phase(&k.1).to_owned()).or_insert(0.0) += d;
+        }
+    }
+    (by_plugin, by_phase)
+}
+
 /// Shares of `values` over the keys of `of`.
 fn shares(values: &BTreeMap<String, f64>, of: &[&str]) -> BTreeMap<String, f64> {
     let total: f64 = of
@@ -483,24 +506,8 @@ fn plugin_cpu_matches_os_clock_truth() {
     drop(load);
     thread::sleep(Duration::from_secs(2));
 
-    let mut measured: BTreeMap<String, f64> = BTreeMap::new();
-    let mut measured_phase: BTreeMap<String, f64> = BTreeMap::new();
-    for (k, v) in &m1 {
-        let d = v - m0.get(k).copied().unwrap_or(0.0);
-        *measured.entry(k.0.clone()).or_insert(0.0) += d;
-        if PLUGINS.contains(&k.0.as_str()) {
-            *measured_phase.entry(k.1.clone()).or_insert(0.0) += d;
-        }
-    }
-    let mut truth: BTreeMap<String, f64> = BTreeMap::new();
-    let mut truth_phase: BTreeMap<String, f64> = BTreeMap::new();
-    for (k, v) in &t1 {
-        let d = v - t0.get(k).copied().unwrap_or(0.0);
-        *truth.entry(k.0.clone()).or_insert(0.0) += d;
-        *truth_phase
-            .entry(nginx_phase(&k.1).to_owned())
-            .or_insert(0.0) += d;
-    }
+    let (measured, measured_phase) = window(&m0, &m1, |p| PLUGINS.contains(&p), same);
+    let (truth, truth_phase) = window(&t0, &t1, |_| true, nginx_phase);
     eprintln!("plugin CPU over the window (s): {measured:?}");
     eprintln!("measured in the workers (s): {truth:?}");
     let total: f64 = PLUGINS

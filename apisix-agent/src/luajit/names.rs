@@ -511,35 +511,7 @@ impl LuaNamer {
             let label: Arc<str> = if f.kind == LuaFrameKind::Lua as u8 {
                 match &protos[i] {
                     Some(p) => {
-                        // Called from Lua: the caller's CALL instruction names the callee.
-                        let name = if f.link & 3 == 0 {
-                            frames
-                                .get(i + 1)
-                                .zip(protos.get(i + 1).and_then(Option::as_ref))
-                                .and_then(|(cf, cp)| {
-                                    cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc))
-                                })
-                        } else {
-                            None
-                        };
-                        // A name from the bytecode never opens with `[`: that marks names the
-                        // agent gives (`[main]`, a plugin's `[NAME]`).
-                        let name = name
-                            .map(|n| {
-                                if n.starts_with('[') {
-                                    format!("_{n}")
-                                } else {
-                                    n
-                                }
-                            })
-                            .unwrap_or_else(|| {
-                                if p.firstline == 0 {
-                                    "[main]"
-                                } else {
-                                    "anonymous"
-                                }
-                                .to_owned()
-                            });
+                        let name = function_name(frames, &protos, i, p);
                         let name = match &gateway[i] {
                             Some(plugin) => attribution::gateway_function(plugin, &name),
                             None => name,
@@ -583,6 +555,32 @@ impl LuaNamer {
         }
         segments.retain(|s| !s.is_empty());
         segments
+    }
+}
+
+/// The name of Lua frame `i` (innermost first) of prototype `p`: called from Lua, the
+/// caller's CALL instruction names it; else `[main]` for a main chunk, `anonymous`. A name
+/// from the bytecode never opens with `[`, which marks names the agent gives (`[main]`, a
+/// plugin's `[NAME]`): such a name gets a `_` in front.
+fn function_name(
+    frames: &[LuaFrame],
+    protos: &[Option<Arc<Proto>>],
+    i: usize,
+    p: &Proto,
+) -> String {
+    let called = if frames[i].link & 3 == 0 {
+        frames
+            .get(i + 1)
+            .zip(protos.get(i + 1).and_then(Option::as_ref))
+            .and_then(|(cf, cp)| cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc)))
+    } else {
+        None
+    };
+    match called {
+        Some(n) if n.starts_with('[') => format!("_{n}"),
+        Some(n) => n,
+        None if p.firstline == 0 => "[main]".to_owned(),
+        None => "anonymous".to_owned(),
     }
 }
 
