@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian machine to a flame graph and a running daemon: installs
 # what building and running needs (scripts/setup.sh; not the test tools), builds
-# apisix-agent, profiles a local OpenResty / nginx-lua worker for 10 seconds into
-# ./flamegraph.svg, then runs the daemon (`apisix-agent run`) on 127.0.0.1:9464 and prints
-# the commands to try against it. Without a worker running, it starts the demo workload of
-# examples/demo on 127.0.0.1 under a bounded local load. Everything it started stops on
-# Ctrl-C or after QUICKSTART_SECONDS.
+# apisix-agent, starts the demo workload of examples/demo on 127.0.0.1 under a bounded local
+# load and profiles its worker for 10 seconds into ./flamegraph.svg (PID= profiles another
+# process instead, and no demo starts), then runs the daemon (`apisix-agent run`) on
+# 127.0.0.1:9464 and prints the commands to try against it. A recording with no samples (an
+# idle PID=) fails with a sentence saying so and how to pick another. Everything it started
+# stops on Ctrl-C or after QUICKSTART_SECONDS.
 # Environment: PID=<worker pid> to choose the target, DURATION=<seconds>, OUT=<file>,
 # QUICKSTART_SECONDS=<seconds the daemon runs, default 120>.
 set -euo pipefail
@@ -24,11 +25,6 @@ OUT="${OUT:-flamegraph.svg}"
 QUICKSTART_SECONDS="${QUICKSTART_SECONDS:-120}"
 
 pid="${PID:-}"
-if [ -z "$pid" ]; then
-    for p in $(pgrep -f 'nginx: worker process|openresty' || true); do
-        if grep -q luajit "/proc/$p/maps" 2>/dev/null; then pid="$p"; break; fi
-    done
-fi
 demo=""
 daemon=""
 load=""
@@ -50,7 +46,7 @@ if [ -z "$pid" ]; then
     mkdir -p "$demo/logs" "$demo/tmp"
     cp -r examples/demo/lua "$demo/lua"
     sed -e "s#@PREFIX@#$demo#g" -e "s#@PORT@#$port#g" examples/demo/nginx.conf.in > "$demo/nginx.conf"
-    echo "==> no nginx-lua worker running: starting the demo on 127.0.0.1:$port" >&2
+    echo "==> starting the demo workload on 127.0.0.1:$port (PID=<pid> profiles another process)" >&2
     nginx -p "$demo" -c "$demo/nginx.conf"
     for _ in $(seq 50); do [ -f "$demo/logs/nginx.pid" ] && break; sleep 0.1; done
     master="$(cat "$demo/logs/nginx.pid")"
@@ -65,7 +61,14 @@ if [ -z "$pid" ]; then
     load=$!
 fi
 echo "==> recording pid $pid for ${DURATION}s" >&2
-"$AGENT" record --pid "$pid" --duration "$DURATION" --output "$OUT"
+if ! "$AGENT" record --pid "$pid" --duration "$DURATION" --output "$OUT"; then
+    if [ -n "${PID:-}" ]; then
+        echo "==> no flame graph: pid $pid gave no samples. Run again with PID=<a busy worker> (the highest %CPU in 'ps -o pid,pcpu,args -C nginx'), or without PID= for the demo" >&2
+    else
+        echo "==> no flame graph: the demo worker $pid gave no samples (see the error above)" >&2
+    fi
+    exit 1
+fi
 echo "==> flame graph written to $OUT" >&2
 
 echo "==> starting the daemon (apisix-agent run) on 127.0.0.1:9464" >&2

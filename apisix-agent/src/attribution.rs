@@ -13,11 +13,17 @@
 //!   chunk). `none` when the sample is in no ngx_lua handler and no Lua runs, `unknown` when
 //!   Lua runs but nothing names the phase. Limit: a `*_by_lua_file` handler resumed from a
 //!   timer (after `ngx.sleep` in the content phase) counts as `timer`.
-//! - **Plugin**, from the Lua frames (`NAME@FILE:LINE`): [`Rules`] are regexes on FILE with a
-//!   named capture `plugin` (defaults: APISIX `apisix/plugins/<name>.lua` and
-//!   `apisix/plugins/<name>/…`, Kong `kong/plugins/<name>/…`). The innermost matching frame
-//!   wins, so core libraries a plugin calls (`apisix/core/*`, `resty.*`, `cjson`) are charged
-//!   to it. Without a plugin frame: [`CORE`] when Lua runs, else the empty string. Names are
+//! - **Plugin**, from the Lua frames (`NAME@FILE:LINE`). First the gateway's own name: a
+//!   frame whose function the plugin map ([`crate::plugin_map`]) found in a loaded APISIX
+//!   plugin module is labelled `[PLUGIN]NAME@FILE:LINE` ([`gateway_function`]), PLUGIN being
+//!   the module's `name` as APISIX's runner uses it; the innermost such frame names the
+//!   plugin, and plugin files' frames inside it do not override it (so
+//!   `serverless-pre-function` and `serverless-post-function`, one factory file, are two
+//!   plugins). Without one, the fallback: [`Rules`], regexes on FILE with a named capture
+//!   `plugin` (defaults: APISIX `apisix/plugins/<name>.lua` and `apisix/plugins/<name>/…`,
+//!   Kong `kong/plugins/<name>/…`), the innermost matching frame winning. Either way core
+//!   libraries a plugin calls (`apisix/core/*`, `resty.*`, `cjson`) are charged to it.
+//!   Without a plugin frame: [`CORE`] when Lua runs, else the empty string. Names are
 //!   sanitised ([`sanitise`]: `[A-Za-z0-9_.-]`, at most [`MAX_PLUGIN_LEN`] characters).
 //!
 //! Hooks: none. Metrics: none of its own; the daemon's aggregator exports
@@ -42,6 +48,19 @@ pub const APISIX_RULE: &str = r"(?:^|/)apisix/plugins/(?P<plugin>[^/]+?)(?:\.lua
 
 /// The built-in rule for Kong plugins: files under `kong/plugins/<name>/`.
 pub const KONG_RULE: &str = r"(?:^|/)kong/plugins/(?P<plugin>[^/]+)/";
+
+/// The function part of the label of a frame the gateway names: `[PLUGIN]NAME`.
+pub fn gateway_function(plugin: &str, name: &str) -> String {
+    format!("[{}]{name}", sanitise(plugin))
+}
+
+/// The plugin of a frame's function part made by [`gateway_function`]: a sanitised
+/// non-empty name in brackets followed by a non-empty function name. (The namer never lets a
+/// name from the bytecode open with `[`; `[main]` has no name after it.)
+pub fn gateway_plugin(function: &str) -> Option<&str> {
+    let (plugin, name) = function.strip_prefix('[')?.split_once(']')?;
+    (!plugin.is_empty() && !name.is_empty() && sanitise(plugin) == plugin).then_some(plugin)
+}
 
 /// Errors of compiling plugin rules.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +282,8 @@ impl Rules {
         let mut lua = false;
         let mut timers = false;
         let mut plugin = None;
+        // Whether `plugin` is the gateway's name (file rules inside it do not override it).
+        let mut gateway = false;
         for label in stack {
             match classify_frame(label) {
                 FrameClass::Lua { function, file, .. } => {
@@ -273,7 +294,11 @@ impl Rules {
                             chunk_phase = Phase::of_chunk(file);
                         }
                     }
-                    if !file.is_empty()
+                    if let Some(p) = gateway_plugin(function) {
+                        plugin = Some(p.to_owned());
+                        gateway = true;
+                    } else if !gateway
+                        && !file.is_empty()
                         && file != "[builtin]"
                         && let Some(p) = self.plugin_of_file(file)
                     {
@@ -636,6 +661,68 @@ mod tests {
         let s = stack(&["main", "f@/gw/ext/my-auth.lua:1", "g@/gw/lib/util.lua:3"]);
         assert_eq!(custom.classify(&s).plugin, "my-auth");
         assert_eq!(custom.classify(&kong).plugin, "rate-limiting");
+    }
+
+    #[test]
+    fn the_gateway_names_its_plugins() {
+        let rules = Rules::default();
+        let f = |p: &str, n: &str, file: &str| format!("{}@{file}:70", gateway_function(p, n));
+        let factory = "/h/apisix/plugins/serverless/init.lua";
+        let pre = f("serverless-pre-function", "phase_func", factory);
+        let post = f("serverless-post-function", "phase_func", factory);
+        assert_eq!(
+            pre,
+            format!("[serverless-pre-function]phase_func@{factory}:70")
+        );
+        for (label, want) in [
+            (&pre, "serverless-pre-function"),
+            (&post, "serverless-post-function"),
+        ] {
+            let s = with(
+                &ACCESS,
+                &[
+                    "run_plugin@/h/apisix/plugin.lua:1100",
+                    label,
+                    "load_funcs@/h/apisix/plugins/serverless/init.lua:60",
+                    "fetch@/h/apisix/core/lrucache.lua:12",
+                    "anonymous@[string \"return function(conf, ctx) ...\"]:1",
+                ],
+            );
+            assert_eq!(rules.classify(&s).plugin, want);
+        }
+        // Another plugin's file inside: still the plugin the runner runs; an inner named
+        // frame wins over an outer one.
+        let s = with(
+            &ACCESS,
+            &[
+                &f(
+                    "openid-connect",
+                    "phase_func",
+                    "/a/apisix/plugins/openid-connect.lua",
+                ),
+                "check@/a/apisix/plugins/jwt-auth.lua:5",
+            ],
+        );
+        assert_eq!(rules.classify(&s).plugin, "openid-connect");
+        let s = with(
+            &ACCESS,
+            &[
+                &f(
+                    "openid-connect",
+                    "phase_func",
+                    "/a/apisix/plugins/openid-connect.lua",
+                ),
+                &f("jwt-auth", "verify", "/a/apisix/plugins/jwt-auth.lua"),
+            ],
+        );
+        assert_eq!(rules.classify(&s).plugin, "jwt-auth");
+        // Not gateway names: `[main]`, a bracket without a function name, odd characters.
+        assert_eq!(gateway_plugin("[main]"), None);
+        assert_eq!(gateway_plugin("[key-auth]"), None);
+        assert_eq!(gateway_plugin("[a b]f"), None);
+        assert_eq!(gateway_plugin("key-auth"), None);
+        assert_eq!(gateway_plugin("[key-auth]f"), Some("key-auth"));
+        assert_eq!(gateway_function("we ird", "f"), "[we_ird]f");
     }
 
     #[test]

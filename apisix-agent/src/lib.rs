@@ -10,7 +10,8 @@
 //! - [`daemon`]: `apisix-agent run` — the continuous sampler thread, shared state,
 //!   aggregation, metrics, the HTTP server (listener, TLS, authentication).
 //! - [`output`]: folded text, SVG and JSON flame graphs, pprof profiles.
-//! - [`attribution`]: which APISIX plugin and request phase a stack belongs to.
+//! - [`attribution`]: which APISIX plugin and request phase a stack belongs to;
+//!   [`plugin_map`]: the plugins as the gateway names them, read from its VMs.
 //! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML.
 //!
 //! Hooks and metrics: those of the modules; each file's header lists its own.
@@ -21,6 +22,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod luajit;
 pub mod output;
+pub mod plugin_map;
 pub mod record;
 pub mod sampling;
 pub mod stacks;

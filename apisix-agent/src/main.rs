@@ -91,6 +91,14 @@ enum Command {
         #[arg(long, default_value = "Flame graph")]
         title: String,
     },
+    /// Load every BPF program this kernel runs (in the variant it needs) and check the
+    /// verifier's figures against their budgets; exits non-zero when a program is refused or
+    /// over budget. Needs root.
+    CheckKernel {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and print the effective configuration.
     CheckConfig {
         /// YAML configuration to check.
@@ -161,6 +169,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => daemon::run(config.as_deref()),
         Command::CheckConfig { config } => check_config(&config),
+        Command::CheckKernel { json } => check_kernel(json),
         Command::HashPassword { cost } => {
             daemon::auth::hash_password_line(std::io::stdin().lock(), cost)
                 .map_err(anyhow::Error::new)
@@ -197,6 +206,23 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     let text = serde_yaml::to_string(&config)?;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// `check-kernel`: the table or JSON on standard output; fails when the check does.
+fn check_kernel(json: bool) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let check = apisix_agent::sampling::check::check_kernel();
+    let text = if json {
+        serde_json::to_string_pretty(&check)? + "\n"
+    } else {
+        check.text()
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    if check.ok {
+        Ok(())
+    } else {
+        anyhow::bail!("some BPF programs do not load within their budgets on this kernel")
+    }
 }
 
 /// Writes `text` and a line end to standard output.

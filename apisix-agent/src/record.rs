@@ -114,6 +114,11 @@ pub struct RecordSummary {
     /// Alloc and live modes: what the allocator probes saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alloc: Option<AllocSummary>,
+    /// What the kernel offered: the Lua walk variant and the deepest stack it walks whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::sampling::kernel::KernelReport>,
+    /// Nothing was recorded: no output was written (and `record` failed).
+    pub empty: bool,
 }
 
 /// The Lua heap size at the start and the end of a recording.
@@ -252,6 +257,8 @@ impl RecordSummary {
                 })
                 .collect(),
             lua_memory_bytes: rec.heap.map(|(start, end)| HeapSummary { start, end }),
+            kernel: rec.kernel.clone(),
+            empty: rec.folded.total() == 0,
             alloc: rec.alloc.as_ref().map(|a| {
                 let probe = a.probes.first();
                 AllocSummary {
@@ -300,6 +307,8 @@ pub struct Recording {
     pub heap: Option<(Option<u64>, Option<u64>)>,
     /// Alloc and live modes: probes and live totals.
     pub alloc: Option<capture::AllocOutcome>,
+    /// What the kernel offered the programs.
+    pub kernel: Option<crate::sampling::kernel::KernelReport>,
 }
 
 /// Set by SIGINT/SIGTERM: the recording ends early and writes what it gathered.
@@ -468,6 +477,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Recording> {
         idle_excluded: cap.idle_excluded,
         traces_decoded: cap.traces_decoded,
         user_errors: cap.lua_errors,
+        kernel: Some(cap.kernel),
     })
 }
 
@@ -489,6 +499,26 @@ pub fn run(opts: &RecordOptions) -> anyhow::Result<()> {
         );
     }
     let rec = record(opts)?;
+    if rec.folded.total() == 0 {
+        // An empty graph under a message of success would say "nothing to see here".
+        if let Some(path) = &opts.summary {
+            write_summary(path, &RecordSummary::of(opts.pid, &rec))?;
+        }
+        let comm = process::comm(opts.pid).unwrap_or_else(|_| "exited".into());
+        bail!(
+            "pid {} ({}) gave no {} in {:.0}s: nothing written. It is probably idle (an nginx \
+             worker with no requests); send it load, or pick a busy worker (`ps -o \
+             pid,pcpu,args -C nginx`, the highest %CPU)",
+            opts.pid,
+            comm.escape_debug(),
+            match rec.mode {
+                capture::Mode::Cpu { .. } => "CPU samples",
+                capture::Mode::OffCpu { .. } => "blocked time",
+                capture::Mode::Alloc { .. } => "allocations",
+            },
+            rec.elapsed.as_secs_f64()
+        );
+    }
     let mut title = format!(
         "pid {} — {:.0}s {}{}",
         opts.pid,
@@ -745,6 +775,7 @@ mod tests {
         let mut folded = Folded::new();
         folded.add(vec!["main".into(), "f".into()], 790);
         let rec = Recording {
+            kernel: None,
             folded,
             counters,
             target_exited: false,
@@ -817,6 +848,7 @@ mod tests {
         counters[Counter::LiveMapFull as usize] = 1;
         counters[Counter::LiveFreed as usize] = 30;
         let rec = Recording {
+            kernel: None,
             folded: Folded::new(),
             counters,
             target_exited: false,

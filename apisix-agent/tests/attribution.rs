@@ -6,7 +6,8 @@
 //! the JIT on. The daemon's
 //! `apisix_profiler_plugin_cpu_seconds_total` is checked against each plugin's CPU measured
 //! in Lua with `os.clock` around whole loops, within 5 points; `record --plugin` and
-//! `/flamegraph?plugin=&phase=` keep only the matching stacks. With off-CPU profiling, a
+//! `/flamegraph?plugin=&phase=` keep only the matching stacks, whose plugin frames carry
+//! the name the plugin map read from the VM's `package.loaded`. With off-CPU profiling, a
 //! log-phase plugin's blocked time is its `plugin_offcpu_seconds_total`.
 
 mod common;
@@ -481,6 +482,17 @@ fn plugin_and_phase_cpu(lj: Lj) {
     for s in stacks.keys() {
         assert!(s.contains("/lua/apisix/plugins/limit-count.lua:"), "{s}");
     }
+    // The plugin map read this VM (GC64 or not): the module's `name` names the frames.
+    let named: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.contains("[limit-count]"))
+        .map(|(_, n)| n)
+        .sum();
+    let all: u64 = stacks.values().sum();
+    assert!(
+        named * 10 >= all * 9,
+        "{named} of {all} limit-count samples named by the gateway: {stacks:?}"
+    );
     let (status, body) = agent.get(&format!("/flamegraph?pid={worker}&phase=log&format=json"));
     assert_eq!(status, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("json");

@@ -350,3 +350,30 @@ fn bad_config_files_name_the_field() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+/// A kernel that refuses the BPF programs (here: no privilege to load them, as user
+/// `nobody`) leaves the daemon serving and saying why: `/healthz` 503 with the reason,
+/// `apisix_profiler_bpf_program_loaded{program="cpu_sampler"}` 0, `/targets` still answered.
+#[test]
+fn a_refused_sampler_leaves_the_daemon_serving_and_saying_why() {
+    common::require_root!();
+    let config = "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n  docker:\n    enabled: false\n";
+    let mut agent = Agent::start_as(config, Some(65534), |a| a.get("/healthz").0 == 503);
+    let (status, body) = agent.get("/healthz");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
+    let error = health["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("CPU sampler") && error.contains("permission"),
+        "{body}\n{}",
+        agent.log()
+    );
+    let (status, metrics) = agent.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("apisix_profiler_bpf_program_loaded{program=\"cpu_sampler\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(agent.get("/targets").0, 200);
+    assert!(agent.stop().success(), "{}", agent.log());
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lj, Load, Nginx, Recorded, record};
+use common::{Lj, Load, Nginx, Recorded, record, record_env};
 
 const BENCH_LUA: &str = r#"
 local _M = {}
@@ -331,9 +331,17 @@ fn accuracy_gc32_jit_off() {
     accuracy(Lj::Gc32, false);
 }
 
+/// The bounded Lua walk (the variant for kernels without `bpf_loop`), forced here.
+const BOUNDED: &[(&str, &str)] = &[("APISIX_AGENT_LUA_WALK", "bounded")];
+
 fn shape(lj: Lj, jit: bool) {
+    shape_with(lj, jit, &[]);
+}
+
+fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
+    let record = |pid, secs, extra: &[&str]| record_env(pid, secs, extra, env);
 
     // A recursion 120 Lua frames deep comes out whole.
     {
@@ -348,6 +356,18 @@ fn shape(lj: Lj, jit: bool) {
         assert!(
             in_spin > 50 && whole * 100 >= in_spin * 95,
             "{whole}/{in_spin} samples in spin have all 120 rec frames\n{}",
+            rec.dump()
+        );
+        let walk = if env.is_empty() {
+            "bpf_loop"
+        } else {
+            "bounded"
+        };
+        assert_eq!(rec.summary["kernel"]["lua_walk"], walk, "{}", rec.dump());
+        assert_eq!(
+            rec.summary["kernel"]["max_lua_frames"],
+            192,
+            "{}",
             rec.dump()
         );
         let deepest = rec.counter(&["deepest_lua"]);
@@ -391,6 +411,19 @@ fn shape(lj: Lj, jit: bool) {
 fn shape_gc64_jit_on() {
     common::require_root!();
     shape(Lj::Gc64, true);
+}
+
+/// The bounded walk (kernels before 5.17) walks as deep and names the same frames.
+#[test]
+fn shape_gc64_jit_on_bounded_walk() {
+    common::require_root!();
+    shape_with(Lj::Gc64, true, BOUNDED);
+}
+
+#[test]
+fn shape_gc32_jit_on_bounded_walk() {
+    common::require_root!();
+    shape_with(Lj::Gc32, true, BOUNDED);
 }
 
 #[test]

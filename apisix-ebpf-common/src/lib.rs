@@ -8,13 +8,23 @@
 /// Program name of the CPU sampler (a `perf_event` program attached on every CPU).
 pub const PROG_SAMPLE: &str = "sample";
 
-/// Program name of the off-CPU hook on `sched_switch` (BTF tracepoint): notes when a target
+/// The CPU sampler for kernels without `bpf_loop` (before 5.17): the same program with the
+/// Lua walk in a bounded loop of [`BOUNDED_LUA_STEPS`] steps.
+pub const PROG_SAMPLE_BOUNDED: &str = "sample_bounded";
+
+/// Program name of the off-CPU hook on `sched_switch` (raw tracepoint): notes when a target
 /// thread blocks.
 pub const PROG_OFFCPU_SWITCH: &str = "offcpu_switch";
 
-/// Program name of the off-CPU hook on `sys_exit` (BTF tracepoint): runs in the thread back
+/// Program name of the off-CPU hook on `sys_exit` (raw tracepoint): runs in the thread back
 /// from a blocking system call and writes its stack weighted by the time it was blocked.
 pub const PROG_OFFCPU_EXIT: &str = "offcpu_exit";
+/// [`PROG_OFFCPU_EXIT`] with the bounded Lua walk (kernels without `bpf_loop`).
+pub const PROG_OFFCPU_EXIT_BOUNDED: &str = "offcpu_exit_bounded";
+
+/// A program that only calls `bpf_loop`: whether it loads tells whether the kernel has the
+/// helper (5.17), i.e. which walk variant the agent loads.
+pub const PROG_PROBE_LOOP: &str = "probe_bpf_loop";
 
 /// Program name of the uprobe on `lua_resume` that learns a process's `global_State` from its
 /// first argument, for targets that run trace code before any interpreter sample.
@@ -25,6 +35,8 @@ pub const PROG_LEARN_VM: &str = "learn_vm";
 /// sampling points every `AllocConfig::sample_bytes` on average, writes the thread's stack
 /// weighted by the bytes it stands for.
 pub const PROG_ALLOC: &str = "alloc_entry";
+/// [`PROG_ALLOC`] with the bounded Lua walk (kernels without `bpf_loop`).
+pub const PROG_ALLOC_BOUNDED: &str = "alloc_entry_bounded";
 
 /// Program name of the uretprobe on the same allocator (live mode only): gets the address the
 /// allocator returned and keeps [`MAP_LIVE_ALLOCS`] up to date (sampled blocks in, freed
@@ -49,6 +61,9 @@ pub const MAP_OFF_START: &str = "OFF_START";
 /// `Array<u64>` of one entry: blocks shorter than this many nanoseconds are dropped.
 pub const MAP_OFFCPU_MIN: &str = "OFFCPU_MIN";
 
+/// `Array<KernelConfig>` of one entry: offsets into the running kernel's structures, from
+/// its BTF.
+pub const MAP_KERNEL_CONFIG: &str = "KERNEL_CONFIG";
 /// `Array<AllocConfig>` of one entry: how the allocator probes sample (zero: held).
 pub const MAP_ALLOC_CONFIG: &str = "ALLOC_CONFIG";
 /// `HashMap<u32 tid, _>`: each thread's distance to its next sampling point, and the call
@@ -66,6 +81,11 @@ pub const ALLOC_MAX_THREADS: u32 = 4096;
 pub const STACK_COPY_MAX: usize = 16384;
 /// Lua frames walked per sample.
 pub const MAX_LUA_FRAMES: usize = 192;
+/// Steps of the bounded Lua walk (kernels without `bpf_loop`): as many as the `bpf_loop`
+/// walk takes (two per frame: a vararg pseudo-frame or a C frame may sit between two Lua
+/// frames), so both walk [`MAX_LUA_FRAMES`] frames. Each step is a global BPF function,
+/// checked once by the verifier, so the steps cost it little.
+pub const BOUNDED_LUA_STEPS: usize = 2 * MAX_LUA_FRAMES;
 /// Kernel frames kept per sample.
 pub const MAX_KERNEL_FRAMES: usize = 64;
 /// Number of slots in [`MAP_LUA_LAYOUTS`].
@@ -138,6 +158,25 @@ pub struct LuaLayout {
     pub g_trace: u32,
     /// `GCtrace.mcode`: the start of a trace's machine code.
     pub t_mcode: u32,
+}
+
+/// Offsets into the running kernel's structures, read by the agent from the kernel's BTF
+/// (0 where unknown: the program then does without what needs it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct KernelConfig {
+    /// `task_struct.stack`: the task's kernel stack, whose top holds its saved user registers
+    /// (what a sample that hit kernel mode unwinds from).
+    pub task_stack: u32,
+    /// `task_struct.__state` (5.14+) or `task_struct.state`: whether a thread switched out
+    /// is blocked (non-zero) or only preempted.
+    pub task_state: u32,
+    /// `THREAD_SIZE` minus `sizeof(struct pt_regs)`: where the saved user registers sit
+    /// from the kernel stack's base (without the top padding some configurations add, which
+    /// the programs try next).
+    pub regs_offset: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// How the allocator probes sample, written by the agent before it attaches them.
@@ -455,13 +494,14 @@ const _: () = {
                 + STACK_COPY_MAX
     );
     assert!(core::mem::size_of::<AllocConfig>() == 16);
+    assert!(core::mem::size_of::<KernelConfig>() == 16);
     assert!(core::mem::size_of::<LiveAlloc>() == 24);
     assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 };
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AllocConfig, LiveAlloc, LuaLayout, Sample, Target};
+    use super::{AllocConfig, KernelConfig, LiveAlloc, LuaLayout, Sample, Target};
 
     // SAFETY: plain `#[repr(C)]` data without padding (checked above).
     unsafe impl aya::Pod for Target {}
@@ -473,4 +513,6 @@ mod user {
     unsafe impl aya::Pod for AllocConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LiveAlloc {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelConfig {}
 }

@@ -21,6 +21,8 @@
 //! mode on, nothing is counted or sampled but frees and resizes of tracked blocks still are,
 //! until the VM has completed a collection; then it holds them (both 0).
 //!
+//! `alloc_entry_bounded` is the entry probe for kernels without `bpf_loop`.
+//!
 //! Hooks: uprobe and uretprobe on the allocator (per process). Metrics: `AllocCalls`,
 //! `AllocBytes`, `AllocSampled`, `LiveMapFull`, `AllocNoReturn`, `LiveFreed`,
 //! `MapInsertFailed` (a thread's state not stored), and those of [`crate::sample::emit`].
@@ -47,7 +49,7 @@ const MAX_DRAWS: u32 = 16;
 /// sampling point, writes the thread's stack. In live mode notes the call for the return.
 #[uprobe]
 pub fn alloc_entry(ctx: ProbeContext) -> u32 {
-    match try_alloc_entry(&ctx) {
+    match try_alloc_entry::<true>(&ctx) {
         Ok(()) => 0,
         Err(counter) => {
             count(counter);
@@ -56,7 +58,19 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
     }
 }
 
-fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), Counter> {
+/// [`alloc_entry`] for kernels without `bpf_loop`.
+#[uprobe]
+pub fn alloc_entry_bounded(ctx: ProbeContext) -> u32 {
+    match try_alloc_entry::<false>(&ctx) {
+        Ok(()) => 0,
+        Err(counter) => {
+            count(counter);
+            0
+        }
+    }
+}
+
+fn try_alloc_entry<const LOOP: bool>(ctx: &ProbeContext) -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
@@ -106,7 +120,7 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), Counter> {
         // and the agent's bound on N (2^30). (A checked multiply needs a 128-bit helper
         // BPF lacks.)
         weight = points.wrapping_mul(cfg.sample_bytes);
-        match emit(
+        match emit::<LOOP>(
             ctx.as_ptr(),
             pid_tgid,
             target,

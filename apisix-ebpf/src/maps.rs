@@ -8,8 +8,8 @@
 //! entry when it loads the object for anything else.
 
 use apisix_ebpf_common::{
-    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, LIVE_MAX_TRACKED, LiveAlloc, LuaLayout,
-    MAX_KERNEL_FRAMES, MAX_LUA_LAYOUTS, Target,
+    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
+    LiveAlloc, LuaLayout, MAX_KERNEL_FRAMES, MAX_LUA_LAYOUTS, Target,
 };
 use aya_ebpf::{
     macros::map,
@@ -50,6 +50,15 @@ pub(crate) static OFFCPU_MIN: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static LOST: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+#[map]
+pub(crate) static KERNEL_CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+/// The kernel offsets the agent wrote (all 0 when unset).
+#[inline(always)]
+pub(crate) fn kernel_config() -> KernelConfig {
+    KERNEL_CONFIG.get(0).copied().unwrap_or_default()
+}
 
 #[map]
 pub(crate) static ALLOC_CONFIG: Array<AllocConfig> = Array::with_max_entries(1, 0);

@@ -3,7 +3,9 @@
 //! `SAMPLES` ring buffer ([`emit`], shared with the off-CPU exit and the allocator probe):
 //! the user registers, a copy of the top of the user stack (user space unwinds it from
 //! `.eh_frame`), the kernel stack and, for LuaJIT targets, the Lua frames walked by
-//! [`crate::lua::walk`].
+//! [`crate::lua::walk`]. `sample_bounded` is the same program for kernels without
+//! `bpf_loop` (before 5.17), its Lua walk a bounded loop of `BOUNDED_LUA_STEPS` steps;
+//! `probe_bpf_loop` only tells the agent, by loading or not, which of the two to load.
 //!
 //! Hooks: `perf_event` (software CPU clock). Metrics: `Samples`, `RingbufFull`,
 //! `RegsUnavailable`, `StackCopyFailed`, the Lua walk outcomes, `LOST`.
@@ -19,7 +21,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_stack, bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+            bpf_get_stack, bpf_loop, bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
             bpf_probe_read_user as read_raw,
         },
     },
@@ -51,7 +53,7 @@ const STACK_COPY_MASK: u32 = 2 * STACK_COPY_MAX as u32 - 1;
 
 #[perf_event]
 pub fn sample(ctx: PerfEventContext) -> u32 {
-    match try_sample(&ctx) {
+    match try_sample::<true>(&ctx) {
         Ok(()) => 0,
         Err(counter) => {
             count(counter);
@@ -60,7 +62,31 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     }
 }
 
-fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
+/// [`sample`] for kernels without `bpf_loop`.
+#[perf_event]
+pub fn sample_bounded(ctx: PerfEventContext) -> u32 {
+    match try_sample::<false>(&ctx) {
+        Ok(()) => 0,
+        Err(counter) => {
+            count(counter);
+            0
+        }
+    }
+}
+
+/// Loads only where the kernel has `bpf_loop` (never attached).
+#[perf_event]
+pub fn probe_bpf_loop(_ctx: PerfEventContext) -> u32 {
+    // SAFETY: the callback is a static BPF function; no context is passed.
+    unsafe { bpf_loop(1, probe_step as *mut c_void, core::ptr::null_mut(), 0) };
+    0
+}
+
+extern "C" fn probe_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    1
+}
+
+fn try_sample<const LOOP: bool>(ctx: &PerfEventContext) -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: read-only lookup of a plain value.
@@ -69,7 +95,7 @@ fn try_sample(ctx: &PerfEventContext) -> Result<(), Counter> {
     };
     let target = *target;
     let regs = user_regs(ctx).ok_or(Counter::RegsUnavailable)?;
-    emit(
+    emit::<LOOP>(
         ctx.as_ptr(),
         pid_tgid,
         &target,
@@ -94,9 +120,10 @@ pub(crate) enum KernelStack {
 
 /// Writes one sample of the current thread: registers, kernel stack, user stack copy, Lua
 /// frames. `ctx` is the program's context (for `bpf_get_stack`). Returns the sample's
-/// `time_ns`, which with the thread id names it.
+/// `time_ns`, which with the thread id names it. `LOOP`: walk the Lua stack with `bpf_loop`
+/// (else in a bounded loop).
 #[inline(always)]
-pub(crate) fn emit(
+pub(crate) fn emit<const LOOP: bool>(
     ctx: *mut c_void,
     pid_tgid: u64,
     target: &Target,
@@ -171,7 +198,7 @@ pub(crate) fn emit(
     s.trace = 0;
     s.trace_mcode = 0;
     if target.layout != LAYOUT_NONE {
-        match walk_lua(tgid, target, regs, s) {
+        match walk_lua::<LOOP>(tgid, target, regs, s) {
             Ok(true) => count(Counter::LuaWalked),
             Ok(false) => count(Counter::LuaIdle),
             Err(reason) => {

@@ -25,7 +25,10 @@ use apisix_ebpf_common::Counter;
 
 use super::{
     aggregate::Group,
-    metrics::{CacheLabels, FlavourLabels, LabelValue, ReasonLabels, TargetLabels, VmStateLabels},
+    metrics::{
+        CacheLabels, FlavourLabels, LabelValue, ProgramLabels, ReasonLabels, TargetLabels,
+        VmStateLabels,
+    },
     state::{Shared, VmMemory},
 };
 use crate::{
@@ -361,40 +364,75 @@ impl<S: SampleSource> State<S> {
     }
 }
 
-/// Starts the sampler (reporting the outcome on `started`) and runs until `shared.stop`.
+/// Starts the sampler (reporting on `started` that the thread runs) and runs until
+/// `shared.stop`. A program the kernel refuses is not fatal: it is reported in
+/// `shared.programs` (so in `/healthz`, `/targets` and the `bpf_program_loaded` gauge) and
+/// the daemon keeps serving what did load: without the CPU sampler, only its HTTP endpoints
+/// and on-demand captures of the modes that load.
 pub fn run(
     shared: Arc<Shared>,
     snapshots: mpsc::Receiver<Snapshot>,
     started: std::sync::mpsc::SyncSender<Result<(), BpfError>>,
 ) {
     let frequency = shared.config.sampling.frequency_hz;
-    let sampler = match BpfSession::start(frequency) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return;
-        }
-    };
+    let sampler = BpfSession::start(frequency);
     let offcpu_cfg = &shared.config.sampling.offcpu;
-    let offcpu = if offcpu_cfg.enabled {
-        match BpfSession::start_offcpu(offcpu_cfg.min_block_us) {
-            Ok(s) => {
-                tracing::info!(
-                    min_block_us = offcpu_cfg.min_block_us,
-                    "off-CPU tracing attached"
-                );
-                Some(s)
-            }
-            Err(e) => {
-                let _ = started.send(Err(e));
-                return;
+    let offcpu = offcpu_cfg
+        .enabled
+        .then(|| BpfSession::start_offcpu(offcpu_cfg.min_block_us));
+    let report = |r: &Result<BpfSession, BpfError>| r.as_ref().map(|_| ()).map_err(chain);
+    {
+        let mut status = shared.programs.write().unwrap_or_else(|e| e.into_inner());
+        status.kernel = sampler
+            .as_ref()
+            .ok()
+            .or_else(|| offcpu.as_ref().and_then(|o| o.as_ref().ok()))
+            .map(|s| s.kernel().clone());
+        status.cpu = Some(report(&sampler));
+        status.offcpu = offcpu.as_ref().map(report);
+        for (program, outcome) in [("cpu_sampler", &status.cpu), ("offcpu", &status.offcpu)] {
+            if let Some(outcome) = outcome {
+                shared
+                    .metrics
+                    .bpf_programs
+                    .get_or_create(&ProgramLabels {
+                        program: LabelValue::fixed(program),
+                    })
+                    .set(i64::from(outcome.is_ok()));
             }
         }
-    } else {
-        None
-    };
+        if let Some(why) = status.failure() {
+            tracing::error!(error = %why, "the daemon runs without what the kernel refused (see /healthz)");
+        }
+    }
     let _ = started.send(Ok(()));
-    run_with(&shared, &snapshots, sampler, offcpu);
+    let offcpu = match offcpu {
+        Some(Ok(s)) => {
+            tracing::info!(
+                min_block_us = offcpu_cfg.min_block_us,
+                "off-CPU tracing attached"
+            );
+            Some(s)
+        }
+        _ => None,
+    };
+    match sampler {
+        Ok(sampler) => run_with(&shared, &snapshots, sampler, offcpu),
+        // Nothing to sample: drain the snapshots until shutdown.
+        Err(_) => {
+            while !shared.stop.load(Ordering::Relaxed) {
+                while snapshots.try_recv().is_ok() {}
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn chain(e: &BpfError) -> String {
+    std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until

@@ -164,11 +164,19 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
 async fn targets(State(shared): State<Arc<Shared>>) -> Response {
     let snap = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
     let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
+    let kernel = shared
+        .programs
+        .read()
+        .ok()
+        .and_then(|p| p.kernel.clone())
+        .filter(|_| shared.attached.load(Ordering::SeqCst));
     let views: Vec<_> = snap
         .iter()
         .map(|t| {
             let mut v = t.view();
             v.lua_memory_bytes = vms.get(&t.pid).and_then(|m| m.bytes);
+            v.max_lua_frames = kernel.as_ref().map(|k| k.max_lua_frames);
+            v.lua_walk = kernel.as_ref().map(|k| k.lua_walk.name());
             v
         })
         .collect();
@@ -177,13 +185,22 @@ async fn targets(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let targets = shared.targets.read().map(|t| t.len()).unwrap_or(0);
-    if shared.attached.load(Ordering::SeqCst) {
-        Json(serde_json::json!({"status": "ok", "targets": targets})).into_response()
+    let programs = shared
+        .programs
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let failure = programs.failure();
+    if shared.attached.load(Ordering::SeqCst) && failure.is_none() {
+        Json(serde_json::json!({"status": "ok", "targets": targets, "bpf": programs}))
+            .into_response()
     } else {
-        error(
+        let why = failure.unwrap_or_else(|| "the BPF sampler is not attached yet".to_owned());
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the BPF sampler is not attached".to_owned(),
+            Json(serde_json::json!({"status": "degraded", "error": why, "targets": targets, "bpf": programs})),
         )
+            .into_response()
     }
 }
 

@@ -200,6 +200,13 @@ pub struct CacheLabels {
     pub cache: LabelValue,
 }
 
+/// Labels of the BPF program gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    /// `cpu_sampler` or `offcpu` (the off-CPU pair).
+    pub program: LabelValue,
+}
+
 /// Labels of the targets gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlavourLabels {
@@ -256,6 +263,9 @@ pub struct Metrics {
     /// Registered only when continuous off-CPU profiling is enabled.
     pub phase_offcpu: Family<PhaseLabels, Counter<f64, AtomicU64>>,
     pub targets: Family<FlavourLabels, Gauge>,
+    /// 1 for each part of the daemon's BPF programs the kernel accepted, 0 for one it
+    /// refused.
+    pub bpf_programs: Family<ProgramLabels, Gauge>,
     pub lua_memory: Family<TargetLabels, Gauge>,
     pub lua_memory_errors: Family<ReasonLabels, Counter>,
     agent_cpu: Counter<f64, AtomicU64>,
@@ -297,6 +307,7 @@ impl Metrics {
             plugin_offcpu: Family::default(),
             phase_offcpu: Family::default(),
             targets: Family::default(),
+            bpf_programs: Family::default(),
             lua_memory: Family::default(),
             lua_memory_errors: Family::default(),
             agent_cpu: Counter::default(),
@@ -376,6 +387,11 @@ impl Metrics {
                 m.phase_offcpu.clone(),
             );
         }
+        m.registry.register(
+            "bpf_program_loaded",
+            "1 for each of the daemon's BPF programs (cpu_sampler, offcpu) the kernel accepted, 0 for one it refused (see /healthz)",
+            m.bpf_programs.clone(),
+        );
         m.registry.register(
             "targets",
             "Processes being profiled, by LuaJIT flavour",

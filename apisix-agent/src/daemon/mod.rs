@@ -75,7 +75,8 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .block_on(async { listener::bind(listen) })
         .with_context(|| format!("listening on {listen} (http.listen)"))?;
 
-    // The continuous sampler: a failure to attach is fatal and reported as such.
+    // The continuous sampler: a program the kernel refuses is reported (in /healthz, /targets
+    // and a metric), not fatal.
     let (snap_tx, snap_rx) = mpsc::channel::<Snapshot>();
     let (started_tx, started_rx) = mpsc::sync_channel(1);
     let sampler_thread = {

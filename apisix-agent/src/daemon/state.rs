@@ -11,8 +11,12 @@ use std::{
     time::Duration,
 };
 
+use serde::Serialize;
+
 use super::{aggregate::Aggregator, metrics::Metrics};
-use crate::{attribution::Rules, config::Config, discovery::Snapshot};
+use crate::{
+    attribution::Rules, config::Config, discovery::Snapshot, sampling::kernel::KernelReport,
+};
 
 /// Window profiles (pprof endpoints, `/flamegraph?format=pprof` without `seconds`) copied
 /// and encoded at once; more are answered 429. Each holds a copy of its window (about
@@ -37,6 +41,8 @@ pub struct Shared {
     pub targets: RwLock<Snapshot>,
     /// The continuous sampler is attached.
     pub attached: AtomicBool,
+    /// What loaded on this kernel and what did not (set once the sampler thread started).
+    pub programs: RwLock<ProgramsStatus>,
     /// On-demand captures allowed at once; a capture's permit is owned by its blocking task,
     /// so the limit holds also after its client hung up.
     pub captures: Arc<tokio::sync::Semaphore>,
@@ -54,6 +60,31 @@ pub struct Shared {
     /// The Lua VM of each target whose VM the continuous sampler learned, with its heap size
     /// at the last read (refreshed every second).
     pub lua_vms: RwLock<HashMap<u32, VmMemory>>,
+}
+
+/// The daemon's BPF programs on this kernel: shown by `/targets` and `/healthz`, and as the
+/// `apisix_profiler_bpf_program_loaded` gauge.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgramsStatus {
+    /// What the kernel offers and the variant loaded (absent: nothing loaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelReport>,
+    /// The continuous CPU sampler: `None` while starting, else whether it runs or why not.
+    pub cpu: Option<Result<(), String>>,
+    /// The off-CPU pair: `None` when disabled (or starting).
+    pub offcpu: Option<Result<(), String>>,
+}
+
+impl ProgramsStatus {
+    /// Why a part that should run does not, if one does not.
+    pub fn failure(&self) -> Option<String> {
+        [("CPU sampler", &self.cpu), ("off-CPU pair", &self.offcpu)]
+            .into_iter()
+            .find_map(|(what, s)| match s {
+                Some(Err(e)) => Some(format!("{what}: {e}")),
+                _ => None,
+            })
+    }
 }
 
 /// One target's Lua VM as the continuous sampler knows it.
@@ -85,6 +116,7 @@ impl Shared {
             metrics,
             targets: RwLock::new(Arc::new(Vec::new())),
             attached: AtomicBool::new(false),
+            programs: RwLock::new(ProgramsStatus::default()),
             captures: Arc::new(tokio::sync::Semaphore::new(
                 config.sampling.max_concurrent_captures,
             )),

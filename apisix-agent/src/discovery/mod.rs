@@ -84,6 +84,10 @@ pub struct TargetView<'a> {
     /// The Lua VM's heap size (`gc.total`) at the daemon's last read; filled in by the
     /// daemon, which knows the VMs (`None`: not known yet, or no Lua).
     pub lua_memory_bytes: Option<u64>,
+    /// The deepest Lua stack the loaded sampler walks whole on this kernel, and how it walks
+    /// (`bpf_loop` or `bounded`); filled in by the daemon (`None`: no sampler loaded).
+    pub max_lua_frames: Option<usize>,
+    pub lua_walk: Option<&'static str>,
 }
 
 impl TargetProcess {
@@ -101,6 +105,8 @@ impl TargetProcess {
                 Lua::Known(t) => Some(t.library.as_str()),
                 _ => None,
             },
+            max_lua_frames: None,
+            lua_walk: None,
             luajit_error: match &self.lua {
                 Lua::Unknown(e) => Some(e.as_str()),
                 _ => None,

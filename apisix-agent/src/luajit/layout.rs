@@ -42,6 +42,40 @@ pub struct Layout {
     pub trace: TraceLayout,
     /// The heap's fields of `global_State`: the allocator and the heap size.
     pub heap: HeapLayout,
+    /// Tables, functions and upvalues, and the registry: what [`super::tables`] reads.
+    pub values: ValueLayout,
+}
+
+/// Where the registry, tables (`GCtab`, `Node`), Lua functions (`GCfuncL`) and upvalues
+/// (`GCupval`) keep the fields the table reader ([`super::tables`]) uses. A `TValue` is 8
+/// bytes in both layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueLayout {
+    /// `global_State.registrytv`: the registry table, a `TValue`.
+    pub g_registrytv: u32,
+    /// `GCtab.array`: the array part (a memory reference to `asize` `TValue`s).
+    pub t_array: u32,
+    /// `GCtab.metatable` (a GC reference).
+    pub t_metatable: u32,
+    /// `GCtab.node`: the hash part (a memory reference to `hmask + 1` `Node`s).
+    pub t_node: u32,
+    /// `GCtab.asize` (u32).
+    pub t_asize: u32,
+    /// `GCtab.hmask` (u32).
+    pub t_hmask: u32,
+    /// `sizeof(GCtab)`.
+    pub t_size: u32,
+    /// `sizeof(Node)`; `Node.val` is at 0.
+    pub node_size: u32,
+    /// `Node.key`.
+    pub node_key: u32,
+    /// `GCfuncL.nupvalues` (u8).
+    pub fn_nupvalues: u32,
+    /// `GCfuncL.uvptr`: the upvalue objects (GC references).
+    pub fn_uvptr: u32,
+    /// `GCupval.v`: a memory reference to the upvalue's value (its own `tv` once closed, a
+    /// stack slot while open).
+    pub uv_v: u32,
 }
 
 /// The allocator and the heap size in `global_State` (user space reads them; the BPF side
@@ -176,6 +210,20 @@ pub const GC64: Layout = Layout {
         gg_g: 112,
         g_gc_currentwhite: 32,
     },
+    values: ValueLayout {
+        g_registrytv: 272,
+        t_array: 16,
+        t_metatable: 32,
+        t_node: 40,
+        t_asize: 48,
+        t_hmask: 52,
+        t_size: 64,
+        node_size: 24,
+        node_key: 8,
+        fn_nupvalues: 11,
+        fn_uvptr: 40,
+        uv_v: 32,
+    },
 };
 
 /// Non-GC64 (32-bit GC references, one-slot frames): `-DLUAJIT_DISABLE_GC64`.
@@ -242,6 +290,20 @@ pub const GC32: Layout = Layout {
         g_mainthref: 140,
         gg_g: 80,
         g_gc_currentwhite: 24,
+    },
+    values: ValueLayout {
+        g_registrytv: 216,
+        t_array: 8,
+        t_metatable: 16,
+        t_node: 20,
+        t_asize: 24,
+        t_hmask: 28,
+        t_size: 32,
+        node_size: 24,
+        node_key: 8,
+        fn_nupvalues: 7,
+        fn_uvptr: 20,
+        uv_v: 16,
     },
 };
 
@@ -322,6 +384,37 @@ mod tests {
                 l.heap.g_gc_total + 2 * l.heap.gc_total_size
             );
         }
+    }
+
+    /// The value fields as measured (`offsetof`/`sizeof` on both builds of luajit2
+    /// 2.1-20230119), and how they follow the structs' declaration order.
+    #[test]
+    fn value_fields_follow_the_structs() {
+        for l in [GC64, GC32] {
+            let v = l.values;
+            let refw = if l.bpf.gc64 != 0 { 8 } else { 4 };
+            // GCtab: header, nomm, colo, then array, gclist, metatable, node (refs), asize,
+            // hmask (u32), and with GC64 freetop.
+            assert_eq!(v.t_array, (l.bpf.fn_gct + 3).div_ceil(refw) * refw);
+            assert_eq!(v.t_metatable, v.t_array + 2 * refw);
+            assert_eq!(v.t_node, v.t_metatable + refw);
+            assert_eq!(v.t_asize, v.t_node + refw);
+            assert_eq!(v.t_hmask, v.t_asize + 4);
+            assert_eq!(v.t_size, v.t_hmask + 4 + if refw == 8 { 8 } else { 0 });
+            // Node: val, key (TValues), next and (without GC64) freetop: 24 bytes both ways.
+            assert_eq!((v.node_key, v.node_size), (8, 24));
+            // GCfuncL: ffid then nupvalues after gct; uvptr right after pc.
+            assert_eq!(v.fn_nupvalues, l.bpf.fn_ffid + 1);
+            assert_eq!(v.fn_uvptr, l.bpf.fn_pc + refw);
+            // The registry lies after mainthref, before cur_L.
+            assert!(v.g_registrytv > l.heap.g_mainthref && v.g_registrytv < l.bpf.g_cur_l);
+            assert_eq!(v.g_registrytv % 8, 0);
+        }
+        assert_eq!(
+            (GC64.values.g_registrytv, GC32.values.g_registrytv),
+            (272, 216)
+        );
+        assert_eq!((GC64.values.uv_v, GC32.values.uv_v), (32, 16));
     }
 
     /// The trace header fields follow `GCtrace`'s declaration order and widths.

@@ -1,12 +1,13 @@
 //! Everything the agent knows about LuaJIT: which builds exist and how their structures are
 //! laid out (one table per layout, [`layout`]), how to recognise a build in a process
 //! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
-//! ([`ffnames`]), how walked frames become `NAME@FILE:LINE` labels ([`names`]), and a VM's
-//! heap: its allocator and size ([`heap`]).
+//! ([`ffnames`]), how walked frames become `NAME@FILE:LINE` labels ([`names`]), a VM's
+//! heap: its allocator and size ([`heap`]), and Lua values (tables, strings, functions, the
+//! registry) read from outside ([`tables`]).
 //!
 //! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (prototypes
-//! and strings of the target, heap fields). Metrics: prototype read errors by reason
-//! ([`LuaNamer::errors`]).
+//! and strings of the target, heap fields, tables). Metrics: prototype read errors and
+//! plugin-map fallbacks by reason ([`LuaNamer::errors`]).
 
 pub mod bytecode;
 pub mod detect;
@@ -14,6 +15,7 @@ pub mod ffnames;
 pub mod heap;
 pub mod layout;
 pub mod names;
+pub mod tables;
 pub mod trace;
 
 use std::{fmt, ops::Range};

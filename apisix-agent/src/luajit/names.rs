@@ -16,11 +16,15 @@ use super::{
     ffnames,
     layout::Layout,
 };
-use crate::stacks::{
-    label::{FrameDetail, ModuleId},
-    memory::Memory,
-    process::ProcessModules,
-    symbolize::Symbolizer,
+use crate::{
+    attribution,
+    plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
+    stacks::{
+        label::{FrameDetail, ModuleId},
+        memory::Memory,
+        process::ProcessModules,
+        symbolize::Symbolizer,
+    },
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
@@ -382,9 +386,12 @@ pub struct LuaNamer {
     /// Every label made so far, shared by the stacks that hold it (the daemon keeps minutes
     /// of stacks; the pprof encoder knows a frame by its label's address).
     labels: HashSet<Arc<str>>,
-    /// Prototypes that failed validation, and frames whose current line could not be
-    /// found (`proto_line_unknown`: the PC is outside the bytecode, or no line info), by
-    /// reason.
+    /// The plugins each process's gateway names ([`crate::plugin_map`]).
+    plugins: PluginMaps,
+    /// Prototypes that failed validation, frames whose current line could not be found
+    /// (`proto_line_unknown`: the PC is outside the bytecode, or no line info), the plugin
+    /// maps' failures (`plugin_map_*`) and samples in a plugin file's code that no plugin
+    /// map names (`plugin_name_*`, see [`LuaNamer::gateway_names`]), by reason.
     pub errors: HashMap<&'static str, u64>,
 }
 
@@ -424,10 +431,62 @@ impl LuaNamer {
         l
     }
 
-    /// Drops the prototypes cached for process `pid`.
+    /// Drops the prototypes and the plugin map cached for process `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.protos.retain(|(p, _), _| *p != pid);
         self.proto_bytes = self.protos.values().map(|p| p.bytes()).sum();
+        self.plugins.forget(pid);
+    }
+
+    /// Plugins and functions in the plugin map of `pid`, once one was read.
+    pub fn plugin_map_summary(&self, pid: u32) -> Option<(usize, usize)> {
+        self.plugins.summary(pid)
+    }
+
+    /// The plugin the gateway names for each frame (innermost first). A sample with a frame
+    /// in a plugin file's code and no named frame is counted once, by what its outermost
+    /// such frame got: `plugin_name_func_unknown` (a compiled trace's snapshot did not hold
+    /// the function), `plugin_name_not_in_map`, `plugin_name_stale` (the address now holds
+    /// another prototype), `plugin_name_ambiguous` (two plugins reach the function),
+    /// `plugin_name_no_map` (no map could be read). Such samples fall back to the file
+    /// rules.
+    fn gateway_names(
+        &mut self,
+        pid: u32,
+        frames: &[LuaFrame],
+        protos: &[Option<Arc<Proto>>],
+    ) -> Vec<Option<Arc<str>>> {
+        let mut out = vec![None; frames.len()];
+        let mut fallback = None;
+        for (i, (f, p)) in frames.iter().zip(protos).enumerate() {
+            let Some(p) = p else { continue };
+            let found = (f.func != 0).then(|| self.plugins.lookup(pid, f.func, f.code));
+            let reason = match found {
+                Some(Lookup::Named(n)) => {
+                    out[i] = Some(n);
+                    continue;
+                }
+                None => "plugin_name_func_unknown",
+                Some(Lookup::Unknown) => "plugin_name_not_in_map",
+                Some(Lookup::Stale) => "plugin_name_stale",
+                Some(Lookup::Ambiguous) => "plugin_name_ambiguous",
+                Some(Lookup::NoMap) => "plugin_name_no_map",
+            };
+            if is_plugin_chunk(&p.chunk) {
+                // Frames are innermost first: the last one kept is the outermost.
+                fallback = Some((reason, f.func));
+            }
+        }
+        if let Some((reason, func)) = fallback
+            && out.iter().all(Option::is_none)
+        {
+            *self.errors.entry(reason).or_insert(0) += 1;
+            // A function the map may not know yet (a plugin reloaded): read it again soon.
+            if matches!(reason, "plugin_name_not_in_map" | "plugin_name_stale") {
+                self.plugins.ask_rebuild(pid, func);
+            }
+        }
+        out
     }
 
     fn proto(&mut self, pid: u32, layout: &'static Layout, f: &LuaFrame) -> Option<Arc<Proto>> {
@@ -468,10 +527,18 @@ impl LuaNamer {
     /// Names `frames` (innermost first, as walked) and splits them into segments, root
     /// first, each starting at a function entered from C. Each label comes with its frame's
     /// current line (Lua) or module (C).
+    ///
+    /// `l` is the sampled `lua_State` (its VM's plugin map names the frames of plugins,
+    /// see [`attribution::gateway_function`]).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one sample's context, passed through"
+    )]
     pub fn segments(
         &mut self,
         pid: u32,
         target: &LuaTarget,
+        l: u64,
         frames: &[LuaFrame],
         style: NameStyle,
         symbolizer: &mut Symbolizer,
@@ -486,6 +553,9 @@ impl LuaNamer {
                     .flatten()
             })
             .collect();
+        let errors = &mut self.errors;
+        self.plugins.prepare(pid, layout, l, errors);
+        let gateway = self.gateway_names(pid, frames, &protos);
         let mut segments: Vec<Vec<(Arc<str>, FrameDetail)>> = vec![Vec::new()];
         for i in (0..frames.len()).rev() {
             let f = &frames[i];
@@ -493,25 +563,11 @@ impl LuaNamer {
             let label: Arc<str> = if f.kind == LuaFrameKind::Lua as u8 {
                 match &protos[i] {
                     Some(p) => {
-                        // Called from Lua: the caller's CALL instruction names the callee.
-                        let name = if f.link & 3 == 0 {
-                            frames
-                                .get(i + 1)
-                                .zip(protos.get(i + 1).and_then(Option::as_ref))
-                                .and_then(|(cf, cp)| {
-                                    cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc))
-                                })
-                        } else {
-                            None
+                        let name = function_name(frames, &protos, i, p);
+                        let name = match &gateway[i] {
+                            Some(plugin) => attribution::gateway_function(plugin, &name),
+                            None => name,
                         };
-                        let name = name.unwrap_or_else(|| {
-                            if p.firstline == 0 {
-                                "[main]"
-                            } else {
-                                "anonymous"
-                            }
-                            .to_owned()
-                        });
                         // An unknown current line stays unknown (0) in the details; the
                         // current-line label falls back to the first line (see
                         // [`NameStyle::CurrentLine`]).
@@ -551,6 +607,32 @@ impl LuaNamer {
         }
         segments.retain(|s| !s.is_empty());
         segments
+    }
+}
+
+/// The name of Lua frame `i` (innermost first) of prototype `p`: called from Lua, the
+/// caller's CALL instruction names it; else `[main]` for a main chunk, `anonymous`. A name
+/// from the bytecode never opens with `[`, which marks names the agent gives (`[main]`, a
+/// plugin's `[NAME]`): such a name gets a `_` in front.
+fn function_name(
+    frames: &[LuaFrame],
+    protos: &[Option<Arc<Proto>>],
+    i: usize,
+    p: &Proto,
+) -> String {
+    let called = if frames[i].link & 3 == 0 {
+        frames
+            .get(i + 1)
+            .zip(protos.get(i + 1).and_then(Option::as_ref))
+            .and_then(|(cf, cp)| cp.pc_index(cf.pc).and_then(|pc| cp.call_name(pc)))
+    } else {
+        None
+    };
+    match called {
+        Some(n) if n.starts_with('[') => format!("_{n}"),
+        Some(n) => n,
+        None if p.firstline == 0 => "[main]".to_owned(),
+        None => "anonymous".to_owned(),
     }
 }
 

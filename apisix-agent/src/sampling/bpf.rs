@@ -4,30 +4,44 @@
 //! layouts, learned VMs, the sample ring buffer, per-reason counters, the live blocks).
 //! Dropping the [`BpfSession`] detaches everything.
 //!
-//! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), BTF tracepoints,
+//! The kernel is a variable: the object is loaded with the offsets the kernel's BTF gives
+//! (`KERNEL_CONFIG`, see [`super::kernel`]), and a probe program tells whether `bpf_loop`
+//! exists; without it the `*_bounded` variants load, whose Lua walk is shallower
+//! ([`BpfSession::kernel`] says which). A refusal is one sentence naming what the kernel
+//! lacks ([`super::verifier::explain`]).
+//!
+//! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), raw tracepoints,
 //! `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
 use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
-    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, LIVE_MAX_TRACKED, LiveAlloc, LuaLayout,
-    MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_LIVE_ALLOCS, MAP_LOST, MAP_LUA_LAYOUTS,
-    MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_RET,
-    PROG_LEARN_VM, PROG_OFFCPU_EXIT, PROG_OFFCPU_SWITCH, PROG_SAMPLE, Sample, Target,
+    ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
+    LiveAlloc, LuaLayout, MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_KERNEL_CONFIG,
+    MAP_LIVE_ALLOCS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES,
+    MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_OFFCPU_EXIT,
+    PROG_OFFCPU_EXIT_BOUNDED, PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE,
+    PROG_SAMPLE_BOUNDED, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        BtfTracePoint, PerfEvent, ProgramError, UProbe,
+        PerfEvent, ProgramError, RawTracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeLinkId, UProbeScope},
     },
     util::online_cpus,
 };
 
+use super::{
+    kernel::{KernelReport, WalkVariant},
+    verifier::{self, ProgramStats, VerifierError},
+};
+
 /// The BPF object built by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apisix-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apisix-ebpf"));
 
 /// Errors of the BPF layer.
 #[derive(Debug, thiserror::Error)]
@@ -59,23 +73,19 @@ pub enum BpfError {
         #[source]
         source: ProgramError,
     },
-    /// The verifier rejected the sampler.
-    #[error("the kernel's verifier rejected the sampler:\n{log_tail}")]
-    Verifier { log_tail: String },
+    /// The verifier rejected a program.
+    #[error("the kernel {release} refused {program}: {reason}")]
+    Verifier {
+        program: &'static str,
+        release: String,
+        reason: String,
+    },
     /// A map operation failed.
     #[error("BPF map {map}")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
-    },
-    /// Off-CPU mode needs kernel BTF.
-    #[error(
-        "off-CPU profiling needs the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)"
-    )]
-    NoBtf {
-        #[source]
-        source: aya::BtfError,
     },
     /// Listing CPUs failed.
     #[error("listing online CPUs ({what})")]
@@ -103,6 +113,8 @@ pub struct BpfSession {
     /// probes attached per process (entry, and the return in live mode).
     alloc: AllocConfig,
     alloc_links: Vec<(&'static str, UProbeLinkId)>,
+    /// What this kernel offers, and the walk variant loaded.
+    kernel: KernelReport,
 }
 
 impl std::fmt::Debug for BpfSession {
@@ -126,15 +138,64 @@ impl BpfSession {
     pub fn prepare(frequency: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load(Sizes::default())?;
         sampler.frequency = frequency;
-        let prog: &mut PerfEvent = program(&mut sampler.ebpf, PROG_SAMPLE)?;
-        prog.load().map_err(verifier)?;
+        let name = sampler.sample_program();
+        let prog: &mut PerfEvent = program(&mut sampler.ebpf, name)?;
+        prog.load().map_err(|e| refused(name, e))?;
         Ok(sampler)
+    }
+
+    /// The object with its maps, layouts and VM learner loaded, and no other program.
+    pub fn loaded_only() -> Result<Self, BpfError> {
+        Self::load(Sizes::default())
+    }
+
+    /// Loads program `name` as its type `T` (loaded already: nothing to do).
+    pub fn load_program<T>(&mut self, name: &'static str) -> Result<(), BpfError>
+    where
+        for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+        T: Loadable,
+    {
+        let prog: &mut T = program(&mut self.ebpf, name)?;
+        match prog.load_it() {
+            Ok(()) | Err(ProgramError::AlreadyLoaded) => Ok(()),
+            Err(e) => Err(refused(name, e)),
+        }
+    }
+
+    /// The CPU sampler variant for this kernel.
+    fn sample_program(&self) -> &'static str {
+        match self.kernel.lua_walk {
+            WalkVariant::BpfLoop => PROG_SAMPLE,
+            WalkVariant::Bounded => PROG_SAMPLE_BOUNDED,
+        }
+    }
+
+    /// The off-CPU exit hook variant for this kernel.
+    fn offcpu_exit_program(&self) -> &'static str {
+        match self.kernel.lua_walk {
+            WalkVariant::BpfLoop => PROG_OFFCPU_EXIT,
+            WalkVariant::Bounded => PROG_OFFCPU_EXIT_BOUNDED,
+        }
+    }
+
+    /// The allocator entry probe variant for this kernel.
+    fn alloc_program(&self) -> &'static str {
+        match self.kernel.lua_walk {
+            WalkVariant::BpfLoop => PROG_ALLOC,
+            WalkVariant::Bounded => PROG_ALLOC_BOUNDED,
+        }
+    }
+
+    /// What this kernel offers the programs, and the variant loaded.
+    pub fn kernel(&self) -> &KernelReport {
+        &self.kernel
     }
 
     /// Attaches the prepared sampler on every online CPU.
     pub fn attach_cpu(&mut self) -> Result<(), BpfError> {
         let frequency = self.frequency;
-        let prog: &mut PerfEvent = program(&mut self.ebpf, PROG_SAMPLE)?;
+        let name = self.sample_program();
+        let prog: &mut PerfEvent = program(&mut self.ebpf, name)?;
         let cpus = online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         for cpu in cpus {
             prog.attach(
@@ -151,23 +212,22 @@ impl BpfSession {
         Ok(())
     }
 
-    /// Loads the programs and attaches the off-CPU pair (BTF tracepoints on `sched_switch`
+    /// Loads the programs and attaches the off-CPU pair (raw tracepoints on `sched_switch`
     /// and `sys_exit`): each block of a target thread inside a system call of at least
-    /// `min_block_us` comes out as a sample weighted by its microseconds. Needs kernel BTF,
-    /// no tracefs and no kprobes.
+    /// `min_block_us` comes out as a sample weighted by its microseconds. Needs no tracefs,
+    /// no kprobes; without the kernel's BTF a switch that is not a preemption counts as a
+    /// block.
     pub fn start_offcpu(min_block_us: u64) -> Result<Self, BpfError> {
         let mut sampler = Self::load(Sizes::default())?;
-        let btf = aya::Btf::from_sys_fs().map_err(|source| BpfError::NoBtf { source })?;
-        for (name, tracepoint) in [
-            (PROG_OFFCPU_SWITCH, "sched_switch"),
-            (PROG_OFFCPU_EXIT, "sys_exit"),
-        ] {
-            let prog: &mut BtfTracePoint = program(&mut sampler.ebpf, name)?;
-            prog.load(tracepoint, &btf).map_err(verifier)?;
-            prog.attach().map_err(|source| BpfError::Program {
-                what: format!("attaching to {tracepoint}"),
-                source,
-            })?;
+        let exit = sampler.offcpu_exit_program();
+        for (name, tracepoint) in [(PROG_OFFCPU_SWITCH, "sched_switch"), (exit, "sys_exit")] {
+            let prog: &mut RawTracePoint = program(&mut sampler.ebpf, name)?;
+            prog.load().map_err(|e| refused(name, e))?;
+            prog.attach(tracepoint)
+                .map_err(|source| BpfError::Program {
+                    what: format!("attaching to {tracepoint}"),
+                    source,
+                })?;
         }
         sampler.set_offcpu_min(min_block_us)?;
         Ok(sampler)
@@ -204,13 +264,13 @@ impl BpfSession {
             live: u32::from(live),
             reserved: 0,
         };
-        let mut names = vec![PROG_ALLOC];
+        let mut names = vec![sampler.alloc_program()];
         if live {
             names.push(PROG_ALLOC_RET);
         }
         for name in names {
             let prog: &mut UProbe = program(&mut sampler.ebpf, name)?;
-            prog.load().map_err(verifier)?;
+            prog.load().map_err(|e| refused(name, e))?;
         }
         sampler.hold_alloc()?;
         Ok(sampler)
@@ -232,7 +292,8 @@ impl BpfSession {
         if self.alloc.live != 0 {
             names.push(PROG_ALLOC_RET);
         }
-        names.push(PROG_ALLOC);
+        let entry = self.alloc_program();
+        names.push(entry);
         for name in names {
             let prog: &mut UProbe = program(&mut self.ebpf, name)?;
             let link = prog
@@ -240,11 +301,7 @@ impl BpfSession {
                 .map_err(|source| BpfError::Program {
                     what: format!(
                         "attaching the allocator {} to {}+{offset:#x} (pid {pid})",
-                        if name == PROG_ALLOC {
-                            "uprobe"
-                        } else {
-                            "uretprobe"
-                        },
+                        if name == entry { "uprobe" } else { "uretprobe" },
                         file.display()
                     ),
                     source,
@@ -375,10 +432,20 @@ impl BpfSession {
             source,
         })?;
         let learn: &mut UProbe = program(&mut ebpf, PROG_LEARN_VM)?;
-        learn.load().map_err(|source| BpfError::Program {
-            what: "loading the learn_vm program".into(),
-            source,
-        })?;
+        learn.load().map_err(|e| refused(PROG_LEARN_VM, e))?;
+        let (config, btf_error) = match super::kernel::kernel_config() {
+            Ok(c) => (c, None),
+            Err(e) => {
+                let chain: Vec<String> =
+                    std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                        .map(ToString::to_string)
+                        .collect();
+                let why = chain.join(": ");
+                tracing::warn!(error = %why, "no kernel BTF offsets: samples in kernel mode are dropped, off-CPU counts every non-preempted switch as a block");
+                (KernelConfig::default(), Some(why))
+            }
+        };
+        let variant = probe_walk(&mut ebpf);
         let mut sampler = Self {
             ebpf,
             ring,
@@ -386,7 +453,9 @@ impl BpfSession {
             learners: std::collections::HashMap::new(),
             alloc: AllocConfig::default(),
             alloc_links: Vec::new(),
+            kernel: KernelReport::new(variant, &config, btf_error),
         };
+        sampler.set_kernel_config(config)?;
         for (slot, layout) in crate::luajit::LAYOUT_SLOTS {
             sampler.set_layout(slot, layout.bpf)?;
         }
@@ -528,6 +597,48 @@ impl BpfSession {
             .unwrap_or_default()
     }
 
+    fn set_kernel_config(&mut self, config: KernelConfig) -> Result<(), BpfError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_KERNEL_CONFIG)
+            .ok_or(BpfError::Missing {
+                what: "the kernel configuration",
+            })?;
+        let mut cfg: Array<_, KernelConfig> =
+            Array::try_from(map).map_err(|source| BpfError::Map {
+                map: MAP_KERNEL_CONFIG,
+                source,
+            })?;
+        cfg.set(0, config, 0).map_err(|source| BpfError::Map {
+            map: MAP_KERNEL_CONFIG,
+            source,
+        })
+    }
+
+    /// The programs this kernel runs, in the variant it loads: the CPU sampler, the off-CPU
+    /// pair, the allocator probes and the VM learner.
+    pub fn kernel_programs(&self) -> [&'static str; 6] {
+        [
+            self.sample_program(),
+            PROG_OFFCPU_SWITCH,
+            self.offcpu_exit_program(),
+            self.alloc_program(),
+            PROG_ALLOC_RET,
+            PROG_LEARN_VM,
+        ]
+    }
+
+    /// The verifier's figures for `programs`, from a second load of each (see
+    /// [`super::verifier`]).
+    pub fn verifier_stats(&self, programs: &[&str]) -> Result<Vec<ProgramStats>, VerifierError> {
+        let maps = self
+            .ebpf
+            .maps()
+            .filter_map(|(name, map)| verifier::map_fd(map).map(|fd| (name, fd)))
+            .chain(std::iter::once((MAP_SAMPLES, self.ring.as_raw_fd())));
+        verifier::program_stats(OBJECT, maps, programs)
+    }
+
     /// Installs a LuaJIT layout in slot `index`.
     fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
         let map = self
@@ -614,6 +725,30 @@ impl BpfSession {
     }
 }
 
+/// A program type whose `load` takes no arguments.
+pub trait Loadable {
+    /// `load()`.
+    fn load_it(&mut self) -> Result<(), ProgramError>;
+}
+
+impl Loadable for PerfEvent {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for RawTracePoint {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for UProbe {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
 /// Entries of the maps sized at load: only allocation captures need their full size.
 struct Sizes {
     live: u32,
@@ -643,14 +778,43 @@ where
         })
 }
 
-/// A verifier rejection, with the end of its log (which says what failed; the whole log can
-/// be megabytes).
-fn verifier(source: ProgramError) -> BpfError {
-    let text = source.to_string();
-    let tail: Vec<&str> = text.lines().rev().take(12).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+/// A program the kernel refused, in one sentence naming what it lacks (the whole log can be
+/// megabytes; its last lines go to the debug log).
+fn refused(program: &'static str, source: ProgramError) -> BpfError {
+    let text = match &source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => format!("{io_error}\n{verifier_log}"),
+        other => other.to_string(),
+    };
+    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+    tracing::debug!(program, log_tail = %tail.into_iter().rev().collect::<Vec<_>>().join("\n"), "verifier log");
     BpfError::Verifier {
-        log_tail: tail.join("\n"),
+        program,
+        release: super::kernel::release(),
+        reason: verifier::explain(&text),
+    }
+}
+
+/// Environment variable that forces the bounded Lua walk (`bounded`) where `bpf_loop`
+/// exists: for tests of that variant on new kernels, or to work around a kernel's bug.
+pub const LUA_WALK_ENV: &str = "APISIX_AGENT_LUA_WALK";
+
+/// Which Lua walk this kernel can load: `bpf_loop` if the probe program loads.
+fn probe_walk(ebpf: &mut Ebpf) -> WalkVariant {
+    if std::env::var(LUA_WALK_ENV).is_ok_and(|v| v == "bounded") {
+        return WalkVariant::Bounded;
+    }
+    let Ok(prog) = program::<PerfEvent>(ebpf, PROG_PROBE_LOOP) else {
+        return WalkVariant::Bounded;
+    };
+    match prog.load() {
+        Ok(()) => WalkVariant::BpfLoop,
+        Err(e) => {
+            tracing::info!(reason = %verifier::explain(&e.to_string()), "no bpf_loop on this kernel: the Lua walk is bounded to {} frames", WalkVariant::Bounded.max_lua_frames());
+            WalkVariant::Bounded
+        }
     }
 }
 

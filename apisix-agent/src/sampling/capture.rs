@@ -25,6 +25,7 @@ use apisix_ebpf_common::{COUNTER_SLOTS, LIVE_MAX_TRACKED, Sample};
 use super::{
     alloc::{self, AllocError, AllocProbe},
     bpf::{BpfError, BpfSession},
+    kernel::KernelReport,
 };
 use crate::{
     luajit::{LuaTarget, heap},
@@ -246,6 +247,8 @@ pub struct Capture {
     pub heaps: Vec<HeapReading>,
     /// Allocation captures: probes, skipped targets, live totals.
     pub alloc: Option<AllocOutcome>,
+    /// What the kernel offered the capture's programs (the Lua walk variant, its depth).
+    pub kernel: KernelReport,
 }
 
 /// Samples `targets` in `mode` for `duration` (or until every target exited, or `stop` is
@@ -410,8 +413,10 @@ pub fn capture(
         builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect();
     lua_errors.extend(heap_errors);
     sampler.detach_alloc();
+    let kernel = sampler.kernel().clone();
     drop(sampler);
     Ok(Capture {
+        kernel,
         folded: detailed.folded(),
         detailed,
         counters,

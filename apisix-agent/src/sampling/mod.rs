@@ -4,12 +4,17 @@
 //! allocation captures, [`source`] the seam between the daemon's sampler thread
 //! ([`crate::daemon::continuous`]) and BPF (and a replaying fake for root-free tests).
 //!
-//! Hooks: `perf_event_open`, BTF tracepoints, the `lua_resume` uprobe, the allocator probes,
+//! Hooks: `perf_event_open`, raw tracepoints, the `lua_resume` uprobe, the allocator probes,
 //! `bpf()`. Metrics: the BPF counters (read by [`bpf::BpfSession::counters`]) and, in the
 //! daemon, the unwind error, lost sample, target and Lua memory gauges updated by
-//! [`crate::daemon::continuous`].
+//! [`crate::daemon::continuous`]. [`kernel`] finds what the running kernel offers (BTF
+//! offsets, `bpf_loop`), [`verifier`] reads the verifier's figures for each program and
+//! holds their budgets.
 
 pub mod alloc;
 pub mod bpf;
 pub mod capture;
+pub mod check;
+pub mod kernel;
 pub mod source;
+pub mod verifier;

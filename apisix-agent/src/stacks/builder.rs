@@ -446,6 +446,7 @@ impl StackBuilder {
             let segments = self.namer.segments(
                 pid,
                 lua,
+                s.lua_l,
                 lua_frames,
                 self.style,
                 &mut self.symbolizer,

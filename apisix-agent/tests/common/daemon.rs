@@ -84,11 +84,27 @@ impl Agent {
     /// Starts the agent with the whole configuration `config` (which should listen on
     /// 127.0.0.1:0) and waits until it logged its port and `ready` holds.
     pub fn start_with(config: &str, ready: impl Fn(&Self) -> bool) -> Self {
+        Self::start_as(config, None, ready)
+    }
+
+    /// [`Self::start_with`] as user `uid` (`None`: as the test).
+    pub fn start_as(config: &str, uid: Option<u32>, ready: impl Fn(&Self) -> bool) -> Self {
+        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).expect("write config");
+        if uid.is_some() {
+            for (path, mode) in [(dir.path(), 0o755), (config_path.as_path(), 0o644)] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .expect("chmod");
+            }
+        }
         let log = dir.path().join("agent.log");
-        let child = Command::new(agent())
+        let mut cmd = Command::new(agent());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")

@@ -149,6 +149,11 @@ pub const TEST_HZ: &str = "499";
 /// Runs `apisix-agent record --pid PID --format collapsed` at [`TEST_HZ`] (unless `extra`
 /// sets `--frequency`) with extra arguments.
 pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
+    record_env(pid, secs, extra, &[])
+}
+
+/// [`record`] with extra environment variables for the agent.
+pub fn record_env(pid: u32, secs: u64, extra: &[&str], env: &[(&str, &str)]) -> Recorded {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
     let summary = dir.path().join("summary.json");
@@ -166,6 +171,7 @@ pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
         .arg("--summary")
         .arg(&summary)
         .args(extra)
+        .envs(env.iter().copied())
         .output()
         .expect("run apisix-agent");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();

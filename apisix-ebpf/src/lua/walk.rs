@@ -1,9 +1,12 @@
 //! The Lua stack walk, at sample time because the Lua stack lives in the heap and changes
 //! right after: [`find_state`] finds the running `lua_State` and `global_State`,
 //! [`walk_lua`] picks BASE and PC by where the sample hit (interpreter, trace, C helper),
-//! and [`walk_frames`] runs [`step`] in a `bpf_loop` over one copy of the stack's top 8 KiB
-//! (frames below it read one by one), [`read_frame`] reading what names each function.
-//! Only bytes and offsets are known here, from the target's `LUA_LAYOUTS` slot.
+//! and [`walk_frames`] runs [`step`] in a `bpf_loop` (or, on kernels without it, a bounded
+//! loop of `BOUNDED_LUA_STEPS` steps) over one copy of the stack's top 8 KiB (frames below
+//! it read one by one), [`read_frame`] reading what names each function. Only bytes and
+//! offsets are known here, from the target's `LUA_LAYOUTS` slot, read in place: the layout
+//! is never copied onto the stack, which the verifier caps at 512 bytes for a program and
+//! the functions it calls together (the `bpf_loop` callback included).
 //!
 //! Hooks: none (called by [`crate::sample::emit`]). Metrics: the `Lua*` counters, by reason,
 //! and `MapInsertFailed` (a VM found but not remembered).
@@ -11,7 +14,8 @@
 use core::ffi::c_void;
 
 use apisix_ebpf_common::{
-    Counter, LuaFrame, LuaFrameKind, LuaLayout, LuaState, MAX_LUA_FRAMES, Sample, Target,
+    BOUNDED_LUA_STEPS, Counter, LuaFrame, LuaFrameKind, LuaLayout, LuaState, MAX_LUA_FRAMES,
+    Sample, Target,
 };
 use aya_ebpf::{
     helpers::generated::{
@@ -107,8 +111,9 @@ fn find_state(
 
 /// Walks the Lua frames of the running coroutine into `s.lua`.
 ///
-/// Returns `Ok(false)` when the thread runs no Lua right now.
-pub(crate) fn walk_lua(
+/// Returns `Ok(false)` when the thread runs no Lua right now. `LOOP`: walk with `bpf_loop`.
+#[inline(always)]
+pub(crate) fn walk_lua<const LOOP: bool>(
     tgid: u32,
     target: &Target,
     regs: &Regs,
@@ -117,12 +122,11 @@ pub(crate) fn walk_lua(
     let Some(layout) = LUA_LAYOUTS.get(target.layout) else {
         return Err(Counter::LuaNoLayout);
     };
-    let layout = *layout;
     if layout.pt_size == 0 {
         return Err(Counter::LuaNoLayout);
     }
     let in_vm = regs.rip >= target.vm_start && regs.rip < target.vm_end;
-    let (l, g) = find_state(tgid, &layout, regs, in_vm)?;
+    let (l, g) = find_state(tgid, layout, regs, in_vm)?;
 
     // The state must be running on this thread: its VM C frame lies above our stack pointer.
     let cframe: u64 = read(l + u64::from(layout.l_cframe))?;
@@ -135,7 +139,7 @@ pub(crate) fn walk_lua(
     s.lua_cframe = cframe;
     s.vmstate = vmstate;
 
-    let stack = read_ref(&layout, l + u64::from(layout.l_stack))?;
+    let stack = read_ref(layout, l + u64::from(layout.l_stack))?;
     let stacksize: u32 = read(l + u64::from(layout.l_stacksize))?;
     let stack_end = stack + u64::from(stacksize) * 8;
     // `base` is a native pointer in both layouts.
@@ -144,12 +148,12 @@ pub(crate) fn walk_lua(
     let (state, mut base, leaf_pc) = if in_vm {
         (LuaState::Interpreter, regs.rdx, regs.rbx)
     } else if vmstate >= 0 {
-        let jit_base = read_ref(&layout, g + u64::from(layout.g_jit_base))?;
+        let jit_base = read_ref(layout, g + u64::from(layout.g_jit_base))?;
         let base = if jit_base != 0 { jit_base } else { l_base };
         // The running trace's identity at sample time, so that user space never decodes a
         // trace that was freed and its number reused by the time it reads it. Optional:
         // without it user space still validates what it reads.
-        if let Ok((trace, mcode)) = trace_identity(&layout, g, vmstate) {
+        if let Ok((trace, mcode)) = trace_identity(layout, g, vmstate) {
             s.trace = trace;
             s.trace_mcode = mcode;
         }
@@ -181,41 +185,46 @@ pub(crate) fn walk_lua(
         }
     }
 
-    let Some(w) = LUA_WALK.get_ptr_mut(0) else {
+    let Some(wp) = LUA_WALK.get_ptr_mut(0) else {
         return Err(Counter::LuaReadFailed);
     };
-    // SAFETY: per-CPU scratch, used by this program invocation only.
-    let w = unsafe { &mut *w };
-    w.layout = layout;
-    w.l = l;
-    w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
-    w.stack_end = stack_end;
-    walk_frames(w, stack, base, leaf_pc, in_vm);
+    {
+        // SAFETY: per-CPU scratch, used by this program invocation only; the borrow ends
+        // before the walk's steps (which reach the scratch through their own lookup).
+        let w = unsafe { &mut *wp };
+        w.layout = *layout;
+        w.l = l;
+        w.bottom = stack + 8 * u64::from(layout.gc64 != 0);
+        w.stack_end = stack_end;
+    }
+    walk_frames::<LOOP>(wp, stack, base, leaf_pc, in_vm);
     // In the interpreter around a call into C (BC_LEN calling lj_tab_len, …) rdx, which
     // holds BASE, is caller-saved and clobbered: the VM keeps BASE in rbp across the call
     // and restores it after. A walk from rdx that fails or finds no frame is redone from rbp
     // (the leaf PC, in rbx, is unknown then too).
-    if (w.error != 0 || w.n == 0)
+    if failed(wp)
         && in_vm
         && base != regs.rbp
         && regs.rbp > stack
         && regs.rbp <= stack_end
         && (regs.rbp - stack).is_multiple_of(8)
     {
-        walk_frames(w, stack, regs.rbp, 0, false);
+        walk_frames::<LOOP>(wp, stack, regs.rbp, 0, false);
     }
     // rbp is BASE only in helpers the interpreter calls without storing `L->base`; in other
     // C code it is any callee-saved value (lj_meta_cat keeps its `top`, a Lua stack slot,
     // there). A walk from it that fails or finds no frame is redone from `L->base`.
-    if (w.error != 0 || w.n == 0)
+    if failed(wp)
         && base == regs.rbp
         && !in_vm
         && base != l_base
         && l_base > stack
         && l_base <= stack_end
     {
-        walk_frames(w, stack, l_base, 0, false);
+        walk_frames::<LOOP>(wp, stack, l_base, 0, false);
     }
+    // SAFETY: as above; no step runs any more.
+    let w = unsafe { &*wp };
     let mut n = w.n as usize;
     if n > MAX_LUA_FRAMES {
         n = MAX_LUA_FRAMES;
@@ -262,10 +271,48 @@ fn trace_identity(layout: &LuaLayout, g: u64, traceno: i32) -> Result<(u64, u64)
     Ok((trace, mcode))
 }
 
-/// Walks the frames below `base` into `w.frames` (`w.n`, `w.error`, `w.done` tell the
+/// Whether the last walk failed or found no frame.
+#[inline(always)]
+fn failed(wp: *mut Walk) -> bool {
+    // SAFETY: per-CPU scratch, read between walks.
+    let w = unsafe { &*wp };
+    w.error != 0 || w.n == 0
+}
+
+/// Walks the frames below `base` into the scratch's `frames` (`n`, `error`, `done` tell the
 /// outcome); `pc` is the innermost frame's PC, or 0.
 #[inline(always)]
-fn walk_frames(w: &mut Walk, stack: u64, base: u64, pc: u64, in_vm: bool) {
+fn walk_frames<const LOOP: bool>(wp: *mut Walk, stack: u64, base: u64, pc: u64, in_vm: bool) {
+    {
+        // SAFETY: per-CPU scratch; the borrow ends before the steps run.
+        let w = unsafe { &mut *wp };
+        start_walk(w, stack, base, pc, in_vm);
+    }
+    if LOOP {
+        // The walk runs in a bpf_loop callback: verified once, whatever the depth.
+        // SAFETY: the callback is a static BPF function; no context is passed.
+        unsafe {
+            bpf_loop(
+                WALK_MAX_STEPS,
+                walk_step as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+    } else {
+        // Without bpf_loop each step is a global function, which the verifier checks once
+        // on its own (5.6+) rather than at every iteration of the loop.
+        for i in 0..BOUNDED_LUA_STEPS {
+            if lua_walk_step(i as u64) != 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Resets the walk to start at `base`, and copies the stack's top window.
+#[inline(always)]
+fn start_walk(w: &mut Walk, stack: u64, base: u64, pc: u64, in_vm: bool) {
     w.top_may_be_gone = u32::from(in_vm && w.layout.gc64 != 0);
     w.frame = base - 8;
     w.pc = pc;
@@ -282,16 +329,6 @@ fn walk_frames(w: &mut Walk, stack: u64, base: u64, pc: u64, in_vm: bool) {
     let ok =
         size > 0 && unsafe { read_raw(w.window.as_mut_ptr().cast(), size, lo as *const _) } == 0;
     (w.win_lo, w.win_hi) = if ok { (lo, base) } else { (0, 0) };
-    // The walk runs in a bpf_loop callback: verified once, whatever the depth.
-    // SAFETY: the callback is a static BPF function; no context is passed.
-    unsafe {
-        bpf_loop(
-            WALK_MAX_STEPS,
-            walk_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
 }
 
 /// Scratch state of one Lua walk (per CPU).
@@ -346,13 +383,37 @@ fn read_slot(w: &Walk, addr: u64) -> Result<u64, Counter> {
 #[map]
 static LUA_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
-/// One iteration of the Lua walk: returns 0 to go on, 1 to stop.
+/// One iteration of the Lua walk in a `bpf_loop`: returns 0 to go on, 1 to stop.
 extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(w) = LUA_WALK.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch, used by this program invocation only.
     let w = unsafe { &mut *w };
+    step_outcome(w)
+}
+
+/// Step `index` of the bounded Lua walk: returns 0 to go on, 1 to stop. A global function
+/// (exported by the linker, see `build.rs`): the verifier checks it once with its argument
+/// unknown, and each call in the loop costs only the call. (The argument is used, so that
+/// the compiler cannot leave its register unset at the call, which the verifier refuses.)
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lua_walk_step(index: u64) -> i64 {
+    if index >= BOUNDED_LUA_STEPS as u64 {
+        return 1;
+    }
+    let Some(w) = LUA_WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch, used by this program invocation only.
+    let w = unsafe { &mut *w };
+    step_outcome(w)
+}
+
+/// One iteration of the Lua walk, its outcome noted in `w`: returns 0 to go on, 1 to stop.
+#[inline(always)]
+fn step_outcome(w: &mut Walk) -> i64 {
     match step(w) {
         Ok(true) => 0,
         Ok(false) => {
@@ -370,8 +431,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
 /// Returns `Ok(false)` at the bottom of the stack.
 #[inline(always)]
 fn step(w: &mut Walk) -> Result<bool, Counter> {
-    let layout = w.layout;
-    let fr2 = u64::from(layout.gc64 != 0);
+    let fr2 = u64::from(w.layout.gc64 != 0);
     let frame = w.frame;
     if frame <= w.bottom || frame >= w.stack_end {
         return Ok(false);
@@ -397,7 +457,7 @@ fn step(w: &mut Walk) -> Result<bool, Counter> {
             out.link = typep as u8;
             w.n += 1;
         } else {
-            match read_frame(&layout, func, w.pc, typep, out) {
+            match read_frame(&w.layout, func, w.pc, typep, out) {
                 Ok(()) => {
                     w.last_func = func;
                     w.last_frame = *out;
