@@ -476,8 +476,12 @@ impl BpfSession {
         let Some(nz) = std::num::NonZeroU32::new(pid) else {
             return Ok(());
         };
+        // Through the kernel's link to the file the process really mapped, never by the path
+        // it shows (which it controls: a symlink there would resolve in the agent's root).
+        let path = library_link(pid, library).ok_or_else(|| BpfError::Missing {
+            what: "a regular, mapped LuaJIT library file of reasonable size",
+        })?;
         let prog: &mut UProbe = program(&mut self.ebpf, PROG_LEARN_VM)?;
-        let path = format!("/proc/{pid}/root{library}");
         let link = prog
             .attach("lua_resume", &path, UProbeScope::OneProcess(nz))
             .map_err(|source| BpfError::Program {
@@ -723,6 +727,22 @@ impl BpfSession {
         }
         n
     }
+}
+
+/// The largest library file the `lua_resume` uprobe's symbol lookup reads (aya reads it whole).
+const MAX_LIBRARY_BYTES: u64 = 256 << 20;
+
+/// `/proc/PID/map_files/START-END` of a mapping of `library` in process `pid`, if it is a
+/// regular file of at most [`MAX_LIBRARY_BYTES`].
+fn library_link(pid: u32, library: &str) -> Option<String> {
+    let maps = crate::stacks::process::read_maps(pid).ok()?;
+    let m = maps.iter().find(|m| m.path == library)?;
+    let link = format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        m.range.start, m.range.end
+    );
+    let meta = std::fs::metadata(&link).ok()?;
+    (meta.is_file() && meta.len() <= MAX_LIBRARY_BYTES).then_some(link)
 }
 
 /// A program type whose `load` takes no arguments.
