@@ -36,7 +36,9 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{ALLOC_CONFIG, ALLOC_THREADS, AllocThread, LIVE_ALLOCS, TARGETS, count, count_n},
+    maps::{
+        ALLOC_CONFIG, ALLOC_THREADS, AllocThread, LIVE_ALLOCS, TARGETS, count, count_n, finish,
+    },
     regs::probe_regs,
     sample::{KernelStack, emit},
 };
@@ -49,25 +51,13 @@ const MAX_DRAWS: u32 = 16;
 /// sampling point, writes the thread's stack. In live mode notes the call for the return.
 #[uprobe]
 pub fn alloc_entry(ctx: ProbeContext) -> u32 {
-    match try_alloc_entry::<true>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_alloc_entry::<true>(&ctx))
 }
 
 /// [`alloc_entry`] for kernels without `bpf_loop`.
 #[uprobe]
 pub fn alloc_entry_bounded(ctx: ProbeContext) -> u32 {
-    match try_alloc_entry::<false>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_alloc_entry::<false>(&ctx))
 }
 
 fn try_alloc_entry<const LOOP: bool>(ctx: &ProbeContext) -> Result<(), Counter> {
@@ -147,13 +137,7 @@ fn try_alloc_entry<const LOOP: bool>(ctx: &ProbeContext) -> Result<(), Counter> 
 /// a sampled new block remembered.
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-    match try_alloc_return(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_alloc_return(&ctx))
 }
 
 fn try_alloc_return(ctx: &RetProbeContext) -> Result<(), Counter> {

@@ -9,20 +9,14 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::Prob
 
 use crate::{
     lua::read_ref,
-    maps::{LUA_LAYOUTS, LUA_VMS, TARGETS, count},
+    maps::{LUA_LAYOUTS, LUA_VMS, TARGETS, finish},
 };
 
 /// Uprobe on `lua_resume(L, nargs)`: remembers `G(L)` of a target process. Attached per
 /// process by the agent only until the process's VM is known.
 #[uprobe]
 pub fn learn_vm(ctx: ProbeContext) -> u32 {
-    match try_learn_vm(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_learn_vm(&ctx))
 }
 
 fn try_learn_vm(ctx: &ProbeContext) -> Result<(), Counter> {

@@ -89,6 +89,16 @@ pub(crate) static ALLOC_THREADS: HashMap<u32, AllocThread> =
 pub(crate) static LIVE_ALLOCS: HashMap<u64, LiveAlloc> =
     HashMap::with_max_entries(LIVE_MAX_TRACKED, 0);
 
+/// A program's return value (always 0), after counting the error `result` carries, if any:
+/// every entry point is `finish(try_…(&ctx))`.
+#[inline(always)]
+pub(crate) fn finish(result: Result<(), Counter>) -> u32 {
+    if let Err(counter) = result {
+        count(counter);
+    }
+    0
+}
+
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
     count_n(counter, 1);

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{OFF_SCRATCH, OFF_START, OFFCPU_MIN, TARGETS, count, kernel_config},
+    maps::{OFF_SCRATCH, OFF_START, OFFCPU_MIN, TARGETS, finish, kernel_config},
     regs::regs_at,
     sample::{KernelStack, emit},
 };
@@ -35,13 +35,7 @@ use crate::{
 /// block already noted (several inside one system call) keeps its start.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn offcpu_switch(ctx: RawTracePointContext) -> u32 {
-    match try_offcpu_switch(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_offcpu_switch(&ctx))
 }
 
 /// Whether task `prev`, switching out without being preempted, is blocked: its state is not
@@ -107,25 +101,13 @@ fn try_offcpu_switch(ctx: &RawTracePointContext) -> Result<(), Counter> {
 /// the block.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn offcpu_exit(ctx: RawTracePointContext) -> u32 {
-    match try_offcpu_exit::<true>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_offcpu_exit::<true>(&ctx))
 }
 
 /// [`offcpu_exit`] for kernels without `bpf_loop`.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn offcpu_exit_bounded(ctx: RawTracePointContext) -> u32 {
-    match try_offcpu_exit::<false>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_offcpu_exit::<false>(&ctx))
 }
 
 fn try_offcpu_exit<const LOOP: bool>(ctx: &RawTracePointContext) -> Result<(), Counter> {

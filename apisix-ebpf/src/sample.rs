@@ -31,7 +31,7 @@ use aya_ebpf::{
 
 use crate::{
     lua::walk::walk_lua,
-    maps::{OffStart, SAMPLES, TARGETS, count, count_lost},
+    maps::{OffStart, SAMPLES, TARGETS, count, count_lost, finish},
     regs::{Regs, user_regs},
 };
 
@@ -53,25 +53,13 @@ const STACK_COPY_MASK: u32 = 2 * STACK_COPY_MAX as u32 - 1;
 
 #[perf_event]
 pub fn sample(ctx: PerfEventContext) -> u32 {
-    match try_sample::<true>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_sample::<true>(&ctx))
 }
 
 /// [`sample`] for kernels without `bpf_loop`.
 #[perf_event]
 pub fn sample_bounded(ctx: PerfEventContext) -> u32 {
-    match try_sample::<false>(&ctx) {
-        Ok(()) => 0,
-        Err(counter) => {
-            count(counter);
-            0
-        }
-    }
+    finish(try_sample::<false>(&ctx))
 }
 
 /// Loads only where the kernel has `bpf_loop` (never attached).

@@ -221,37 +221,20 @@ check_cpu() {
     record_check "$check" burn_a
 }
 
-check_offcpu() {
-    if ! start_nginx offcpu 18003 gc64 off "" \
-        'location /block { content_by_lua_block { ngx.say(require("kmx").block(20000)) } }'; then
-        result offcpu fail "$NGX_ERROR"
+# check_workload CHECK PORT JIT PATH LUA_CALL CLIENTS FRAME [RECORD ARGS...]: a GC64 nginx
+# serving `ngx.say(require("kmx").LUA_CALL)` at PATH under CLIENTS connections of load,
+# recorded with the extra RECORD ARGS; passes when FRAME's samples are there.
+check_workload() {
+    local check=$1 port=$2 jit=$3 path=$4 call=$5 clients=$6 frame=$7
+    shift 7
+    if ! start_nginx "$check" "$port" gc64 "$jit" "" \
+        "location $path { content_by_lua_block { ngx.say(require(\"kmx\").$call) } }"; then
+        result "$check" fail "$NGX_ERROR"
         return
     fi
-    load 18003 /block 1
+    load "$port" "$path" "$clients"
     sleep 1
-    record_check offcpu blocker --mode off-cpu --min-block-us 1000
-}
-
-check_alloc() {
-    if ! start_nginx alloc 18004 gc64 on "" \
-        'location /alloc { content_by_lua_block { ngx.say(require("kmx").alloc()) } }'; then
-        result alloc fail "$NGX_ERROR"
-        return
-    fi
-    load 18004 /alloc 2
-    sleep 1
-    record_check alloc make_tables --mode alloc --sample-bytes 65536
-}
-
-check_live() {
-    if ! start_nginx live 18005 gc64 on "" \
-        'location /leak { content_by_lua_block { ngx.say(require("kmx").leak()) } }'; then
-        result live fail "$NGX_ERROR"
-        return
-    fi
-    load 18005 /leak 2
-    sleep 1
-    record_check live leak_some --mode live --sample-bytes 16384
+    record_check "$check" "$frame" "$@"
 }
 
 check_daemon() {
@@ -316,9 +299,9 @@ run_check() {
         budgets) check_budgets ;;
         cpu-gc64) check_cpu cpu-gc64 gc64 18001 ;;
         cpu-nogc64) check_cpu cpu-nogc64 nogc64 18002 ;;
-        offcpu) check_offcpu ;;
-        alloc) check_alloc ;;
-        live) check_live ;;
+        offcpu) check_workload offcpu 18003 off /block 'block(20000)' 1 blocker --mode off-cpu --min-block-us 1000 ;;
+        alloc) check_workload alloc 18004 on /alloc 'alloc()' 2 make_tables --mode alloc --sample-bytes 65536 ;;
+        live) check_workload live 18005 on /leak 'leak()' 2 leak_some --mode live --sample-bytes 16384 ;;
         daemon) check_daemon ;;
         *) result "$check" skip "unknown check" ;;
     esac

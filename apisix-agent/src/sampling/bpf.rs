@@ -236,18 +236,7 @@ impl BpfSession {
     /// Sets the shortest block the off-CPU programs write; `u64::MAX` holds them (every
     /// block counts as short).
     pub fn set_offcpu_min(&mut self, min_block_us: u64) -> Result<(), BpfError> {
-        let map = self.ebpf.map_mut(MAP_OFFCPU_MIN).ok_or(BpfError::Missing {
-            what: "the off-CPU minimum",
-        })?;
-        let mut min: Array<_, u64> = Array::try_from(map).map_err(|source| BpfError::Map {
-            map: MAP_OFFCPU_MIN,
-            source,
-        })?;
-        min.set(0, min_block_us.saturating_mul(1000), 0)
-            .map_err(|source| BpfError::Map {
-                map: MAP_OFFCPU_MIN,
-                source,
-            })
+        self.set_slot(MAP_OFFCPU_MIN, 0, min_block_us.saturating_mul(1000))
     }
 
     /// Loads the programs of an allocation capture: the allocator's uprobe and, with `live`,
@@ -329,30 +318,12 @@ impl BpfSession {
     }
 
     fn write_alloc_config(&mut self, sample_bytes: u64, live: u32) -> Result<(), BpfError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_ALLOC_CONFIG)
-            .ok_or(BpfError::Missing {
-                what: "the allocation configuration",
-            })?;
-        let mut cfg: Array<_, AllocConfig> =
-            Array::try_from(map).map_err(|source| BpfError::Map {
-                map: MAP_ALLOC_CONFIG,
-                source,
-            })?;
-        cfg.set(
-            0,
-            AllocConfig {
-                sample_bytes,
-                live,
-                reserved: 0,
-            },
-            0,
-        )
-        .map_err(|source| BpfError::Map {
-            map: MAP_ALLOC_CONFIG,
-            source,
-        })
+        let config = AllocConfig {
+            sample_bytes,
+            live,
+            reserved: 0,
+        };
+        self.set_slot(MAP_ALLOC_CONFIG, 0, config)
     }
 
     /// Detaches the allocator probes (unregistering a uprobe waits for RCU grace periods:
@@ -602,21 +573,23 @@ impl BpfSession {
     }
 
     fn set_kernel_config(&mut self, config: KernelConfig) -> Result<(), BpfError> {
+        self.set_slot(MAP_KERNEL_CONFIG, 0, config)
+    }
+
+    /// Writes `value` into slot `index` of the array map `name`.
+    fn set_slot<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        index: u32,
+        value: T,
+    ) -> Result<(), BpfError> {
+        let map_err = |source| BpfError::Map { map: name, source };
         let map = self
             .ebpf
-            .map_mut(MAP_KERNEL_CONFIG)
-            .ok_or(BpfError::Missing {
-                what: "the kernel configuration",
-            })?;
-        let mut cfg: Array<_, KernelConfig> =
-            Array::try_from(map).map_err(|source| BpfError::Map {
-                map: MAP_KERNEL_CONFIG,
-                source,
-            })?;
-        cfg.set(0, config, 0).map_err(|source| BpfError::Map {
-            map: MAP_KERNEL_CONFIG,
-            source,
-        })
+            .map_mut(name)
+            .ok_or(BpfError::Missing { what: name })?;
+        let mut array: Array<_, T> = Array::try_from(map).map_err(map_err)?;
+        array.set(index, value, 0).map_err(map_err)
     }
 
     /// The programs this kernel runs, in the variant it loads: the CPU sampler, the off-CPU
@@ -645,23 +618,7 @@ impl BpfSession {
 
     /// Installs a LuaJIT layout in slot `index`.
     fn set_layout(&mut self, index: u32, layout: LuaLayout) -> Result<(), BpfError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_LUA_LAYOUTS)
-            .ok_or(BpfError::Missing {
-                what: "the layouts map",
-            })?;
-        let mut layouts: Array<_, LuaLayout> =
-            Array::try_from(map).map_err(|source| BpfError::Map {
-                map: MAP_LUA_LAYOUTS,
-                source,
-            })?;
-        layouts
-            .set(index, layout, 0)
-            .map_err(|source| BpfError::Map {
-                map: MAP_LUA_LAYOUTS,
-                source,
-            })
+        self.set_slot(MAP_LUA_LAYOUTS, index, layout)
     }
 
     /// Sums of the per-CPU counters, indexed by [`Counter`].
