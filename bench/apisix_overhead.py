@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Overhead of the always-on daemon on the real Apache APISIX gateway (stdlib; run as root).
 
-    sudo python3 bench/apisix_overhead.py            # full run, about 8 minutes
+    sudo python3 bench/apisix_overhead.py            # full run, about 7 minutes
     sudo python3 bench/apisix_overhead.py --quick    # smoke run, under 2 minutes
 
 Extracts `../shared/apisix/harness.tar.xz` (beside the repository; skipped with one line when
