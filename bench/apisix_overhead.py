@@ -307,6 +307,7 @@ def main():
             terminate(bench.agent, 20, "agent")
         gw.stop()
         log("APISIX stopped")
+        shutil.rmtree(work, ignore_errors=True)
     minutes = (time.monotonic() - t_start) / 60
     load1 = os.getloadavg()
     print(
@@ -318,7 +319,6 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "args": vars(args), "results": results}, f, indent=1)
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
