@@ -50,7 +50,8 @@ pub fn check_kernel() -> KernelCheck {
     let release = super::kernel::release();
     let mut session = match BpfSession::prepare_alloc(1 << 20, true) {
         Ok(s) => s,
-        // The allocator programs are loaded by prepare_alloc: load what else there is.
+        // prepare_alloc also loads the allocator programs; if the kernel refuses one, load the
+        // object alone: each program's refusal is then recorded below.
         Err(_) => match BpfSession::loaded_only() {
             Ok(s) => s,
             Err(e) => {
