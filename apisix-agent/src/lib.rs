@@ -12,7 +12,8 @@
 //! - [`output`]: folded text, SVG and JSON flame graphs, pprof profiles.
 //! - [`attribution`]: which APISIX plugin and request phase a stack belongs to;
 //!   [`plugin_map`]: the plugins as the gateway names them, read from its VMs.
-//! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML.
+//! - [`record`]: the one-shot `record` command; [`config`]: the daemon's YAML; [`error`]:
+//!   an error and its sources as one line.
 //!
 //! Hooks and metrics: those of the modules; each file's header lists its own.
 
@@ -20,6 +21,7 @@ pub mod attribution;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod error;
 pub mod luajit;
 pub mod output;
 pub mod plugin_map;

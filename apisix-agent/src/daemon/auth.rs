@@ -580,7 +580,7 @@ pub fn hash_password_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::tls::error_chain;
+    use crate::error::error_chain;
 
     /// Cost 4, the lowest bcrypt allows, keeps the tests fast.
     fn auth(users: &[(&str, &str)], token: Option<&std::path::Path>) -> Arc<Auth> {

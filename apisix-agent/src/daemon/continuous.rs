@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     discovery::{Lua, Snapshot, TargetProcess},
+    error::error_chain,
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
     sampling::{
         bpf::{BpfError, BpfSession},
@@ -380,7 +381,8 @@ pub fn run(
     let offcpu = offcpu_cfg
         .enabled
         .then(|| BpfSession::start_offcpu(offcpu_cfg.min_block_us));
-    let report = |r: &Result<BpfSession, BpfError>| r.as_ref().map(|_| ()).map_err(chain);
+    let report =
+        |r: &Result<BpfSession, BpfError>| r.as_ref().map(|_| ()).map_err(|e| error_chain(e));
     {
         let mut status = shared.programs.write().unwrap_or_else(|e| e.into_inner());
         status.kernel = sampler
@@ -426,13 +428,6 @@ pub fn run(
             }
         }
     }
-}
-
-fn chain(e: &BpfError) -> String {
-    std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Runs the sampler thread's loop over `sampler` (and `offcpu`, when given) until

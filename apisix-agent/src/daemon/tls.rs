@@ -29,7 +29,7 @@ use rustls::{
 };
 
 use super::metrics::{LabelValue, Metrics, ReloadLabels};
-use crate::config::HttpTls;
+use crate::{config::HttpTls, error::error_chain};
 
 /// Errors of reading the TLS files; each names the configuration field.
 #[derive(Debug, thiserror::Error)]
@@ -285,18 +285,6 @@ impl LastError {
             *last = None;
         }
     }
-}
-
-/// `e` and its sources, joined by ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// The crypto provider: *ring*.

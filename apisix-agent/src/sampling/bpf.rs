@@ -407,11 +407,7 @@ impl BpfSession {
         let (config, btf_error) = match super::kernel::kernel_config() {
             Ok(c) => (c, None),
             Err(e) => {
-                let chain: Vec<String> =
-                    std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                        .map(ToString::to_string)
-                        .collect();
-                let why = chain.join(": ");
+                let why = crate::error::error_chain(&e);
                 tracing::warn!(error = %why, "no kernel BTF offsets: samples in kernel mode are dropped, off-CPU counts every non-preempted switch as a block");
                 (KernelConfig::default(), Some(why))
             }

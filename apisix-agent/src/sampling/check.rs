@@ -9,6 +9,8 @@ use apisix_ebpf_common::{PROG_LEARN_VM, PROG_OFFCPU_SWITCH};
 use aya::programs::{PerfEvent, RawTracePoint, UProbe};
 use serde::Serialize;
 
+use crate::error::error_chain;
+
 use super::{bpf::BpfSession, kernel::KernelReport, verifier::ProgramStats};
 
 /// One program's outcome.
@@ -58,7 +60,7 @@ pub fn check_kernel() -> KernelCheck {
                 return KernelCheck {
                     release,
                     kernel: None,
-                    error: Some(chain(&e)),
+                    error: Some(error_chain(&e)),
                     programs: Vec::new(),
                     ok: false,
                 };
@@ -90,7 +92,7 @@ pub fn check_kernel() -> KernelCheck {
             Err(e) => check.over_budget.push(format!(
                 "{}: no verifier figures: {}",
                 check.program,
-                chain(&e)
+                error_chain(&e)
             )),
         }
     }
@@ -113,14 +115,7 @@ fn load_one(session: &mut BpfSession, name: &'static str) -> Result<(), String> 
         n if n.starts_with("sample") => session.load_program::<PerfEvent>(name),
         _ => session.load_program::<UProbe>(name),
     };
-    result.map_err(|e| chain(&e))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    std::iter::successors(Some(e), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
+    result.map_err(|e| error_chain(&e))
 }
 
 impl KernelCheck {

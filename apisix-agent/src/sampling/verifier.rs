@@ -113,15 +113,11 @@ pub fn program_stats<'a>(
         },
         None => None,
     };
-    let fds: Vec<(String, RawFd)> = maps.map(|(n, fd)| (n.to_owned(), fd)).collect();
     let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-    let pairs: Vec<(&str, RawFd, &aya_obj::Map)> = fds
-        .iter()
-        .filter_map(|(n, fd)| obj.maps.get(n).map(|m| (n.as_str(), *fd, m)))
-        .collect();
-    let pairs: Vec<(String, RawFd, aya_obj::Map)> = pairs
-        .into_iter()
-        .map(|(n, fd, m)| (n.to_owned(), fd, m.clone()))
+    // The object's own description of each map the session created, with the map's fd
+    // (owned: relocation borrows the object mutably).
+    let pairs: Vec<(String, RawFd, aya_obj::Map)> = maps
+        .filter_map(|(n, fd)| obj.maps.get(n).map(|m| (n.to_owned(), fd, m.clone())))
         .collect();
     obj.relocate_maps(pairs.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)
         .map_err(VerifierError::Relocate)?;
