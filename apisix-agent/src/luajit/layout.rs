@@ -8,6 +8,20 @@
 
 use apisix_ebpf_common::LuaLayout;
 
+/// A GC object's `gct` byte: `~itype` of its type, the same in every layout.
+pub mod gct {
+    /// `GCstr`.
+    pub const STR: u8 = 4;
+    /// `GCproto`.
+    pub const PROTO: u8 = 7;
+    /// `GCfunc`.
+    pub const FUNC: u8 = 8;
+    /// `GCtrace`.
+    pub const TRACE: u8 = 9;
+    /// `GCtab`.
+    pub const TAB: u8 = 11;
+}
+
 /// One layout: what the BPF walker reads plus what user space needs to name frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {

@@ -12,14 +12,12 @@
 //! Hooks: `process_vm_readv` through [`Memory`]. Metrics: none; every failure is a
 //! [`TableError`] with a [`TableError::reason`], counted by the caller.
 
-use super::layout::Layout;
+use super::layout::{
+    Layout,
+    gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, STR as GCT_STR, TAB as GCT_TAB},
+};
 use crate::stacks::memory::{MAX_READ, Memory};
 
-/// `~itype` of the GC types read here: a GC object's `gct` byte holds these.
-const GCT_STR: u8 = 4;
-const GCT_FUNC: u8 = 8;
-const GCT_TAB: u8 = 11;
-const GCT_PROTO: u8 = 7;
 /// Type tags (`itype`) of a `TValue`, as LuaJIT defines them (`~n`).
 const LJ_TNIL: u32 = !0;
 const LJ_TFALSE: u32 = !1;

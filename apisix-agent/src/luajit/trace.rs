@@ -26,15 +26,15 @@ use std::{collections::HashMap, ops::Range, sync::Arc};
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
-use super::{bytecode, layout::Layout};
+use super::{
+    bytecode,
+    layout::{
+        Layout,
+        gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, TRACE as GCT_TRACE},
+    },
+};
 use crate::stacks::memory::{MAX_READ, Memory};
 
-/// `GCtrace.gct`: the GC type `~LJ_TTRACE`, i.e. 9.
-const GCT_TRACE: u8 = 9;
-/// `GCproto.gct`: `~LJ_TPROTO`.
-const GCT_PROTO: u8 = 7;
-/// `GCfunc.gct`: `~LJ_TFUNC`.
-const GCT_FUNC: u8 = 8;
 /// IR references below this are constants (`REF_BIAS`).
 const REF_BIAS: u32 = 0x8000;
 /// Largest IR size accepted (instructions and constants).
