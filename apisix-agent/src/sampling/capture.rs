@@ -45,8 +45,6 @@ pub const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Default mean distance between two allocation sampling points.
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
-/// Accepted distances between allocation sampling points.
-pub const SAMPLE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
 
 /// A process to capture.
 #[derive(Debug, Clone)]
