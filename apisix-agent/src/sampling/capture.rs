@@ -26,6 +26,7 @@ use super::{
     alloc::{self, AllocError, AllocProbe},
     bpf::{BpfError, BpfSession},
     kernel::KernelReport,
+    source::CaptureSource,
 };
 use crate::{
     luajit::{LuaTarget, heap},
@@ -258,17 +259,42 @@ pub fn capture(
     mode: Mode,
     labels: StackOptions,
     stop: &AtomicBool,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<Capture, CaptureError> {
+    let sampler = open(mode)?;
+    capture_with(sampler, targets, duration, mode, labels, stop, progress)
+}
+
+/// The BPF programs of `mode`, loaded and held: nothing is measured until the capture
+/// starts them, once its targets are set.
+pub fn open(mode: Mode) -> Result<BpfSession, BpfError> {
+    match mode {
+        Mode::Cpu { frequency } => BpfSession::prepare(frequency),
+        // Held (every block counts as short) until the Lua VMs are learned.
+        Mode::OffCpu { .. } => BpfSession::start_offcpu(u64::MAX),
+        Mode::Alloc { sample_bytes, live } => BpfSession::prepare_alloc(sample_bytes, live),
+    }
+}
+
+/// [`capture`] over `sampler`, a source opened for `mode` (the BPF session of [`open`], or
+/// a replay in root-free tests).
+pub fn capture_with<S: CaptureSource>(
+    mut sampler: S,
+    targets: &[CaptureTarget],
+    duration: Duration,
+    mode: Mode,
+    labels: StackOptions,
+    stop: &AtomicBool,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Capture, CaptureError> {
     let mut builder = StackBuilder::new(labels);
-    let (mut sampler, exclude_idle) = match mode {
-        Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
-        // Held (every block counts as short) until the Lua VMs are learned.
-        Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
-        Mode::Alloc { sample_bytes, live } => {
-            (BpfSession::prepare_alloc(sample_bytes, live)?, false)
+    let exclude_idle = matches!(
+        mode,
+        Mode::OffCpu {
+            exclude_idle: true,
+            ..
         }
-    };
+    );
     let mut idle_excluded = 0;
     for t in targets {
         if let Some(lua) = &t.lua {
@@ -339,7 +365,7 @@ pub fn capture(
         s.weight
     };
     while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
-        sampler.poll(Duration::from_millis(100), |s| {
+        sampler.poll(Duration::from_millis(100), &mut |s| {
             sampled += take(&mut builder, &mut detailed, &mut named, s);
         });
         if live && named.ids.len() > named.prune_at {
@@ -384,7 +410,7 @@ pub fn capture(
         sampler.hold_alloc()?;
     }
     // Samples still in the ring buffer belong to the capture.
-    while sampler.poll(Duration::from_millis(0), |s| {
+    while sampler.poll(Duration::from_millis(0), &mut |s| {
         take(&mut builder, &mut detailed, &mut named, s);
     }) > 0
     {}
@@ -411,7 +437,7 @@ pub fn capture(
         builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect();
     lua_errors.extend(heap_errors);
     sampler.detach_alloc();
-    let kernel = sampler.kernel().clone();
+    let kernel = sampler.kernel();
     drop(sampler);
     Ok(Capture {
         kernel,
@@ -437,7 +463,7 @@ pub fn capture(
 /// Waits up to `limit` until every target with Lua that still runs has its VM known;
 /// `waiting` hears which pids are waited for, about every 250 ms.
 fn wait_for_vms(
-    sampler: &BpfSession,
+    sampler: &impl CaptureSource,
     targets: &[CaptureTarget],
     limit: Duration,
     stop: &AtomicBool,
@@ -448,7 +474,9 @@ fn wait_for_vms(
     while start.elapsed() < limit && !stop.load(Ordering::Relaxed) {
         let missing: Vec<u32> = targets
             .iter()
-            .filter(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
+            .filter(|t| {
+                t.lua.is_some() && process::exists(t.pid) && sampler.lua_vm(t.pid).is_none()
+            })
             .map(|t| t.pid)
             .collect();
         if missing.is_empty() {
@@ -465,7 +493,7 @@ fn wait_for_vms(
 /// Resolves and attaches the allocator probes of every target; a target that cannot be
 /// probed is left out (and said so) unless none can.
 fn attach_allocators(
-    sampler: &mut BpfSession,
+    sampler: &mut impl CaptureSource,
     targets: &[CaptureTarget],
     stop: &AtomicBool,
     progress: &mut impl FnMut(Progress<'_>),
@@ -478,17 +506,9 @@ fn attach_allocators(
     let mut out = AllocOutcome::default();
     let mut failures = Vec::new();
     for t in targets {
-        let resolved = match (&t.lua, sampler.lua_vm(t.pid)) {
-            (None, _) => Err(AllocError::NoLuaJit { pid: t.pid }),
-            (Some(_), None) => Err(AllocError::NoVm {
-                pid: t.pid,
-                waited_secs,
-            }),
-            (Some(lua), Some(g)) => alloc::resolve(t.pid, lua, g),
-        };
-        match resolved {
+        match sampler.resolve_alloc(t.pid, t.lua.as_ref(), waited_secs) {
             Ok(probe) => {
-                sampler.attach_alloc(t.pid, &probe.file, probe.offset)?;
+                sampler.attach_alloc(&probe)?;
                 tracing::info!(
                     pid = t.pid,
                     module = probe.module,
@@ -592,7 +612,7 @@ fn settle(
 /// The heap size of each target's VM now (`None`: VM unknown or unreadable). A failed read
 /// of a process that still runs is counted in `errors` by reason.
 fn heaps(
-    sampler: &BpfSession,
+    sampler: &impl CaptureSource,
     targets: &[CaptureTarget],
     errors: &mut std::collections::BTreeMap<&'static str, u64>,
 ) -> Vec<(u32, Option<u64>)> {

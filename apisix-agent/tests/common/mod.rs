@@ -158,9 +158,7 @@ pub fn record_env(pid: u32, secs: u64, extra: &[&str], env: &[(&str, &str)]) -> 
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
     let summary = dir.path().join("summary.json");
-    let cpu = extra
-        .windows(2)
-        .all(|w| w[0] != "--mode" || w[1] == "cpu");
+    let cpu = extra.windows(2).all(|w| w[0] != "--mode" || w[1] == "cpu");
     let frequency: &[&str] = if extra.contains(&"--frequency") || !cpu {
         &[]
     } else {
