@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Record(args) => record::run(&args).map_err(anyhow::Error::new),
-        Command::Run { config } => daemon::run(config.as_deref()),
+        Command::Run { config } => daemon::run(config.as_deref()).map_err(anyhow::Error::new),
         Command::CheckConfig { config } => check_config(&config),
         Command::CheckKernel { json } => check_kernel(json),
         Command::HashPassword { cost } => {
