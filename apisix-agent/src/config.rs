@@ -324,7 +324,7 @@ pub struct LuaMemory {
 impl Default for LuaMemory {
     fn default() -> Self {
         Self {
-            sample_bytes: crate::sampling::capture::DEFAULT_SAMPLE_BYTES,
+            sample_bytes: ranges::DEFAULT_SAMPLE_BYTES,
             min_interval_seconds: 60,
         }
     }
@@ -577,7 +577,8 @@ impl Config {
 
 /// `value` within `range`, or the message saying it is not.
 /// The one range of each setting that a capture request can also give: configuration
-/// validation and [`crate::sampling::request`] both check against these.
+/// validation and the capture requests of `record` and `/flamegraph` both check against
+/// these.
 pub mod ranges {
     use std::ops::RangeInclusive;
 
@@ -588,6 +589,8 @@ pub mod ranges {
     pub const MIN_BLOCK_US: RangeInclusive<u64> = 1..=10_000_000;
     /// Alloc / live: mean allocated bytes between two sampled stacks.
     pub const SAMPLE_BYTES: RangeInclusive<u64> = 1024..=(1 << 30);
+    /// Alloc / live: the default of that mean.
+    pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
     /// `sampling.max_capture_seconds`: the longest capture the daemon runs.
     pub const MAX_CAPTURE_SECONDS: RangeInclusive<u64> = 1..=3600;
     /// `record --duration`.

@@ -77,9 +77,7 @@ pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config_path: Option<&Path>) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
-    let listen = config
-        .listen_addr()
-        .map_err(DaemonError::Listen)?;
+    let listen = config.listen_addr().map_err(DaemonError::Listen)?;
     let shared = Arc::new(Shared::new(config));
     // Credentials and certificates: a bad file stops the start before anything attaches.
     let http_cfg = &shared.config.http;

@@ -45,7 +45,7 @@ pub const VM_WAIT: Duration = Duration::from_secs(10);
 pub const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Default mean distance between two allocation sampling points.
-pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+pub const DEFAULT_SAMPLE_BYTES: u64 = crate::config::ranges::DEFAULT_SAMPLE_BYTES;
 
 /// A process to capture.
 #[derive(Debug, Clone)]

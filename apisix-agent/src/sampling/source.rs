@@ -1,5 +1,5 @@
 //! The seam between the samplers and the BPF side: [`SampleSource`] is what
-//! [`crate::daemon::continuous`] needs (targets in and out, samples, counters, lost samples),
+//! the daemon's continuous sampler thread needs (targets in and out, samples, counters, lost samples),
 //! and [`CaptureSource`] what a bounded capture ([`super::capture`]) needs on top (starting
 //! the mode's programs once the targets are set, the allocator probes, the live blocks).
 //! [`BpfSession`] implements both for real; [`ReplaySource`] replays samples (and live
