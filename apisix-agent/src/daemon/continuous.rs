@@ -24,7 +24,7 @@ use std::{
 use apisix_ebpf_common::Counter;
 
 use super::{
-    aggregate::Group,
+    aggregate::{Arrival, Group, Retention},
     metrics::{
         CacheLabels, FlavourLabels, LabelValue, ProgramLabels, ReasonLabels, TargetLabels,
         VmStateLabels,
@@ -184,9 +184,7 @@ impl<S: SampleSource> State<S> {
             .iter()
             .map(|t| Group::of(&metric_labels(t)))
             .collect();
-        if let Ok(mut agg) = shared.aggregator.lock() {
-            agg.retain_groups(&groups);
-        }
+        shared.aggregator.retain_groups(&groups);
     }
 
     fn tick(&mut self, shared: &Shared) {
@@ -218,9 +216,7 @@ impl<S: SampleSource> State<S> {
         }
         self.refresh_heaps(shared);
         let lost = self.sampler.lost();
-        let Ok(mut agg) = shared.aggregator.lock() else {
-            return;
-        };
+        let agg = &shared.aggregator;
         for (pid, total) in lost {
             let seen = self.lost_seen.entry(pid).or_insert(0);
             let delta = total.saturating_sub(*seen);
@@ -331,11 +327,7 @@ impl<S: SampleSource> State<S> {
     /// windows hold, as counted for their `limits:` caps.
     fn cache_gauges(&self, shared: &Shared) {
         let (protos, labels, traces) = self.builder.cached_bytes();
-        let (cpu, offcpu) = shared
-            .aggregator
-            .lock()
-            .map(|a| a.retained_bytes())
-            .unwrap_or_default();
+        let (cpu, offcpu) = shared.aggregator.retained_bytes();
         for (cache, bytes) in [
             ("protos", protos),
             ("labels", labels),
@@ -502,33 +494,45 @@ pub fn run_with<S: SampleSource>(
                 }
             });
         }
-        if !(batch.is_empty() && blocked.is_empty())
-            && let Ok(mut agg) = shared.aggregator.lock()
-        {
-            for ((pid, stack, details), vm_state) in batch.drain(..) {
-                if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_detailed(pid, &tr.labels, stack, details, |l| {
-                        state.builder.module_of(l)
-                    });
-                    if let Some(v) = vm_state {
-                        shared
-                            .metrics
-                            .vm_states
-                            .get_or_create(&VmStateLabels {
-                                state: LabelValue::fixed(v.name()),
-                                container: tr.labels.container.clone(),
-                                image: tr.labels.image.clone(),
-                            })
-                            .inc();
-                    }
+        let tracked = &state.tracked;
+        let cpu = batch
+            .drain(..)
+            .filter_map(|((pid, stack, details), vm_state)| {
+                let tr = tracked.get(&pid)?;
+                if let Some(v) = vm_state {
+                    shared
+                        .metrics
+                        .vm_states
+                        .get_or_create(&VmStateLabels {
+                            state: LabelValue::fixed(v.name()),
+                            container: tr.labels.container.clone(),
+                            image: tr.labels.image.clone(),
+                        })
+                        .inc();
                 }
-            }
-            for ((pid, stack, details), us) in blocked.drain(..) {
-                if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_offcpu(pid, &tr.labels, stack, details, us);
-                }
-            }
-        }
+                Some(Arrival {
+                    which: Retention::Cpu,
+                    pid,
+                    target: &tr.labels,
+                    stack,
+                    details,
+                    us: 0,
+                })
+            });
+        let off = blocked.drain(..).filter_map(|((pid, stack, details), us)| {
+            Some(Arrival {
+                which: Retention::OffCpu,
+                pid,
+                target: &tracked.get(&pid)?.labels,
+                stack,
+                details,
+                us,
+            })
+        });
+        // Counted under the counters' lock, then kept under the window's.
+        shared
+            .aggregator
+            .add_batch(cpu.chain(off), |l| state.builder.module_of(l));
         batch.clear();
         blocked.clear();
         if last_tick.elapsed() >= Duration::from_secs(1) {

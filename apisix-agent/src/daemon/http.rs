@@ -29,7 +29,8 @@
 //! already run, when [`PPROF_AT_ONCE`] pprof profiles or [`RENDERS_AT_ONCE`] flame graphs of
 //! the retained window are being made, or when a Lua memory capture started less than
 //! `sampling.memory.min_interval_seconds` ago. Window flame graphs are folded and rendered
-//! on blocking threads, the aggregator's lock held only to copy references.
+//! on blocking threads, from a snapshot of the window (its chunk pointers, copied under its
+//! lock).
 //! Handlers only read shared state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
@@ -716,8 +717,8 @@ async fn flamegraph(
     .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
 }
 
-/// The flame graph of the retained window of `pids`: the aggregator's lock is held while
-/// references to the stacks are copied; folding and rendering run on a blocking thread, off
+/// The flame graph of the retained window of `pids`: the window's lock is held while
+/// pointers to its chunks are copied; folding and rendering run on a blocking thread, off
 /// the async workers (`/healthz`, handshakes), at most [`RENDERS_AT_ONCE`] at once (429).
 async fn window_flamegraph(
     shared: &Arc<Shared>,
@@ -741,15 +742,11 @@ async fn window_flamegraph(
     let worker = shared.clone();
     let rendered = tokio::task::spawn_blocking(move || {
         let _background = Background::enter();
-        let stacks = match worker.aggregator.lock() {
-            Ok(agg) => agg.recent_stacks(window, |pid, _| pids.contains(&pid), &filter),
-            Err(_) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "aggregator poisoned".into(),
-                );
-            }
-        };
+        let stacks = worker.aggregator.snapshot(Retention::Cpu).recent_stacks(
+            window,
+            |pid, _| pids.contains(&pid),
+            &filter,
+        );
         let mut folded = Folded::new();
         for stack in stacks {
             folded.add(stack.to_vec(), 1);
@@ -1048,15 +1045,10 @@ async fn window_profile(
     let wall_to = SystemTime::now();
     let cut_started = thread_cpu();
     let from = to.checked_sub(Duration::from_secs(seconds)).unwrap_or(to);
-    let window = match shared.aggregator.lock() {
-        Ok(agg) => agg.window(which, from, to, keep, &filter),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "aggregator poisoned".into(),
-            );
-        }
-    };
+    let window = shared
+        .aggregator
+        .snapshot(which)
+        .cut(from, to, keep, &filter);
     let cut_cpu = thread_cpu().saturating_sub(cut_started);
     if window.truncated {
         headers.push((
