@@ -308,24 +308,28 @@ fn lua_errors(rec: &Recorded) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc64_jit_on() {
     common::require_root!();
     accuracy(Lj::Gc64, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc64_jit_off() {
     common::require_root!();
     accuracy(Lj::Gc64, false);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc32_jit_on() {
     common::require_root!();
     accuracy(Lj::Gc32, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc32_jit_off() {
     common::require_root!();
     accuracy(Lj::Gc32, false);
@@ -408,6 +412,7 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc64_jit_on() {
     common::require_root!();
     shape(Lj::Gc64, true);
@@ -415,24 +420,28 @@ fn shape_gc64_jit_on() {
 
 /// The bounded walk (kernels before 5.17) walks as deep and names the same frames.
 #[test]
+#[ignore = "needs root"]
 fn shape_gc64_jit_on_bounded_walk() {
     common::require_root!();
     shape_with(Lj::Gc64, true, BOUNDED);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_on_bounded_walk() {
     common::require_root!();
     shape_with(Lj::Gc32, true, BOUNDED);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_off() {
     common::require_root!();
     shape(Lj::Gc32, false);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_on() {
     common::require_root!();
     shape(Lj::Gc32, true);
@@ -440,6 +449,7 @@ fn shape_gc32_jit_on() {
 
 /// `--lines` names frames by their current line: inside the function, not its first line.
 #[test]
+#[ignore = "needs root"]
 fn lines_option_names_the_current_line() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
@@ -507,12 +517,14 @@ fn ffi(lj: Lj, jit: bool) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_gc64_jit_on() {
     common::require_root!();
     ffi(Lj::Gc64, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_gc32_jit_off() {
     common::require_root!();
     ffi(Lj::Gc32, false);
@@ -520,6 +532,7 @@ fn ffi_gc32_jit_off() {
 
 /// Allocation-heavy code shows garbage-collector samples as `[lua:gc]` under its frame.
 #[test]
+#[ignore = "needs root"]
 fn gc_marker() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
@@ -577,12 +590,14 @@ fn c_helper(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn c_helper_gc64() {
     common::require_root!();
     c_helper(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn c_helper_gc32() {
     common::require_root!();
     c_helper(Lj::Gc32);
@@ -609,18 +624,21 @@ fn builtin(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn builtin_gc64() {
     common::require_root!();
     builtin(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn builtin_gc32() {
     common::require_root!();
     builtin(Lj::Gc32);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn reload_and_killed_workers_end_the_recording_cleanly() {
     common::require_root!();
     let nginx = start(Lj::Gc64, true);

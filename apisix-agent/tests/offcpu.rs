@@ -72,6 +72,7 @@ fn start() -> Nginx {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn blocking_lua_function_carries_the_blocked_time() {
     common::require_root!();
     let nginx = start();
@@ -118,6 +119,7 @@ fn blocking_lua_function_carries_the_blocked_time() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ngx_sleep_is_not_blocked_worker_time() {
     common::require_root!();
     let nginx = start();
@@ -154,6 +156,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn daemon_serves_offcpu_metrics_and_flame_graphs() {
     common::require_root!();
     let nginx = start();
