@@ -48,7 +48,7 @@ use crate::{
         layout::Layout,
         tables::{Limits, Reader, TableError, Value},
     },
-    stacks::memory::Memory,
+    target::memory::Memory,
 };
 
 /// How old a map gets before it is rebuilt.

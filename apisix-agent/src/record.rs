@@ -28,7 +28,8 @@ use crate::{
     luajit::{self, NameStyle, trace::TraceFallback},
     output::Folded,
     sampling::capture::{self, CaptureTarget, Progress, human_bytes},
-    stacks::{StackOptions, process},
+    stacks::StackOptions,
+    target::process,
 };
 
 /// Output formats.

@@ -34,8 +34,8 @@ use super::metrics::{
 };
 use crate::{
     attribution::{Attribution, Filter, Phase, Rules},
+    label::{FrameClass, FrameDetail, classify},
     output::Folded,
-    stacks::label::{FrameClass, FrameDetail, classify},
 };
 
 /// The label given to functions beyond the cardinality cap.

@@ -8,7 +8,7 @@
 //! [`HeapError::reason`], counted by the caller.
 
 use super::layout::Layout;
-use crate::stacks::memory::Memory;
+use crate::target::memory::Memory;
 
 /// `gc.state` between two collection cycles (`GCSpause`).
 const GCS_PAUSE: u8 = 0;

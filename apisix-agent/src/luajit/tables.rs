@@ -16,7 +16,7 @@ use super::layout::{
     Layout,
     gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, STR as GCT_STR, TAB as GCT_TAB},
 };
-use crate::stacks::memory::{MAX_READ, Memory};
+use crate::target::memory::{MAX_READ, Memory};
 
 /// Type tags (`itype`) of a `TValue`, as LuaJIT defines them (`~n`).
 const LJ_TNIL: u32 = !0;

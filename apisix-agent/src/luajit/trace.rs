@@ -33,7 +33,7 @@ use super::{
         gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, TRACE as GCT_TRACE},
     },
 };
-use crate::stacks::memory::{MAX_READ, Memory};
+use crate::target::memory::{MAX_READ, Memory};
 
 /// IR references below this are constants (`REF_BIAS`).
 const REF_BIAS: u32 = 0x8000;
@@ -53,6 +53,8 @@ const SNAP_CONT: u32 = 0x2_0000;
 const FRAME_TYPE: u64 = 3;
 const FRAME_TYPEP: u64 = 7;
 const FRAME_VARG: u64 = 3;
+/// Bytes of decoded traces cached when no limit was set (`limits.trace_bytes`).
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 /// Decoded traces kept at most (all processes together).
 const MAX_CACHED_TRACES: usize = 4096;
 /// Side-trace chains kept at most (all processes together).
@@ -856,7 +858,7 @@ impl Tracer {
         self.decoded += 1;
         let size = t.bytes();
         let max = if self.max_bytes == 0 {
-            crate::stacks::CacheLimits::default().trace_bytes
+            DEFAULT_CACHE_BYTES
         } else {
             self.max_bytes
         };

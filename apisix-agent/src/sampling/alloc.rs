@@ -22,7 +22,7 @@ use crate::{
         LuaTarget,
         heap::{self, HeapError},
     },
-    stacks::{
+    target::{
         memory::Memory,
         process::{self, ProcessError},
     },

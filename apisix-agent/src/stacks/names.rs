@@ -10,21 +10,17 @@ use std::{
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
-use super::{
-    LuaTarget, NameStyle,
-    bytecode::{self, Ins, ProtoView},
-    ffnames,
-    layout::Layout,
-};
 use crate::{
     attribution,
-    plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
-    stacks::{
-        label::{FrameDetail, ModuleId},
-        memory::Memory,
-        process::ProcessModules,
-        symbolize::Symbolizer,
+    label::{FrameDetail, ModuleId, TRUNCATED},
+    luajit::{
+        LuaTarget, NameStyle,
+        bytecode::{self, Ins, ProtoView},
+        ffnames,
+        layout::Layout,
     },
+    plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
+    target::{memory::Memory, process::ProcessModules, symbolize::Symbolizer},
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
@@ -90,12 +86,12 @@ pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, Prot
 
 /// What the agent shows of a Lua string of `len` bytes of which `data` were read (at most
 /// [`MAX_STR`] are used): invalid UTF-8 replaced (U+FFFD), and when cut, ending in
-/// [`crate::daemon::metrics::TRUNCATED`]. At most `3 × MAX_STR` bytes plus the marker.
+/// [`TRUNCATED`]. At most `3 × MAX_STR` bytes plus the marker.
 pub fn decode_str(data: &[u8], len: u32) -> String {
     let take = data.len().min(len.min(MAX_STR) as usize);
     let mut s = String::from_utf8_lossy(&data[..take]).into_owned();
     if (take as u64) < u64::from(len) {
-        s.push_str(crate::daemon::metrics::TRUNCATED);
+        s.push_str(TRUNCATED);
     }
     s
 }
