@@ -3,7 +3,7 @@
 //! splice of Lua frames into the native stack at the VM boundary.
 //!
 //! Per-process state (open files, unwinder, LuaJIT target) is kept here and created on the
-//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::target::process`]. Metrics: the
+//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::target`]. Metrics: the
 //! [`StackStats`] counters, read by the caller.
 
 use std::{
@@ -25,7 +25,7 @@ use crate::{
         trace::{TraceFallback, TraceFrames, TraceSample, Tracer},
     },
     target::{
-        process::{ElfFile, ProcessModules},
+        modules::{ElfFile, ProcessModules},
         symbolize::Symbolizer,
     },
 };

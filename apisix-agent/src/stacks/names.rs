@@ -20,7 +20,7 @@ use crate::{
         layout::Layout,
     },
     plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
-    target::{memory::Memory, process::ProcessModules, symbolize::Symbolizer},
+    target::{memory::Memory, modules::ProcessModules, symbolize::Symbolizer},
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
