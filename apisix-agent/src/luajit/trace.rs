@@ -33,7 +33,7 @@ use super::{
         gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, TRACE as GCT_TRACE},
     },
 };
-use crate::target::memory::{MAX_READ, Memory};
+use crate::target::memory::{MAX_READ, TargetMemory};
 
 /// IR references below this are constants (`REF_BIAS`).
 const REF_BIAS: u32 = 0x8000;
@@ -203,7 +203,7 @@ fn le_u64(b: &[u8], off: usize) -> Option<u64> {
 }
 
 /// Reads the prototype header at `addr` and checks it is one.
-fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
+fn read_proto(mem: &dyn TargetMemory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
     let l = layout;
     let head = mem.read(addr, l.bpf.pt_size as usize).ok()?;
     if head.get(l.bpf.fn_gct as usize) != Some(&GCT_PROTO) {
@@ -231,7 +231,7 @@ fn read_proto(mem: &Memory, layout: &Layout, addr: u64) -> Option<ProtoHead> {
 }
 
 /// The prototype of the Lua function object at `func`, or `None`.
-fn func_proto(mem: &Memory, layout: &Layout, func: u64) -> Option<u64> {
+fn func_proto(mem: &dyn TargetMemory, layout: &Layout, func: u64) -> Option<u64> {
     let l = layout;
     let head = mem.read(func, (l.bpf.fn_pc + 8) as usize).ok()?;
     if head.get(l.bpf.fn_gct as usize) != Some(&GCT_FUNC)
@@ -248,7 +248,7 @@ fn func_proto(mem: &Memory, layout: &Layout, func: u64) -> Option<u64> {
 }
 
 /// Whether the function object at `func` is a C or fast function (`ffid != 0`).
-fn func_is_native(mem: &Memory, layout: &Layout, func: u64) -> bool {
+fn func_is_native(mem: &dyn TargetMemory, layout: &Layout, func: u64) -> bool {
     let l = layout;
     mem.read(func, l.bpf.fn_ffid as usize + 1)
         .is_ok_and(|head| {
@@ -261,14 +261,14 @@ fn func_is_native(mem: &Memory, layout: &Layout, func: u64) -> bool {
 
 /// Whether `pc` is a C function's header (`FUNCC`/`FUNCCW`, which every C and fast
 /// function's `pc` points to) rather than Lua bytecode.
-fn is_cfunc_header(mem: &Memory, pc: u64) -> bool {
+fn is_cfunc_header(mem: &dyn TargetMemory, pc: u64) -> bool {
     mem.read(pc, 4)
         .is_ok_and(|ins| matches!(ins.first(), Some(&bytecode::FUNCC | &bytecode::FUNCCW)))
 }
 
 /// The address of trace `traceno` in the trace table of the VM whose `global_State` is `g`.
 fn trace_address(
-    mem: &Memory,
+    mem: &dyn TargetMemory,
     layout: &Layout,
     g: u64,
     traceno: u16,
@@ -310,7 +310,7 @@ fn trace_address(
 
 /// Reads and validates the header of the trace at `addr`, which must be trace `traceno`.
 fn read_header(
-    mem: &Memory,
+    mem: &dyn TargetMemory,
     layout: &Layout,
     pid: u32,
     addr: u64,
@@ -446,7 +446,7 @@ impl Blob<'_> {
 
     /// Every function and prototype constant: the candidates for frames whose slot holds no
     /// constant.
-    fn proto_candidates(&self, mem: &Memory, layout: &Layout) -> Vec<u64> {
+    fn proto_candidates(&self, mem: &dyn TargetMemory, layout: &Layout) -> Vec<u64> {
         let mut out = vec![self.h.startpt];
         let mut r = self.h.nk;
         while r < REF_BIAS && r < self.h.key.nins {
@@ -593,7 +593,7 @@ fn without_varg(mut frames: Vec<RawFrame>) -> Vec<RawFrame> {
 }
 
 /// Reads and decodes a whole trace.
-fn decode(mem: &Memory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallback> {
+fn decode(mem: &dyn TargetMemory, layout: &Layout, h: &Header) -> Result<Trace, TraceFallback> {
     let b = mem
         .read(h.key.addr, h.size)
         .map_err(|_| TraceFallback::ReadFailed)?;
@@ -809,7 +809,7 @@ impl Tracer {
     /// The `global_State` of `lua_State` `l` in process `pid`. A coroutine may have been
     /// freed since the sample and its memory reused, so what `l` reads is only remembered
     /// once it led to a trace ([`Tracer::confirm_global`]).
-    fn global(&self, mem: &Memory, layout: &Layout, pid: u32, l: u64) -> Option<u64> {
+    fn global(&self, mem: &dyn TargetMemory, layout: &Layout, pid: u32, l: u64) -> Option<u64> {
         if let Some(g) = self.g_of.get(&(pid, l)) {
             return Some(*g);
         }
@@ -834,7 +834,7 @@ impl Tracer {
 
     /// Trace `traceno` of the VM `g`, its header validated.
     fn header_of(
-        mem: &Memory,
+        mem: &dyn TargetMemory,
         layout: &Layout,
         pid: u32,
         g: u64,
@@ -847,7 +847,7 @@ impl Tracer {
     /// The decoded trace `h`, from the cache or read now.
     fn decoded(
         &mut self,
-        mem: &Memory,
+        mem: &dyn TargetMemory,
         layout: &Layout,
         h: &Header,
     ) -> Result<Arc<Trace>, TraceFallback> {
@@ -877,7 +877,7 @@ impl Tracer {
     /// chain (at most [`MAX_SIDE_WALK`]). A walk cut short by a failed read is not kept.
     fn side_chain(
         &mut self,
-        mem: &Memory,
+        mem: &dyn TargetMemory,
         layout: &Layout,
         pid: u32,
         g: u64,
@@ -922,7 +922,7 @@ impl Tracer {
     /// trace the chain recorded.
     fn entered(
         &mut self,
-        mem: &Memory,
+        mem: &dyn TargetMemory,
         layout: &Layout,
         sample: &TraceSample<'_>,
         pid: u32,
@@ -973,7 +973,7 @@ impl Tracer {
     /// snapshot gives it (none needed when the snapshot gives none).
     fn base_holds(
         &mut self,
-        mem: &Memory,
+        mem: &dyn TargetMemory,
         layout: &Layout,
         pid: u32,
         base: Option<&LuaFrame>,
@@ -995,11 +995,13 @@ impl Tracer {
         head.is_some_and(|hd| hd.chunkname == base.chunkname && hd.holds(snap.base_pc))
     }
 
-    /// The inlined frames of `sample`, taken in process `pid`. `addr_in` picks, given the
-    /// trace's machine-code range, the address to look up: the sampled IP if it is inside,
-    /// else the return address into it that native unwinding found (already minus one).
+    /// The inlined frames of `sample`, taken in process `pid` whose memory is `mem`.
+    /// `addr_in` picks, given the trace's machine-code range, the address to look up: the
+    /// sampled IP if it is inside, else the return address into it that native unwinding
+    /// found (already minus one).
     pub fn frames(
         &mut self,
+        mem: &dyn TargetMemory,
         pid: u32,
         layout: &'static Layout,
         sample: &TraceSample<'_>,
@@ -1013,19 +1015,18 @@ impl Tracer {
             base,
         } = *sample;
         let traceno = u16::try_from(vmstate).map_err(|_| TraceFallback::Gone)?;
-        let mem = Memory::new(pid);
         // The trace's address as the BPF side read it at sample time saves two reads of the
         // trace table; without it, the table says where trace `traceno` is now.
         let h = match at_sample.0 {
             0 => {
                 let g = self
-                    .global(&mem, layout, pid, l)
+                    .global(mem, layout, pid, l)
                     .ok_or(TraceFallback::ReadFailed)?;
-                let h = Self::header_of(&mem, layout, pid, g, traceno)?;
+                let h = Self::header_of(mem, layout, pid, g, traceno)?;
                 self.confirm_global(pid, l, g);
                 h
             }
-            addr => read_header(&mem, layout, pid, addr, traceno)?,
+            addr => read_header(mem, layout, pid, addr, traceno)?,
         };
         // The BPF side read the trace's address and machine code at sample time: a trace
         // freed since (its number reused, the cache flushed) is not this one.
@@ -1035,20 +1036,20 @@ impl Tracer {
         {
             return Err(TraceFallback::Gone);
         }
-        let trace = self.decoded(&mem, layout, &h)?;
+        let trace = self.decoded(mem, layout, &h)?;
         let (traceno, trace, addr) = match addr_in(&trace.mcode) {
             Some(addr) => (traceno, trace, addr),
             None => {
                 let ip = jit_ip.ok_or(TraceFallback::AddrOutside)?;
                 let (n, t) = self
-                    .entered(&mem, layout, sample, pid, &h, ip)
+                    .entered(mem, layout, sample, pid, &h, ip)
                     .ok_or(TraceFallback::AddrOutside)?;
                 (n, t, ip)
             }
         };
         let i = trace.index_at(addr)?;
         let snap = trace.snaps[i].1.as_ref().map_err(|e| *e)?;
-        if self.base_holds(&mem, layout, pid, base, snap) {
+        if self.base_holds(mem, layout, pid, base, snap) {
             return Ok(TraceFrames {
                 traceno,
                 snap: snap.clone(),
@@ -1059,7 +1060,7 @@ impl Tracer {
         // while the physical walk still starts at the frame being left. The interval's
         // first state, the earlier snapshot, is the one that matches.
         if let Some(Ok(prev)) = i.checked_sub(1).map(|p| &trace.snaps[p].1)
-            && self.base_holds(&mem, layout, pid, base, prev)
+            && self.base_holds(mem, layout, pid, base, prev)
         {
             return Ok(TraceFrames {
                 traceno,

@@ -23,7 +23,7 @@ use crate::{
         heap::{self, HeapError},
     },
     target::{
-        memory::Memory,
+        memory::{Memory, TargetMemory as _},
         process::{self, ProcessError},
     },
 };

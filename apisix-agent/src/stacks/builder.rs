@@ -25,6 +25,7 @@ use crate::{
         trace::{TraceFallback, TraceFrames, TraceSample, Tracer},
     },
     target::{
+        memory::Memory,
         modules::{ElfFile, ProcessModules},
         symbolize::Symbolizer,
     },
@@ -358,6 +359,7 @@ impl StackBuilder {
             self.stats.trace_samples += 1;
             let ip = s.regs.ip;
             let found = self.tracer.frames(
+                &Memory::new(pid),
                 pid,
                 lua.flavour.layout(),
                 &TraceSample {

@@ -20,7 +20,11 @@ use crate::{
         layout::Layout,
     },
     plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
-    target::{memory::Memory, modules::ProcessModules, symbolize::Symbolizer},
+    target::{
+        memory::{Memory, TargetMemory},
+        modules::ProcessModules,
+        symbolize::Symbolizer,
+    },
 };
 
 /// Largest prototype (with its colocated debug data) read from a target.
@@ -69,7 +73,7 @@ fn le_ref(layout: &Layout, b: &[u8], off: u32) -> Option<u64> {
 }
 
 /// Reads a Lua string object.
-pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, ProtoError> {
+pub fn read_str(mem: &dyn TargetMemory, layout: &Layout, addr: u64) -> Result<String, ProtoError> {
     let head = mem
         .read(addr, layout.str_size as usize)
         .map_err(|source| ProtoError::Read { addr, source })?;
@@ -100,7 +104,8 @@ pub fn decode_str(data: &[u8], len: u32) -> String {
 #[derive(Debug)]
 pub struct Proto {
     layout: &'static Layout,
-    mem: Memory,
+    /// Where the constants named later (`call_name`) are read.
+    mem: Arc<dyn TargetMemory + Send + Sync>,
     addr: u64,
     blob: Vec<u8>,
     /// Chunk name as shown: without a leading `@` or `=`.
@@ -127,7 +132,7 @@ impl Proto {
 
     /// Reads and validates the prototype at `addr`.
     pub fn read(
-        mem: Memory,
+        mem: Arc<dyn TargetMemory + Send + Sync>,
         layout: &'static Layout,
         addr: u64,
         expect_chunkname: u64,
@@ -158,7 +163,7 @@ impl Proto {
         let blob = mem
             .read(addr, sizept as usize)
             .map_err(|source| ProtoError::Read { addr, source })?;
-        let chunk = read_str(&mem, l, chunkname_ref)?;
+        let chunk = read_str(&*mem, l, chunkname_ref)?;
         let chunk = chunk
             .strip_prefix('@')
             .or_else(|| chunk.strip_prefix('='))
@@ -307,7 +312,7 @@ impl ProtoView for Proto {
         let at = self.k.checked_sub(u64::from(idx + 1) * width)?;
         let off = self.blob_off(at)? as u32;
         let sref = le_ref(self.layout, &self.blob, off)?;
-        read_str(&self.mem, self.layout, sref).ok()
+        read_str(&*self.mem, self.layout, sref).ok()
     }
 
     fn uvname(&self, idx: u32) -> Option<String> {
@@ -491,7 +496,13 @@ impl LuaNamer {
         {
             return Some(p.clone());
         }
-        match Proto::read(Memory::new(pid), layout, f.code, f.chunkname, f.firstline) {
+        match Proto::read(
+            Arc::new(Memory::new(pid)),
+            layout,
+            f.code,
+            f.chunkname,
+            f.firstline,
+        ) {
             Ok(p) => {
                 let p = Arc::new(p);
                 let size = p.bytes();

@@ -1,6 +1,9 @@
-//! Reads of a target process's memory with `process_vm_readv`. Every read may fail (the
-//! process exited, the address is unmapped or garbage) and every length is bounded by the
-//! caller; nothing read here is trusted without validation by its user.
+//! A target's memory behind one trait, [`TargetMemory`]: the bounded reads the LuaJIT
+//! readers (traces, prototypes, strings, tables, heap fields) make. [`Memory`] reads a live
+//! process with `process_vm_readv`; [`super::recorded::RecordedMemory`] serves reads from a
+//! fixture recorded from a real run, for root-free tests. Every read may fail (the process
+//! exited, the address is unmapped or garbage) and every length is bounded by the caller;
+//! nothing read here is trusted without validation by its user.
 //!
 //! Hooks: `process_vm_readv(2)`. Metrics: none.
 
@@ -8,6 +11,28 @@ use std::io;
 
 /// Largest single read allowed.
 pub const MAX_READ: usize = 1 << 20;
+
+/// The memory of one target: whole reads or none, each at most [`MAX_READ`] bytes.
+pub trait TargetMemory: std::fmt::Debug {
+    /// Fills `buf` from `addr`; fails unless every byte was read (and when `buf` is larger
+    /// than [`MAX_READ`]).
+    fn read_into(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Reads `len` bytes at `addr`.
+    fn read(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        if len > MAX_READ {
+            return Err(too_large());
+        }
+        let mut buf = vec![0u8; len];
+        self.read_into(addr, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// The error of a read larger than [`MAX_READ`].
+pub fn too_large() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "read too large")
+}
 
 /// A process whose memory can be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,13 +46,24 @@ impl Memory {
         Self { pid }
     }
 
-    /// Fills `buf` from `addr`; fails unless every byte was read.
-    pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// The process read.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Reads a little-endian u64.
+    #[cfg(test)]
+    pub fn u64(&self, addr: u64) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_into(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl TargetMemory for Memory {
+    fn read_into(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         if buf.len() > MAX_READ {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "read too large",
-            ));
+            return Err(too_large());
         }
         if buf.is_empty() {
             return Ok(());
@@ -51,21 +87,6 @@ impl Memory {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
         }
         Ok(())
-    }
-
-    /// Reads `len` bytes at `addr`.
-    pub fn read(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        self.read_into(addr, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// Reads a little-endian u64.
-    #[cfg(test)]
-    pub fn u64(&self, addr: u64) -> io::Result<u64> {
-        let mut b = [0u8; 8];
-        self.read_into(addr, &mut b)?;
-        Ok(u64::from_le_bytes(b))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Low-level access to a target process, below both [`crate::luajit`] and [`crate::stacks`]:
-//! its memory ([`memory`]), its `/proc/PID` text files and executable mappings
+//! its memory ([`memory`]: the [`memory::TargetMemory`] trait, the live process, and
+//! [`recorded`]: memory recorded from a real run for tests), its `/proc/PID` text files and executable mappings
 //! ([`process`]), the mapped files opened safely through `/proc/PID/map_files`
 //! ([`target_file`]) and kept as ELF files ([`modules`]), and the native symbols in them
 //! ([`symbolize`]). Everything read here comes from the target and is
@@ -11,5 +12,6 @@
 pub mod memory;
 pub mod modules;
 pub mod process;
+pub mod recorded;
 pub mod symbolize;
 pub mod target_file;
