@@ -182,16 +182,16 @@ impl TargetMemory for RecordedMemory {
 
 /// A live memory whose successful reads are kept, to be written as a fixture.
 #[derive(Debug)]
-pub struct Recording<'a> {
-    inner: &'a dyn TargetMemory,
+pub struct Recording<M> {
+    inner: M,
     kept: Mutex<Vec<(u64, Vec<u8>)>>,
     /// Bytes kept at most; reads beyond it still succeed but are not kept.
     max_bytes: usize,
 }
 
-impl<'a> Recording<'a> {
+impl<M: TargetMemory> Recording<M> {
     /// Records the reads of `inner`, keeping at most `max_bytes` bytes.
-    pub fn new(inner: &'a dyn TargetMemory, max_bytes: usize) -> Self {
+    pub fn new(inner: M, max_bytes: usize) -> Self {
         Self {
             inner,
             kept: Mutex::new(Vec::new()),
@@ -209,7 +209,7 @@ impl<'a> Recording<'a> {
     }
 }
 
-impl TargetMemory for Recording<'_> {
+impl<M: TargetMemory> TargetMemory for Recording<M> {
     fn read_into(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_into(addr, buf)?;
         let mut kept = self
@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn a_recording_keeps_what_was_read() {
         let live = RecordedMemory::new([(0x100, (0u8..64).collect())]);
-        let rec = Recording::new(&live, 16);
+        let rec = Recording::new(live, 16);
         assert_eq!(rec.read(0x104, 4).expect("read"), [4, 5, 6, 7]);
         assert!(rec.read(0x200, 4).is_err());
         rec.read(0x110, 32)
