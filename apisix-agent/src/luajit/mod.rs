@@ -16,6 +16,7 @@ pub mod heap;
 pub mod layout;
 pub mod tables;
 pub mod trace;
+pub mod trace_decode;
 pub mod trace_fixture;
 #[cfg(test)]
 mod trace_tests;
