@@ -34,12 +34,14 @@ use super::{
 use crate::{
     discovery::{Lua, Snapshot, TargetProcess},
     error::error_chain,
+    label::FrameDetail,
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
     sampling::{
         bpf::{BpfError, BpfSession},
         source::SampleSource,
     },
-    stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
+    stacks::{StackBuilder, StackOptions},
+    target::{memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).

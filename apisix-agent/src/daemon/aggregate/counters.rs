@@ -27,7 +27,7 @@ use super::super::metrics::{
 };
 use crate::{
     attribution::{Attribution, Phase, Rules},
-    stacks::label::{FrameClass, classify},
+    label::{FrameClass, classify},
 };
 
 /// The label given to functions beyond the cardinality cap.

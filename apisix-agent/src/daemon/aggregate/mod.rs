@@ -28,7 +28,7 @@ pub use self::{
     window::{Retention, Window, WindowSnapshot, WindowStack, Windows},
 };
 use super::metrics::{Metrics, TargetLabels};
-use crate::{attribution::Rules, stacks::label::FrameDetail};
+use crate::{attribution::Rules, label::FrameDetail};
 
 /// One sample or off-CPU block as the sampler thread hands it over.
 #[derive(Debug)]

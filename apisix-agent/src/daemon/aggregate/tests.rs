@@ -11,8 +11,8 @@ use super::{Aggregator, OTHER, Retention, Window, counters::GROUP_GRACE, counter
 use crate::{
     attribution::{Filter, Rules},
     daemon::metrics::{LabelValue, Metrics, TargetLabels, VmStateLabels},
+    label::{FrameClass, FrameDetail, classify},
     output::Folded,
-    stacks::label::{FrameClass, FrameDetail, classify},
 };
 
 /// The calls the tests make, over what the daemon uses.

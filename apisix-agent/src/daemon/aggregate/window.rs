@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     attribution::{Attribution, Filter},
-    stacks::label::FrameDetail,
+    label::FrameDetail,
 };
 
 /// Samples per sealed chunk: the most a snapshot copies one by one.
