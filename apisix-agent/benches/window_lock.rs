@@ -8,7 +8,10 @@
 //! copies chunk pointers under the lock, the cut runs with no lock held. The two modes
 //! alternate, rounds of a few seconds each, on the same aggregator. The sampler adds a batch
 //! of [`BATCH`] samples every millisecond (a busy host at 99 Hz hands over fewer) and records
-//! how long each `add_batch` took; two readers (the daemon allows two renders and two pprof
+//! how long each `add_batch` took (lock waits, and any time the scheduler gave its CPU to
+//! another thread; the "none" rows, without readers, show that part); the readers record the
+//! longest they held the window's lock, the bound on what the sampler can wait for it; two
+//! readers (the daemon allows two renders and two pprof
 //! encodings at once) cut the whole window again and again at nice 10, as the daemon's
 //! renders run.
 //!
@@ -97,21 +100,32 @@ fn add(agg: &Aggregator, stacks: &[Vec<Arc<str>>], target: &TargetLabels, from: 
 }
 
 /// One reader's cut of the whole window: under the lock throughout (`before`), or from a
-/// snapshot.
-fn read(agg: &Aggregator, before: bool) -> u64 {
+/// snapshot (the steps of [`Aggregator::snapshot`], timed). Returns the samples cut and how
+/// long the window's lock was held.
+fn read(agg: &Aggregator, before: bool) -> (u64, Duration) {
     let to = Instant::now();
     let from = to.checked_sub(Duration::from_secs(3600)).unwrap_or(to);
     let keep = |_: u32, _: &str| true;
     let filter = Filter::default();
-    let window = if before {
+    let (window, held) = if before {
         let windows = agg.windows();
-        windows
+        let locked = Instant::now();
+        let window = windows
             .snapshot(Retention::Cpu)
-            .cut(from, to, keep, &filter)
+            .cut(from, to, keep, &filter);
+        let held = locked.elapsed();
+        drop(windows);
+        (window, held)
     } else {
-        agg.snapshot(Retention::Cpu).cut(from, to, keep, &filter)
+        let windows = agg.windows();
+        let locked = Instant::now();
+        let snapshot = windows.snapshot(Retention::Cpu);
+        drop(windows);
+        let held = locked.elapsed();
+        let caps = agg.counters().plugin_caps();
+        (snapshot.with_caps(caps).cut(from, to, keep, &filter), held)
     };
-    window.stacks.iter().map(|s| s.count).sum()
+    (window.stacks.iter().map(|s| s.count).sum(), held)
 }
 
 /// What the readers do during a round.
@@ -131,6 +145,8 @@ struct Round {
     waits: Vec<u64>,
     reads: usize,
     read_ms: Vec<f64>,
+    /// The longest a reader held the window's lock.
+    held: Duration,
 }
 
 /// One round of one mode: the sampler's batch durations and the readers' cut times.
@@ -149,15 +165,16 @@ fn round(agg: &Arc<Aggregator>, stacks: &Arc<Vec<Vec<Arc<str>>>>, mode: Mode) ->
                 unsafe {
                     libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
                 }
-                let mut times = Vec::new();
+                let (mut times, mut longest) = (Vec::new(), Duration::ZERO);
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
                     // Samples that arrive while it runs are not all in its cut.
-                    let n = read(&agg, before);
+                    let (n, held) = read(&agg, before);
                     times.push(started.elapsed().as_secs_f64() * 1e3);
+                    longest = longest.max(held);
                     assert!(n as usize > WINDOW / 2, "the window holds {n}");
                 }
-                times
+                (times, longest)
             })
         })
         .collect();
@@ -174,9 +191,10 @@ fn round(agg: &Arc<Aggregator>, stacks: &Arc<Vec<Vec<Arc<str>>>>, mode: Mode) ->
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
-        let times = r.join().unwrap_or_default();
+        let (times, held) = r.join().unwrap_or_default();
         out.reads += times.len();
         out.read_ms.extend(times);
+        out.held = out.held.max(held);
     }
     out
 }
@@ -212,6 +230,7 @@ fn main() {
             into.waits.extend(r.waits);
             into.reads += r.reads;
             into.read_ms.extend(r.read_ms);
+            into.held = into.held.max(r.held);
         }
     }
     println!(
@@ -221,10 +240,12 @@ fn main() {
     );
     println!();
     println!(
-        "| Reader | Sampler batches | add_batch p50 (µs) | p99 (µs) | max (µs) | Reads | Read median (ms) |"
+        "| Reader | Sampler batches | add_batch p50 (µs) | p99 (µs) | p99.9 (µs) | max (µs) | \
+         Reads | Read median (ms) | Longest lock hold by a reader (µs) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut max = [0u64; 3];
+    let mut held = [Duration::ZERO; 3];
     for (k, (name, r)) in [
         ("none (the sampler alone)", &mut alone),
         ("before: cut under the lock", &mut before),
@@ -237,20 +258,25 @@ fn main() {
         r.read_ms.sort_by(f64::total_cmp);
         let median = r.read_ms.get(r.read_ms.len() / 2).copied().unwrap_or(0.0);
         max[k] = r.waits.last().copied().unwrap_or(0);
+        held[k] = r.held;
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {median:.1} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {median:.1} | {} |",
             r.waits.len(),
             percentile(&r.waits, 0.5),
             percentile(&r.waits, 0.99),
+            percentile(&r.waits, 0.999),
             max[k],
             r.reads,
+            r.held.as_micros(),
         );
     }
     println!();
     println!(
-        "Longest sampler wait, before / after: {:.1}× (p99: {:.1}×)",
+        "Longest sampler add_batch, before / after: {:.1}× (p99: {:.1}×); longest window-lock \
+         hold by a reader, before / after: {:.0}×",
         max[1] as f64 / max[2].max(1) as f64,
-        percentile(&before.waits, 0.99) as f64 / percentile(&after.waits, 0.99).max(1) as f64
+        percentile(&before.waits, 0.99) as f64 / percentile(&after.waits, 0.99).max(1) as f64,
+        held[1].as_secs_f64() / held[2].as_secs_f64().max(1e-9)
     );
     black_box(agg);
 }

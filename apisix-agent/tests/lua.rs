@@ -267,8 +267,8 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
         .collect();
     let path = format!("/run?a={}&b={}&c={}", n[0], n[1], n[2]);
     nginx.get(&path);
-    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
+    common::wait_for_requests(&load, 4);
     spent(nginx);
     let rec = record(worker, 8, &[]);
     let truth = spent(nginx);
@@ -349,8 +349,8 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 
     // A recursion 120 Lua frames deep comes out whole.
     {
-        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(300));
+        let load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
+        common::wait_for_requests(&load, 4);
         let rec = record(worker, 4, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
         let in_spin = rec.count(|f| has(f, "spin@"));
@@ -397,8 +397,8 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 
     // A coroutine shows its own frames.
     {
-        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(300));
+        let load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
+        common::wait_for_requests(&load, 4);
         let rec = record(worker, 3, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
         let total = rec.count(|f| has(f, "spin@"));
@@ -454,8 +454,8 @@ fn lines_option_names_the_current_line() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
+    common::wait_for_requests(&load, 4);
     let line_of = |label: &str| -> u32 {
         label
             .rsplit_once(':')
@@ -489,8 +489,8 @@ fn lines_option_names_the_current_line() {
 fn ffi(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     // libc's memset is an IFUNC variant without a dynamic symbol: `libc.so.6+0x…` unless
@@ -537,8 +537,8 @@ fn gc_marker() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     // The collector runs where an allocation triggers it: in churn itself or in a fast
@@ -564,8 +564,8 @@ fn gc_marker() {
 fn c_helper(lj: Lj) {
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let total = rec.total();
@@ -607,8 +607,8 @@ fn builtin(lj: Lj) {
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let in_rep = rec.count(|f| {
