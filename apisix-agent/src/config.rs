@@ -305,6 +305,27 @@ pub struct Sampling {
     pub offcpu: OffCpu,
     /// On-demand Lua memory captures (`/flamegraph?mode=alloc|live`).
     pub memory: LuaMemory,
+    /// Event-loop stalls (`apisix_profiler_event_loop_*`, `/flamegraph?mode=stalls`).
+    pub stalls: Stalls,
+}
+
+/// Event-loop stalls: a worker's loop iteration (from a return of `epoll_wait` to its next
+/// entry) at least this long is a stall, counted in `apisix_profiler_event_loop_stalls_total`,
+/// logged, and its CPU samples kept for `/flamegraph?mode=stalls`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stalls {
+    /// Shortest iteration that counts as a stall, in milliseconds.
+    pub threshold_ms: u64,
+}
+
+/// Range of `sampling.stalls.threshold_ms` (and of `record --stall-threshold-ms`).
+pub const STALL_THRESHOLD_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Self { threshold_ms: 100 }
+    }
 }
 
 /// On-demand Lua memory captures: allocated bytes (`mode=alloc`) and sampled blocks still
@@ -423,6 +444,7 @@ impl Default for Sampling {
             max_retained_samples: 200_000,
             offcpu: OffCpu::default(),
             memory: LuaMemory::default(),
+            stalls: Stalls::default(),
         }
     }
 }
@@ -532,6 +554,8 @@ impl Config {
             .map_err(|e| bad("sampling.max_retained_samples", e))?;
         in_range(s.offcpu.min_block_us, 1..=10_000_000)
             .map_err(|e| bad("sampling.offcpu.min_block_us", e))?;
+        in_range(s.stalls.threshold_ms, STALL_THRESHOLD_MS_RANGE)
+            .map_err(|e| bad("sampling.stalls.threshold_ms", e))?;
         in_range(
             s.memory.sample_bytes,
             crate::sampling::capture::SAMPLE_BYTES_RANGE,

@@ -14,6 +14,13 @@
 //! that meet hold each sample exactly once (a scrape's window ends when it is served, so
 //! consecutive pprof scrapes meet only as far as their intervals match `seconds`).
 //!
+//! Stall samples — CPU samples (and, with off-CPU profiling, blocks) taken while their
+//! worker's event-loop iteration was older than `sampling.stalls.threshold_ms` — are kept a
+//! third time, in a stall window of the same bounds, each with the age of its iteration and
+//! weighted in microseconds of stall time (a CPU sample: the sampling period; a block: the
+//! time blocked), for `/flamegraph?mode=stalls`, `/debug/pprof/stalls` and the stall log
+//! line ([`Aggregator::stall_summary`]).
+//!
 //! Each sample is also attributed to an APISIX plugin and request phase
 //! ([`crate::attribution`]); per group, the first `top_functions` plugins get their own
 //! series, the rest count as `plugin="[other]"`. Those counters are in seconds (samples ×
@@ -147,8 +154,12 @@ struct Recent {
     /// When it reached the aggregator.
     at: Instant,
     pid: u32,
-    /// Off-CPU: microseconds blocked (saturated); CPU samples: 1.
+    /// Off-CPU: microseconds blocked (saturated); CPU samples: 1; stall samples:
+    /// microseconds of stall time.
     weight: u32,
+    /// Stall samples: the age of their event-loop iteration, in milliseconds (saturated);
+    /// else 0.
+    iteration_ms: u32,
     target: Arc<TargetLabels>,
     stack: Arc<[Arc<str>]>,
     details: Arc<[FrameDetail]>,
@@ -233,6 +244,8 @@ pub enum Retention {
     Cpu,
     /// Off-CPU blocks (weight: microseconds blocked), with `sampling.offcpu.enabled`.
     OffCpu,
+    /// Stall samples (weight: microseconds of stall time).
+    Stalls,
 }
 
 /// One distinct stack of a [`Window`].
@@ -246,8 +259,22 @@ pub struct WindowStack {
     pub attribution: Attribution,
     /// Samples or blocks.
     pub count: u64,
-    /// Samples, or microseconds blocked.
+    /// Samples, or microseconds blocked (or of stall time).
     pub weight: u64,
+    /// Stall samples: the oldest event-loop iteration among them, in milliseconds.
+    pub iteration_ms: u32,
+}
+
+/// What the stall samples of one worker since some instant mostly ran: for its log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StallSummary {
+    /// The innermost Lua source function most of them ran (a frame label; fast functions
+    /// skipped), or empty when none ran one.
+    pub top_frame: String,
+    /// The plugin most of them were attributed to (empty: none).
+    pub plugin: String,
+    /// Their stall time, in microseconds.
+    pub weight_us: u64,
 }
 
 /// The retained samples of a time range.
@@ -284,6 +311,7 @@ pub struct Aggregator {
     gone_since: HashMap<Group, Instant>,
     recent: Retained,
     recent_offcpu: Retained,
+    recent_stalls: Retained,
     interned: HashSet<Arc<[Arc<str>]>>,
     interned_details: HashSet<Arc<[FrameDetail]>>,
     targets: HashSet<Arc<TargetLabels>>,
@@ -320,6 +348,7 @@ impl Aggregator {
             gone_since: HashMap::new(),
             recent: Retained::new(),
             recent_offcpu: Retained::new(),
+            recent_stalls: Retained::new(),
             interned: HashSet::new(),
             interned_details: HashSet::new(),
             targets: HashSet::new(),
@@ -335,9 +364,13 @@ impl Aggregator {
         self.max_recent_bytes = bytes;
     }
 
-    /// Bytes of the retained windows (CPU, off-CPU) as counted for their cap.
-    pub fn retained_bytes(&self) -> (usize, usize) {
-        (self.recent.bytes, self.recent_offcpu.bytes)
+    /// Bytes of the retained windows (CPU, off-CPU, stalls) as counted for their cap.
+    pub fn retained_bytes(&self) -> (usize, usize, usize) {
+        (
+            self.recent.bytes,
+            self.recent_offcpu.bytes,
+            self.recent_stalls.bytes,
+        )
     }
 
     /// Sets the plugin rules and the sampling rate (a sample counts 1 / `frequency_hz`
@@ -425,7 +458,79 @@ impl Aggregator {
         for k in c_seen {
             pending.c.entry(k).or_default().1 += 1;
         }
-        self.remember(Retention::Cpu, pid, target, stack, details, attribution, 1);
+        let sample = Remembered {
+            pid,
+            weight: 1,
+            iteration_ms: 0,
+        };
+        self.remember(Retention::Cpu, sample, target, stack, details, attribution);
+    }
+
+    /// Keeps one stall sample of process `pid` in the stall window: a CPU sample weighing the
+    /// sampling period, or a block of `blocked_us`, taken when its worker's event-loop
+    /// iteration was `iteration_ns` old. Counted in no metric (its CPU sample or block is,
+    /// on its own).
+    pub fn add_stall(
+        &mut self,
+        pid: u32,
+        target: &TargetLabels,
+        stack: Vec<Arc<str>>,
+        details: Vec<FrameDetail>,
+        blocked_us: Option<u64>,
+        iteration_ns: u64,
+    ) {
+        let attribution = self.rules.classify(&stack);
+        let us = blocked_us.unwrap_or((self.period * 1e6).round() as u64);
+        let sample = Remembered {
+            pid,
+            weight: u32::try_from(us.max(1)).unwrap_or(u32::MAX),
+            iteration_ms: u32::try_from(iteration_ns / 1_000_000).unwrap_or(u32::MAX),
+        };
+        self.remember(
+            Retention::Stalls,
+            sample,
+            target,
+            stack,
+            details,
+            attribution,
+        );
+    }
+
+    /// What the stall samples of process `pid` that arrived after `since` mostly ran: the
+    /// innermost Lua frame and the plugin with the most stall time (`None`: no such sample).
+    pub fn stall_summary(&self, pid: u32, since: Instant) -> Option<StallSummary> {
+        let mut frames: HashMap<&str, u64> = HashMap::new();
+        let mut plugins: HashMap<&str, u64> = HashMap::new();
+        let mut total = 0;
+        for r in self.recent_stalls.samples.iter().rev() {
+            if r.at <= since {
+                break;
+            }
+            if r.pid != pid {
+                continue;
+            }
+            let w = u64::from(r.weight);
+            total += w;
+            // The innermost Lua function with a source (not `builtin:os.clock`): the code
+            // that made the call.
+            let innermost = r.stack.iter().rev().find(|l| {
+                matches!(classify(l), FrameClass::Lua { file, .. }
+                    if !file.is_empty() && file != "[builtin]")
+            });
+            *frames.entry(innermost.map_or("", |l| &**l)).or_insert(0) += w;
+            *plugins.entry(r.attribution.plugin.as_str()).or_insert(0) += w;
+        }
+        let top = |m: HashMap<&str, u64>| {
+            m.into_iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+                .map(|(k, _)| k.to_owned())
+                .unwrap_or_default()
+        };
+        (total > 0).then(|| StallSummary {
+            top_frame: top(frames),
+            plugin: top(plugins),
+            weight_us: total,
+        })
     }
 
     /// Adds one off-CPU block of `us` microseconds of process `pid` to the innermost Lua
@@ -465,31 +570,29 @@ impl Aggregator {
                 .or_insert(0) += us;
             *self.pending_offcpu.entry((group, key)).or_insert(0) += us;
         }
-        let weight = u32::try_from(us).unwrap_or(u32::MAX);
+        let sample = Remembered {
+            pid,
+            weight: u32::try_from(us).unwrap_or(u32::MAX),
+            iteration_ms: 0,
+        };
         self.remember(
             Retention::OffCpu,
-            pid,
+            sample,
             target,
             stack,
             details,
             attribution,
-            weight,
         );
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one retained sample: its every part"
-    )]
     fn remember(
         &mut self,
         which: Retention,
-        pid: u32,
+        sample: Remembered,
         target: &TargetLabels,
         stack: Vec<Arc<str>>,
         details: Vec<FrameDetail>,
         attribution: Attribution,
-        weight: u32,
     ) {
         let stack = intern(&mut self.interned, stack);
         let details = intern(&mut self.interned_details, details);
@@ -511,8 +614,9 @@ impl Aggregator {
         };
         let r = Recent {
             at: Instant::now(),
-            pid,
-            weight,
+            pid: sample.pid,
+            weight: sample.weight,
+            iteration_ms: sample.iteration_ms,
             target,
             stack,
             details,
@@ -522,6 +626,10 @@ impl Aggregator {
             Retention::Cpu => self.recent.push(r, self.max_recent, self.max_recent_bytes),
             Retention::OffCpu => {
                 self.recent_offcpu
+                    .push(r, self.max_recent, self.max_recent_bytes);
+            }
+            Retention::Stalls => {
+                self.recent_stalls
                     .push(r, self.max_recent, self.max_recent_bytes);
             }
         }
@@ -647,6 +755,7 @@ impl Aggregator {
         let now = Instant::now();
         self.recent.expire(now, self.retention);
         self.recent_offcpu.expire(now, self.retention);
+        self.recent_stalls.expire(now, self.retention);
         // Stacks, details and targets no retained sample points at any more: every
         // PRUNE_INTERVAL (a pass costs microseconds per thousand entries), so that the
         // interned sets hold little more than the window's distinct stacks.
@@ -732,6 +841,13 @@ impl Aggregator {
                 self.metrics.samples.remove(&labels);
                 self.metrics.lost.remove(&labels);
             }
+            // The sampler thread's event-loop series go with the group too.
+            let group = super::metrics::GroupLabels {
+                container: g.container.clone().into(),
+                image: g.image.clone().into(),
+            };
+            self.metrics.loop_iterations.remove(&group);
+            self.metrics.loop_stalls.remove(&group);
             // The sampler thread counts VM states; their series go with the group too.
             for state in crate::luajit::VmState::ALL {
                 self.metrics.vm_states.remove(&VmStateLabels {
@@ -808,6 +924,7 @@ impl Aggregator {
         let retained = match which {
             Retention::Cpu => &self.recent,
             Retention::OffCpu => &self.recent_offcpu,
+            Retention::Stalls => &self.recent_stalls,
         };
         type Key = (*const TargetLabels, *const [Arc<str>], *const [FrameDetail]);
         let mut index: HashMap<Key, usize> = HashMap::new();
@@ -838,11 +955,13 @@ impl Aggregator {
                     attribution,
                     count: 0,
                     weight: 0,
+                    iteration_ms: 0,
                 });
                 stacks.len() - 1
             });
             stacks[i].count += 1;
             stacks[i].weight += u64::from(r.weight);
+            stacks[i].iteration_ms = stacks[i].iteration_ms.max(r.iteration_ms);
         }
         let truncated = retained.evicted.is_some_and(|e| e > from);
         let from = [Some(from), Some(self.started), retained.evicted]
@@ -880,6 +999,13 @@ impl Aggregator {
         }
         a
     }
+}
+
+/// What a retained sample is besides its stack: its process, weight and iteration age.
+struct Remembered {
+    pid: u32,
+    weight: u32,
+    iteration_ms: u32,
 }
 
 /// The interned copy of `v`.

@@ -17,6 +17,11 @@
 //!   (default 30), at once, for Grafana Pyroscope and Parca ([`crate::output::pprof`]). N above
 //!   `sampling.retention_seconds` is clamped, and the `X-Profile-Clamped` header says so;
 //!   `X-Profile-Seconds` gives the seconds served. Every target unless narrowed.
+//! - `GET /flamegraph?mode=stalls[&pid=…|&container=…][&format=svg|collapsed|json|pprof]
+//!   [&plugin=…][&phase=…]` and `GET /debug/pprof/stalls?…`: the retained stall samples
+//!   (taken while their worker's event-loop iteration was older than
+//!   `sampling.stalls.threshold_ms`), weighted in microseconds of stall time, every target
+//!   unless narrowed ([`stalls_flamegraph`]).
 //! - `GET /targets`: the profiled processes with labels, LuaJIT flavour and Lua heap size, as
 //!   JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
@@ -324,7 +329,7 @@ fn parse_request(
         Some("live") => RequestMode::Live,
         Some(m) => {
             return Err(bad(format!(
-                "mode={m:?} must be cpu, off-cpu, alloc or live"
+                "mode={m:?} must be cpu, off-cpu, alloc, live or stalls"
             )));
         }
     };
@@ -511,6 +516,9 @@ async fn flamegraph(
     caller: Option<Extension<Caller>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if q.get("mode").is_some_and(|m| m == "stalls") {
+        return stalls_flamegraph(&shared, &q).await;
+    }
     let cfg = &shared.config.sampling;
     let defaults = Defaults {
         max_seconds: cfg.max_capture_seconds,
@@ -760,6 +768,107 @@ async fn window_flamegraph(
     rendered.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
 }
 
+/// `/flamegraph?mode=stalls`: the flame graph (or pprof profile) of the retained stall
+/// samples of the selected targets, or of every target, weighted in microseconds of stall
+/// time; folded and rendered like [`window_flamegraph`].
+async fn stalls_flamegraph(shared: &Arc<Shared>, q: &HashMap<String, String>) -> Response {
+    let parsed = check_known(
+        q,
+        &["mode", "pid", "container", "format", "plugin", "phase"],
+    )
+    .and_then(|()| Ok((parse_selector(q)?, parse_filter(q)?)));
+    let (selector, filter) = match parsed {
+        Ok(p) => p,
+        Err((status, message)) => return error(status, message),
+    };
+    let format = match q.get("format").map(String::as_str) {
+        None | Some("svg") => ResponseFormat::Svg,
+        Some("collapsed") => ResponseFormat::Collapsed,
+        Some("json") => ResponseFormat::Json,
+        Some("pprof") => ResponseFormat::Pprof,
+        Some(f) => {
+            let message = format!("format={f:?} must be svg, collapsed, json or pprof");
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+    };
+    let cfg = &shared.config.sampling;
+    let (pids, what) = match &selector {
+        None => (None, "every target".to_owned()),
+        Some(selector) => {
+            let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
+            let chosen = select(&snapshot, selector);
+            let what = match selector {
+                Selector::Pid(pid) => format!("pid {pid}"),
+                Selector::Container(c) => format!("container {c}"),
+            };
+            if chosen.is_empty() {
+                let message = format!("{what} is not a profiled target (see /targets)");
+                return error(StatusCode::NOT_FOUND, message);
+            }
+            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+            (Some(pids), describe(&chosen, &what))
+        }
+    };
+    let keep = move |pid: u32, _: &str| pids.as_ref().is_none_or(|p| p.contains(&pid));
+    let title = format!(
+        "{what} — event-loop stalls (iterations ≥ {} ms), last {}s of continuous sampling at {} Hz",
+        cfg.stalls.threshold_ms, cfg.retention_seconds, cfg.frequency_hz
+    );
+    if format == ResponseFormat::Pprof {
+        let seconds = cfg.retention_seconds;
+        return window_profile(
+            shared,
+            Retention::Stalls,
+            seconds,
+            keep,
+            filter,
+            title,
+            vec![],
+        )
+        .await;
+    }
+    let Ok(slot) = shared.renders.clone().try_acquire_owned() else {
+        return busy(format!(
+            "{RENDERS_AT_ONCE} flame graphs of the retained window are being rendered already; \
+             retry in a moment"
+        ));
+    };
+    let to = std::time::Instant::now();
+    let from = to
+        .checked_sub(Duration::from_secs(cfg.retention_seconds))
+        .unwrap_or(to);
+    let window = match shared.aggregator.lock() {
+        Ok(agg) => agg.window(Retention::Stalls, from, to, keep, &filter),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "aggregator poisoned".into(),
+            );
+        }
+    };
+    let rules = shared.rules.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _background = Background::enter();
+        let mut folded = Folded::new();
+        let mut longest = 0;
+        for w in &window.stacks {
+            folded.add(w.stack.to_vec(), w.weight);
+            longest = longest.max(w.iteration_ms);
+        }
+        let title = if longest > 0 {
+            format!("{title}; longest iteration seen ≥ {longest} ms")
+        } else {
+            title
+        };
+        let title = filtered_title(title, &filter, &folded);
+        let response = render(&folded, format, &title, "µs", &rules);
+        drop(slot);
+        response
+    })
+    .await;
+    rendered.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+}
+
 /// The calling thread at nice [`Background::NICE`] while this lives, so that a render yields
 /// the CPU to the async workers (`/healthz`, handshakes) and the sampler thread; back to its
 /// previous nice value on drop.
@@ -895,6 +1004,7 @@ fn pprof_routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/debug/pprof/profile", get(pprof_profile))
         .route("/debug/pprof/offcpu", get(pprof_offcpu))
+        .route("/debug/pprof/stalls", get(pprof_stalls))
 }
 
 /// Largest `seconds` accepted; above `sampling.retention_seconds` it is clamped to it.
@@ -944,6 +1054,13 @@ async fn pprof_offcpu(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     pprof_endpoint(shared, &q, Retention::OffCpu).await
+}
+
+async fn pprof_stalls(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    pprof_endpoint(shared, &q, Retention::Stalls).await
 }
 
 async fn pprof_endpoint(
@@ -1001,6 +1118,10 @@ async fn pprof_endpoint(
         Retention::OffCpu => format!(
             "{what}: off-CPU, blocks ≥ {} µs, idle epoll waits excluded",
             cfg.offcpu.min_block_us
+        ),
+        Retention::Stalls => format!(
+            "{what}: event-loop stalls (iterations ≥ {} ms), stall time",
+            cfg.stalls.threshold_ms
         ),
     };
     let title = if req.filter.is_empty() {
@@ -1065,6 +1186,7 @@ async fn window_profile(
     let kind = match which {
         Retention::Cpu => pprof::Kind::cpu(shared.config.sampling.frequency_hz),
         Retention::OffCpu => pprof::Kind::OffCpu,
+        Retention::Stalls => pprof::Kind::Stalls,
     };
     let covered = to.duration_since(window.from);
     let samples: u64 = window.stacks.iter().map(|w| w.count).sum();

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use apisix_ebpf_common::{COUNTER_SLOTS, Counter, Sample};
+use apisix_ebpf_common::{COUNTER_SLOTS, Counter, LoopThread, Sample};
 
 use super::bpf::{BpfError, BpfSession};
 use crate::luajit::LuaTarget;
@@ -36,6 +36,10 @@ pub trait SampleSource {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(&Sample)) -> usize;
     /// The `global_State` address learned for process `pid`, if any.
     fn lua_vm(&self, pid: u32) -> Option<u64>;
+    /// Each followed thread's event loop (cumulative counts), by thread id.
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)>;
+    /// Forgets the event loops of threads `tids`.
+    fn forget_loop_threads(&mut self, tids: &[u32]);
 }
 
 impl SampleSource for BpfSession {
@@ -66,6 +70,14 @@ impl SampleSource for BpfSession {
     fn lua_vm(&self, pid: u32) -> Option<u64> {
         BpfSession::lua_vm(self, pid)
     }
+
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
+        BpfSession::loop_threads(self)
+    }
+
+    fn forget_loop_threads(&mut self, tids: &[u32]) {
+        BpfSession::forget_loop_threads(self, tids);
+    }
 }
 
 #[derive(Default)]
@@ -75,6 +87,7 @@ struct Replay {
     counters: Counters,
     lost: HashMap<u32, u64>,
     vms: HashMap<u32, u64>,
+    loops: HashMap<u32, LoopThread>,
 }
 
 /// Replays the samples pushed into it, as if the BPF side had written them: only samples of
@@ -125,6 +138,18 @@ impl ReplaySource {
     /// Says the VM of `pid` is at `g` (as the BPF side would have learned it).
     pub fn set_vm(&self, pid: u32, g: u64) {
         self.with(|r| r.vms.insert(pid, g));
+    }
+
+    /// Sets the event loop of thread `tid` (cumulative, as the BPF side keeps it).
+    pub fn set_loop_thread(&self, tid: u32, thread: LoopThread) {
+        self.with(|r| r.loops.insert(tid, thread));
+    }
+
+    /// The threads whose event loop is still followed, sorted.
+    pub fn loop_tids(&self) -> Vec<u32> {
+        let mut tids: Vec<u32> = self.with(|r| r.loops.keys().copied().collect());
+        tids.sort_unstable();
+        tids
     }
 
     /// Adds `n` to counter `c`.
@@ -184,6 +209,18 @@ impl SampleSource for ReplaySource {
 
     fn lua_vm(&self, pid: u32) -> Option<u64> {
         self.with(|r| r.vms.get(&pid).copied())
+    }
+
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
+        self.with(|r| r.loops.iter().map(|(t, l)| (*t, *l)).collect())
+    }
+
+    fn forget_loop_threads(&mut self, tids: &[u32]) {
+        self.with(|r| {
+            for tid in tids {
+                r.loops.remove(tid);
+            }
+        });
     }
 }
 
