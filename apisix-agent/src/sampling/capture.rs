@@ -45,8 +45,6 @@ pub const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Default mean distance between two allocation sampling points.
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
-/// Accepted distances between allocation sampling points.
-pub const SAMPLE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
 
 /// A process to capture.
 #[derive(Debug, Clone)]
@@ -74,6 +72,10 @@ pub enum Mode {
     /// `sample_bytes` on average); with `live`, only the sampled blocks still allocated when
     /// the capture ends.
     Alloc { sample_bytes: u64, live: bool },
+    /// CPU samples at `frequency` Hz taken while their thread's event-loop iteration was at
+    /// least `stall_ns` old (the event-loop pair runs for the capture); a sample weighs the
+    /// sampling period in microseconds.
+    Stalls { frequency: u64, stall_ns: u64 },
 }
 
 impl Mode {
@@ -81,7 +83,7 @@ impl Mode {
     pub fn unit(self) -> &'static str {
         match self {
             Mode::Cpu { .. } => "samples",
-            Mode::OffCpu { .. } => "us",
+            Mode::OffCpu { .. } | Mode::Stalls { .. } => "us",
             Mode::Alloc { .. } => "bytes",
         }
     }
@@ -90,6 +92,13 @@ impl Mode {
     pub fn describe(self) -> String {
         match self {
             Mode::Cpu { frequency } => format!("on-CPU at {frequency} Hz"),
+            Mode::Stalls {
+                frequency,
+                stall_ns,
+            } => format!(
+                "event-loop stalls (iterations ≥ {} ms), on-CPU at {frequency} Hz",
+                stall_ns / 1_000_000
+            ),
             Mode::OffCpu {
                 min_block_us,
                 exclude_idle,
@@ -126,6 +135,7 @@ impl Mode {
             Mode::OffCpu { .. } => "off-cpu",
             Mode::Alloc { live: false, .. } => "alloc",
             Mode::Alloc { live: true, .. } => "live",
+            Mode::Stalls { .. } => "stalls",
         }
     }
 }
@@ -265,6 +275,14 @@ pub fn capture(
     let mut builder = StackBuilder::new(labels);
     let (mut sampler, exclude_idle) = match mode {
         Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
+        Mode::Stalls {
+            frequency,
+            stall_ns,
+        } => {
+            let mut s = BpfSession::prepare(frequency)?;
+            s.attach_event_loop(stall_ns)?;
+            (s, false)
+        }
         // Held (every block counts as short) until the Lua VMs are learned.
         Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
         Mode::Alloc { sample_bytes, live } => {
@@ -307,7 +325,7 @@ pub fn capture(
         heaps: &started_heaps,
     });
     match mode {
-        Mode::Cpu { .. } => sampler.attach_cpu()?,
+        Mode::Cpu { .. } | Mode::Stalls { .. } => sampler.attach_cpu()?,
         Mode::OffCpu { min_block_us, .. } => sampler.set_offcpu_min(min_block_us)?,
         Mode::Alloc { .. } => sampler.release_alloc()?,
     }
@@ -317,6 +335,14 @@ pub fn capture(
     let mut detailed = Detailed::new();
     let mut named = LiveNames::default();
     let live = matches!(mode, Mode::Alloc { live: true, .. });
+    // Stalls: the shortest iteration kept, and a sample's weight in microseconds.
+    let stall = match mode {
+        Mode::Stalls {
+            frequency,
+            stall_ns,
+        } => Some((stall_ns, (1_000_000 / frequency.max(1)).max(1))),
+        _ => None,
+    };
     let mut last_progress = Instant::now();
     let mut all_exited = false;
     // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
@@ -326,6 +352,12 @@ pub fn capture(
                     named: &mut LiveNames,
                     s: &Sample|
      -> u64 {
+        if let Some((stall_ns, _)) = stall
+            && s.iteration_ns < stall_ns
+        {
+            return 0;
+        }
+        let weight = stall.map_or(s.weight.max(1), |(_, us)| us);
         if let Some(stack) = builder.build(s) {
             if exclude_idle && is_idle(&stack) {
                 idle_excluded += s.weight;
@@ -334,7 +366,7 @@ pub fn capture(
                 if live {
                     named.insert(s.tid, s.time_ns, (s.pid, stack, details));
                 } else {
-                    detailed.add(s.pid, stack, details, s.weight.max(1));
+                    detailed.add(s.pid, stack, details, weight);
                 }
             }
         }

@@ -16,5 +16,7 @@ pub mod bpf;
 pub mod capture;
 pub mod check;
 pub mod kernel;
+pub mod render;
+pub mod request;
 pub mod source;
 pub mod verifier;
