@@ -1137,7 +1137,7 @@ mod tests {
             let name = format!("{i}{}", "x".repeat(500));
             agg.add(1, &t, stack(&["main", &name]), |_: &str| None);
         }
-        let (bytes, _) = agg.retained_bytes();
+        let (bytes, _, _) = agg.retained_bytes();
         assert!(bytes <= 1 << 20, "{bytes}");
         let kept = agg.recent.samples.len();
         assert!(kept > 100 && kept < 20_000, "{kept}");

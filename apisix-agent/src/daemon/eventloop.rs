@@ -221,13 +221,13 @@ mod tests {
         let text = metrics.encode().expect("encode");
         assert!(
             text.contains(
-                r#"apisix_profiler_event_loop_iteration_seconds_bucket{container="web",image="img",le="0.001"} 38"#
+                r#"apisix_profiler_event_loop_iteration_seconds_bucket{le="0.001",container="web",image="img"} 38"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"apisix_profiler_event_loop_iteration_seconds_bucket{container="web",image="img",le="0.5"} 40"#
+                r#"apisix_profiler_event_loop_iteration_seconds_bucket{le="0.5",container="web",image="img"} 40"#
             ),
             "{text}"
         );

@@ -752,6 +752,7 @@ mod tests {
         frequency: 99,
         min_block_us: 1000,
         sample_bytes: 524_288,
+        stall_threshold_ms: 100,
     };
 
     fn parsed(pairs: &[(&str, &str)]) -> Request {
