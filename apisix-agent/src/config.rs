@@ -315,13 +315,19 @@ pub struct Sampling {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Stalls {
+    /// Whether the daemon times the event loops (it hooks the entry and exit of every system
+    /// call of the host while it runs).
+    pub enabled: bool,
     /// Shortest iteration that counts as a stall, in milliseconds.
     pub threshold_ms: u64,
 }
 
 impl Default for Stalls {
     fn default() -> Self {
-        Self { threshold_ms: 100 }
+        Self {
+            enabled: true,
+            threshold_ms: 100,
+        }
     }
 }
 

@@ -432,19 +432,22 @@ pub fn run(
     let mut offcpu = offcpu_cfg
         .enabled
         .then(|| BpfSession::start_offcpu(offcpu_cfg.min_block_us));
-    let stall_ns = shared.config.sampling.stalls.threshold_ms * 1_000_000;
+    let stalls = &shared.config.sampling.stalls;
+    let stall_ns = stalls.threshold_ms * 1_000_000;
     // Each session keeps its own loop map: its samples' ages come from it.
-    let event_loop = match sampler.as_mut() {
-        Ok(s) => s.attach_event_loop(stall_ns),
-        Err(_) => Err(BpfError::Missing {
-            what: "the CPU sampler, whose session follows the event loops",
-        }),
-    }
-    .and_then(|()| match offcpu.as_mut() {
-        Some(Ok(o)) => o.attach_event_loop(stall_ns),
-        _ => Ok(()),
+    let event_loop = stalls.enabled.then(|| {
+        match sampler.as_mut() {
+            Ok(s) => s.attach_event_loop(stall_ns),
+            Err(_) => Err(BpfError::Missing {
+                what: "the CPU sampler, whose session follows the event loops",
+            }),
+        }
+        .and_then(|()| match offcpu.as_mut() {
+            Some(Ok(o)) => o.attach_event_loop(stall_ns),
+            _ => Ok(()),
+        })
     });
-    if let Err(e) = &event_loop {
+    if let Some(Err(e)) = &event_loop {
         tracing::warn!(error = %error_chain(e), "no event-loop iterations or stalls");
     }
     let report =
@@ -458,7 +461,7 @@ pub fn run(
             .map(|s| s.kernel().clone());
         status.cpu = Some(report(&sampler));
         status.offcpu = offcpu.as_ref().map(report);
-        status.event_loop = Some(event_loop.map_err(|e| error_chain(&e)));
+        status.event_loop = event_loop.map(|r| r.map_err(|e| error_chain(&e)));
         for (program, outcome) in [
             ("cpu_sampler", &status.cpu),
             ("offcpu", &status.offcpu),

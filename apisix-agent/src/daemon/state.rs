@@ -73,7 +73,7 @@ pub struct ProgramsStatus {
     pub cpu: Option<Result<(), String>>,
     /// The off-CPU pair: `None` when disabled (or starting).
     pub offcpu: Option<Result<(), String>>,
-    /// The event-loop pair (iterations and stalls): `None` while starting.
+    /// The event-loop pair (iterations and stalls): `None` when disabled (or starting).
     pub event_loop: Option<Result<(), String>>,
 }
 
