@@ -264,7 +264,7 @@ pub struct CacheLabels {
 /// Labels of the BPF program gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
-    /// `cpu_sampler` or `offcpu` (the off-CPU pair).
+    /// `cpu_sampler`, `offcpu` (the off-CPU pair) or `event_loop` (the event-loop pair).
     pub program: LabelValue,
 }
 
@@ -456,7 +456,7 @@ impl Metrics {
         }
         m.registry.register(
             "bpf_program_loaded",
-            "1 for each of the daemon's BPF programs (cpu_sampler, offcpu) the kernel accepted, 0 for one it refused (see /healthz)",
+            "1 for each of the daemon's BPF programs (cpu_sampler, offcpu, event_loop) the kernel accepted, 0 for one it refused (see /healthz)",
             m.bpf_programs.clone(),
         );
         m.registry.register(
