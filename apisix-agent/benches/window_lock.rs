@@ -95,6 +95,7 @@ fn add(agg: &Aggregator, stacks: &[Vec<Arc<str>>], target: &TargetLabels, from: 
         stack: stacks[i % stacks.len()].clone(),
         details: Vec::new(),
         us: 0,
+        stall_ns: None,
     });
     agg.add_batch(arrivals, |_| None);
 }

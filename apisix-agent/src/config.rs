@@ -305,6 +305,30 @@ pub struct Sampling {
     pub offcpu: OffCpu,
     /// On-demand Lua memory captures (`/flamegraph?mode=alloc|live`).
     pub memory: LuaMemory,
+    /// Event-loop stalls (`apisix_profiler_event_loop_*`, `/flamegraph?mode=stalls`).
+    pub stalls: Stalls,
+}
+
+/// Event-loop stalls: a worker's loop iteration (from a return of `epoll_wait` to its next
+/// entry) at least this long is a stall, counted in `apisix_profiler_event_loop_stalls_total`,
+/// logged, and its CPU samples kept for `/flamegraph?mode=stalls`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stalls {
+    /// Whether the daemon times the event loops (it hooks the entry and exit of every system
+    /// call of the host while it runs).
+    pub enabled: bool,
+    /// Shortest iteration that counts as a stall, in milliseconds.
+    pub threshold_ms: u64,
+}
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold_ms: 100,
+        }
+    }
 }
 
 /// On-demand Lua memory captures: allocated bytes (`mode=alloc`) and sampled blocks still
@@ -423,6 +447,7 @@ impl Default for Sampling {
             max_retained_samples: 200_000,
             offcpu: OffCpu::default(),
             memory: LuaMemory::default(),
+            stalls: Stalls::default(),
         }
     }
 }
@@ -533,6 +558,8 @@ impl Config {
             .map_err(|e| bad("sampling.max_retained_samples", e))?;
         in_range(s.offcpu.min_block_us, ranges::MIN_BLOCK_US)
             .map_err(|e| bad("sampling.offcpu.min_block_us", e))?;
+        in_range(s.stalls.threshold_ms, ranges::STALL_THRESHOLD_MS)
+            .map_err(|e| bad("sampling.stalls.threshold_ms", e))?;
         in_range(s.memory.sample_bytes, ranges::SAMPLE_BYTES)
             .map_err(|e| bad("sampling.memory.sample_bytes", e))?;
         in_range(s.memory.min_interval_seconds, 0..=86_400)
@@ -595,6 +622,9 @@ pub mod ranges {
     pub const MAX_CAPTURE_SECONDS: RangeInclusive<u64> = 1..=3600;
     /// `record --duration`.
     pub const RECORD_SECONDS: RangeInclusive<u64> = 1..=86_400;
+    /// Stalls: the shortest event-loop iteration that is one, in milliseconds
+    /// (`sampling.stalls.threshold_ms`, `record --stall-threshold-ms`).
+    pub const STALL_THRESHOLD_MS: RangeInclusive<u64> = 1..=60_000;
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display + std::fmt::Debug>(

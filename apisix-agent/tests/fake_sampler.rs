@@ -268,3 +268,76 @@ fn unknown_pid_is_404_and_busy_captures_are_429() {
     let (status, body) = d.get("/nowhere");
     assert_eq!(status, 404, "{body}");
 }
+
+#[test]
+fn stall_samples_and_loop_counts_reach_the_stall_window_and_metrics() {
+    let d = FakeDaemon::start();
+    d.discover(vec![me()]);
+    let pid = std::process::id();
+    // Two samples during a 300 ms iteration (a stall at the default 100 ms), one at 20 ms.
+    for age_ms in [150, 250, 20] {
+        let mut s = lua_sample();
+        s.iteration_ns = age_ms * 1_000_000;
+        d.source.push(s);
+    }
+    let mut buckets = [0; apisix_ebpf_common::LOOP_BUCKETS];
+    buckets[0] = 40;
+    buckets[6] = 1;
+    d.source.set_loop_thread(
+        pid,
+        apisix_ebpf_common::LoopThread {
+            tgid: pid,
+            count: 41,
+            sum_ns: 40 * 400_000 + 300_000_000,
+            stalls: 1,
+            last_stall_ns: 300_000_000,
+            buckets,
+            ..Default::default()
+        },
+    );
+    let mut last = String::new();
+    wait_for("the event-loop series", || {
+        last = d.get("/metrics").1;
+        last.contains(r#"apisix_profiler_event_loop_stalls_total{container="",image=""} 1"#)
+    });
+    assert!(
+        last.contains(
+            r#"apisix_profiler_event_loop_iteration_seconds_bucket{le="0.5",container="",image=""} 41"#
+        ),
+        "{last}"
+    );
+    // The stall window holds the two stall samples only, each the 19 Hz period in µs.
+    let (status, folded) = d.get(&format!(
+        "/flamegraph?mode=stalls&pid={pid}&format=collapsed"
+    ));
+    assert_eq!(status, 200, "{folded}");
+    let total: u64 = folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert_eq!(total, 2 * 52_632, "{folded}");
+    // Every target without a selector; other modes still need one.
+    let (status, body) = d.get("/flamegraph?mode=stalls&format=json");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = d.get("/flamegraph?format=json");
+    assert_eq!(status, 400, "{body}");
+    // The pprof profile is gzip: only its status line is text.
+    let mut c = TcpStream::connect(d.addr).expect("connect");
+    write!(
+        c,
+        "GET /debug/pprof/stalls?seconds=60 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).expect("read");
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &raw[..raw.len().min(200)]
+    );
+    // A thread of a process no longer targeted is forgotten.
+    d.discover(Vec::new());
+    wait_for("the loop to be forgotten", || {
+        d.source.loop_tids().is_empty()
+    });
+}

@@ -26,6 +26,14 @@ pub const PROG_OFFCPU_EXIT_BOUNDED: &str = "offcpu_exit_bounded";
 /// helper (5.17), i.e. which walk variant the agent loads.
 pub const PROG_PROBE_LOOP: &str = "probe_bpf_loop";
 
+/// Program name of the event-loop hook on `sys_enter` (raw tracepoint): at a target thread's
+/// entry into `epoll_wait` (or `epoll_pwait`, `epoll_pwait2`), the loop iteration that began
+/// at the previous return ends and is counted in [`MAP_LOOP_THREADS`].
+pub const PROG_LOOP_ENTER: &str = "loop_enter";
+/// Program name of the event-loop hook on `sys_exit` (raw tracepoint): at a target thread's
+/// return from `epoll_wait`, a loop iteration begins.
+pub const PROG_LOOP_EXIT: &str = "loop_exit";
+
 /// Program name of the uprobe on `lua_resume` that learns a process's `global_State` from its
 /// first argument, for targets that run trace code before any interpreter sample.
 pub const PROG_LEARN_VM: &str = "learn_vm";
@@ -71,6 +79,32 @@ pub const MAP_ALLOC_CONFIG: &str = "ALLOC_CONFIG";
 pub const MAP_ALLOC_THREADS: &str = "ALLOC_THREADS";
 /// `HashMap<u64 address, LiveAlloc>`: live mode's sampled blocks still allocated.
 pub const MAP_LIVE_ALLOCS: &str = "LIVE_ALLOCS";
+/// `HashMap<u32 tid, LoopThread>`: each target thread's event loop (when its iteration began,
+/// its iterations counted by duration).
+pub const MAP_LOOP_THREADS: &str = "LOOP_THREADS";
+/// `Array<LoopConfig>` of one entry: the stall threshold.
+pub const MAP_LOOP_CONFIG: &str = "LOOP_CONFIG";
+/// Entries of [`MAP_LOOP_THREADS`]: threads of targets that wait in `epoll_wait`.
+pub const LOOP_MAX_THREADS: u32 = 16384;
+/// Upper bounds (inclusive) of the event-loop iteration buckets, in nanoseconds: the
+/// `apisix_profiler_event_loop_iteration_seconds` histogram's 0.001, 0.005, 0.01, 0.05, 0.1,
+/// 0.25, 0.5, 1, 2.5, 5 and 10 s. [`LoopThread::buckets`] has one more, for longer ones.
+pub const LOOP_BUCKETS_NS: [u64; 11] = [
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+/// Entries of [`LoopThread::buckets`]: one per bound of [`LOOP_BUCKETS_NS`], and one above.
+pub const LOOP_BUCKETS: usize = LOOP_BUCKETS_NS.len() + 1;
+
 /// Entries of [`MAP_LIVE_ALLOCS`] in a live capture: a sampled block that finds the map full
 /// is not tracked and counted in [`Counter::LiveMapFull`].
 pub const LIVE_MAX_TRACKED: u32 = 65536;
@@ -210,6 +244,40 @@ pub struct LiveAlloc {
     pub reserved: u32,
 }
 
+/// One target thread's event loop, kept by the `sys_enter`/`sys_exit` hooks: an iteration runs
+/// from a return of `epoll_wait` to the thread's next entry into it. Counts are cumulative
+/// for the thread's life; the agent reads deltas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LoopThread {
+    /// The thread's process (tgid).
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// `bpf_ktime_get_ns()` at the last return from `epoll_wait`: when the current iteration
+    /// began; 0 while the thread waits (or before its first return was seen).
+    pub iter_start_ns: u64,
+    /// Iterations counted.
+    pub count: u64,
+    /// Their summed duration, in nanoseconds.
+    pub sum_ns: u64,
+    /// Iterations of at least [`LoopConfig::stall_ns`].
+    pub stalls: u64,
+    /// Duration of the latest stall, in nanoseconds.
+    pub last_stall_ns: u64,
+    /// Iterations per bucket (not cumulative): `buckets[i]` counts durations up to
+    /// `LOOP_BUCKETS_NS[i]` and above the bound before; the last one, longer ones.
+    pub buckets: [u64; LOOP_BUCKETS],
+}
+
+/// The event-loop hooks' settings, written by the agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LoopConfig {
+    /// Iterations at least this long (nanoseconds) count as stalls; 0: none does.
+    pub stall_ns: u64,
+}
+
 /// What the sampled thread's Lua VM was doing, from `global_State.vmstate` and the IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -326,6 +394,9 @@ pub struct Sample {
     pub trace: u64,
     /// While a trace runs: the start of its machine code at sample time, or 0 if unread.
     pub trace_mcode: u64,
+    /// Age of the thread's current event-loop iteration at the sample (nanoseconds since its
+    /// last return from `epoll_wait`), or 0 when it waits or none was seen.
+    pub iteration_ns: u64,
     /// Thread name.
     pub comm: [u8; 16],
     /// Kernel stack, leaf first.
@@ -487,7 +558,7 @@ const _: () = {
                 + 8
                 + 8
                 + 6 * 4
-                + 2 * 8
+                + 3 * 8
                 + 16
                 + 8 * MAX_KERNEL_FRAMES
                 + 40 * MAX_LUA_FRAMES
@@ -497,11 +568,15 @@ const _: () = {
     assert!(core::mem::size_of::<KernelConfig>() == 16);
     assert!(core::mem::size_of::<LiveAlloc>() == 24);
     assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+    assert!(core::mem::size_of::<LoopThread>() == 8 + 5 * 8 + 8 * LOOP_BUCKETS);
+    assert!(core::mem::size_of::<LoopConfig>() == 8);
 };
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AllocConfig, KernelConfig, LiveAlloc, LuaLayout, Sample, Target};
+    use super::{
+        AllocConfig, KernelConfig, LiveAlloc, LoopConfig, LoopThread, LuaLayout, Sample, Target,
+    };
 
     // SAFETY: plain `#[repr(C)]` data without padding (checked above).
     unsafe impl aya::Pod for Target {}
@@ -515,4 +590,8 @@ mod user {
     unsafe impl aya::Pod for LiveAlloc {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KernelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LoopThread {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LoopConfig {}
 }

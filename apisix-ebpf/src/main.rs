@@ -1,5 +1,5 @@
 //! The CPU sampler: a `perf_event` program attached on every CPU; and the off-CPU pair: a
-//! `sched_switch` BTF tracepoint noting when a target thread blocks, and a `sys_exit` BTF
+//! `sched_switch` raw tracepoint noting when a target thread blocks, and a `sys_exit` raw
 //! tracepoint that, back in the thread at the end of that system call, writes the same kind
 //! of sample weighted by the microseconds it was blocked (blocks shorter than `OFFCPU_MIN`
 //! are only counted).
@@ -17,17 +17,23 @@
 //! VM's allocator writing the thread's stack every `N` allocated bytes on average, and (live
 //! mode) a uretprobe tracking the sampled blocks until they are freed.
 //!
-//! One module per program family: [`sample`] (perf_event), [`offcpu`] (the two BTF
-//! tracepoints), [`learn_vm`] (uprobe), [`alloc`] (the allocator's uprobe and uretprobe);
+//! The event-loop pair: raw tracepoints on `sys_enter` and `sys_exit` timing each target
+//! thread's loop iterations, from a return of `epoll_wait` to its next entry.
+//!
+//! One module per program family: [`sample`] (perf_event), [`offcpu`] (the two raw
+//! tracepoints), [`eventloop`] (two more), [`learn_vm`] (uprobe), [`alloc`] (the allocator's
+//! uprobe and uretprobe);
 //! [`lua`] the Lua walk they share, [`maps`] every map.
 //!
-//! Hooks: `perf_event` (CPU clock), `tp_btf/sched_switch`, `tp_btf/sys_exit`, uprobe
+//! Hooks: `perf_event` (CPU clock), `raw_tp/sched_switch`, `raw_tp/sys_enter`,
+//! `raw_tp/sys_exit`, uprobe
 //! `lua_resume`, uprobe and uretprobe on the allocator. Metrics: `COUNTERS` (one slot per
 //! `Counter`) and `LOST`.
 #![no_std]
 #![no_main]
 
 mod alloc;
+mod eventloop;
 mod learn_vm;
 mod lua;
 mod maps;

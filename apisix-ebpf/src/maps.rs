@@ -9,7 +9,8 @@
 
 use apisix_ebpf_common::{
     ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
-    LiveAlloc, LuaLayout, MAX_KERNEL_FRAMES, MAX_LUA_LAYOUTS, Target,
+    LOOP_MAX_THREADS, LiveAlloc, LoopConfig, LoopThread, LuaLayout, MAX_KERNEL_FRAMES,
+    MAX_LUA_LAYOUTS, Target,
 };
 use aya_ebpf::{
     macros::map,
@@ -59,6 +60,13 @@ pub(crate) static KERNEL_CONFIG: Array<KernelConfig> = Array::with_max_entries(1
 pub(crate) fn kernel_config() -> KernelConfig {
     KERNEL_CONFIG.get(0).copied().unwrap_or_default()
 }
+
+#[map]
+pub(crate) static LOOP_THREADS: HashMap<u32, LoopThread> =
+    HashMap::with_max_entries(LOOP_MAX_THREADS, 0);
+
+#[map]
+pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static ALLOC_CONFIG: Array<AllocConfig> = Array::with_max_entries(1, 0);

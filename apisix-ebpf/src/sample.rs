@@ -7,6 +7,9 @@
 //! `bpf_loop` (before 5.17), its Lua walk a bounded loop of `BOUNDED_LUA_STEPS` steps;
 //! `probe_bpf_loop` only tells the agent, by loading or not, which of the two to load.
 //!
+//! Each sample carries the age of its thread's current event-loop iteration
+//! ([`crate::eventloop`]): a sample taken during a stall says so.
+//!
 //! Hooks: `perf_event` (software CPU clock). Metrics: `Samples`, `RingbufFull`,
 //! `RegsUnavailable`, `StackCopyFailed`, the Lua walk outcomes, `LOST`.
 
@@ -31,7 +34,7 @@ use aya_ebpf::{
 
 use crate::{
     lua::walk::walk_lua,
-    maps::{OffStart, SAMPLES, TARGETS, count, count_lost, finish},
+    maps::{LOOP_THREADS, OffStart, SAMPLES, TARGETS, count, count_lost, finish},
     regs::{Regs, user_regs},
 };
 
@@ -133,6 +136,7 @@ pub(crate) fn emit<const LOOP: bool>(
     let time_ns = unsafe { bpf_ktime_get_ns() };
     s.time_ns = time_ns;
     s.weight = weight;
+    s.iteration_ns = iteration_age(pid_tgid as u32, time_ns);
     s.regs = UserRegs {
         ip: regs.rip,
         sp: regs.rsp,
@@ -203,6 +207,17 @@ pub(crate) fn emit<const LOOP: bool>(
     entry.submit(u64::from(wake));
     count(Counter::Samples);
     Ok(time_ns)
+}
+
+/// How long thread `tid`'s current event-loop iteration has run at `now` (0: it waits, or no
+/// return from `epoll_wait` was seen), from `LOOP_THREADS` (see [`crate::eventloop`]).
+#[inline(always)]
+fn iteration_age(tid: u32, now: u64) -> u64 {
+    // SAFETY: read-only lookup of a plain value.
+    match unsafe { LOOP_THREADS.get(tid) } {
+        Some(t) if t.iter_start_ns != 0 => now.saturating_sub(t.iter_start_ns),
+        _ => 0,
+    }
 }
 
 /// Copies the top of the user stack, from `rsp` up, into `out`; returns the bytes copied.

@@ -13,7 +13,12 @@
 //! second, the heap size of every VM the BPF side learned, read from the target's memory;
 //! failures in `apisix_profiler_lua_memory_read_errors_total`) and, through the
 //! aggregator, the per-function, per-plugin and per-phase ([`crate::attribution`]) and
-//! per-target counters.
+//! per-target counters. The event-loop pair (`sys_enter`/`sys_exit`) runs in the CPU
+//! sampler's session (and in the off-CPU one when enabled, whose blocks then carry their
+//! iteration's age too): each second its per-thread counts go to [`super::eventloop`]
+//! (`apisix_profiler_event_loop_iteration_seconds`, `…_stalls_total`, the stall log), and
+//! samples taken while their iteration was older than `sampling.stalls.threshold_ms` are
+//! also kept in the aggregator's stall window.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,6 +30,7 @@ use apisix_ebpf_common::Counter;
 
 use super::{
     aggregate::{Arrival, Group, Retention},
+    eventloop::{LoopTracker, StallLog},
     metrics::{
         CacheLabels, FlavourLabels, LabelValue, ProgramLabels, ReasonLabels, TargetLabels,
         VmStateLabels,
@@ -85,6 +91,9 @@ struct State<S> {
     lost_seen: HashMap<u32, u64>,
     /// Label sets of the Lua memory gauge set at the last refresh.
     memory_series: HashSet<TargetLabels>,
+    /// The event-loop counts at the last read, and the stall log.
+    loops: LoopTracker,
+    stall_log: StallLog,
 }
 
 impl<S: SampleSource> State<S> {
@@ -94,13 +103,13 @@ impl<S: SampleSource> State<S> {
     fn hand_over(
         &self,
         shared: &Shared,
-        batch: &mut Vec<(Built, Option<VmState>)>,
-        blocked: &mut Vec<(Built, u64)>,
+        batch: &mut Vec<(Built, Option<VmState>, Option<u64>)>,
+        blocked: &mut Vec<(Built, u64, Option<u64>)>,
     ) {
         let tracked = &self.tracked;
         let cpu = batch
             .drain(..)
-            .filter_map(|((pid, stack, details), vm_state)| {
+            .filter_map(|((pid, stack, details), vm_state, stall_ns)| {
                 let tr = tracked.get(&pid)?;
                 if let Some(v) = vm_state {
                     shared
@@ -120,18 +129,22 @@ impl<S: SampleSource> State<S> {
                     stack,
                     details,
                     us: 0,
+                    stall_ns,
                 })
             });
-        let off = blocked.drain(..).filter_map(|((pid, stack, details), us)| {
-            Some(Arrival {
-                which: Retention::OffCpu,
-                pid,
-                target: &tracked.get(&pid)?.labels,
-                stack,
-                details,
-                us,
-            })
-        });
+        let off = blocked
+            .drain(..)
+            .filter_map(|((pid, stack, details), us, stall_ns)| {
+                Some(Arrival {
+                    which: Retention::OffCpu,
+                    pid,
+                    target: &tracked.get(&pid)?.labels,
+                    stack,
+                    details,
+                    us,
+                    stall_ns,
+                })
+            });
         shared
             .aggregator
             .add_batch(cpu.chain(off), |l| self.builder.module_of(l));
@@ -269,6 +282,7 @@ impl<S: SampleSource> State<S> {
             self.bump(shared, f.name(), stats.trace_fallbacks[f.index()]);
         }
         self.refresh_heaps(shared);
+        self.event_loops(shared);
         let lost = self.sampler.lost();
         let agg = &shared.aggregator;
         for (pid, total) in lost {
@@ -280,6 +294,42 @@ impl<S: SampleSource> State<S> {
             }
         }
         agg.flush();
+    }
+
+    /// Moves the event-loop counts into the metrics, logs the new stalls, and forgets the
+    /// loops of threads of processes no longer targets (in both sessions).
+    fn event_loops(&mut self, shared: &Shared) {
+        let threads = self.sampler.loop_threads();
+        let tracked = &self.tracked;
+        let (gone, stalls) = self.loops.update(
+            &threads,
+            |tgid| tracked.get(&tgid).map(|t| t.labels.clone()),
+            &shared.metrics,
+        );
+        if !gone.is_empty() {
+            self.sampler.forget_loop_threads(&gone);
+        }
+        if let Some(off) = self.offcpu.as_mut() {
+            let gone: Vec<u32> = off
+                .loop_threads()
+                .into_iter()
+                .filter(|(_, t)| !tracked.contains_key(&t.tgid))
+                .map(|(tid, _)| tid)
+                .collect();
+            if !gone.is_empty() {
+                off.forget_loop_threads(&gone);
+            }
+        }
+        for s in &stalls {
+            // Its samples arrived within its duration and a tick (the counts are read once a
+            // second) before now; and up to a ring-buffer drain later, which the next stall
+            // line of the worker may pick up.
+            let since = Instant::now()
+                .checked_sub(Duration::from_nanos(s.last_ns) + Duration::from_secs(1))
+                .unwrap_or_else(Instant::now);
+            let summary = shared.aggregator.stall_summary(s.pid, since);
+            self.stall_log.log(s, summary.as_ref());
+        }
     }
 
     /// Reads the heap size of every known VM of every target: sets the Lua memory gauge (the
@@ -381,13 +431,14 @@ impl<S: SampleSource> State<S> {
     /// windows hold, as counted for their `limits:` caps.
     fn cache_gauges(&self, shared: &Shared) {
         let (protos, labels, traces) = self.builder.cached_bytes();
-        let (cpu, offcpu) = shared.aggregator.retained_bytes();
+        let (cpu, offcpu, stalls) = shared.aggregator.retained_bytes();
         for (cache, bytes) in [
             ("protos", protos),
             ("labels", labels),
             ("traces", traces),
             ("window_cpu", cpu),
             ("window_offcpu", offcpu),
+            ("window_stalls", stalls),
         ] {
             shared
                 .metrics
@@ -422,11 +473,29 @@ pub fn run(
     started: std::sync::mpsc::SyncSender<Result<(), BpfError>>,
 ) {
     let frequency = shared.config.sampling.frequency_hz;
-    let sampler = BpfSession::start(frequency);
+    let mut sampler = BpfSession::start(frequency);
     let offcpu_cfg = &shared.config.sampling.offcpu;
-    let offcpu = offcpu_cfg
+    let mut offcpu = offcpu_cfg
         .enabled
         .then(|| BpfSession::start_offcpu(offcpu_cfg.min_block_us));
+    let stalls = &shared.config.sampling.stalls;
+    let stall_ns = stalls.threshold_ms * 1_000_000;
+    // Each session keeps its own loop map: its samples' ages come from it.
+    let event_loop = stalls.enabled.then(|| {
+        match sampler.as_mut() {
+            Ok(s) => s.attach_event_loop(stall_ns),
+            Err(_) => Err(BpfError::Missing {
+                what: "the CPU sampler, whose session follows the event loops",
+            }),
+        }
+        .and_then(|()| match offcpu.as_mut() {
+            Some(Ok(o)) => o.attach_event_loop(stall_ns),
+            _ => Ok(()),
+        })
+    });
+    if let Some(Err(e)) = &event_loop {
+        tracing::warn!(error = %error_chain(e), "no event-loop iterations or stalls");
+    }
     let report =
         |r: &Result<BpfSession, BpfError>| r.as_ref().map(|_| ()).map_err(|e| error_chain(e));
     {
@@ -438,7 +507,12 @@ pub fn run(
             .map(|s| s.kernel().clone());
         status.cpu = Some(report(&sampler));
         status.offcpu = offcpu.as_ref().map(report);
-        for (program, outcome) in [("cpu_sampler", &status.cpu), ("offcpu", &status.offcpu)] {
+        status.event_loop = event_loop.map(|r| r.map_err(|e| error_chain(&e)));
+        for (program, outcome) in [
+            ("cpu_sampler", &status.cpu),
+            ("offcpu", &status.offcpu),
+            ("event_loop", &status.event_loop),
+        ] {
             if let Some(outcome) = outcome {
                 shared
                     .metrics
@@ -505,10 +579,18 @@ pub fn run_with<S: SampleSource>(
         counters_seen: HashMap::new(),
         lost_seen: HashMap::new(),
         memory_series: HashSet::new(),
+        loops: LoopTracker::default(),
+        stall_log: StallLog::default(),
     };
     let mut last_tick = Instant::now();
-    let mut batch: Vec<(Built, Option<VmState>)> = Vec::new();
-    let mut blocked: Vec<(Built, u64)> = Vec::new();
+    // With each sample: its VM state (CPU) or blocked time (off-CPU), and the age of its
+    // event-loop iteration when that makes it a stall sample.
+    let mut batch: Vec<(Built, Option<VmState>, Option<u64>)> = Vec::new();
+    let mut blocked: Vec<(Built, u64, Option<u64>)> = Vec::new();
+    let stall_ns = shared.config.sampling.stalls.threshold_ms * 1_000_000;
+    let stall = move |s: &apisix_ebpf_common::Sample| {
+        (s.iteration_ns >= stall_ns).then_some(s.iteration_ns)
+    };
     while !shared.stop.load(Ordering::Relaxed) {
         let mut latest = None;
         while let Ok(s) = snapshots.try_recv() {
@@ -533,7 +615,7 @@ pub fn run_with<S: SampleSource>(
             }
             if let Some(stack) = builder.build(s) {
                 let details = builder.last_details().to_vec();
-                batch.push(((s.pid, stack, details), builder.last_vm_state()));
+                batch.push(((s.pid, stack, details), builder.last_vm_state(), stall(s)));
             }
         });
         if let Some(off) = offcpu.as_mut() {
@@ -543,7 +625,7 @@ pub fn run_with<S: SampleSource>(
                 }
                 if let Some(stack) = builder.build(s) {
                     let details = builder.last_details().to_vec();
-                    blocked.push(((s.pid, stack, details), s.weight));
+                    blocked.push(((s.pid, stack, details), s.weight, stall(s)));
                 }
             });
         }

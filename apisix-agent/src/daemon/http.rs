@@ -2,7 +2,7 @@
 //! - `GET /metrics`: OpenMetrics text when the client accepts it, else the Prometheus text
 //!   format ([`super::metrics`]).
 //! - `GET /flamegraph?pid=PID|container=NAME[&seconds=N][&format=svg|collapsed|json|pprof]
-//!   [&frequency=HZ][&mode=cpu|off-cpu|alloc|live][&sample_bytes=N][&idle=exclude|include]
+//!   [&frequency=HZ][&mode=cpu|off-cpu|alloc|live|stalls][&sample_bytes=N][&idle=exclude|include]
 //!   [&trace_frames=1][&plugin=NAME][&phase=NAME]`: with `seconds`, an
 //!   on-demand capture at the on-demand rate, of blocked time with `mode=off-cpu`, or of the
 //!   Lua heap with `mode=alloc` (allocated bytes) / `mode=live` (sampled blocks still
@@ -17,6 +17,10 @@
 //!   (default 30), at once, for Grafana Pyroscope and Parca ([`crate::output::pprof`]). N above
 //!   `sampling.retention_seconds` is clamped, and the `X-Profile-Clamped` header says so;
 //!   `X-Profile-Seconds` gives the seconds served. Every target unless narrowed.
+//! - `GET /flamegraph?mode=stalls[&pid=…|&container=…][&format=…]` and
+//!   `GET /debug/pprof/stalls?…`: the retained stall samples (taken while their worker's
+//!   event-loop iteration was older than `sampling.stalls.threshold_ms`), weighted in
+//!   microseconds of stall time; every target unless narrowed.
 //! - `GET /targets`: the profiled processes with labels, LuaJIT flavour and Lua heap size, as
 //!   JSON.
 //! - `GET /healthz`: 200 while the BPF sampler is attached, else 503.
@@ -225,6 +229,7 @@ fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess>
         .iter()
         .filter(|t| same_process(t))
         .filter(|t| match selector {
+            Selector::All => true,
             Selector::Pid(pid) => t.pid == *pid,
             Selector::Container(name) => {
                 !t.labels.container_id.is_empty()
@@ -301,14 +306,16 @@ async fn flamegraph(
     if req.seconds.is_none() {
         if req.format == Format::Pprof {
             let title = format!(
-                "{describe}: last {}s of continuous sampling at {} Hz",
-                cfg.retention_seconds, cfg.frequency_hz
+                "{describe}: {}last {}s of continuous sampling at {} Hz",
+                stalls_title(&shared, req.mode),
+                cfg.retention_seconds,
+                cfg.frequency_hz
             );
             let keep = move |pid, _: &str| pids.contains(&pid);
             let (seconds, filter) = (cfg.retention_seconds, req.filter);
             return window_profile(
                 &shared,
-                Retention::Cpu,
+                retention(req.mode),
                 seconds,
                 keep,
                 filter,
@@ -323,6 +330,25 @@ async fn flamegraph(
         return refused;
     }
     run_capture(shared, req, chosen, describe).await
+}
+
+/// The retained window a window request of `mode` reads.
+fn retention(mode: request::Mode) -> Retention {
+    match mode {
+        request::Mode::Stalls => Retention::Stalls,
+        _ => Retention::Cpu,
+    }
+}
+
+/// What a window title says first about `mode`: which stalls (nothing for CPU).
+fn stalls_title(shared: &Shared, mode: request::Mode) -> String {
+    match mode {
+        request::Mode::Stalls => format!(
+            "event-loop stalls (iterations ≥ {} ms), ",
+            shared.config.sampling.stalls.threshold_ms
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The live targets `selector` names, or a 404.
@@ -479,21 +505,33 @@ async fn window_flamegraph(
     };
     let window = Duration::from_secs(cfg.retention_seconds);
     let title = format!(
-        "{describe} — last {}s of continuous sampling at {} Hz",
-        cfg.retention_seconds, cfg.frequency_hz
+        "{describe} — {}last {}s of continuous sampling at {} Hz",
+        stalls_title(shared, req.mode),
+        cfg.retention_seconds,
+        cfg.frequency_hz
     );
     let worker = shared.clone();
     let rendered = tokio::task::spawn_blocking(move || {
         let _background = Background::enter();
         let filter = &req.filter;
-        let stacks = worker.aggregator.snapshot(Retention::Cpu).recent_stacks(
-            window,
-            |pid, _| pids.contains(&pid),
-            filter,
-        );
+        let keep = |pid, _: &str| pids.contains(&pid);
         let mut folded = Folded::new();
-        for stack in stacks {
-            folded.add(stack.to_vec(), 1);
+        if req.mode == request::Mode::Stalls {
+            // Weighted in µs of stall time.
+            let to = std::time::Instant::now();
+            let from = to.checked_sub(window).unwrap_or(to);
+            let stalls = worker
+                .aggregator
+                .snapshot(Retention::Stalls)
+                .cut(from, to, keep, filter);
+            for w in &stalls.stacks {
+                folded.add(w.stack.to_vec(), w.weight);
+            }
+        } else {
+            let snapshot = worker.aggregator.snapshot(Retention::Cpu);
+            for stack in snapshot.recent_stacks(window, keep, filter) {
+                folded.add(stack.to_vec(), 1);
+            }
         }
         let title = render::filtered_title(&title, filter, folded.total());
         let rendered = render::folded(&folded, req.format, &title, req.mode.unit(), &worker.rules);
@@ -570,6 +608,7 @@ fn pprof_routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/debug/pprof/profile", get(pprof_profile))
         .route("/debug/pprof/offcpu", get(pprof_offcpu))
+        .route("/debug/pprof/stalls", get(pprof_stalls))
 }
 
 /// Largest `seconds` accepted; above `sampling.retention_seconds` it is clamped to it.
@@ -621,6 +660,13 @@ async fn pprof_offcpu(
     pprof_endpoint(shared, &q, Retention::OffCpu).await
 }
 
+async fn pprof_stalls(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    pprof_endpoint(shared, &q, Retention::Stalls).await
+}
+
 async fn pprof_endpoint(
     shared: Arc<Shared>,
     q: &HashMap<String, String>,
@@ -668,6 +714,10 @@ async fn pprof_endpoint(
         Retention::OffCpu => format!(
             "{what}: off-CPU, blocks ≥ {} µs, idle epoll waits excluded",
             cfg.offcpu.min_block_us
+        ),
+        Retention::Stalls => format!(
+            "{what}: event-loop stalls (iterations ≥ {} ms), stall time",
+            cfg.stalls.threshold_ms
         ),
     };
     let title = if req.filter.is_empty() {
@@ -727,6 +777,7 @@ async fn window_profile(
     let kind = match which {
         Retention::Cpu => pprof::Kind::cpu(shared.config.sampling.frequency_hz),
         Retention::OffCpu => pprof::Kind::OffCpu,
+        Retention::Stalls => pprof::Kind::Stalls,
     };
     let covered = to.duration_since(window.from);
     let samples: u64 = window.stacks.iter().map(|w| w.count).sum();

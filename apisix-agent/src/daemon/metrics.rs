@@ -20,6 +20,9 @@
 //! - `apisix_profiler_lua_memory_bytes` {container, image, process} (gauge): the Lua heap
 //!   (`gc.total`) of the targets' VMs, summed over the processes of each label set;
 //!   `apisix_profiler_lua_memory_read_errors_total` {reason}: reads of it that failed
+//! - `apisix_profiler_event_loop_iteration_seconds` {container, image} (histogram, buckets
+//!   counted in the kernel: [`LoopHistogram`]) and `apisix_profiler_event_loop_stalls_total`
+//!   {container, image}: the targets' event-loop iterations (`super::eventloop`)
 //! - `apisix_profiler_targets` {flavour} (gauge)
 //! - `apisix_profiler_cache_bytes` {cache} (gauge): bytes of the caches fed by target memory
 //!   and of the retained windows, against their `limits:` caps
@@ -39,9 +42,10 @@ use std::{
     sync::{Mutex, atomic::AtomicU64},
 };
 
+use apisix_ebpf_common::{LOOP_BUCKETS, LOOP_BUCKETS_NS};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -186,6 +190,63 @@ pub struct PhaseLabels {
     pub image: LabelValue,
 }
 
+/// Labels of per-group series (container and image).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub container: LabelValue,
+    pub image: LabelValue,
+}
+
+/// A histogram whose observations arrive counted per bucket (the kernel buckets the
+/// event-loop iterations, [`LOOP_BUCKETS_NS`]): [`Self::add`] takes the counts of each bucket
+/// and their summed seconds.
+#[derive(Debug, Default)]
+pub struct LoopHistogram {
+    inner: Mutex<LoopCounts>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LoopCounts {
+    sum: f64,
+    /// Per bucket, not cumulative; the last one above the largest bound.
+    buckets: [u64; LOOP_BUCKETS],
+}
+
+impl LoopHistogram {
+    /// Adds `buckets[i]` observations to bucket `i`, `sum_seconds` to the sum.
+    pub fn add(&self, buckets: &[u64; LOOP_BUCKETS], sum_seconds: f64) {
+        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.sum += sum_seconds;
+        for (total, n) in c.buckets.iter_mut().zip(buckets) {
+            *total += n;
+        }
+    }
+}
+
+impl TypedMetric for LoopHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LoopHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let c = *self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // The encoder sums the counts into cumulative ones; f64::MAX is written `+Inf`.
+        let bounds = LOOP_BUCKETS_NS
+            .iter()
+            .map(|ns| *ns as f64 / 1e9)
+            .chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(c.buckets).collect();
+        let count = c.buckets.iter().sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            c.sum, count, &buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Labels of unwind error series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -202,7 +263,7 @@ pub struct CacheLabels {
 /// Labels of the BPF program gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
-    /// `cpu_sampler` or `offcpu` (the off-CPU pair).
+    /// `cpu_sampler`, `offcpu` (the off-CPU pair) or `event_loop` (the event-loop pair).
     pub program: LabelValue,
 }
 
@@ -267,6 +328,10 @@ pub struct Metrics {
     pub bpf_programs: Family<ProgramLabels, Gauge>,
     pub lua_memory: Family<TargetLabels, Gauge>,
     pub lua_memory_errors: Family<ReasonLabels, Counter>,
+    /// Event-loop iterations of the targets, by duration.
+    pub loop_iterations: Family<GroupLabels, LoopHistogram>,
+    /// Event-loop iterations of at least `sampling.stalls.threshold_ms`.
+    pub loop_stalls: Family<GroupLabels, Counter>,
     agent_cpu: Counter<f64, AtomicU64>,
     agent_rss: Gauge,
     pub frequency: Gauge,
@@ -309,6 +374,8 @@ impl Metrics {
             bpf_programs: Family::default(),
             lua_memory: Family::default(),
             lua_memory_errors: Family::default(),
+            loop_iterations: Family::default(),
+            loop_stalls: Family::default(),
             agent_cpu: Counter::default(),
             agent_rss: Gauge::default(),
             frequency: Gauge::default(),
@@ -388,7 +455,7 @@ impl Metrics {
         }
         m.registry.register(
             "bpf_program_loaded",
-            "1 for each of the daemon's BPF programs (cpu_sampler, offcpu) the kernel accepted, 0 for one it refused (see /healthz)",
+            "1 for each of the daemon's BPF programs (cpu_sampler, offcpu, event_loop) the kernel accepted, 0 for one it refused (see /healthz)",
             m.bpf_programs.clone(),
         );
         m.registry.register(
@@ -452,6 +519,18 @@ impl Metrics {
             "Files mapped by a target that were not opened (not a regular file, changed since \
              the maps line, too large, unreachable, not ELF), by reason",
             m.target_file_refusals.clone(),
+        );
+        m.registry.register_with_unit(
+            "event_loop_iteration",
+            "Event-loop iterations of the targets' workers (from a return of epoll_wait to the \
+             next entry), by duration",
+            prometheus_client::registry::Unit::Seconds,
+            m.loop_iterations.clone(),
+        );
+        m.registry.register(
+            "event_loop_stalls",
+            "Event-loop iterations at least sampling.stalls.threshold_ms long",
+            m.loop_stalls.clone(),
         );
         m.registry.register(
             "http_file_reloads",

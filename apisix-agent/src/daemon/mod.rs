@@ -14,6 +14,7 @@ pub mod aggregate;
 pub mod auth;
 pub mod continuous;
 pub mod encoder;
+pub mod eventloop;
 pub mod http;
 pub mod listener;
 pub mod memory;

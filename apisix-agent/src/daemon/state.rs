@@ -74,17 +74,23 @@ pub struct ProgramsStatus {
     pub cpu: Option<Result<(), String>>,
     /// The off-CPU pair: `None` when disabled (or starting).
     pub offcpu: Option<Result<(), String>>,
+    /// The event-loop pair (iterations and stalls): `None` when disabled (or starting).
+    pub event_loop: Option<Result<(), String>>,
 }
 
 impl ProgramsStatus {
     /// Why a part that should run does not, if one does not.
     pub fn failure(&self) -> Option<String> {
-        [("CPU sampler", &self.cpu), ("off-CPU pair", &self.offcpu)]
-            .into_iter()
-            .find_map(|(what, s)| match s {
-                Some(Err(e)) => Some(format!("{what}: {e}")),
-                _ => None,
-            })
+        [
+            ("CPU sampler", &self.cpu),
+            ("off-CPU pair", &self.offcpu),
+            ("event-loop pair", &self.event_loop),
+        ]
+        .into_iter()
+        .find_map(|(what, s)| match s {
+            Some(Err(e)) => Some(format!("{what}: {e}")),
+            _ => None,
+        })
     }
 }
 

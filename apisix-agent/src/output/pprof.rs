@@ -59,6 +59,9 @@ pub enum Kind {
     /// `inuse_samples/count` and `inuse_space/bytes`, period as [`Kind::Alloc`]. A stack's
     /// weight is live bytes.
     Live { sample_bytes: u64 },
+    /// Event-loop stalls: sample types `samples/count` (CPU samples and blocks taken during
+    /// stalls) and `stall/nanoseconds` (their stall time). A stack's weight is microseconds.
+    Stalls,
 }
 
 impl Kind {
@@ -400,7 +403,7 @@ impl ProfileBuilder {
             .collect();
         let value = match self.kind {
             Kind::Cpu { period_nanos } => [count, count.saturating_mul(period_nanos)],
-            Kind::OffCpu => [count, weight.saturating_mul(1000)],
+            Kind::OffCpu | Kind::Stalls => [count, weight.saturating_mul(1000)],
             Kind::Alloc { .. } | Kind::Live { .. } => [count, weight],
         }
         .map(|v| i64::try_from(v).unwrap_or(i64::MAX));
@@ -447,6 +450,11 @@ impl ProfileBuilder {
             Kind::OffCpu => (
                 [("blocks", "count"), ("offcpu", "nanoseconds")],
                 ("blocks", "count"),
+                1,
+            ),
+            Kind::Stalls => (
+                [("samples", "count"), ("stall", "nanoseconds")],
+                ("samples", "count"),
                 1,
             ),
             Kind::Alloc { sample_bytes } => (

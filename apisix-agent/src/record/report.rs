@@ -84,6 +84,14 @@ fn outcome(rec: &Recording, written_to: &str) {
             c[Counter::RingbufFull as usize],
             rec.folded.total(),
         ),
+        capture::Mode::Stalls { stall_ns, .. } => eprintln!(
+            "{} samples taken, {} lost (ring buffer full); {:.1} ms of stalls (iterations ≥ {} \
+             ms) written{written_to}",
+            c[Counter::Samples as usize],
+            c[Counter::RingbufFull as usize],
+            rec.folded.total() as f64 / 1000.0,
+            stall_ns / 1_000_000,
+        ),
         capture::Mode::OffCpu { min_block_us, .. } => eprintln!(
             "{} blocks of ≥ {min_block_us} µs captured, {} lost (ring buffer full), {} shorter \
              blocks dropped in the kernel; {:.1} ms blocked written{written_to}, {:.1} ms idle \

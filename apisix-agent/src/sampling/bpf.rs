@@ -10,6 +10,9 @@
 //! ([`BpfSession::kernel`] says which). A refusal is one sentence naming what the kernel
 //! lacks ([`super::verifier::explain`]).
 //!
+//! The event-loop pair ([`BpfSession::attach_event_loop`]) can join any session: its
+//! per-thread iteration counts are read with [`BpfSession::loop_threads`].
+//!
 //! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), raw tracepoints,
 //! `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
@@ -17,10 +20,11 @@ use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
     ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
-    LiveAlloc, LuaLayout, MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_KERNEL_CONFIG,
-    MAP_LIVE_ALLOCS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES,
-    MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_OFFCPU_EXIT,
-    PROG_OFFCPU_EXIT_BOUNDED, PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE,
+    LiveAlloc, LoopConfig, LoopThread, LuaLayout, MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS,
+    MAP_COUNTERS, MAP_KERNEL_CONFIG, MAP_LIVE_ALLOCS, MAP_LOOP_CONFIG, MAP_LOOP_THREADS, MAP_LOST,
+    MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_ALLOC,
+    PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_LOOP_ENTER, PROG_LOOP_EXIT,
+    PROG_OFFCPU_EXIT, PROG_OFFCPU_EXIT_BOUNDED, PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE,
     PROG_SAMPLE_BOUNDED, Sample, Target,
 };
 use aya::{
@@ -237,6 +241,54 @@ impl BpfSession {
     /// block counts as short).
     pub fn set_offcpu_min(&mut self, min_block_us: u64) -> Result<(), BpfError> {
         self.set_slot(MAP_OFFCPU_MIN, 0, min_block_us.saturating_mul(1000))
+    }
+
+    /// Loads and attaches the event-loop pair (raw tracepoints on `sys_enter` and `sys_exit`):
+    /// from now on each target thread's loop iterations are counted in `LOOP_THREADS`
+    /// ([`Self::loop_threads`]), iterations of at least `stall_ns` as stalls, and every sample
+    /// of this session carries the age of its thread's current iteration
+    /// ([`Sample::iteration_ns`]).
+    pub fn attach_event_loop(&mut self, stall_ns: u64) -> Result<(), BpfError> {
+        self.set_slot(MAP_LOOP_CONFIG, 0, LoopConfig { stall_ns })?;
+        for (name, tracepoint) in [(PROG_LOOP_ENTER, "sys_enter"), (PROG_LOOP_EXIT, "sys_exit")] {
+            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
+            match prog.load() {
+                Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(refused(name, e)),
+            }
+            prog.attach(tracepoint)
+                .map_err(|source| BpfError::Program {
+                    what: format!("attaching {name} to {tracepoint}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Each followed thread's event loop, by thread id (an entry removed while listed is
+    /// skipped).
+    pub fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
+        self.ebpf
+            .map(MAP_LOOP_THREADS)
+            .and_then(|m| HashMap::<_, u32, LoopThread>::try_from(m).ok())
+            .map(|m| m.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets the event loops of threads `tids` (threads of processes no longer targets).
+    pub fn forget_loop_threads(&mut self, tids: &[u32]) {
+        let Some(mut map) = self
+            .ebpf
+            .map_mut(MAP_LOOP_THREADS)
+            .and_then(|m| HashMap::<_, u32, LoopThread>::try_from(m).ok())
+        else {
+            return;
+        };
+        for tid in tids {
+            if let Err(e) = map.remove(tid) {
+                tracing::debug!(tid, error = %e, "forgetting an event loop");
+            }
+        }
     }
 
     /// Loads the programs of an allocation capture: the allocator's uprobe and, with `live`,
@@ -589,12 +641,14 @@ impl BpfSession {
     }
 
     /// The programs this kernel runs, in the variant it loads: the CPU sampler, the off-CPU
-    /// pair, the allocator probes and the VM learner.
-    pub fn kernel_programs(&self) -> [&'static str; 6] {
+    /// pair, the event-loop pair, the allocator probes and the VM learner.
+    pub fn kernel_programs(&self) -> [&'static str; 8] {
         [
             self.sample_program(),
             PROG_OFFCPU_SWITCH,
             self.offcpu_exit_program(),
+            PROG_LOOP_ENTER,
+            PROG_LOOP_EXIT,
             self.alloc_program(),
             PROG_ALLOC_RET,
             PROG_LEARN_VM,

@@ -75,6 +75,10 @@ pub enum Mode {
     /// `sample_bytes` on average); with `live`, only the sampled blocks still allocated when
     /// the capture ends.
     Alloc { sample_bytes: u64, live: bool },
+    /// CPU samples at `frequency` Hz taken while their thread's event-loop iteration was at
+    /// least `stall_ns` old (the event-loop pair runs for the capture); a sample weighs the
+    /// sampling period in microseconds.
+    Stalls { frequency: u64, stall_ns: u64 },
 }
 
 impl Mode {
@@ -82,7 +86,7 @@ impl Mode {
     pub fn unit(self) -> &'static str {
         match self {
             Mode::Cpu { .. } => "samples",
-            Mode::OffCpu { .. } => "us",
+            Mode::OffCpu { .. } | Mode::Stalls { .. } => "us",
             Mode::Alloc { .. } => "bytes",
         }
     }
@@ -91,6 +95,13 @@ impl Mode {
     pub fn describe(self) -> String {
         match self {
             Mode::Cpu { frequency } => format!("on-CPU at {frequency} Hz"),
+            Mode::Stalls {
+                frequency,
+                stall_ns,
+            } => format!(
+                "event-loop stalls (iterations ≥ {} ms), on-CPU at {frequency} Hz",
+                stall_ns / 1_000_000
+            ),
             Mode::OffCpu {
                 min_block_us,
                 exclude_idle,
@@ -127,6 +138,7 @@ impl Mode {
             Mode::OffCpu { .. } => "off-cpu",
             Mode::Alloc { live: false, .. } => "alloc",
             Mode::Alloc { live: true, .. } => "live",
+            Mode::Stalls { .. } => "stalls",
         }
     }
 }
@@ -272,6 +284,14 @@ pub fn capture(
 pub fn open(mode: Mode) -> Result<BpfSession, BpfError> {
     match mode {
         Mode::Cpu { frequency } => BpfSession::prepare(frequency),
+        Mode::Stalls {
+            frequency,
+            stall_ns,
+        } => {
+            let mut s = BpfSession::prepare(frequency)?;
+            s.attach_event_loop(stall_ns)?;
+            Ok(s)
+        }
         // Held (every block counts as short) until the Lua VMs are learned.
         Mode::OffCpu { .. } => BpfSession::start_offcpu(u64::MAX),
         Mode::Alloc { sample_bytes, live } => BpfSession::prepare_alloc(sample_bytes, live),
@@ -325,7 +345,7 @@ pub fn capture_with<S: CaptureSource>(
         heaps: &started_heaps,
     });
     match mode {
-        Mode::Cpu { .. } => sampler.attach_cpu()?,
+        Mode::Cpu { .. } | Mode::Stalls { .. } => sampler.attach_cpu()?,
         Mode::OffCpu { min_block_us, .. } => sampler.set_offcpu_min(min_block_us)?,
         Mode::Alloc { .. } => sampler.release_alloc()?,
     }
@@ -399,6 +419,8 @@ struct Collector {
     named: LiveNames,
     exclude_idle: bool,
     live: bool,
+    /// Stalls: the shortest iteration kept, and a sample's weight in microseconds.
+    stall: Option<(u64, u64)>,
     idle_excluded: u64,
     /// Weight of every sample taken (live mode's progress: its stacks fold at the end).
     sampled: u64,
@@ -418,13 +440,26 @@ impl Collector {
                 }
             ),
             live: matches!(mode, Mode::Alloc { live: true, .. }),
+            stall: match mode {
+                Mode::Stalls {
+                    frequency,
+                    stall_ns,
+                } => Some((stall_ns, (1_000_000 / frequency.max(1)).max(1))),
+                _ => None,
+            },
             idle_excluded: 0,
             sampled: 0,
         }
     }
 
     fn take(&mut self, s: &Sample) {
+        if let Some((stall_ns, _)) = self.stall
+            && s.iteration_ns < stall_ns
+        {
+            return;
+        }
         self.sampled += s.weight;
+        let weight = self.stall.map_or(s.weight.max(1), |(_, us)| us);
         let Some(stack) = self.builder.build(s) else {
             return;
         };
@@ -436,7 +471,7 @@ impl Collector {
         if self.live {
             self.named.insert(s.tid, s.time_ns, (s.pid, stack, details));
         } else {
-            self.detailed.add(s.pid, stack, details, s.weight.max(1));
+            self.detailed.add(s.pid, stack, details, weight);
         }
     }
 

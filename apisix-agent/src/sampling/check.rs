@@ -111,7 +111,9 @@ fn load_one(session: &mut BpfSession, name: &'static str) -> Result<(), String> 
     let result = match name {
         PROG_LEARN_VM => Ok(()),
         PROG_OFFCPU_SWITCH => session.load_program::<RawTracePoint>(name),
-        n if n.starts_with("offcpu_exit") => session.load_program::<RawTracePoint>(name),
+        n if n.starts_with("offcpu_exit") || n.starts_with("loop_") => {
+            session.load_program::<RawTracePoint>(name)
+        }
         n if n.starts_with("sample") => session.load_program::<PerfEvent>(name),
         _ => session.load_program::<UProbe>(name),
     };

@@ -32,11 +32,20 @@ pub enum Mode {
     Alloc,
     /// Which stacks allocated the sampled Lua memory still allocated at the end (leaks).
     Live,
+    /// What ran while a worker's event loop was stalled (an iteration of at least
+    /// --stall-threshold-ms), weighted by stall microseconds.
+    Stalls,
 }
 
 impl Mode {
     /// Every mode, in the order help texts list them.
-    pub const ALL: [Mode; 4] = [Mode::Cpu, Mode::OffCpu, Mode::Alloc, Mode::Live];
+    pub const ALL: [Mode; 5] = [
+        Mode::Cpu,
+        Mode::OffCpu,
+        Mode::Alloc,
+        Mode::Live,
+        Mode::Stalls,
+    ];
 
     /// The name `--mode`, `mode=` and `record --summary` use.
     pub fn name(self) -> &'static str {
@@ -45,6 +54,7 @@ impl Mode {
             Mode::OffCpu => "off-cpu",
             Mode::Alloc => "alloc",
             Mode::Live => "live",
+            Mode::Stalls => "stalls",
         }
     }
 
@@ -62,14 +72,19 @@ impl Mode {
     /// Whether the daemon serves it from its continuously sampled window (without
     /// `seconds=`).
     pub fn has_window(self) -> bool {
-        matches!(self, Mode::Cpu)
+        matches!(self, Mode::Cpu | Mode::Stalls)
+    }
+
+    /// Whether its stacks are CPU samples (at `frequency`).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Mode::Cpu | Mode::Stalls)
     }
 
     /// What one unit of weight is, for flame graph legends.
     pub fn unit(self) -> &'static str {
         match self {
             Mode::Cpu => "samples",
-            Mode::OffCpu => "us",
+            Mode::OffCpu | Mode::Stalls => "us",
             Mode::Alloc | Mode::Live => "bytes",
         }
     }
@@ -80,6 +95,7 @@ impl Mode {
             Mode::Cpu => "CPU samples",
             Mode::OffCpu => "blocked time",
             Mode::Alloc | Mode::Live => "allocations",
+            Mode::Stalls => "stall samples",
         }
     }
 }
@@ -115,6 +131,8 @@ impl Format {
 /// Which processes a request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
+    /// Every target (only `/flamegraph?mode=stalls`).
+    All,
     Pid(u32),
     /// A container's name, or a prefix (4 characters or more) of its id.
     Container(String),
@@ -124,6 +142,7 @@ impl Selector {
     /// `pid N` or `container NAME`, for messages.
     pub fn describe(&self) -> String {
         match self {
+            Selector::All => "every target".to_owned(),
             Selector::Pid(pid) => format!("pid {pid}"),
             Selector::Container(c) => format!("container {c}"),
         }
@@ -162,6 +181,7 @@ pub struct Defaults {
     pub frequency: u64,
     pub min_block_us: u64,
     pub sample_bytes: u64,
+    pub stall_threshold_ms: u64,
 }
 
 impl Defaults {
@@ -172,6 +192,7 @@ impl Defaults {
         frequency: 99,
         min_block_us: 100,
         sample_bytes: capture::DEFAULT_SAMPLE_BYTES,
+        stall_threshold_ms: 100,
     };
 
     /// The daemon's, from its configuration.
@@ -182,6 +203,7 @@ impl Defaults {
             frequency: cfg.on_demand_frequency_hz,
             min_block_us: cfg.offcpu.min_block_us,
             sample_bytes: cfg.memory.sample_bytes,
+            stall_threshold_ms: cfg.stalls.threshold_ms,
         }
     }
 }
@@ -214,6 +236,9 @@ pub struct RequestArgs {
     /// Alloc / live: mean allocated bytes between two sampled stacks [default: 524288].
     #[arg(long, value_name = "BYTES")]
     pub sample_bytes: Option<u64>,
+    /// Stalls: the shortest event-loop iteration that is a stall [default: 100].
+    #[arg(long, value_name = "MILLISECONDS")]
+    pub stall_threshold_ms: Option<u64>,
     /// Output format [default: svg].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
@@ -270,6 +295,9 @@ pub struct Request {
     pub include_idle: bool,
     /// Alloc / live: mean allocated bytes between two sampled stacks.
     pub sample_bytes: u64,
+    /// Stalls: the shortest event-loop iteration that is a stall (the daemon's window: its
+    /// `sampling.stalls.threshold_ms`).
+    pub stall_threshold_ms: u64,
     pub format: Format,
     pub style: NameStyle,
     /// Captures: a `[trace N]` pseudo-frame where a JIT trace runs.
@@ -324,8 +352,14 @@ impl Request {
         given(
             args.frequency.is_some(),
             "frequency",
-            mode == Mode::Cpu,
-            "mode=cpu",
+            mode.is_cpu(),
+            "mode=cpu and mode=stalls",
+        )?;
+        given(
+            args.stall_threshold_ms.is_some(),
+            "stall_threshold_ms",
+            mode == Mode::Stalls,
+            "mode=stalls",
         )?;
         given(
             args.min_block_us.is_some(),
@@ -357,6 +391,12 @@ impl Request {
             ranges::SAMPLE_BYTES,
             &key("sample_bytes"),
         )?;
+        let stall_threshold_ms = checked(
+            args.stall_threshold_ms,
+            defaults.stall_threshold_ms,
+            ranges::STALL_THRESHOLD_MS,
+            &key("stall_threshold_ms"),
+        )?;
         Ok(Request {
             selector,
             seconds,
@@ -365,6 +405,7 @@ impl Request {
             min_block_us,
             include_idle: args.include_idle,
             sample_bytes,
+            stall_threshold_ms,
             format: args.format.unwrap_or(Format::Svg),
             style: if args.lines {
                 NameStyle::CurrentLine
@@ -416,6 +457,8 @@ impl Request {
             min_block_us: number("min_block_us")?,
             include_idle: flag("idle", "exclude", "include")?,
             sample_bytes: number("sample_bytes")?,
+            // The daemon's stalls are those of `sampling.stalls.threshold_ms`.
+            stall_threshold_ms: None,
             format: q
                 .get("format")
                 .map(|f| {
@@ -458,6 +501,10 @@ impl Request {
                 sample_bytes: self.sample_bytes,
                 live: self.mode == Mode::Live,
             },
+            Mode::Stalls => capture::Mode::Stalls {
+                frequency: self.frequency,
+                stall_ns: self.stall_threshold_ms * 1_000_000,
+            },
         })
     }
 
@@ -486,6 +533,7 @@ impl Request {
             Mode::Live => pprof::Kind::Live {
                 sample_bytes: self.sample_bytes,
             },
+            Mode::Stalls => pprof::Kind::Stalls,
         }
     }
 
@@ -515,6 +563,7 @@ fn selector(args: &RequestArgs, origin: Origin) -> Result<Selector, RequestError
             Ok(Selector::Container(c.clone()))
         }
         (None, Some(_), Origin::Http) => Err(bad("container must be 1 to 128 characters")),
+        (None, None, Origin::Http) if args.mode == Some(Mode::Stalls) => Ok(Selector::All),
         (Some(_), Some(_), _) => Err(bad("give only one of pid=PID or container=NAME")),
         (None, _, Origin::Http) => Err(bad("give exactly one of pid=PID or container=NAME")),
         (None, _, Origin::Cli) => Err(bad("--pid is required")),
@@ -703,6 +752,7 @@ mod tests {
         frequency: 99,
         min_block_us: 1000,
         sample_bytes: 524_288,
+        stall_threshold_ms: 100,
     };
 
     fn parsed(pairs: &[(&str, &str)]) -> Request {

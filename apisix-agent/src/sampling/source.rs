@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use apisix_ebpf_common::{COUNTER_SLOTS, Counter, LiveAlloc, Sample};
+use apisix_ebpf_common::{COUNTER_SLOTS, Counter, LiveAlloc, LoopThread, Sample};
 
 use super::{
     alloc::{self, AllocError, AllocProbe},
@@ -43,6 +43,10 @@ pub trait SampleSource {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(&Sample)) -> usize;
     /// The `global_State` address learned for process `pid`, if any.
     fn lua_vm(&self, pid: u32) -> Option<u64>;
+    /// Each followed thread's event loop (cumulative counts), by thread id.
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)>;
+    /// Forgets the event loops of threads `tids`.
+    fn forget_loop_threads(&mut self, tids: &[u32]);
 }
 
 impl SampleSource for BpfSession {
@@ -72,6 +76,14 @@ impl SampleSource for BpfSession {
 
     fn lua_vm(&self, pid: u32) -> Option<u64> {
         BpfSession::lua_vm(self, pid)
+    }
+
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
+        BpfSession::loop_threads(self)
+    }
+
+    fn forget_loop_threads(&mut self, tids: &[u32]) {
+        BpfSession::forget_loop_threads(self, tids);
     }
 }
 
@@ -175,6 +187,7 @@ struct Replay {
     live: HashMap<u64, LiveAlloc>,
     /// What the capture asked for so far, in order (`attach_cpu`, `release_alloc`, …).
     calls: Vec<String>,
+    loops: HashMap<u32, LoopThread>,
 }
 
 /// Replays the samples pushed into it, as if the BPF side had written them: only samples of
@@ -225,6 +238,18 @@ impl ReplaySource {
     /// Says the VM of `pid` is at `g` (as the BPF side would have learned it).
     pub fn set_vm(&self, pid: u32, g: u64) {
         self.with(|r| r.vms.insert(pid, g));
+    }
+
+    /// Sets the event loop of thread `tid` (cumulative, as the BPF side keeps it).
+    pub fn set_loop_thread(&self, tid: u32, thread: LoopThread) {
+        self.with(|r| r.loops.insert(tid, thread));
+    }
+
+    /// The threads whose event loop is still followed, sorted.
+    pub fn loop_tids(&self) -> Vec<u32> {
+        let mut tids: Vec<u32> = self.with(|r| r.loops.keys().copied().collect());
+        tids.sort_unstable();
+        tids
     }
 
     /// Adds `n` to counter `c`.
@@ -314,6 +339,18 @@ impl SampleSource for ReplaySource {
 
     fn lua_vm(&self, pid: u32) -> Option<u64> {
         self.with(|r| r.vms.get(&pid).copied())
+    }
+
+    fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
+        self.with(|r| r.loops.iter().map(|(t, l)| (*t, *l)).collect())
+    }
+
+    fn forget_loop_threads(&mut self, tids: &[u32]) {
+        self.with(|r| {
+            for tid in tids {
+                r.loops.remove(tid);
+            }
+        });
     }
 }
 

@@ -213,6 +213,11 @@ impl Counters {
         self.period = 1.0 / frequency_hz.max(1) as f64;
     }
 
+    /// The sampling period in microseconds: the stall time a CPU stall sample stands for.
+    pub fn period_us(&self) -> u64 {
+        (self.period * 1e6).round() as u64
+    }
+
     /// The plugin rules in use.
     pub fn rules(&self) -> &Arc<Rules> {
         &self.rules
@@ -504,6 +509,13 @@ impl Counters {
                 self.metrics.samples.remove(&labels);
                 self.metrics.lost.remove(&labels);
             }
+            // The sampler thread's event-loop series go with the group too.
+            let group = super::super::metrics::GroupLabels {
+                container: g.container.clone().into(),
+                image: g.image.clone().into(),
+            };
+            self.metrics.loop_iterations.remove(&group);
+            self.metrics.loop_stalls.remove(&group);
             // The sampler thread counts VM states; their series go with the group too.
             for state in crate::luajit::VmState::ALL {
                 self.metrics.vm_states.remove(&VmStateLabels {

@@ -25,7 +25,7 @@ use std::{
 
 pub use self::{
     counters::{Counters, Group, OTHER},
-    window::{Retention, Window, WindowSnapshot, WindowStack, Windows},
+    window::{Kept, Retention, StallSummary, Window, WindowSnapshot, WindowStack, Windows},
 };
 use super::metrics::{Metrics, TargetLabels};
 use crate::{attribution::Rules, label::FrameDetail};
@@ -42,6 +42,9 @@ pub struct Arrival<'t> {
     pub details: Vec<FrameDetail>,
     /// Off-CPU: microseconds blocked; CPU samples: ignored (1).
     pub us: u64,
+    /// The age of its worker's event-loop iteration when that makes it a stall sample: it
+    /// is kept in the stall window too.
+    pub stall_ns: Option<u64>,
 }
 
 /// The aggregator of the continuous sampler: the counters and the windows, each behind its
@@ -78,8 +81,8 @@ impl Aggregator {
         self.windows().set_retained_bytes(bytes);
     }
 
-    /// Bytes of the windows (CPU, off-CPU) as counted for their cap.
-    pub fn retained_bytes(&self) -> (usize, usize) {
+    /// Bytes of the windows (CPU, off-CPU, stalls) as counted for their cap.
+    pub fn retained_bytes(&self) -> (usize, usize, usize) {
         self.windows().retained_bytes()
     }
 
@@ -89,16 +92,18 @@ impl Aggregator {
     }
 
     /// Counts and keeps a batch: counted under the counters' lock, then kept under the
-    /// window's. Idle off-CPU waits (`epoll_wait`) are dropped. `module_of` names the module
+    /// window's. Idle off-CPU waits (`epoll_wait`) are dropped. A stall sample is kept in the
+    /// stall window too, weighing its stall time (a CPU sample: the sampling period; a block:
+    /// the time blocked), and counted in no metric of its own. `module_of` names the module
     /// of a native frame label.
     pub fn add_batch<'t, 'm>(
         &self,
         arrivals: impl IntoIterator<Item = Arrival<'t>>,
         module_of: impl Fn(&str) -> Option<&'m Arc<str>>,
     ) {
-        let counted: Vec<_> = {
+        let (counted, period_us): (Vec<_>, u64) = {
             let mut counters = self.counters();
-            arrivals
+            let counted = arrivals
                 .into_iter()
                 .filter_map(|a| {
                     let attribution = match a.which {
@@ -107,27 +112,54 @@ impl Aggregator {
                             return None;
                         }
                         Retention::OffCpu => counters.count_offcpu(a.target, &a.stack, a.us),
+                        Retention::Stalls => counters.rules().classify(&a.stack),
                     };
                     Some((a, attribution))
                 })
-                .collect()
+                .collect();
+            (counted, counters.period_us())
         };
+        let saturate = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         let mut windows = self.windows();
         for (a, attribution) in counted {
-            let weight = match a.which {
-                Retention::Cpu => 1,
-                Retention::OffCpu => u32::try_from(a.us).unwrap_or(u32::MAX),
+            let (weight, stall_us) = match a.which {
+                Retention::Cpu => (1, period_us),
+                Retention::OffCpu | Retention::Stalls => (saturate(a.us), a.us),
             };
-            windows.push(
-                a.which,
-                a.pid,
-                a.target,
-                a.stack,
-                a.details,
-                attribution,
+            if let Some(age) = a.stall_ns {
+                let kept = Kept {
+                    pid: a.pid,
+                    weight: saturate(stall_us.max(1)),
+                    iteration_ms: saturate(age / 1_000_000),
+                };
+                let (stack, details) = (a.stack.clone(), a.details.clone());
+                windows.push(
+                    Retention::Stalls,
+                    kept,
+                    a.target,
+                    stack,
+                    details,
+                    attribution.clone(),
+                );
+            }
+            if a.which == Retention::Stalls {
+                continue;
+            }
+            let kept = Kept {
+                pid: a.pid,
                 weight,
-            );
+                iteration_ms: 0,
+            };
+            windows.push(a.which, kept, a.target, a.stack, a.details, attribution);
         }
+    }
+
+    /// What the stall samples of process `pid` that arrived after `since` mostly ran
+    /// ([`WindowSnapshot::stall_summary`]), for its log line.
+    pub fn stall_summary(&self, pid: u32, since: Instant) -> Option<StallSummary> {
+        self.windows()
+            .snapshot(Retention::Stalls)
+            .stall_summary(pid, since)
     }
 
     /// Adds one sampled stack (root first) of process `pid`, with the details of its frames
@@ -147,6 +179,7 @@ impl Aggregator {
             stack,
             details,
             us: 0,
+            stall_ns: None,
         };
         self.add_batch([arrival], module_of);
     }
@@ -169,6 +202,7 @@ impl Aggregator {
             stack,
             details,
             us,
+            stall_ns: None,
         };
         self.add_batch([arrival], |_| None);
     }

@@ -177,7 +177,7 @@ fn the_window_is_capped_in_bytes() {
         let name = format!("{i}{}", "x".repeat(500));
         agg.add(1, &t, stack(&["main", &name]), |_: &str| None);
     }
-    let (bytes, _) = agg.retained_bytes();
+    let (bytes, _, _) = agg.retained_bytes();
     assert!(bytes <= 1 << 20, "{bytes}");
     let kept = agg.windows().len().0;
     assert!(kept > 100 && kept < 20_000, "{kept}");

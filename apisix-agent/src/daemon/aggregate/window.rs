@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     attribution::{Attribution, Filter},
-    label::FrameDetail,
+    label::{FrameClass, FrameDetail, classify},
 };
 
 /// Samples per sealed chunk: the most a snapshot copies one by one.
@@ -49,6 +49,10 @@ pub enum Retention {
     Cpu,
     /// Off-CPU blocks (weight: microseconds blocked), with `sampling.offcpu.enabled`.
     OffCpu,
+    /// Stall samples: CPU samples (and blocks) taken while their worker's event-loop
+    /// iteration was older than `sampling.stalls.threshold_ms` (weight: microseconds of
+    /// stall time).
+    Stalls,
 }
 
 /// One retained stack.
@@ -57,8 +61,12 @@ pub struct Recent {
     /// When it reached the aggregator.
     at: Instant,
     pid: u32,
-    /// Off-CPU: microseconds blocked (saturated); CPU samples: 1.
+    /// Off-CPU: microseconds blocked (saturated); CPU samples: 1; stall samples:
+    /// microseconds of stall time.
     weight: u32,
+    /// Stall samples: the age of their event-loop iteration, in milliseconds (saturated);
+    /// else 0.
+    iteration_ms: u32,
     target: Arc<TargetLabels>,
     stack: Arc<[Arc<str>]>,
     details: Arc<[FrameDetail]>,
@@ -199,6 +207,7 @@ pub struct Windows {
     max_bytes: usize,
     cpu: Retained,
     offcpu: Retained,
+    stalls: Retained,
     interned: HashSet<Arc<[Arc<str>]>>,
     interned_details: HashSet<Arc<[FrameDetail]>>,
     targets: HashSet<Arc<TargetLabels>>,
@@ -218,6 +227,7 @@ impl Windows {
             max_bytes: usize::MAX,
             cpu: Retained::new(),
             offcpu: Retained::new(),
+            stalls: Retained::new(),
             interned: HashSet::new(),
             interned_details: HashSet::new(),
             targets: HashSet::new(),
@@ -233,9 +243,9 @@ impl Windows {
         self.max_bytes = bytes;
     }
 
-    /// Bytes of the windows (CPU, off-CPU) as counted for their cap.
-    pub fn retained_bytes(&self) -> (usize, usize) {
-        (self.cpu.bytes, self.offcpu.bytes)
+    /// Bytes of the windows (CPU, off-CPU, stalls) as counted for their cap.
+    pub fn retained_bytes(&self) -> (usize, usize, usize) {
+        (self.cpu.bytes, self.offcpu.bytes, self.stalls.bytes)
     }
 
     /// Samples the windows (CPU, off-CPU) hold.
@@ -247,28 +257,25 @@ impl Windows {
         match which {
             Retention::Cpu => &self.cpu,
             Retention::OffCpu => &self.offcpu,
+            Retention::Stalls => &self.stalls,
         }
     }
 
     /// Keeps one sample of `which`, arrived now.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one retained sample: its every part"
-    )]
     pub fn push(
         &mut self,
         which: Retention,
-        pid: u32,
+        sample: Kept,
         target: &TargetLabels,
         stack: Vec<Arc<str>>,
         details: Vec<FrameDetail>,
         attribution: Attribution,
-        weight: u32,
     ) {
         let r = Recent {
             at: Instant::now(),
-            pid,
-            weight,
+            pid: sample.pid,
+            weight: sample.weight,
+            iteration_ms: sample.iteration_ms,
             target: intern_one(&mut self.targets, target),
             stack: intern(&mut self.interned, stack),
             details: intern(&mut self.interned_details, details),
@@ -278,6 +285,7 @@ impl Windows {
         match which {
             Retention::Cpu => self.cpu.push(r, max, max_bytes),
             Retention::OffCpu => self.offcpu.push(r, max, max_bytes),
+            Retention::Stalls => self.stalls.push(r, max, max_bytes),
         }
     }
 
@@ -288,6 +296,7 @@ impl Windows {
     pub fn expire(&mut self, now: Instant) {
         self.cpu.expire(now, self.retention);
         self.offcpu.expire(now, self.retention);
+        self.stalls.expire(now, self.retention);
         if now.saturating_duration_since(self.pruned) < PRUNE_INTERVAL {
             return;
         }
@@ -334,6 +343,28 @@ impl Windows {
     }
 }
 
+/// What a retained sample is besides its stack: its process, weight and iteration age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub pid: u32,
+    /// 1 (CPU), or microseconds blocked (off-CPU) or of stall time (saturated).
+    pub weight: u32,
+    /// Stall samples: the age of their event-loop iteration in milliseconds; else 0.
+    pub iteration_ms: u32,
+}
+
+/// What the stall samples of one worker since some instant mostly ran: for its log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StallSummary {
+    /// The innermost Lua source function most of them ran (a frame label; fast functions
+    /// skipped), or empty when none ran one.
+    pub top_frame: String,
+    /// The plugin most of them were attributed to (empty: none).
+    pub plugin: String,
+    /// Their stall time, in microseconds.
+    pub weight_us: u64,
+}
+
 /// The interned copy of `v`.
 fn intern<T: Eq + std::hash::Hash>(set: &mut HashSet<Arc<[T]>>, v: Vec<T>) -> Arc<[T]> {
     match set.get(v.as_slice()) {
@@ -369,8 +400,10 @@ pub struct WindowStack {
     pub attribution: Attribution,
     /// Samples or blocks.
     pub count: u64,
-    /// Samples, or microseconds blocked.
+    /// Samples, or microseconds blocked (or of stall time).
     pub weight: u64,
+    /// Stall samples: the oldest event-loop iteration among them, in milliseconds.
+    pub iteration_ms: u32,
 }
 
 /// The retained samples of a time range.
@@ -484,12 +517,14 @@ impl WindowSnapshot {
                     attribution: self.caps.capped(&r.target, (*r.attribution).clone()),
                     count: 0,
                     weight: 0,
+                    iteration_ms: 0,
                 });
                 stacks.len() - 1
             });
             if let Some(s) = stacks.get_mut(i) {
                 s.count += 1;
                 s.weight += u64::from(r.weight);
+                s.iteration_ms = s.iteration_ms.max(r.iteration_ms);
             }
         }
         let truncated = self.evicted.is_some_and(|e| e > from);
@@ -504,6 +539,44 @@ impl WindowSnapshot {
             from,
             truncated,
         }
+    }
+
+    /// What the samples of process `pid` that arrived after `since` mostly ran (a stall
+    /// window's: the innermost Lua frame and the plugin with the most weight; `None`: no such
+    /// sample).
+    pub fn stall_summary(&self, pid: u32, since: Instant) -> Option<StallSummary> {
+        let mut frames: HashMap<&str, u64> = HashMap::new();
+        let mut plugins: HashMap<&str, u64> = HashMap::new();
+        let mut total = 0;
+        for r in self.newest_first() {
+            if r.at <= since {
+                break;
+            }
+            if r.pid != pid {
+                continue;
+            }
+            let w = u64::from(r.weight);
+            total += w;
+            // The innermost Lua function with a source (not `builtin:os.clock`): the code
+            // that made the call.
+            let innermost = r.stack.iter().rev().find(|l| {
+                matches!(classify(l), FrameClass::Lua { file, .. }
+                    if !file.is_empty() && file != "[builtin]")
+            });
+            *frames.entry(innermost.map_or("", |l| &**l)).or_insert(0) += w;
+            *plugins.entry(r.attribution.plugin.as_str()).or_insert(0) += w;
+        }
+        let top = |m: HashMap<&str, u64>| {
+            m.into_iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+                .map(|(k, _)| k.to_owned())
+                .unwrap_or_default()
+        };
+        (total > 0).then(|| StallSummary {
+            top_frame: top(frames),
+            plugin: top(plugins),
+            weight_us: total,
+        })
     }
 
     /// Whether `filter` passes a sample: by its plugin's own name, or by `[other]` when its

@@ -1,0 +1,123 @@
+//! The event-loop pair: a `sys_enter` raw tracepoint ending a target thread's loop iteration
+//! when it enters `epoll_wait` (or `epoll_pwait`, `epoll_pwait2`), and a `sys_exit` raw
+//! tracepoint beginning the next one when it returns. Each thread's entry in `LOOP_THREADS`
+//! holds when its current iteration began (read by [`crate::sample::emit`] to stamp a sample
+//! with the iteration's age) and its iterations counted by duration into the buckets of
+//! `LOOP_BUCKETS_NS`, their sum, and the stalls (iterations of at least `LOOP_CONFIG`'s
+//! threshold).
+//!
+//! Cost: both hooks run for every system call of every process. `loop_enter` compares the
+//! call number (an argument) before anything else; `loop_exit` reads it from the saved
+//! registers (`orig_ax`, one probe read) before any map lookup. Only the threads of targets
+//! get an entry (checked against `TARGETS` at the entry into a wait), so the exit hook's
+//! lookup is enough there. Raw tracepoints (4.17), whose arguments are the same on every
+//! kernel: nothing here needs more than 5.10.
+//!
+//! Hooks: `raw_tp/sys_enter`, `raw_tp/sys_exit`. Metrics: `MapInsertFailed` (a thread whose
+//! loop is not followed).
+
+use apisix_ebpf_common::{Counter, LOOP_BUCKETS, LOOP_BUCKETS_NS, LoopThread};
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+
+use crate::maps::{LOOP_CONFIG, LOOP_THREADS, TARGETS, finish};
+
+/// x86-64 system call numbers of the waits that end an event-loop iteration.
+const NR_EPOLL_WAIT: u64 = 232;
+const NR_EPOLL_PWAIT: u64 = 281;
+const NR_EPOLL_PWAIT2: u64 = 441;
+
+#[inline(always)]
+fn is_epoll_wait(nr: u64) -> bool {
+    nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2
+}
+
+/// `sys_enter(regs, id)`: a target thread entering a wait ends its iteration.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn loop_enter(ctx: RawTracePointContext) -> u32 {
+    finish(try_loop_enter(&ctx))
+}
+
+fn try_loop_enter(ctx: &RawTracePointContext) -> Result<(), Counter> {
+    let id: u64 = ctx.arg(1);
+    if !is_epoll_wait(id) {
+        return Ok(());
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(thread) = LOOP_THREADS.get_ptr_mut(tid) else {
+        let tgid = (pid_tgid >> 32) as u32;
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { TARGETS.get(tgid) }.is_none() {
+            return Ok(());
+        }
+        // Its first wait seen: the iteration begins at its return.
+        let fresh = LoopThread {
+            tgid,
+            ..LoopThread::default()
+        };
+        return LOOP_THREADS
+            .insert(tid, fresh, 0)
+            .map_err(|_| Counter::MapInsertFailed);
+    };
+    // SAFETY: the thread's own entry; only this thread writes it, and it runs here.
+    let thread = unsafe { &mut *thread };
+    let start = thread.iter_start_ns;
+    thread.iter_start_ns = 0;
+    if start == 0 {
+        return Ok(());
+    }
+    // SAFETY: helper without preconditions.
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
+    thread.count += 1;
+    thread.sum_ns += took;
+    thread.buckets[bucket(took)] += 1;
+    let stall_ns = LOOP_CONFIG.get(0).map_or(0, |c| c.stall_ns);
+    if stall_ns != 0 && took >= stall_ns {
+        thread.stalls += 1;
+        thread.last_stall_ns = took;
+    }
+    Ok(())
+}
+
+/// The bucket of an iteration of `ns` nanoseconds: the first bound it does not exceed.
+#[inline(always)]
+fn bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < LOOP_BUCKETS_NS.len() {
+        if ns <= LOOP_BUCKETS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    LOOP_BUCKETS - 1
+}
+
+/// `sys_exit(regs, ret)`: a target thread back from a wait begins an iteration.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn loop_exit(ctx: RawTracePointContext) -> u32 {
+    finish(try_loop_exit(&ctx))
+}
+
+fn try_loop_exit(ctx: &RawTracePointContext) -> Result<(), Counter> {
+    let regs: u64 = ctx.arg(0);
+    let at = regs + core::mem::offset_of!(pt_regs, orig_rax) as u64;
+    // SAFETY: a probe read of the saved registers; it fails cleanly.
+    let Ok(nr) = (unsafe { bpf_probe_read_kernel(at as *const u64) }) else {
+        return Ok(());
+    };
+    if !is_epoll_wait(nr) {
+        return Ok(());
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(thread) = LOOP_THREADS.get_ptr_mut(tid) {
+        // SAFETY: the thread's own entry, as in `try_loop_enter`; helper without
+        // preconditions.
+        unsafe { (*thread).iter_start_ns = bpf_ktime_get_ns() };
+    }
+    Ok(())
+}
