@@ -385,6 +385,15 @@ impl Metrics {
             refusals_seen: Mutex::new([0; crate::target::target_file::Refusal::ALL.len()]),
             cpu_ticks_seen: Mutex::new(0),
         };
+        m.register_profiles(offcpu);
+        m.register_targets();
+        m.register_agent();
+        m
+    }
+
+    /// The profile families: functions, samples, VM states, plugins and phases.
+    fn register_profiles(&mut self, offcpu: bool) {
+        let m = self;
         m.registry.register(
             "lua_function_self_samples",
             "CPU samples whose innermost Lua frame is this function (incl. C it calls directly)",
@@ -453,6 +462,11 @@ impl Metrics {
                 m.phase_offcpu.clone(),
             );
         }
+    }
+
+    /// The families of what the targets run: BPF programs, targets, their Lua heaps.
+    fn register_targets(&mut self) {
+        let m = self;
         m.registry.register(
             "bpf_program_loaded",
             "1 for each of the daemon's BPF programs (cpu_sampler, offcpu, event_loop) the kernel accepted, 0 for one it refused (see /healthz)",
@@ -475,6 +489,11 @@ impl Metrics {
             "Reads of a target's Lua heap size that failed, by reason",
             m.lua_memory_errors.clone(),
         );
+    }
+
+    /// The agent's own families: CPU, memory, HTTP, caches, refused files, event loops.
+    fn register_agent(&mut self) {
+        let m = self;
         m.registry.register(
             "agent_cpu_seconds",
             "CPU time used by the agent itself",
@@ -537,7 +556,6 @@ impl Metrics {
             "Reloads of the TLS files and the bearer token file, by result",
             m.http.reloads.clone(),
         );
-        m
     }
 
     /// Refreshes the agent's own figures and encodes everything as OpenMetrics text.
