@@ -562,6 +562,112 @@ fn without_varg(mut frames: Vec<RawFrame>) -> Vec<RawFrame> {
     frames
 }
 
+/// Identifies the prototypes of a trace's snapshot frames, each read once per decode.
+struct Resolver<'a> {
+    mem: &'a dyn TargetMemory,
+    layout: &'a Layout,
+    blob: &'a Blob<'a>,
+    protos: HashMap<u64, Option<ProtoHead>>,
+    func_protos: HashMap<u64, Option<u64>>,
+    /// Every prototype the trace's constants name, read when first needed.
+    candidates: Option<Vec<u64>>,
+}
+
+impl Resolver<'_> {
+    fn proto(&mut self, addr: u64) -> Option<ProtoHead> {
+        let (mem, layout) = (self.mem, self.layout);
+        *self
+            .protos
+            .entry(addr)
+            .or_insert_with(|| read_proto(mem, layout, addr))
+    }
+
+    /// The prototype of frame `f` running at `fpc` (0: unknown): its function constant's,
+    /// else the one of the trace's constants whose bytecode holds `fpc`.
+    fn frame_proto(&mut self, f: &RawFrame, fpc: u64) -> Option<(u64, ProtoHead)> {
+        let (mem, layout) = (self.mem, self.layout);
+        let by_func = f.func.and_then(|func| {
+            *self
+                .func_protos
+                .entry(func)
+                .or_insert_with(|| func_proto(mem, layout, func))
+        });
+        match by_func.and_then(|p| self.proto(p).map(|hd| (p, hd))) {
+            Some((p, hd)) if fpc == 0 || hd.holds(fpc) => Some((p, hd)),
+            _ if fpc != 0 => {
+                let candidates = self
+                    .candidates
+                    .take()
+                    .unwrap_or_else(|| self.blob.proto_candidates(mem, layout));
+                let found = candidates
+                    .iter()
+                    .find_map(|p| self.proto(*p).filter(|hd| hd.holds(fpc)).map(|hd| (*p, hd)));
+                self.candidates = Some(candidates);
+                found
+            }
+            _ => None,
+        }
+    }
+
+    /// The frames of a snapshot whose PC is `pc` and raw frames `raw` (outermost first).
+    fn frames(&mut self, pc: u64, raw: &[RawFrame]) -> Result<SnapFrames, TraceFallback> {
+        // A trace that stitches ends with the frame of the C or fast function it leaves to
+        // the interpreter, entered through a continuation; the snapshot's PC is that
+        // function's header. The function has not run yet: the trace's code belongs to the
+        // Lua frame below, which resumes at the continuation's PC. (Its slot may hold no
+        // constant; when it does, it must be a C or fast function.)
+        let stitched = raw.last().is_some_and(|f| {
+            f.cont
+                && is_cfunc_header(self.mem, pc)
+                && f.func
+                    .is_none_or(|func| func_is_native(self.mem, self.layout, func))
+        });
+        let keep = raw.len() - usize::from(stitched);
+        // PCs: each frame runs at its callee's return PC (or at the continuation's PC when
+        // the callee was entered through one); the innermost at the snapshot's PC (+4: the
+        // namer takes the instruction before a PC).
+        let mut out = Vec::with_capacity(keep);
+        for (k, f) in raw[..keep].iter().enumerate() {
+            let fpc = match raw.get(k + 1) {
+                Some(next) if next.cont => next.cont_pc,
+                Some(next) if next.link & FRAME_TYPE == 0 => next.link,
+                Some(_) => 0,
+                None => pc + 4,
+            };
+            let (paddr, hd) = self.frame_proto(f, fpc).ok_or(TraceFallback::FuncUnknown)?;
+            let link = if f.cont {
+                2
+            } else if f.link & FRAME_TYPE == 0 {
+                0
+            } else {
+                (f.link & FRAME_TYPEP) as u8
+            };
+            out.push(LuaFrame {
+                func: f.func.unwrap_or(0),
+                code: paddr,
+                pc: fpc,
+                chunkname: hd.chunkname,
+                firstline: hd.firstline,
+                kind: LuaFrameKind::Lua as u8,
+                ffid: 0,
+                link,
+                reserved: 0,
+            });
+        }
+        let base_pc = match raw.first() {
+            Some(f) if f.cont => f.cont_pc,
+            Some(f) if f.link & FRAME_TYPE == 0 => f.link,
+            Some(_) => 0,
+            None => pc + 4,
+        };
+        out.reverse();
+        Ok(SnapFrames {
+            base_pc,
+            frames: out,
+        })
+    }
+}
+
 /// Reads and decodes a whole trace.
 pub(super) fn decode(
     mem: &dyn TargetMemory,
@@ -576,14 +682,14 @@ pub(super) fn decode(
         b,
         gc64: layout.bpf.gc64 != 0,
     };
-    let mut protos: HashMap<u64, Option<ProtoHead>> = HashMap::new();
-    let mut proto = |addr: u64| -> Option<ProtoHead> {
-        *protos
-            .entry(addr)
-            .or_insert_with(|| read_proto(mem, layout, addr))
+    let mut resolver = Resolver {
+        mem,
+        layout,
+        blob: &blob,
+        protos: HashMap::new(),
+        func_protos: HashMap::new(),
+        candidates: None,
     };
-    let mut func_protos: HashMap<u64, Option<u64>> = HashMap::new();
-    let mut candidates: Option<Vec<u64>> = None;
     let mut snaps = Vec::with_capacity(usize::from(h.key.nsnap));
     for i in 0..h.key.nsnap {
         let Some((_, mcofs, _)) = blob.snap(i) else {
@@ -591,82 +697,7 @@ pub(super) fn decode(
         };
         let frames = match snap_raw(&blob, i) {
             None => Err(TraceFallback::BadSnapshot),
-            Some((pc, raw)) => {
-                // A trace that stitches ends with the frame of the C or fast function it
-                // leaves to the interpreter, entered through a continuation; the snapshot's
-                // PC is that function's header. The function has not run yet: the trace's
-                // code belongs to the Lua frame below, which resumes at the continuation's
-                // PC. (Its slot may hold no constant; when it does, it must be a C or fast
-                // function.)
-                let stitched = raw.last().is_some_and(|f| {
-                    f.cont
-                        && is_cfunc_header(mem, pc)
-                        && f.func.is_none_or(|func| func_is_native(mem, layout, func))
-                });
-                let keep = raw.len() - usize::from(stitched);
-                // PCs: each frame runs at its callee's return PC (or at the continuation's
-                // PC when the callee was entered through one); the innermost at the
-                // snapshot's PC (+4: the namer takes the instruction before a PC).
-                let mut out = Vec::with_capacity(keep);
-                let mut result = Ok(());
-                for (k, f) in raw[..keep].iter().enumerate() {
-                    let fpc = match raw.get(k + 1) {
-                        Some(next) if next.cont => next.cont_pc,
-                        Some(next) if next.link & FRAME_TYPE == 0 => next.link,
-                        Some(_) => 0,
-                        None => pc + 4,
-                    };
-                    let by_func = f.func.and_then(|func| {
-                        *func_protos
-                            .entry(func)
-                            .or_insert_with(|| func_proto(mem, layout, func))
-                    });
-                    let head = by_func.and_then(|p| proto(p).map(|hd| (p, hd)));
-                    let head = match head {
-                        Some((p, hd)) if fpc == 0 || hd.holds(fpc) => Some((p, hd)),
-                        _ if fpc != 0 => candidates
-                            .get_or_insert_with(|| blob.proto_candidates(mem, layout))
-                            .iter()
-                            .find_map(|p| proto(*p).filter(|hd| hd.holds(fpc)).map(|hd| (*p, hd))),
-                        _ => None,
-                    };
-                    let Some((paddr, hd)) = head else {
-                        result = Err(TraceFallback::FuncUnknown);
-                        break;
-                    };
-                    let link = if f.cont {
-                        2
-                    } else if f.link & FRAME_TYPE == 0 {
-                        0
-                    } else {
-                        (f.link & FRAME_TYPEP) as u8
-                    };
-                    out.push(LuaFrame {
-                        func: f.func.unwrap_or(0),
-                        code: paddr,
-                        pc: fpc,
-                        chunkname: hd.chunkname,
-                        firstline: hd.firstline,
-                        kind: LuaFrameKind::Lua as u8,
-                        ffid: 0,
-                        link,
-                        reserved: 0,
-                    });
-                }
-                let base_pc = match raw.first() {
-                    Some(f) if f.cont => f.cont_pc,
-                    Some(f) if f.link & FRAME_TYPE == 0 => f.link,
-                    Some(_) => 0,
-                    None => pc + 4,
-                };
-                result.map(|()| {
-                    out.reverse();
-                    SnapFrames {
-                        base_pc,
-                        frames: out,
-                    }
-                })
-            }
+            Some((pc, raw)) => resolver.frames(pc, &raw),
         };
         snaps.push((u32::from(mcofs), frames));
     }

@@ -279,14 +279,16 @@ impl StackBuilder {
     }
 
     /// Builds the stack of one sample, root first. `None` when the process is unknown and
-    /// unreadable (it exited before its first sample was processed).
+    /// unreadable (it exited before its first sample was processed). Three steps: the
+    /// native frames ([`Self::native_step`]), the frames a JIT trace inlined
+    /// ([`Self::trace_step`]), and the Lua frames spliced in at the VM boundary
+    /// ([`Self::lua_step`]); kernel frames go on top.
     pub fn build(&mut self, s: &Sample) -> Option<Vec<Arc<str>>> {
         let pid = s.pid;
         if !self.ensure_proc(pid, s.regs.ip) {
             self.stats.unreadable += 1;
             return None;
         }
-        let proc = self.procs.get_mut(&pid)?;
         self.stats.samples += 1;
         tracing::trace!(
             pid,
@@ -298,111 +300,20 @@ impl StackBuilder {
             lua_len = s.lua_len,
             "sample"
         );
-        let stack_len = (s.stack_len as usize).min(STACK_COPY_MAX);
-        let stack = &s.stack[..stack_len];
-
-        let lua_len = (s.lua_len as usize).min(MAX_LUA_FRAMES);
-        let lua_frames = &s.lua[..lua_len];
-        let vm = proc.lua.as_ref().map(|t| t.vm_range.clone());
-        let in_vm = |a: u64| vm.as_ref().is_some_and(|r| r.contains(&a));
-
-        // Native frames, leaf first.
-        let mut native = Vec::with_capacity(64);
-        let mut end = match vm_subroutine_return(s.regs.ip, stack, &in_vm) {
-            // Inside a leaf subroutine the interpreter calls (`lj_vm_mod`, `lj_vm_floor`…):
-            // its return address is on top of the stack, under the VM's own frame, which
-            // the VM's unwind rule does not account for.
-            Some(ret) => {
-                native.push(s.regs.ip);
-                proc.unwinder
-                    .unwind(ret, s.regs.sp + 8, s.regs.bp, &stack[8..], &mut native)
-            }
-            None => proc
-                .unwinder
-                .unwind(s.regs.ip, s.regs.sp, s.regs.bp, stack, &mut native),
-        };
-
-        // Unwinding stops in JIT-compiled trace code (no unwind info): resume below the VM's
-        // C frame, whose address the BPF side read from `L->cframe`.
-        if end == UnwindEnd::Truncated
-            && !lua_frames.is_empty()
-            && !native.iter().any(|a| in_vm(*a))
-            && let Some(vm) = vm.as_ref()
-        {
-            let cframe = s.lua_cframe & !3;
-            if cframe >= s.regs.sp && cframe < s.regs.sp + stack_len as u64 {
-                native.retain(|a| proc.modules.find(*a).is_some());
-                let body = vm.start + (vm.end - vm.start) / 2;
-                let off = (cframe - s.regs.sp) as usize;
-                let mut below = Vec::new();
-                // The stack is as complete as the part below the VM's C frame.
-                end = proc
-                    .unwinder
-                    .unwind(body, cframe, 0, &stack[off..], &mut below);
-                native.extend(below);
-            }
+        let stack = &s.stack[..(s.stack_len as usize).min(STACK_COPY_MAX)];
+        let walked = &s.lua[..(s.lua_len as usize).min(MAX_LUA_FRAMES)];
+        let (native, end) = Self::native_step(self.procs.get_mut(&pid)?, s, stack, walked);
+        match end {
+            UnwindEnd::Complete => self.stats.native_complete += 1,
+            UnwindEnd::Truncated => self.stats.native_truncated += 1,
         }
-        // Trace code: the frames the trace inlined, from the snapshot in effect at the
-        // sampled IP, or at the return address into the trace of the C code it called.
-        let state = LuaState::from_raw(s.lua_state);
-        let in_jit_code = proc.modules.find(s.regs.ip).is_none();
-        self.last_vm_state = VmState::of(state, in_jit_code);
-        if let Some(v) = self.last_vm_state {
-            self.stats.vm_states[v.index()] += 1;
-        }
-        let mut traced: Option<(i32, Option<TraceFrames>)> = None;
-        if state == LuaState::Trace
-            && s.vmstate >= 0
-            && !lua_frames.is_empty()
-            && let Some(lua) = proc.lua.as_ref()
-        {
-            self.stats.trace_samples += 1;
-            let ip = s.regs.ip;
-            let found = self.tracer.frames(
-                &Memory::new(pid),
-                pid,
-                lua.flavour.layout(),
-                &TraceSample {
-                    l: s.lua_l,
-                    vmstate: s.vmstate,
-                    at_sample: (s.trace, s.trace_mcode),
-                    jit_ip: in_jit_code.then_some(ip),
-                    base: lua_frames.first(),
-                },
-                |mcode| {
-                    if mcode.contains(&ip) {
-                        Some(ip)
-                    } else {
-                        native
-                            .iter()
-                            .copied()
-                            .find(|a| mcode.contains(a))
-                            .or_else(|| trace_return(stack, s.regs.sp, s.lua_cframe, mcode))
-                    }
-                },
-            );
-            traced = Some((
-                s.vmstate,
-                match found {
-                    Ok(t) => {
-                        if !t.snap.frames.is_empty() {
-                            self.stats.trace_inlined += 1;
-                        }
-                        Some(t)
-                    }
-                    Err(e) => {
-                        self.stats.trace_fallbacks[e.index()] += 1;
-                        None
-                    }
-                },
-            ));
-        }
+        let traced = self.trace_step(s, stack, walked, &native);
         let with_inlined: Vec<LuaFrame>;
         let lua_frames = match &traced {
             Some((_, Some(t))) => {
                 let mut all = t.snap.frames.clone();
                 let first = all.len();
-                all.extend_from_slice(lua_frames);
+                all.extend_from_slice(walked);
                 if t.snap.base_pc != 0
                     && let Some(base) = all.get_mut(first)
                 {
@@ -411,87 +322,10 @@ impl StackBuilder {
                 with_inlined = all;
                 &with_inlined[..]
             }
-            _ => lua_frames,
+            _ => walked,
         };
-
-        match end {
-            UnwindEnd::Complete => self.stats.native_complete += 1,
-            UnwindEnd::Truncated => self.stats.native_truncated += 1,
-        }
-
-        // Name native frames, root first, marking VM frames.
-        type Named = (Arc<str>, FrameDetail);
-        let mut named: Vec<(Named, bool)> = Vec::with_capacity(native.len() + lua_len);
-        for &addr in native.iter().rev() {
-            let (label, module) = match proc.modules.find(addr) {
-                Some(m) => {
-                    let label = self.symbolizer.user(m, addr);
-                    if !self.module_of.contains_key(&label) {
-                        self.module_of
-                            .insert(label.clone(), Arc::from(m.elf.name.as_str()));
-                    }
-                    let module = *self
-                        .module_ids
-                        .entry(Arc::as_ptr(&m.elf) as usize)
-                        .or_insert_with(|| ModuleId::of(&m.elf.name));
-                    (label, module)
-                }
-                None => (Arc::from("[unknown]"), None),
-            };
-            let detail = FrameDetail {
-                module,
-                ..FrameDetail::default()
-            };
-            named.push(((label, detail), in_vm(addr)));
-        }
-
-        let mut out: Vec<Named> = Vec::with_capacity(named.len() + lua_len + 8);
-        if lua_frames.is_empty() || proc.lua.is_none() {
-            out.extend(named.into_iter().map(|(l, _)| l));
-        } else {
-            let lua = proc.lua.as_ref()?;
-            let segments = self.namer.segments(
-                pid,
-                lua,
-                s.lua_l,
-                lua_frames,
-                self.style,
-                &mut self.symbolizer,
-                &proc.modules,
-            );
-            let mut segments = segments;
-            let inlined = match &traced {
-                Some((_, Some(t))) => t.snap.frames.len(),
-                _ => 0,
-            };
-            // The innermost frames came from the trace's snapshot: flattened, the segments
-            // hold the frames outermost first.
-            for (_, d) in segments.iter_mut().flatten().rev().take(inlined) {
-                d.inlined = true;
-            }
-            if self.trace_marker
-                && let Some((vmstate, decoded)) = &traced
-                && let Some(last) = segments.last_mut()
-            {
-                let at = last.len().saturating_sub(inlined);
-                // The trace whose frames these are: `vmstate` still names the previous one
-                // right after a jump to a linked or side trace.
-                let n = decoded
-                    .as_ref()
-                    .map_or(i64::from(*vmstate), |t| i64::from(t.traceno));
-                let marker = Arc::from(format!("[trace {n}]"));
-                last.insert(at, (marker, FrameDetail::default()));
-            }
-            let marker = match LuaState::from_raw(s.lua_state) {
-                LuaState::Gc => Some("[lua:gc]"),
-                LuaState::JitCompile => Some("[lua:jit-compile]"),
-                _ => None,
-            }
-            .map(|m| (Arc::from(m), FrameDetail::default()));
-            splice(&named, segments, marker, &mut out);
-            self.stats.lua_spliced += 1;
-            self.stats.max_lua_depth = self.stats.max_lua_depth.max(lua_len as u64);
-        }
+        let named = self.name_native(pid, &native)?;
+        let mut out = self.lua_step(s, named, lua_frames, traced.as_ref())?;
         // Kernel frames come leaf first; they go on top of the user leaf.
         let kframes: Vec<Arc<str>> = s.kstack[..(s.kstack_len as usize).min(s.kstack.len())]
             .iter()
@@ -512,7 +346,213 @@ impl StackBuilder {
         self.last_details = details;
         Some(labels)
     }
+
+    /// Native frames of `s`, leaf first, unwound over `.eh_frame`; below JIT-compiled trace
+    /// code (no unwind info) unwinding resumes under the VM's C frame.
+    fn native_step(
+        proc: &mut ProcState,
+        s: &Sample,
+        stack: &[u8],
+        lua_frames: &[LuaFrame],
+    ) -> (Vec<u64>, UnwindEnd) {
+        let vm = proc.lua.as_ref().map(|t| t.vm_range.clone());
+        let in_vm = |a: u64| vm.as_ref().is_some_and(|r| r.contains(&a));
+        let mut native = Vec::with_capacity(64);
+        let mut end = match vm_subroutine_return(s.regs.ip, stack, &in_vm) {
+            // Inside a leaf subroutine the interpreter calls (`lj_vm_mod`, `lj_vm_floor`…):
+            // its return address is on top of the stack, under the VM's own frame, which
+            // the VM's unwind rule does not account for.
+            Some(ret) => {
+                native.push(s.regs.ip);
+                proc.unwinder
+                    .unwind(ret, s.regs.sp + 8, s.regs.bp, &stack[8..], &mut native)
+            }
+            None => proc
+                .unwinder
+                .unwind(s.regs.ip, s.regs.sp, s.regs.bp, stack, &mut native),
+        };
+        // Unwinding stops in JIT-compiled trace code (no unwind info): resume below the VM's
+        // C frame, whose address the BPF side read from `L->cframe`.
+        if end == UnwindEnd::Truncated
+            && !lua_frames.is_empty()
+            && !native.iter().any(|a| in_vm(*a))
+            && let Some(vm) = vm.as_ref()
+        {
+            let cframe = s.lua_cframe & !3;
+            if cframe >= s.regs.sp && cframe < s.regs.sp + stack.len() as u64 {
+                native.retain(|a| proc.modules.find(*a).is_some());
+                let body = vm.start + (vm.end - vm.start) / 2;
+                let off = (cframe - s.regs.sp) as usize;
+                let mut below = Vec::new();
+                // The stack is as complete as the part below the VM's C frame.
+                end = proc
+                    .unwinder
+                    .unwind(body, cframe, 0, &stack[off..], &mut below);
+                native.extend(below);
+            }
+        }
+        (native, end)
+    }
+
+    /// Trace code: the frames the trace inlined, from the snapshot in effect at the sampled
+    /// IP, or at the return address into the trace of the C code it called. Also records
+    /// the sample's VM state. `None` when the sample is not in a trace; else the trace
+    /// number `vmstate` names and the frames, `None` when it fell back (counted by reason).
+    fn trace_step(
+        &mut self,
+        s: &Sample,
+        stack: &[u8],
+        lua_frames: &[LuaFrame],
+        native: &[u64],
+    ) -> Option<(i32, Option<TraceFrames>)> {
+        let pid = s.pid;
+        let proc = self.procs.get(&pid)?;
+        let state = LuaState::from_raw(s.lua_state);
+        let in_jit_code = proc.modules.find(s.regs.ip).is_none();
+        self.last_vm_state = VmState::of(state, in_jit_code);
+        if let Some(v) = self.last_vm_state {
+            self.stats.vm_states[v.index()] += 1;
+        }
+        if state != LuaState::Trace || s.vmstate < 0 || lua_frames.is_empty() {
+            return None;
+        }
+        let lua = proc.lua.as_ref()?;
+        self.stats.trace_samples += 1;
+        let ip = s.regs.ip;
+        let found = self.tracer.frames(
+            &Memory::new(pid),
+            pid,
+            lua.flavour.layout(),
+            &TraceSample {
+                l: s.lua_l,
+                vmstate: s.vmstate,
+                at_sample: (s.trace, s.trace_mcode),
+                jit_ip: in_jit_code.then_some(ip),
+                base: lua_frames.first(),
+            },
+            |mcode| {
+                if mcode.contains(&ip) {
+                    Some(ip)
+                } else {
+                    native
+                        .iter()
+                        .copied()
+                        .find(|a| mcode.contains(a))
+                        .or_else(|| trace_return(stack, s.regs.sp, s.lua_cframe, mcode))
+                }
+            },
+        );
+        let frames = match found {
+            Ok(t) => {
+                if !t.snap.frames.is_empty() {
+                    self.stats.trace_inlined += 1;
+                }
+                Some(t)
+            }
+            Err(e) => {
+                self.stats.trace_fallbacks[e.index()] += 1;
+                None
+            }
+        };
+        Some((s.vmstate, frames))
+    }
+
+    /// Names the native frames (leaf first), root first, each marked when in the VM.
+    fn name_native(&mut self, pid: u32, native: &[u64]) -> Option<Vec<(Named, bool)>> {
+        let proc = self.procs.get(&pid)?;
+        let vm = proc.lua.as_ref().map(|t| t.vm_range.clone());
+        let mut named = Vec::with_capacity(native.len() + MAX_LUA_FRAMES);
+        for &addr in native.iter().rev() {
+            let (label, module) = match proc.modules.find(addr) {
+                Some(m) => {
+                    let label = self.symbolizer.user(m, addr);
+                    if !self.module_of.contains_key(&label) {
+                        self.module_of
+                            .insert(label.clone(), Arc::from(m.elf.name.as_str()));
+                    }
+                    let module = *self
+                        .module_ids
+                        .entry(Arc::as_ptr(&m.elf) as usize)
+                        .or_insert_with(|| ModuleId::of(&m.elf.name));
+                    (label, module)
+                }
+                None => (Arc::from("[unknown]"), None),
+            };
+            let detail = FrameDetail {
+                module,
+                ..FrameDetail::default()
+            };
+            let in_vm = vm.as_ref().is_some_and(|r| r.contains(&addr));
+            named.push(((label, detail), in_vm));
+        }
+        Some(named)
+    }
+
+    /// The user stack, root first: the named native frames with the Lua frames (innermost
+    /// first, inlined ones included) spliced in at the VM frames, the `[trace N]` and VM
+    /// state markers added.
+    fn lua_step(
+        &mut self,
+        s: &Sample,
+        named: Vec<(Named, bool)>,
+        lua_frames: &[LuaFrame],
+        traced: Option<&(i32, Option<TraceFrames>)>,
+    ) -> Option<Vec<Named>> {
+        let pid = s.pid;
+        let mut out: Vec<Named> = Vec::with_capacity(named.len() + lua_frames.len() + 8);
+        let proc = self.procs.get(&pid)?;
+        let Some(lua) = proc.lua.as_ref().filter(|_| !lua_frames.is_empty()) else {
+            out.extend(named.into_iter().map(|(l, _)| l));
+            return Some(out);
+        };
+        let mut segments = self.namer.segments(
+            pid,
+            lua,
+            s.lua_l,
+            lua_frames,
+            self.style,
+            &mut self.symbolizer,
+            &proc.modules,
+        );
+        let inlined = match traced {
+            Some((_, Some(t))) => t.snap.frames.len(),
+            _ => 0,
+        };
+        // The innermost frames came from the trace's snapshot: flattened, the segments
+        // hold the frames outermost first.
+        for (_, d) in segments.iter_mut().flatten().rev().take(inlined) {
+            d.inlined = true;
+        }
+        if self.trace_marker
+            && let Some((vmstate, decoded)) = traced
+            && let Some(last) = segments.last_mut()
+        {
+            let at = last.len().saturating_sub(inlined);
+            // The trace whose frames these are: `vmstate` still names the previous one
+            // right after a jump to a linked or side trace.
+            let n = decoded
+                .as_ref()
+                .map_or(i64::from(*vmstate), |t| i64::from(t.traceno));
+            let marker = Arc::from(format!("[trace {n}]"));
+            last.insert(at, (marker, FrameDetail::default()));
+        }
+        let marker = match LuaState::from_raw(s.lua_state) {
+            LuaState::Gc => Some("[lua:gc]"),
+            LuaState::JitCompile => Some("[lua:jit-compile]"),
+            _ => None,
+        }
+        .map(|m| (Arc::from(m), FrameDetail::default()));
+        splice(&named, segments, marker, &mut out);
+        self.stats.lua_spliced += 1;
+        // Depth as walked, without the inlined frames.
+        let walked = (s.lua_len as usize).min(MAX_LUA_FRAMES) as u64;
+        self.stats.max_lua_depth = self.stats.max_lua_depth.max(walked);
+        Some(out)
+    }
 }
+
+/// A frame's label and what it does not say.
+type Named = (Arc<str>, FrameDetail);
 
 /// The return address into the interpreter when `ip` is in a VM subroutine called from the
 /// interpreter: both `ip` and the word on top of the stack lie in the VM's code.
