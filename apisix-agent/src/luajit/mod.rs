@@ -3,7 +3,8 @@
 //! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
 //! ([`ffnames`]), how walked frames become `NAME@FILE:LINE` labels ([`names`]), a VM's
 //! heap: its allocator and size ([`heap`]), and Lua values (tables, strings, functions, the
-//! registry) read from outside ([`tables`]).
+//! registry) read from outside ([`tables`]), and heap snapshots: who holds the memory
+//! ([`snapshot`]).
 //!
 //! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (prototypes
 //! and strings of the target, heap fields, tables). Metrics: prototype read errors and
@@ -15,6 +16,7 @@ pub mod ffnames;
 pub mod heap;
 pub mod layout;
 pub mod names;
+pub mod snapshot;
 pub mod tables;
 pub mod trace;
 
