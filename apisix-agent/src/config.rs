@@ -324,7 +324,7 @@ pub struct LuaMemory {
 impl Default for LuaMemory {
     fn default() -> Self {
         Self {
-            sample_bytes: crate::sampling::capture::DEFAULT_SAMPLE_BYTES,
+            sample_bytes: ranges::DEFAULT_SAMPLE_BYTES,
             min_interval_seconds: 60,
         }
     }
@@ -519,10 +519,11 @@ impl Config {
             .check()
             .map_err(|(field, message)| bad(&field, message))?;
         let s = &self.sampling;
-        in_range(s.frequency_hz, 1..=1000).map_err(|e| bad("sampling.frequency_hz", e))?;
-        in_range(s.on_demand_frequency_hz, 1..=10_000)
+        in_range(s.frequency_hz, ranges::FREQUENCY_HZ)
+            .map_err(|e| bad("sampling.frequency_hz", e))?;
+        in_range(s.on_demand_frequency_hz, ranges::FREQUENCY_HZ)
             .map_err(|e| bad("sampling.on_demand_frequency_hz", e))?;
-        in_range(s.max_capture_seconds, 1..=3600)
+        in_range(s.max_capture_seconds, ranges::MAX_CAPTURE_SECONDS)
             .map_err(|e| bad("sampling.max_capture_seconds", e))?;
         in_range(s.max_concurrent_captures, 1..=16)
             .map_err(|e| bad("sampling.max_concurrent_captures", e))?;
@@ -530,13 +531,10 @@ impl Config {
             .map_err(|e| bad("sampling.retention_seconds", e))?;
         in_range(s.max_retained_samples, 1000..=10_000_000)
             .map_err(|e| bad("sampling.max_retained_samples", e))?;
-        in_range(s.offcpu.min_block_us, 1..=10_000_000)
+        in_range(s.offcpu.min_block_us, ranges::MIN_BLOCK_US)
             .map_err(|e| bad("sampling.offcpu.min_block_us", e))?;
-        in_range(
-            s.memory.sample_bytes,
-            crate::sampling::capture::SAMPLE_BYTES_RANGE,
-        )
-        .map_err(|e| bad("sampling.memory.sample_bytes", e))?;
+        in_range(s.memory.sample_bytes, ranges::SAMPLE_BYTES)
+            .map_err(|e| bad("sampling.memory.sample_bytes", e))?;
         in_range(s.memory.min_interval_seconds, 0..=86_400)
             .map_err(|e| bad("sampling.memory.min_interval_seconds", e))?;
         in_range(self.metrics.top_functions, 1..=10_000)
@@ -578,6 +576,27 @@ impl Config {
 }
 
 /// `value` within `range`, or the message saying it is not.
+/// The one range of each setting that a capture request can also give: configuration
+/// validation and the capture requests of `record` and `/flamegraph` both check against
+/// these.
+pub mod ranges {
+    use std::ops::RangeInclusive;
+
+    /// CPU samples per second per CPU (continuous sampling, captures, `frequency=`,
+    /// `--frequency`).
+    pub const FREQUENCY_HZ: RangeInclusive<u64> = 1..=1000;
+    /// Off-CPU: the shortest block kept, in microseconds.
+    pub const MIN_BLOCK_US: RangeInclusive<u64> = 1..=10_000_000;
+    /// Alloc / live: mean allocated bytes between two sampled stacks.
+    pub const SAMPLE_BYTES: RangeInclusive<u64> = 1024..=(1 << 30);
+    /// Alloc / live: the default of that mean.
+    pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+    /// `sampling.max_capture_seconds`: the longest capture the daemon runs.
+    pub const MAX_CAPTURE_SECONDS: RangeInclusive<u64> = 1..=3600;
+    /// `record --duration`.
+    pub const RECORD_SECONDS: RangeInclusive<u64> = 1..=86_400;
+}
+
 fn in_range<T: PartialOrd + std::fmt::Display + std::fmt::Debug>(
     value: T,
     range: std::ops::RangeInclusive<T>,

@@ -5,9 +5,9 @@
 //!
 //! Hooks and metrics: those of the command run (`record`, `run`).
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
-use apisix_agent::{attribution, config, daemon, luajit, output, record};
+use apisix_agent::{config, daemon, output, record};
 use clap::{Parser, Subcommand};
 
 /// eBPF profiler for APISIX / OpenResty: mixed C + Lua flame graphs of CPU time, blocked time
@@ -22,58 +22,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Sample one process (all its threads) and write a flame graph or folded stacks.
-    Record {
-        /// Process to sample.
-        #[arg(long)]
-        pid: u32,
-        /// How long to sample, in seconds.
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        /// What to record: CPU time, time blocked off the CPU, Lua allocated bytes, or Lua
-        /// memory still allocated at the end (live).
-        #[arg(long, value_enum, default_value_t = record::RecordMode::Cpu)]
-        mode: record::RecordMode,
-        /// Samples per second per CPU (on-CPU mode).
-        #[arg(long, default_value_t = 99)]
-        frequency: u64,
-        /// Off-CPU mode: ignore blocks shorter than this many microseconds (dropped in BPF).
-        #[arg(long, default_value_t = 100)]
-        min_block_us: u64,
-        /// Off-CPU mode: keep idle `epoll_wait` blocks (left out by default).
-        #[arg(long)]
-        include_idle: bool,
-        /// Alloc and live modes: mean allocated bytes between two sampled stacks.
-        #[arg(long, default_value_t = apisix_agent::sampling::capture::DEFAULT_SAMPLE_BYTES)]
-        sample_bytes: u64,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = record::RecordFormat::Svg)]
-        format: record::RecordFormat,
-        /// Output file (default: standard output).
-        #[arg(long, short)]
-        output: Option<PathBuf>,
-        /// Name Lua frames by their current line instead of the function's first line.
-        #[arg(long)]
-        lines: bool,
-        /// Add a `[trace N]` pseudo-frame where a JIT-compiled trace runs (for JIT tuning).
-        #[arg(long)]
-        trace_frames: bool,
-        /// Also write the run's counts (samples, lost, unwinding and Lua outcomes) as JSON to
-        /// this file (`-`: standard output).
-        #[arg(long)]
-        summary: Option<PathBuf>,
-        /// Keep only the stacks of this APISIX plugin (`[core]`: Lua outside plugins).
-        #[arg(long)]
-        plugin: Option<String>,
-        /// Keep only the stacks of this request phase (access, content, log, …).
-        #[arg(long, value_parser = parse_phase)]
-        phase: Option<attribution::Phase>,
-        /// An extra plugin rule: a regex on Lua source files with a named capture `plugin`
-        /// (tried before the built-in APISIX and Kong rules; repeatable).
-        #[arg(long)]
-        plugin_rule: Vec<String>,
-    },
-    /// Run the node daemon: discover targets (host and Docker), sample them continuously,
-    /// serve /metrics, /flamegraph, /targets and /healthz.
+    /// Samples one process for a while and writes a flame graph.
+    Record(record::RecordArgs),
     Run {
         /// YAML configuration (see config.example.yaml); without it, the built-in defaults.
         #[arg(long, short)]
@@ -143,46 +93,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Record {
-            pid,
-            duration,
-            mode,
-            frequency,
-            min_block_us,
-            include_idle,
-            sample_bytes,
-            format,
-            output,
-            lines,
-            trace_frames,
-            summary,
-            plugin,
-            phase,
-            plugin_rule,
-        } => match attribution::Rules::new(&plugin_rule, true) {
-            Err(e) => Err(anyhow::Error::new(e).context("--plugin-rule")),
-            Ok(rules) => record::run(&record::RecordOptions {
-                pid,
-                duration: Duration::from_secs(duration),
-                mode,
-                frequency,
-                min_block_us,
-                include_idle,
-                sample_bytes,
-                format,
-                output,
-                summary,
-                trace_frames,
-                style: if lines {
-                    luajit::NameStyle::CurrentLine
-                } else {
-                    luajit::NameStyle::FirstLine
-                },
-                rules,
-                filter: attribution::Filter { plugin, phase },
-            }),
-        },
-        Command::Run { config } => daemon::run(config.as_deref()),
+        Command::Record(args) => record::run(&args).map_err(anyhow::Error::new),
+        Command::Run { config } => daemon::run(config.as_deref()).map_err(anyhow::Error::new),
         Command::CheckConfig { config } => check_config(&config),
         Command::CheckKernel { json } => check_kernel(json),
         Command::HashPassword { cost } => {
@@ -219,14 +131,6 @@ fn main() -> ExitCode {
 }
 
 /// A `--phase` value.
-fn parse_phase(s: &str) -> Result<attribution::Phase, String> {
-    attribution::Phase::parse(s).ok_or_else(|| {
-        let names: Vec<&str> = attribution::Phase::ALL.iter().map(|p| p.name()).collect();
-        format!("one of {}", names.join(", "))
-    })
-}
-
-/// `check-config`: validates a file and prints the effective configuration as YAML.
 fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write as _;
     let config = config::Config::load(Some(path))?;

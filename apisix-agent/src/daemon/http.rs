@@ -48,7 +48,7 @@ use std::{
 
 use axum::{
     Extension, Json, Router,
-    extract::{Query, Request, State},
+    extract::{Query, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -64,12 +64,14 @@ use super::{
     tls::Tls,
 };
 use crate::{
-    attribution::{self, Filter, Phase, Rules},
+    attribution::Filter,
     discovery::{Lua, TargetProcess, procfs},
-    luajit::NameStyle,
     output::{Folded, pprof},
-    sampling::capture::{self, CaptureTarget},
-    stacks::StackOptions,
+    sampling::{
+        capture::{self, CaptureTarget},
+        render::{self, ProcessLabels, RenderError, Rendered},
+        request::{self, Defaults, Format, Request, RequestError, Selector},
+    },
 };
 
 /// Serves until `shutdown` resolves, over TLS when `tls` is set, asking for credentials
@@ -122,7 +124,7 @@ fn profiling_routes(enabled: bool) -> Router<Arc<Shared>> {
     }
 }
 
-async fn profiling_disabled(_req: Request, _next: Next) -> Response {
+async fn profiling_disabled(_req: axum::extract::Request, _next: Next) -> Response {
     error(
         StatusCode::NOT_FOUND,
         "profiling endpoints are disabled (http.profiling_endpoints: false)".to_owned(),
@@ -204,241 +206,8 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ResponseFormat {
-    Svg,
-    Collapsed,
-    Json,
-    Pprof,
-}
-
-/// What a `/flamegraph` capture measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestMode {
-    Cpu,
-    OffCpu,
-    Alloc,
-    Live,
-}
-
-/// A validated `/flamegraph` request.
-#[derive(Debug)]
-struct FlameRequest {
-    selector: Selector,
-    seconds: Option<u64>,
-    frequency: u64,
-    format: ResponseFormat,
-    mode: RequestMode,
-    /// Alloc / live: mean allocated bytes between two sampled stacks.
-    sample_bytes: u64,
-    /// Off-CPU: keep idle `epoll_wait` blocks.
-    include_idle: bool,
-    /// Captures: a `[trace N]` pseudo-frame where a JIT trace runs.
-    trace_frames: bool,
-    /// Only the stacks of this plugin / phase.
-    filter: Filter,
-}
-
-#[derive(Debug, Clone)]
-enum Selector {
-    Pid(u32),
-    Container(String),
-}
-
-type BadRequest = (StatusCode, String);
-
-fn bad(message: impl Into<String>) -> BadRequest {
-    (StatusCode::BAD_REQUEST, message.into())
-}
-
-/// Defaults of a `/flamegraph` request from the configuration.
-#[derive(Debug, Clone, Copy)]
-struct Defaults {
-    max_seconds: u64,
-    frequency: u64,
-    sample_bytes: u64,
-}
-
-fn parse_request(
-    q: &HashMap<String, String>,
-    defaults: Defaults,
-) -> Result<FlameRequest, BadRequest> {
-    let Defaults {
-        max_seconds,
-        frequency: default_frequency,
-        sample_bytes: default_sample_bytes,
-    } = defaults;
-    const KNOWN: [&str; 11] = [
-        "pid",
-        "container",
-        "seconds",
-        "format",
-        "frequency",
-        "mode",
-        "sample_bytes",
-        "idle",
-        "trace_frames",
-        "plugin",
-        "phase",
-    ];
-    check_known(q, &KNOWN)?;
-    let selector =
-        parse_selector(q)?.ok_or_else(|| bad("give exactly one of pid=PID or container=NAME"))?;
-    let seconds = match q.get("seconds") {
-        None => None,
-        Some(s) => Some(
-            s.parse::<u64>()
-                .ok()
-                .filter(|s| (1..=max_seconds).contains(s))
-                .ok_or_else(|| bad(format!("seconds={s:?} must be 1..={max_seconds}")))?,
-        ),
-    };
-    let frequency = match q.get("frequency") {
-        None => default_frequency,
-        Some(_) if seconds.is_none() => {
-            return Err(bad(
-                "frequency applies to captures (with seconds=N); recent stacks were sampled continuously",
-            ));
-        }
-        Some(f) => f
-            .parse::<u64>()
-            .ok()
-            .filter(|f| (1..=1000).contains(f))
-            .ok_or_else(|| bad(format!("frequency={f:?} must be 1..=1000")))?,
-    };
-    let format = match q.get("format").map(String::as_str) {
-        None | Some("svg") => ResponseFormat::Svg,
-        Some("collapsed") => ResponseFormat::Collapsed,
-        Some("json") => ResponseFormat::Json,
-        Some("pprof") => ResponseFormat::Pprof,
-        Some(f) => {
-            return Err(bad(format!(
-                "format={f:?} must be svg, collapsed, json or pprof"
-            )));
-        }
-    };
-    let mode = match q.get("mode").map(String::as_str) {
-        None | Some("cpu") => RequestMode::Cpu,
-        Some("off-cpu") => RequestMode::OffCpu,
-        Some("alloc") => RequestMode::Alloc,
-        Some("live") => RequestMode::Live,
-        Some(m) => {
-            return Err(bad(format!(
-                "mode={m:?} must be cpu, off-cpu, alloc or live"
-            )));
-        }
-    };
-    let name = q.get("mode").map_or("cpu", String::as_str);
-    if mode != RequestMode::Cpu && seconds.is_none() {
-        return Err(bad(format!(
-            "mode={name} needs seconds=N (it is captured on demand)"
-        )));
-    }
-    if mode != RequestMode::Cpu && q.contains_key("frequency") {
-        return Err(bad(format!("frequency does not apply to mode={name}")));
-    }
-    let sample_bytes = match q.get("sample_bytes") {
-        None => default_sample_bytes,
-        Some(_) if !matches!(mode, RequestMode::Alloc | RequestMode::Live) => {
-            return Err(bad("sample_bytes applies to mode=alloc and mode=live"));
-        }
-        Some(b) => b
-            .parse::<u64>()
-            .ok()
-            .filter(|b| capture::SAMPLE_BYTES_RANGE.contains(b))
-            .ok_or_else(|| {
-                bad(format!(
-                    "sample_bytes={b:?} must be {}..={}",
-                    capture::SAMPLE_BYTES_RANGE.start(),
-                    capture::SAMPLE_BYTES_RANGE.end()
-                ))
-            })?,
-    };
-    let include_idle = match q.get("idle").map(String::as_str) {
-        None | Some("exclude") => false,
-        Some("include") => true,
-        Some(i) => return Err(bad(format!("idle={i:?} must be exclude or include"))),
-    };
-    let trace_frames = match q.get("trace_frames").map(String::as_str) {
-        None | Some("0") => false,
-        Some("1") if seconds.is_some() => true,
-        Some("1") => {
-            return Err(bad(
-                "trace_frames=1 applies to captures (with seconds=N); recent stacks were sampled without it",
-            ));
-        }
-        Some(t) => return Err(bad(format!("trace_frames={t:?} must be 0 or 1"))),
-    };
-    Ok(FlameRequest {
-        filter: parse_filter(q)?,
-        selector,
-        seconds,
-        frequency,
-        format,
-        mode,
-        sample_bytes,
-        include_idle,
-        trace_frames,
-    })
-}
-
-/// A 400 for the first parameter of `q` not in `known`.
-fn check_known(q: &HashMap<String, String>, known: &[&str]) -> Result<(), BadRequest> {
-    match q.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(bad(format!(
-            "unknown parameter {k:?}; known: {}",
-            known.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// `pid=PID` or `container=NAME` (`None`: neither).
-fn parse_selector(q: &HashMap<String, String>) -> Result<Option<Selector>, BadRequest> {
-    match (q.get("pid"), q.get("container")) {
-        (Some(p), None) => Ok(Some(Selector::Pid(
-            p.parse::<u32>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad(format!("pid={p:?} is not a process id")))?,
-        ))),
-        (None, Some(c)) if !c.is_empty() && c.len() <= 128 => {
-            Ok(Some(Selector::Container(c.clone())))
-        }
-        (None, Some(_)) => Err(bad("container must be 1 to 128 characters")),
-        (Some(_), Some(_)) => Err(bad("give only one of pid=PID or container=NAME")),
-        (None, None) => Ok(None),
-    }
-}
-
-/// `plugin=NAME` and `phase=NAME`.
-fn parse_filter(q: &HashMap<String, String>) -> Result<Filter, BadRequest> {
-    let plugin = match q.get("plugin") {
-        None => None,
-        Some(p)
-            if p == attribution::CORE
-                || (!p.is_empty()
-                    && p.len() <= attribution::MAX_PLUGIN_LEN
-                    && attribution::sanitise(p) == *p) =>
-        {
-            Some(p.clone())
-        }
-        Some(p) => {
-            return Err(bad(format!(
-                "plugin={p:?} must be 1 to {} characters of [A-Za-z0-9_.-], or {}",
-                attribution::MAX_PLUGIN_LEN,
-                attribution::CORE
-            )));
-        }
-    };
-    let phase = match q.get("phase") {
-        None => None,
-        Some(p) => Some(Phase::parse(p).ok_or_else(|| {
-            let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
-            bad(format!("phase={p:?} must be one of {}", names.join(", ")))
-        })?),
-    };
-    Ok(Filter { plugin, phase })
+fn bad_request(e: RequestError) -> Response {
+    error(StatusCode::BAD_REQUEST, e.message)
 }
 
 /// Whether `t`'s process still runs as the one discovered: its PID was not reused by another
@@ -468,7 +237,11 @@ fn select(snapshot: &[TargetProcess], selector: &Selector) -> Vec<TargetProcess>
 /// Why `caller` may not start a capture of `mode` now (`None`: it may): with credentials configured only
 /// the users of `http.capture_users` may (403), and Lua memory captures start at most once
 /// per `sampling.memory.min_interval_seconds` (429 with `Retry-After`).
-fn refuse_capture(shared: &Shared, caller: Option<&Caller>, mode: RequestMode) -> Option<Response> {
+fn refuse_capture(
+    shared: &Shared,
+    caller: Option<&Caller>,
+    mode: request::Mode,
+) -> Option<Response> {
     let http = &shared.config.http;
     if http.auth_enabled() {
         let user = caller.and_then(|c| c.0.as_deref());
@@ -481,7 +254,7 @@ fn refuse_capture(shared: &Shared, caller: Option<&Caller>, mode: RequestMode) -
         }
     }
     let interval = Duration::from_secs(shared.config.sampling.memory.min_interval_seconds);
-    if matches!(mode, RequestMode::Alloc | RequestMode::Live) && !interval.is_zero() {
+    if mode.is_memory() && !interval.is_zero() {
         let Ok(mut last) = shared.last_alloc_capture.lock() else {
             return Some(error(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()));
         };
@@ -506,211 +279,179 @@ fn refuse_capture(shared: &Shared, caller: Option<&Caller>, mode: RequestMode) -
     None
 }
 
+/// `/flamegraph`: a [`Request`] from the query, then the window at once or a capture.
 async fn flamegraph(
     State(shared): State<Arc<Shared>>,
     caller: Option<Extension<Caller>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let cfg = &shared.config.sampling;
-    let defaults = Defaults {
-        max_seconds: cfg.max_capture_seconds,
-        frequency: cfg.on_demand_frequency_hz,
-        sample_bytes: cfg.memory.sample_bytes,
-    };
-    let req = match parse_request(&q, defaults) {
+    let req = match Request::from_query(&q, Defaults::daemon(cfg)) {
         Ok(r) => r,
-        Err((status, message)) => return error(status, message),
+        Err(e) => return bad_request(e),
     };
-    let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
-    let chosen = select(&snapshot, &req.selector);
-    let what = match &req.selector {
-        Selector::Pid(pid) => format!("pid {pid}"),
-        Selector::Container(c) => format!("container {c}"),
+    let chosen = match chosen(&shared, &req.selector) {
+        Ok(c) => c,
+        Err(response) => return response,
     };
-    if chosen.is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("{what} is not a profiled target (see /targets)"),
-        );
-    }
-    let describe = describe(&chosen, &what);
-    let (folded, title, unit) = match req.seconds {
-        None if req.format == ResponseFormat::Pprof => {
-            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+    let describe = describe(&chosen, &req.selector.describe());
+    let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
+    if req.seconds.is_none() {
+        if req.format == Format::Pprof {
             let title = format!(
                 "{describe}: last {}s of continuous sampling at {} Hz",
                 cfg.retention_seconds, cfg.frequency_hz
             );
+            let keep = move |pid, _: &str| pids.contains(&pid);
+            let (seconds, filter) = (cfg.retention_seconds, req.filter);
             return window_profile(
                 &shared,
                 Retention::Cpu,
-                cfg.retention_seconds,
-                move |pid, _| pids.contains(&pid),
-                req.filter,
+                seconds,
+                keep,
+                filter,
                 title,
                 Vec::new(),
             )
             .await;
         }
-        None => {
-            let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
-            return window_flamegraph(&shared, pids, &describe, req.filter, req.format).await;
-        }
-        Some(seconds) => {
-            if let Some(refused) = refuse_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode)
-            {
-                return refused;
-            }
-            let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
-                return busy(format!(
-                    "{} captures already running (sampling.max_concurrent_captures)",
-                    cfg.max_concurrent_captures
-                ));
-            };
-            let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
-            let targets: Vec<CaptureTarget> = chosen
-                .iter()
-                .map(|t| CaptureTarget {
-                    pid: t.pid,
-                    lua: match &t.lua {
-                        Lua::Known(l) => Some(l.clone()),
-                        _ => None,
-                    },
-                    vm: vms.get(&t.pid).map(|m| m.g),
-                })
-                .collect();
-            let mode = match req.mode {
-                RequestMode::OffCpu => capture::Mode::OffCpu {
-                    min_block_us: cfg.offcpu.min_block_us,
-                    exclude_idle: !req.include_idle,
-                },
-                RequestMode::Cpu => capture::Mode::Cpu {
-                    frequency: req.frequency,
-                },
-                RequestMode::Alloc | RequestMode::Live => capture::Mode::Alloc {
-                    sample_bytes: req.sample_bytes,
-                    live: req.mode == RequestMode::Live,
-                },
-            };
-            let worker = shared.clone();
-            let trace_frames = req.trace_frames;
-            tracing::info!(
-                target = what,
-                seconds,
-                mode = mode.describe(),
-                "capture started"
-            );
-            let result = tokio::task::spawn_blocking(move || {
-                let cap = capture::capture(
-                    &targets,
-                    Duration::from_secs(seconds),
-                    mode,
-                    StackOptions {
-                        style: NameStyle::FirstLine,
-                        trace_frames,
-                    },
-                    &worker.stop,
-                    |_| {},
-                );
-                super::memory::release_freed();
-                // Freed when the capture ends, also when the client hung up before.
-                drop(permit);
-                cap
-            })
-            .await;
-            let cap = match result {
-                Ok(Ok(c)) => c,
-                Ok(Err(e @ capture::CaptureError::Alloc { .. })) => {
-                    return error(StatusCode::UNPROCESSABLE_ENTITY, format!("capture: {e}"));
-                }
-                Ok(Err(e)) => {
-                    return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
-                }
-                Err(e) => {
-                    return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}"));
-                }
-            };
-            if let Some(t) = chosen.iter().find(|t| !same_process(t)) {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "pid {} ended or was reused by another process during the capture",
-                        t.pid
-                    ),
-                );
-            }
-            tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
-            let mut title = format!(
-                "{describe} — {:.0}s {} from {}",
-                cap.elapsed.as_secs_f64(),
-                mode.describe(),
-                utc_now()
-            );
-            if let Some(a) = &cap.alloc {
-                let c = &cap.counters;
-                let lost = c[apisix_ebpf_common::Counter::RingbufFull as usize];
-                let dropped = c[apisix_ebpf_common::Counter::LiveMapFull as usize];
-                let no_return = c[apisix_ebpf_common::Counter::AllocNoReturn as usize];
-                if lost > 0 {
-                    let _ = write!(title, " — {lost} sampled stacks lost (ring buffer full)");
-                }
-                if dropped > 0 {
-                    let _ = write!(
-                        title,
-                        " — {dropped} sampled blocks not tracked (tracking map full)"
-                    );
-                }
-                if no_return > 0 {
-                    let _ = write!(
-                        title,
-                        " — {no_return} allocator calls without a return seen (their blocks, \
-                         if sampled, not tracked)"
-                    );
-                }
-                if !a.unsettled.is_empty() {
-                    let _ = write!(
-                        title,
-                        " — the Lua collector completed no cycle within {}s of the end: \
-                         garbage not collected yet included",
-                        capture::SETTLE_WAIT.as_secs()
-                    );
-                }
-                if !a.skipped.is_empty() {
-                    let _ = write!(title, " — skipped: {}", a.skipped.join("; "));
-                }
-            }
-            if req.format == ResponseFormat::Pprof {
-                let kind = match mode {
-                    capture::Mode::Cpu { frequency } => pprof::Kind::cpu(frequency),
-                    capture::Mode::OffCpu { .. } => pprof::Kind::OffCpu,
-                    capture::Mode::Alloc {
-                        sample_bytes,
-                        live: false,
-                    } => pprof::Kind::Alloc { sample_bytes },
-                    capture::Mode::Alloc {
-                        sample_bytes,
-                        live: true,
-                    } => pprof::Kind::Live { sample_bytes },
-                };
-                return capture_profile(&shared, &chosen, cap, kind, &req.filter, &title).await;
-            }
-            (
-                req.filter.apply(&shared.rules, &cap.folded),
-                title,
-                mode.unit(),
-            )
-        }
+        return window_flamegraph(&shared, pids, &describe, req).await;
+    }
+    if let Some(refused) = refuse_capture(&shared, caller.as_ref().map(|c| &c.0), req.mode) {
+        return refused;
+    }
+    run_capture(shared, req, chosen, describe).await
+}
+
+/// The live targets `selector` names, or a 404.
+#[expect(clippy::result_large_err, reason = "the error is the response itself")]
+fn chosen(shared: &Shared, selector: &Selector) -> Result<Vec<TargetProcess>, Response> {
+    let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
+    let chosen = select(&snapshot, selector);
+    if chosen.is_empty() {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{} is not a profiled target (see /targets)",
+                selector.describe()
+            ),
+        ));
+    }
+    Ok(chosen)
+}
+
+/// Runs `req`'s capture of `chosen` on a blocking thread (one of
+/// `sampling.max_concurrent_captures`, else 429) and renders it.
+async fn run_capture(
+    shared: Arc<Shared>,
+    req: Request,
+    chosen: Vec<TargetProcess>,
+    describe: String,
+) -> Response {
+    let (Some(mode), Some(duration)) = (req.capture_mode(), req.duration()) else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "not a capture".into());
     };
-    // Rendered on a blocking thread, off the async workers; the capture's own permit bounds
-    // how many run at once.
+    let Ok(permit) = shared.captures.clone().try_acquire_owned() else {
+        return busy(format!(
+            "{} captures already running (sampling.max_concurrent_captures)",
+            shared.config.sampling.max_concurrent_captures
+        ));
+    };
+    let vms = shared.lua_vms.read().map(|v| v.clone()).unwrap_or_default();
+    let targets: Vec<CaptureTarget> = chosen
+        .iter()
+        .map(|t| CaptureTarget {
+            pid: t.pid,
+            lua: match &t.lua {
+                Lua::Known(l) => Some(l.clone()),
+                _ => None,
+            },
+            vm: vms.get(&t.pid).map(|m| m.g),
+        })
+        .collect();
+    let what = req.selector.describe();
+    tracing::info!(
+        target = what,
+        seconds = duration.as_secs(),
+        mode = mode.describe(),
+        "capture started"
+    );
     let worker = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        let _background = Background::enter();
-        let title = filtered_title(title, &req.filter, &folded);
-        render(&folded, req.format, &title, unit, &worker.rules)
+    let options = req.stack_options();
+    let result = tokio::task::spawn_blocking(move || {
+        let cap = capture::capture(&targets, duration, mode, options, &worker.stop, |_| {});
+        super::memory::release_freed();
+        // Freed when the capture ends, also when the client hung up before.
+        drop(permit);
+        cap
     })
-    .await
-    .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+    .await;
+    let cap = match result {
+        Ok(Ok(c)) => c,
+        Ok(Err(e @ capture::CaptureError::Alloc { .. })) => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("capture: {e}"));
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("capture: {e}")),
+    };
+    if let Some(t) = chosen.iter().find(|t| !same_process(t)) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "pid {} ended or was reused by another process during the capture",
+                t.pid
+            ),
+        );
+    }
+    tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
+    let title = format!("{} from {}", req.title(&describe, &cap), utc_now());
+    let labels: ProcessLabels = chosen
+        .iter()
+        .map(|t| {
+            let l = &t.labels;
+            (
+                t.pid,
+                [l.container.clone(), l.image.clone(), l.process.clone()],
+            )
+        })
+        .collect();
+    let rules = shared.rules.clone();
+    let pprof = req.format == Format::Pprof;
+    let render = move || render::capture((&cap).into(), &req, &title, &rules, &labels);
+    // pprof on the encoder thread (one arena), the rest on a blocking thread at low priority:
+    // either way off the async workers. The capture's own permit bounds how many run.
+    if pprof {
+        respond(on_encoder_thread(render).await.map_err(|e| e.to_string()))
+    } else {
+        respond(
+            tokio::task::spawn_blocking(move || {
+                let _background = Background::enter();
+                render()
+            })
+            .await
+            .map_err(|e| format!("rendering: {e}")),
+        )
+    }
+}
+
+/// The response of a rendering (pprof profiles as downloads, as Go's `net/http/pprof`).
+fn respond(rendered: Result<Result<Rendered, RenderError>, String>) -> Response {
+    match rendered {
+        Ok(Ok(r)) if r.content_type == "application/octet-stream" => (
+            [
+                (header::CONTENT_TYPE, r.content_type),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile\"",
+                ),
+            ],
+            r.body,
+        )
+            .into_response(),
+        Ok(Ok(r)) => ([(header::CONTENT_TYPE, r.content_type)], r.body).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 /// The flame graph of the retained window of `pids`: the aggregator's lock is held while
@@ -720,8 +461,7 @@ async fn window_flamegraph(
     shared: &Arc<Shared>,
     pids: Vec<u32>,
     describe: &str,
-    filter: Filter,
-    format: ResponseFormat,
+    req: Request,
 ) -> Response {
     let cfg = &shared.config.sampling;
     let Ok(slot) = shared.renders.clone().try_acquire_owned() else {
@@ -738,26 +478,23 @@ async fn window_flamegraph(
     let worker = shared.clone();
     let rendered = tokio::task::spawn_blocking(move || {
         let _background = Background::enter();
-        let stacks = match worker.aggregator.lock() {
-            Ok(agg) => agg.recent_stacks(window, |pid, _| pids.contains(&pid), &filter),
-            Err(_) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "aggregator poisoned".into(),
-                );
-            }
-        };
+        let filter = &req.filter;
+        let stacks = worker
+            .aggregator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recent_stacks(window, |pid, _| pids.contains(&pid), filter);
         let mut folded = Folded::new();
         for stack in stacks {
             folded.add(stack.to_vec(), 1);
         }
-        let title = filtered_title(title, &filter, &folded);
-        let response = render(&folded, format, &title, "samples", &worker.rules);
+        let title = render::filtered_title(&title, filter, folded.total());
+        let rendered = render::folded(&folded, req.format, &title, req.mode.unit(), &worker.rules);
         drop(slot);
-        response
+        rendered
     })
     .await;
-    rendered.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")))
+    respond(rendered.map_err(|e| format!("rendering: {e}")))
 }
 
 /// The calling thread at nice [`Background::NICE`] while this lives, so that a render yields
@@ -796,17 +533,6 @@ impl Drop for Background {
     }
 }
 
-/// `title` with what `filter` kept, or that it kept nothing.
-fn filtered_title(title: String, filter: &Filter, folded: &Folded) -> String {
-    if filter.is_empty() {
-        title
-    } else if folded.total() == 0 {
-        format!("{title} — {}: no samples matched", filter.describe())
-    } else {
-        format!("{title} — {}", filter.describe())
-    }
-}
-
 /// 429 with `Retry-After: 1`.
 fn busy(message: String) -> Response {
     let mut response = error(StatusCode::TOO_MANY_REQUESTS, message);
@@ -825,64 +551,6 @@ fn describe(chosen: &[TargetProcess], what: &str) -> String {
         let _ = write!(s, " — {} process(es) of {}", chosen.len(), t.labels.process);
     }
     s
-}
-
-fn render(
-    folded: &Folded,
-    format: ResponseFormat,
-    title: &str,
-    unit: &str,
-    rules: &Rules,
-) -> Response {
-    match format {
-        ResponseFormat::Svg => {
-            let mut out = Vec::new();
-            match folded.write_svg_unit(title, unit, &mut out) {
-                Ok(()) => ([(header::CONTENT_TYPE, "image/svg+xml")], out).into_response(),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
-            }
-        }
-        ResponseFormat::Collapsed => {
-            let mut out = Vec::new();
-            match folded.write_folded(&mut out) {
-                Ok(()) => {
-                    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response()
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering: {e}")),
-            }
-        }
-        // `flamegraph` answers pprof requests itself (from stacks with their frame details).
-        ResponseFormat::Pprof => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "pprof is not rendered from folded stacks".to_owned(),
-        ),
-        ResponseFormat::Json => Json(serde_json::json!({
-            "title": title,
-            "unit": unit,
-            "total": folded.total(),
-            "root": folded.to_json(),
-            "stacks": stacks_json(folded, rules),
-        }))
-        .into_response(),
-    }
-}
-
-/// Each distinct stack with its weight, plugin and phase, heaviest first.
-fn stacks_json(folded: &Folded, rules: &Rules) -> serde_json::Value {
-    let mut v: Vec<(&[Arc<str>], u64)> = folded.iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    v.into_iter()
-        .map(|(stack, n)| {
-            let a = rules.classify(stack);
-            let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
-            serde_json::json!({
-                "frames": frames,
-                "value": n,
-                "plugin": a.plugin,
-                "phase": a.phase.name(),
-            })
-        })
-        .collect()
 }
 
 // ─── pprof endpoints (Grafana Pyroscope's `pyroscope.scrape`, Parca) ────────────────────────
@@ -910,25 +578,25 @@ struct PprofRequest {
     filter: Filter,
 }
 
-fn parse_pprof(q: &HashMap<String, String>) -> Result<PprofRequest, BadRequest> {
-    check_known(q, &["seconds", "pid", "container", "plugin", "phase"])?;
+fn parse_pprof(q: &HashMap<String, String>) -> Result<PprofRequest, RequestError> {
+    request::check_known(q, &["seconds", "pid", "container", "plugin", "phase"])?;
     let seconds = match q.get("seconds") {
         None => DEFAULT_PPROF_SECONDS,
         Some(s) => s
             .parse::<u64>()
             .ok()
             .filter(|s| (1..=MAX_PPROF_SECONDS).contains(s))
-            .ok_or_else(|| {
-                bad(format!(
+            .ok_or_else(|| RequestError {
+                message: format!(
                     "seconds={s:?} must be a whole number of seconds, 1..={MAX_PPROF_SECONDS} \
                      (above sampling.retention_seconds it is clamped to it)"
-                ))
+                ),
             })?,
     };
     Ok(PprofRequest {
         seconds,
-        selector: parse_selector(q)?,
-        filter: parse_filter(q)?,
+        selector: request::parse_selector(q)?,
+        filter: request::parse_filter(q)?,
     })
 }
 
@@ -953,7 +621,7 @@ async fn pprof_endpoint(
 ) -> Response {
     let req = match parse_pprof(q) {
         Ok(r) => r,
-        Err((status, message)) => return error(status, message),
+        Err(e) => return bad_request(e),
     };
     let cfg = &shared.config.sampling;
     if which == Retention::OffCpu && !cfg.offcpu.enabled {
@@ -977,20 +645,12 @@ async fn pprof_endpoint(
     let (pids, what) = match &req.selector {
         None => (None, "every target".to_owned()),
         Some(selector) => {
-            let snapshot = shared.targets.read().map(|t| t.clone()).unwrap_or_default();
-            let chosen = select(&snapshot, selector);
-            let what = match selector {
-                Selector::Pid(pid) => format!("pid {pid}"),
-                Selector::Container(c) => format!("container {c}"),
+            let chosen = match chosen(&shared, selector) {
+                Ok(c) => c,
+                Err(response) => return response,
             };
-            if chosen.is_empty() {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    format!("{what} is not a profiled target (see /targets)"),
-                );
-            }
             let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
-            (Some(pids), describe(&chosen, &what))
+            (Some(pids), describe(&chosen, &selector.describe()))
         }
     };
     let what = match which {
@@ -1113,54 +773,6 @@ async fn window_profile(
         gz
     });
     pprof_response(encoded, headers)
-}
-
-/// The pprof response of an on-demand capture of the `chosen` targets.
-async fn capture_profile(
-    shared: &Arc<Shared>,
-    chosen: &[TargetProcess],
-    cap: capture::Capture,
-    kind: pprof::Kind,
-    filter: &Filter,
-    title: &str,
-) -> Response {
-    let labels: HashMap<u32, crate::discovery::Labels> =
-        chosen.iter().map(|t| (t.pid, t.labels.clone())).collect();
-    let rules = shared.rules.clone();
-    let filter = filter.clone();
-    let title = title.to_owned();
-    let encoded = on_encoder_thread(move || {
-        let mut b = pprof::ProfileBuilder::new(kind);
-        b.comment(&title);
-        let mut verdicts: HashMap<&[Arc<str>], Option<attribution::Attribution>> = HashMap::new();
-        for (pid, stack, details, count, weight) in cap.detailed.iter() {
-            let Some(a) = verdicts
-                .entry(stack)
-                .or_insert_with(|| {
-                    let a = rules.classify(stack);
-                    filter.keeps(&a).then_some(a)
-                })
-                .as_ref()
-            else {
-                continue;
-            };
-            let t = labels.get(pid);
-            let field = |f: fn(&crate::discovery::Labels) -> &str| t.map_or("", f);
-            let labels = [
-                ("container", field(|l| &l.container)),
-                ("image", field(|l| &l.image)),
-                ("process", field(|l| &l.process)),
-                ("plugin", a.plugin.as_str()),
-                ("phase", a.phase.name()),
-            ];
-            b.add(stack, details, &labels, count, weight);
-        }
-        let now = SystemTime::now();
-        let start = now.checked_sub(cap.elapsed).unwrap_or(now);
-        pprof::gzip(&b.build(start, cap.elapsed))
-    })
-    .await;
-    pprof_response(encoded, Vec::new())
 }
 
 /// A gzip-compressed profile as Go's `net/http/pprof` serves one, with extra `headers`.
@@ -1289,142 +901,10 @@ mod tests {
             .collect()
     }
 
-    const DEFAULTS: Defaults = Defaults {
-        max_seconds: 120,
-        frequency: 99,
-        sample_bytes: 524_288,
-    };
-
-    fn status(pairs: &[(&str, &str)]) -> Option<StatusCode> {
-        parse_request(&q(pairs), DEFAULTS).err().map(|(s, _)| s)
-    }
-
-    #[test]
-    fn valid_requests() {
-        let r = match parse_request(&q(&[("pid", "12"), ("seconds", "3")]), DEFAULTS) {
-            Ok(r) => r,
-            Err(e) => panic!("{e:?}"),
-        };
-        assert!(matches!(r.selector, Selector::Pid(12)));
-        assert_eq!(r.seconds, Some(3));
-        assert_eq!(r.frequency, 99);
-        assert_eq!(r.format, ResponseFormat::Svg);
-        assert!(parse_request(&q(&[("container", "gw"), ("format", "json")]), DEFAULTS).is_ok());
-        let r = match parse_request(
-            &q(&[("pid", "1"), ("plugin", "key-auth"), ("phase", "access")]),
-            DEFAULTS,
-        ) {
-            Ok(r) => r,
-            Err(e) => panic!("{e:?}"),
-        };
-        assert_eq!(r.filter.plugin.as_deref(), Some("key-auth"));
-        assert_eq!(r.filter.phase, Some(Phase::Access));
-        assert!(parse_request(&q(&[("pid", "1"), ("plugin", "[core]")]), DEFAULTS).is_ok());
-        let r = match parse_request(
-            &q(&[("pid", "1"), ("seconds", "5"), ("mode", "live")]),
-            DEFAULTS,
-        ) {
-            Ok(r) => r,
-            Err(e) => panic!("{e:?}"),
-        };
-        assert_eq!(r.mode, RequestMode::Live);
-        assert_eq!(r.sample_bytes, 524_288);
-        let r = match parse_request(
-            &q(&[
-                ("pid", "1"),
-                ("seconds", "5"),
-                ("mode", "alloc"),
-                ("sample_bytes", "65536"),
-            ]),
-            DEFAULTS,
-        ) {
-            Ok(r) => r,
-            Err(e) => panic!("{e:?}"),
-        };
-        assert_eq!(r.mode, RequestMode::Alloc);
-        assert_eq!(r.sample_bytes, 65536);
-    }
-
-    #[test]
-    fn bad_requests_are_400() {
-        let b = Some(StatusCode::BAD_REQUEST);
-        assert_eq!(status(&[]), b);
-        assert_eq!(status(&[("pid", "1"), ("container", "x")]), b);
-        assert_eq!(status(&[("pid", "abc")]), b);
-        assert_eq!(status(&[("pid", "0")]), b);
-        assert_eq!(
-            status(&[("pid", "1"), ("trace_frames", "1")]),
-            b,
-            "trace_frames without a capture"
-        );
-        assert_eq!(
-            status(&[("pid", "1"), ("seconds", "2"), ("trace_frames", "2")]),
-            b
-        );
-        assert_eq!(status(&[("pid", "1"), ("seconds", "121")]), b);
-        assert_eq!(status(&[("pid", "1"), ("seconds", "0")]), b);
-        assert_eq!(status(&[("pid", "1"), ("format", "png")]), b);
-        assert_eq!(status(&[("pid", "1"), ("frequency", "50")]), b);
-        assert_eq!(
-            status(&[("pid", "1"), ("seconds", "2"), ("frequency", "5000")]),
-            b
-        );
-        assert_eq!(status(&[("pid", "1"), ("file", "/etc/passwd")]), b);
-        assert_eq!(status(&[("pid", "1"), ("mode", "off-cpu")]), b);
-        assert_eq!(status(&[("pid", "1"), ("mode", "wall")]), b);
-        assert_eq!(status(&[("pid", "1"), ("plugin", "a b")]), b);
-        assert_eq!(status(&[("pid", "1"), ("plugin", "")]), b);
-        assert_eq!(status(&[("pid", "1"), ("plugin", &"x".repeat(65))]), b);
-        assert_eq!(status(&[("pid", "1"), ("phase", "lunch")]), b);
-        assert_eq!(
-            status(&[("pid", "1"), ("mode", "alloc")]),
-            b,
-            "alloc without seconds"
-        );
-        assert_eq!(
-            status(&[("pid", "1"), ("mode", "live")]),
-            b,
-            "live without seconds"
-        );
-        assert_eq!(
-            status(&[
-                ("pid", "1"),
-                ("seconds", "2"),
-                ("mode", "alloc"),
-                ("frequency", "9")
-            ]),
-            b
-        );
-        assert_eq!(
-            status(&[("pid", "1"), ("seconds", "2"), ("sample_bytes", "65536")]),
-            b,
-            "sample_bytes with mode=cpu"
-        );
-        assert_eq!(
-            status(&[
-                ("pid", "1"),
-                ("seconds", "2"),
-                ("mode", "live"),
-                ("sample_bytes", "10")
-            ]),
-            b
-        );
-        assert_eq!(
-            status(&[("pid", "1"), ("seconds", "121"), ("mode", "alloc")]),
-            b,
-            "alloc captures are bounded by max_capture_seconds"
-        );
-        assert!(
-            parse_request(
-                &q(&[("pid", "1"), ("mode", "off-cpu"), ("seconds", "2")]),
-                DEFAULTS
-            )
-            .is_ok()
-        );
-    }
-
     fn pprof_status(pairs: &[(&str, &str)]) -> Option<StatusCode> {
-        parse_pprof(&q(pairs)).err().map(|(s, _)| s)
+        parse_pprof(&q(pairs))
+            .err()
+            .map(|_| StatusCode::BAD_REQUEST)
     }
 
     #[test]
@@ -1462,31 +942,6 @@ mod tests {
         assert_eq!(pprof_status(&[("pid", "1"), ("container", "gw")]), b);
         assert_eq!(pprof_status(&[("phase", "lunch")]), b);
         assert_eq!(pprof_status(&[("plugin", "a b")]), b);
-    }
-
-    #[test]
-    fn flamegraph_accepts_format_pprof() {
-        let r = match parse_request(&q(&[("pid", "1"), ("format", "pprof")]), DEFAULTS) {
-            Ok(r) => r,
-            Err(e) => panic!("{e:?}"),
-        };
-        assert_eq!(r.format, ResponseFormat::Pprof);
-        let ok = |pairs: &[(&str, &str)]| parse_request(&q(pairs), DEFAULTS).is_ok();
-        assert!(ok(&[
-            ("pid", "1"),
-            ("seconds", "2"),
-            ("mode", "off-cpu"),
-            ("format", "pprof")
-        ]));
-        // Heap captures too (as alloc_space / inuse_space).
-        for mode in ["alloc", "live"] {
-            assert!(ok(&[
-                ("pid", "1"),
-                ("seconds", "2"),
-                ("mode", mode),
-                ("format", "pprof")
-            ]));
-        }
     }
 
     #[test]

@@ -26,8 +26,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
-
 pub use self::state::Shared;
 use self::{auth::Auth, tls::Tls};
 use crate::{
@@ -40,15 +38,46 @@ use crate::{
     },
 };
 
+/// Why the daemon did not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("http.listen: {0}")]
+    Listen(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Docker(#[from] docker::DockerError),
+    #[error(transparent)]
+    Scan(#[from] crate::discovery::procfs::ScanError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the continuous sampler")]
+    Sampler(#[source] crate::sampling::bpf::BpfError),
+    #[error("the sampler thread ended while starting")]
+    SamplerGone,
+}
+
+/// An I/O error while doing `what`.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
 /// How often the TLS files and the bearer token file are checked for changes.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+pub fn run(config_path: Option<&Path>) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
-    let listen = config
-        .listen_addr()
-        .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
+    let listen = config.listen_addr().map_err(DaemonError::Listen)?;
     let shared = Arc::new(Shared::new(config));
     // Credentials and certificates: a bad file stops the start before anything attaches.
     let http_cfg = &shared.config.http;
@@ -65,7 +94,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("agent-rt")
         .build()
-        .context("starting the async runtime")?;
+        .map_err(io("starting the async runtime"))?;
     // From here on SIGHUP reloads instead of ending the agent (its default action), also
     // while the BPF programs attach; the signals wait in the stream until the reload task
     // runs.
@@ -73,7 +102,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     // Bind first: a taken port is an error before anything attaches.
     let listener = runtime
         .block_on(async { listener::bind(listen) })
-        .with_context(|| format!("listening on {listen} (http.listen)"))?;
+        .map_err(io(format!("listening on {listen} (http.listen)")))?;
 
     // The continuous sampler: a program the kernel refuses is reported (in /healthz, /targets
     // and a metric), not fatal.
@@ -84,15 +113,15 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || continuous::run(shared, snap_rx, started_tx))
-            .context("starting the sampler thread")?
+            .map_err(io("starting the sampler thread"))?
     };
     match started_rx.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = sampler_thread.join();
-            return Err(anyhow::Error::new(e).context("starting the continuous sampler"));
+            return Err(DaemonError::Sampler(e));
         }
-        Err(_) => anyhow::bail!("the sampler thread ended while starting"),
+        Err(_) => return Err(DaemonError::SamplerGone),
     }
 
     // Discovery: Docker follower (async) nudges the /proc scanner (thread).
@@ -127,7 +156,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                     &snap_tx,
                 );
             })
-            .context("starting the discovery thread")?
+            .map_err(io("starting the discovery thread"))?
     };
 
     runtime.spawn(reload_on_change(hangup, tls.clone(), auth.clone()));
@@ -156,7 +185,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let _ = discovery_thread.join();
     let _ = sampler_thread.join();
     runtime.shutdown_timeout(Duration::from_secs(2));
-    served.context("HTTP server")?;
+    served.map_err(io("HTTP server"))?;
     Ok(())
 }
 

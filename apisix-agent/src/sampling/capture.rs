@@ -26,6 +26,7 @@ use super::{
     alloc::{self, AllocError, AllocProbe},
     bpf::{BpfError, BpfSession},
     kernel::KernelReport,
+    source::CaptureSource,
 };
 use crate::{
     luajit::{LuaTarget, heap},
@@ -44,9 +45,7 @@ pub const VM_WAIT: Duration = Duration::from_secs(10);
 pub const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Default mean distance between two allocation sampling points.
-pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
-/// Accepted distances between allocation sampling points.
-pub const SAMPLE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
+pub const DEFAULT_SAMPLE_BYTES: u64 = crate::config::ranges::DEFAULT_SAMPLE_BYTES;
 
 /// A process to capture.
 #[derive(Debug, Clone)]
@@ -260,27 +259,44 @@ pub fn capture(
     mode: Mode,
     labels: StackOptions,
     stop: &AtomicBool,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<Capture, CaptureError> {
+    let sampler = open(mode)?;
+    capture_with(sampler, targets, duration, mode, labels, stop, progress)
+}
+
+/// The BPF programs of `mode`, loaded and held: nothing is measured until the capture
+/// starts them, once its targets are set.
+pub fn open(mode: Mode) -> Result<BpfSession, BpfError> {
+    match mode {
+        Mode::Cpu { frequency } => BpfSession::prepare(frequency),
+        // Held (every block counts as short) until the Lua VMs are learned.
+        Mode::OffCpu { .. } => BpfSession::start_offcpu(u64::MAX),
+        Mode::Alloc { sample_bytes, live } => BpfSession::prepare_alloc(sample_bytes, live),
+    }
+}
+
+/// [`capture`] over `sampler`, a source opened for `mode` (the BPF session of [`open`], or
+/// a replay in root-free tests).
+pub fn capture_with<S: CaptureSource>(
+    mut sampler: S,
+    targets: &[CaptureTarget],
+    duration: Duration,
+    mode: Mode,
+    labels: StackOptions,
+    stop: &AtomicBool,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Capture, CaptureError> {
-    let mut builder = StackBuilder::new(labels);
-    let (mut sampler, exclude_idle) = match mode {
-        Mode::Cpu { frequency } => (BpfSession::prepare(frequency)?, false),
-        // Held (every block counts as short) until the Lua VMs are learned.
-        Mode::OffCpu { exclude_idle, .. } => (BpfSession::start_offcpu(u64::MAX)?, exclude_idle),
-        Mode::Alloc { sample_bytes, live } => {
-            (BpfSession::prepare_alloc(sample_bytes, live)?, false)
-        }
-    };
-    let mut idle_excluded = 0;
+    let mut collector = Collector::new(mode, labels);
     for t in targets {
         if let Some(lua) = &t.lua {
-            builder.set_lua_target(t.pid, lua.clone());
+            collector.builder.set_lua_target(t.pid, lua.clone());
         }
         if let (Some(g), Some(_)) = (t.vm, &t.lua) {
             sampler.set_vm(t.pid, g)?;
         }
         sampler.add_process(t.pid, t.lua.as_ref())?;
-        builder.prepare(t.pid);
+        collector.builder.prepare(t.pid);
     }
     let mut outcome = match mode {
         Mode::Alloc { .. } => Some(attach_allocators(
@@ -313,68 +329,10 @@ pub fn capture(
     }
     // Counters from here on: blocks held while learning are not the capture's.
     let baseline = sampler.counters()?;
-    let started = Instant::now();
-    let mut detailed = Detailed::new();
-    let mut named = LiveNames::default();
-    let live = matches!(mode, Mode::Alloc { live: true, .. });
-    let mut last_progress = Instant::now();
-    let mut all_exited = false;
-    // Live mode folds at the end: progress shows the sampled bytes allocated meanwhile.
-    let mut sampled = 0u64;
-    let mut take = |builder: &mut StackBuilder,
-                    detailed: &mut Detailed<u32>,
-                    named: &mut LiveNames,
-                    s: &Sample|
-     -> u64 {
-        if let Some(stack) = builder.build(s) {
-            if exclude_idle && is_idle(&stack) {
-                idle_excluded += s.weight;
-            } else {
-                let details = builder.last_details().to_vec();
-                if live {
-                    named.insert(s.tid, s.time_ns, (s.pid, stack, details));
-                } else {
-                    detailed.add(s.pid, stack, details, s.weight.max(1));
-                }
-            }
-        }
-        s.weight
-    };
-    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
-        sampler.poll(Duration::from_millis(100), |s| {
-            sampled += take(&mut builder, &mut detailed, &mut named, s);
-        });
-        if live && named.ids.len() > named.prune_at {
-            // Most sampled blocks are freed long before the end: only those the BPF side
-            // still tracks (at most LIVE_MAX_TRACKED) can name a live block. (Unreadable
-            // now: tried again after the next poll.)
-            match sampler.live_allocs() {
-                Ok(allocs) => {
-                    let tracked: std::collections::HashSet<(u32, u64)> = allocs
-                        .into_iter()
-                        .map(|(_, b)| (b.tid, b.time_ns))
-                        .collect();
-                    named.retain(&tracked);
-                }
-                Err(e) => tracing::debug!(error = %e, "reading the live allocations"),
-            }
-        }
-        if last_progress.elapsed() >= Duration::from_millis(250) {
-            last_progress = Instant::now();
-            progress(Progress::Sampling {
-                elapsed: started.elapsed(),
-                weight: if live { sampled } else { detailed.total() },
-            });
-        }
-        sampler.retire_learners();
-        if targets.iter().all(|t| !process::exists(t.pid)) {
-            all_exited = true;
-            break;
-        }
-    }
-    let elapsed = started.elapsed();
+    let (elapsed, all_exited) =
+        collector.sample(&mut sampler, targets, duration, stop, &mut progress);
     if let Some(out) = outcome.as_mut() {
-        if live {
+        if collector.live {
             // What is still allocated now includes garbage the collector has not reached
             // yet: frees are followed until each VM completes a cycle.
             sampler.settle_alloc()?;
@@ -386,34 +344,28 @@ pub fn capture(
         sampler.hold_alloc()?;
     }
     // Samples still in the ring buffer belong to the capture.
-    while sampler.poll(Duration::from_millis(0), |s| {
-        take(&mut builder, &mut detailed, &mut named, s);
-    }) > 0
-    {}
+    while sampler.poll(Duration::from_millis(0), &mut |s| collector.take(s)) > 0 {}
     let mut counters = sampler.counters()?;
     for (c, b) in counters.iter_mut().zip(baseline) {
         *c = c.saturating_sub(b);
     }
     if let Some(out) = outcome.as_mut()
-        && live
+        && collector.live
     {
-        for (_, block) in sampler.live_allocs()? {
-            out.live_blocks += 1;
-            out.live_bytes += block.weight;
-            match named.get(block.tid, block.time_ns) {
-                Some((pid, stack, details)) => {
-                    detailed.add(*pid, stack.clone(), details.clone(), block.weight);
-                }
-                None => out.live_unnamed += 1,
-            }
-        }
+        collector.name_live_blocks(&sampler, out)?;
     }
     let heaps_at_end = heaps(&sampler, targets, &mut heap_errors);
+    let Collector {
+        builder,
+        detailed,
+        idle_excluded,
+        ..
+    } = collector;
     let mut lua_errors: std::collections::BTreeMap<&'static str, u64> =
         builder.lua_errors().iter().map(|(k, v)| (*k, *v)).collect();
     lua_errors.extend(heap_errors);
     sampler.detach_alloc();
-    let kernel = sampler.kernel().clone();
+    let kernel = sampler.kernel();
     drop(sampler);
     Ok(Capture {
         kernel,
@@ -436,10 +388,134 @@ pub fn capture(
     })
 }
 
+/// What a capture makes of its samples: named stacks with their frame details, or (live
+/// mode) each sample's stack kept by its identity until the blocks still allocated at the
+/// end name theirs; idle blocks left out when asked.
+struct Collector {
+    builder: StackBuilder,
+    detailed: Detailed<u32>,
+    named: LiveNames,
+    exclude_idle: bool,
+    live: bool,
+    idle_excluded: u64,
+    /// Weight of every sample taken (live mode's progress: its stacks fold at the end).
+    sampled: u64,
+}
+
+impl Collector {
+    fn new(mode: Mode, labels: StackOptions) -> Self {
+        Collector {
+            builder: StackBuilder::new(labels),
+            detailed: Detailed::new(),
+            named: LiveNames::default(),
+            exclude_idle: matches!(
+                mode,
+                Mode::OffCpu {
+                    exclude_idle: true,
+                    ..
+                }
+            ),
+            live: matches!(mode, Mode::Alloc { live: true, .. }),
+            idle_excluded: 0,
+            sampled: 0,
+        }
+    }
+
+    fn take(&mut self, s: &Sample) {
+        self.sampled += s.weight;
+        let Some(stack) = self.builder.build(s) else {
+            return;
+        };
+        if self.exclude_idle && is_idle(&stack) {
+            self.idle_excluded += s.weight;
+            return;
+        }
+        let details = self.builder.last_details().to_vec();
+        if self.live {
+            self.named.insert(s.tid, s.time_ns, (s.pid, stack, details));
+        } else {
+            self.detailed.add(s.pid, stack, details, s.weight.max(1));
+        }
+    }
+
+    /// Polls `sampler` for `duration` (or until `stop`, or every target exited: the second
+    /// value); returns how long it sampled.
+    fn sample(
+        &mut self,
+        sampler: &mut impl CaptureSource,
+        targets: &[CaptureTarget],
+        duration: Duration,
+        stop: &AtomicBool,
+        progress: &mut impl FnMut(Progress<'_>),
+    ) -> (Duration, bool) {
+        let started = Instant::now();
+        let mut last_progress = Instant::now();
+        while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+            sampler.poll(Duration::from_millis(100), &mut |s| self.take(s));
+            if self.live && self.named.ids.len() > self.named.prune_at {
+                self.prune(sampler);
+            }
+            if last_progress.elapsed() >= Duration::from_millis(250) {
+                last_progress = Instant::now();
+                progress(Progress::Sampling {
+                    elapsed: started.elapsed(),
+                    weight: if self.live {
+                        self.sampled
+                    } else {
+                        self.detailed.total()
+                    },
+                });
+            }
+            sampler.retire_learners();
+            if targets.iter().all(|t| !process::exists(t.pid)) {
+                return (started.elapsed(), true);
+            }
+        }
+        (started.elapsed(), false)
+    }
+
+    /// Most sampled blocks are freed long before the end: only those the BPF side still
+    /// tracks (at most LIVE_MAX_TRACKED) can name a live block. (Unreadable now: tried
+    /// again after the next poll.)
+    fn prune(&mut self, sampler: &impl CaptureSource) {
+        match sampler.live_allocs() {
+            Ok(allocs) => {
+                let tracked: std::collections::HashSet<(u32, u64)> = allocs
+                    .into_iter()
+                    .map(|(_, b)| (b.tid, b.time_ns))
+                    .collect();
+                self.named.retain(&tracked);
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the live allocations"),
+        }
+    }
+
+    /// Live mode: each block still allocated weighs under its sample's stack (or counts
+    /// as unnamed).
+    fn name_live_blocks(
+        &mut self,
+        sampler: &impl CaptureSource,
+        out: &mut AllocOutcome,
+    ) -> Result<(), BpfError> {
+        for (_, block) in sampler.live_allocs()? {
+            out.live_blocks += 1;
+            out.live_bytes += block.weight;
+            match self.named.get(block.tid, block.time_ns) {
+                Some((pid, stack, details)) => {
+                    self.detailed
+                        .add(*pid, stack.clone(), details.clone(), block.weight);
+                }
+                None => out.live_unnamed += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Waits up to `limit` until every target with Lua that still runs has its VM known;
 /// `waiting` hears which pids are waited for, about every 250 ms.
 fn wait_for_vms(
-    sampler: &BpfSession,
+    sampler: &impl CaptureSource,
     targets: &[CaptureTarget],
     limit: Duration,
     stop: &AtomicBool,
@@ -450,7 +526,9 @@ fn wait_for_vms(
     while start.elapsed() < limit && !stop.load(Ordering::Relaxed) {
         let missing: Vec<u32> = targets
             .iter()
-            .filter(|t| t.lua.is_some() && process::exists(t.pid) && !sampler.vm_known(t.pid))
+            .filter(|t| {
+                t.lua.is_some() && process::exists(t.pid) && sampler.lua_vm(t.pid).is_none()
+            })
             .map(|t| t.pid)
             .collect();
         if missing.is_empty() {
@@ -467,7 +545,7 @@ fn wait_for_vms(
 /// Resolves and attaches the allocator probes of every target; a target that cannot be
 /// probed is left out (and said so) unless none can.
 fn attach_allocators(
-    sampler: &mut BpfSession,
+    sampler: &mut impl CaptureSource,
     targets: &[CaptureTarget],
     stop: &AtomicBool,
     progress: &mut impl FnMut(Progress<'_>),
@@ -480,17 +558,9 @@ fn attach_allocators(
     let mut out = AllocOutcome::default();
     let mut failures = Vec::new();
     for t in targets {
-        let resolved = match (&t.lua, sampler.lua_vm(t.pid)) {
-            (None, _) => Err(AllocError::NoLuaJit { pid: t.pid }),
-            (Some(_), None) => Err(AllocError::NoVm {
-                pid: t.pid,
-                waited_secs,
-            }),
-            (Some(lua), Some(g)) => alloc::resolve(t.pid, lua, g),
-        };
-        match resolved {
+        match sampler.resolve_alloc(t.pid, t.lua.as_ref(), waited_secs) {
             Ok(probe) => {
-                sampler.attach_alloc(t.pid, &probe.file, probe.offset)?;
+                sampler.attach_alloc(&probe)?;
                 tracing::info!(
                     pid = t.pid,
                     module = probe.module,
@@ -594,7 +664,7 @@ fn settle(
 /// The heap size of each target's VM now (`None`: VM unknown or unreadable). A failed read
 /// of a process that still runs is counted in `errors` by reason.
 fn heaps(
-    sampler: &BpfSession,
+    sampler: &impl CaptureSource,
     targets: &[CaptureTarget],
     errors: &mut std::collections::BTreeMap<&'static str, u64>,
 ) -> Vec<(u32, Option<u64>)> {

@@ -2,12 +2,12 @@
 //! maps, [`capture`] a bounded capture with a sampler of its own (`record`,
 //! `/flamegraph?seconds=N`), [`alloc`] finds where to probe a Lua VM's allocator for
 //! allocation captures, [`source`] the seam between the daemon's sampler thread
-//! ([`crate::daemon::continuous`]) and BPF (and a replaying fake for root-free tests).
+//! (the daemon's continuous sampler thread) and BPF (and a replaying fake for root-free tests).
 //!
 //! Hooks: `perf_event_open`, raw tracepoints, the `lua_resume` uprobe, the allocator probes,
 //! `bpf()`. Metrics: the BPF counters (read by [`bpf::BpfSession::counters`]) and, in the
 //! daemon, the unwind error, lost sample, target and Lua memory gauges updated by
-//! [`crate::daemon::continuous`]. [`kernel`] finds what the running kernel offers (BTF
+//! the daemon's continuous sampler thread. [`kernel`] finds what the running kernel offers (BTF
 //! offsets, `bpf_loop`), [`verifier`] reads the verifier's figures for each program and
 //! holds their budgets.
 
@@ -16,5 +16,7 @@ pub mod bpf;
 pub mod capture;
 pub mod check;
 pub mod kernel;
+pub mod render;
+pub mod request;
 pub mod source;
 pub mod verifier;

@@ -179,12 +179,13 @@ impl ElfFile {
         })
     }
 
-    /// The stated virtual address (SVMA) of a file offset, from the loadable segments.
+    /// The stated virtual address (SVMA) of a mapping that starts at file offset `offset`,
+    /// from the loadable segments. A segment is mapped from its offset rounded down to a page,
+    /// so the mapping's offset can lie in the tail of the segment before (lld places segments
+    /// at offsets that are not page-aligned): the last segment whose page holds `offset` is
+    /// the one mapped.
     pub fn svma_of_offset(&self, offset: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|(off, _, size)| offset >= *off && offset < off + size.max(&1))
-            .map(|(off, vaddr, _)| offset - off + vaddr)
+        svma_of_offset(&self.segments, offset, page_size())
     }
 
     /// A path through which another reader can open the very same file.
@@ -192,6 +193,27 @@ impl ElfFile {
         use std::os::fd::AsRawFd as _;
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
+}
+
+/// See [`ElfFile::svma_of_offset`]; `segments` as [`ElfFile::segments`].
+fn svma_of_offset(segments: &[(u64, u64, u64)], offset: u64, page: u64) -> Option<u64> {
+    segments
+        .iter()
+        .filter(|(off, _, size)| {
+            offset >= off & !(page - 1) && offset < off.saturating_add(*size.max(&1))
+        })
+        .max_by_key(|(off, _, _)| *off)
+        .map(|(off, vaddr, _)| vaddr.wrapping_add(offset).wrapping_sub(*off))
+}
+
+/// The system's page size (4 KiB where it cannot be read).
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size)
+        .ok()
+        .filter(|s| s.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// One module of a process: an executable mapping and its ELF file.
@@ -261,6 +283,28 @@ impl ProcessModules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapped_offsets_find_their_segment() {
+        // GNU ld: segments at page-aligned offsets equal to their addresses.
+        let ld = [
+            (0, 0, 0x1000),
+            (0x1000, 0x1000, 0x5000),
+            (0x6000, 0x6000, 0x800),
+        ];
+        assert_eq!(svma_of_offset(&ld, 0x1000, 0x1000), Some(0x1000));
+        // lld: the text segment starts in the page that ends the read-only one, one page
+        // above in memory; the executable mapping's offset is that page.
+        let lld = [
+            (0, 0, 0x1889e4),
+            (0x1889f0, 0x1899f0, 0x2b89a0),
+            (0x441390, 0x443390, 0x4c1c0),
+        ];
+        assert_eq!(svma_of_offset(&lld, 0x188000, 0x1000), Some(0x189000));
+        assert_eq!(svma_of_offset(&lld, 0, 0x1000), Some(0));
+        assert_eq!(svma_of_offset(&lld, 0x441000, 0x1000), Some(0x443000));
+        assert_eq!(svma_of_offset(&lld, 0x9000_0000, 0x1000), None);
+    }
 
     #[test]
     fn parses_executable_file_mappings_only() {

@@ -147,7 +147,8 @@ pub fn parse_folded(text: &str) -> BTreeMap<String, u64> {
 pub const TEST_HZ: &str = "499";
 
 /// Runs `apisix-agent record --pid PID --format collapsed` at [`TEST_HZ`] (unless `extra`
-/// sets `--frequency`) with extra arguments.
+/// sets `--frequency`, or a mode other than CPU, where a frequency is refused) with extra
+/// arguments.
 pub fn record(pid: u32, secs: u64, extra: &[&str]) -> Recorded {
     record_env(pid, secs, extra, &[])
 }
@@ -157,7 +158,8 @@ pub fn record_env(pid: u32, secs: u64, extra: &[&str], env: &[(&str, &str)]) -> 
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.folded");
     let summary = dir.path().join("summary.json");
-    let frequency: &[&str] = if extra.contains(&"--frequency") {
+    let cpu = extra.windows(2).all(|w| w[0] != "--mode" || w[1] == "cpu");
+    let frequency: &[&str] = if extra.contains(&"--frequency") || !cpu {
         &[]
     } else {
         &["--frequency", TEST_HZ]
