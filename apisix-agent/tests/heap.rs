@@ -6,7 +6,9 @@
 //! collection.
 //!
 //! The VM is found from a thread address Lua prints (`coroutine.running()`), whose `glref`
-//! is the `global_State` (checked to be a VM); the walk itself is the library's.
+//! is the `global_State` (checked to be a VM); the walk itself is the library's. The front
+//! ends (`record --mode heap`, `/flamegraph?mode=heap&diff_seconds=N`) learn the VM with
+//! the real `lua_resume` uprobe and are checked on both layouts.
 
 mod common;
 
@@ -16,7 +18,7 @@ use apisix_agent::luajit::{
     layout::{GC32, GC64, Layout},
     snapshot::{self, Limits, Snapshot, UNREACHABLE},
 };
-use common::{Lj, Load, Nginx, agent};
+use common::{Lj, Load, Nginx, agent, daemon::Agent};
 
 /// Slots of the table only the coroutine's stack holds, and of the one only an upvalue
 /// holds: distinct sizes, so each is recognised by its bytes.
@@ -220,4 +222,82 @@ fn heap_diff_finds_the_cache_gc32_jit() {
 #[ignore = "needs root"]
 fn heap_diff_finds_the_cache_gc32_nojit() {
     check(Lj::Gc32, false);
+}
+
+/// `record --mode heap` and `/flamegraph?mode=heap&diff_seconds=N` under load: the VM is
+/// learned by the uprobe, the snapshot names the cache, the difference puts its growth there.
+fn front_ends(lj: Lj) {
+    common::require_root!();
+    let n = start(lj, true);
+    let pid = n.worker().expect("worker");
+    let _load = Load::start(n.port, "/rec", 1, Duration::from_secs(60));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("heap.folded");
+    let st = Command::new(agent())
+        .args(["record", "--pid", &pid.to_string(), "--mode", "heap"])
+        .args(["--format", "collapsed", "--output"])
+        .arg(&out)
+        .output()
+        .expect("run record");
+    let stderr = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{stderr}");
+    let text = std::fs::read_to_string(&out).expect("output");
+    let cache: u64 = common::parse_folded(&text)
+        .iter()
+        .filter(|(s, _)| s.starts_with("registry;_LOADED;heapwork;cache;"))
+        .map(|(_, n)| *n)
+        .sum();
+    eprintln!("{lj:?} record: {stderr}cache {cache} bytes");
+    assert!(cache > 0, "{text}");
+    // The daemon: its continuous sampler knows the VM; a 3 s difference.
+    let agent = Agent::start("");
+    let (status, body) = common::daemon::wait_for(20, || {
+        let (status, body) = agent.get(&format!(
+            "/flamegraph?pid={pid}&mode=heap&diff_seconds=3&format=collapsed"
+        ));
+        (status == 200).then_some((status, body))
+    })
+    .map(|(r, _)| r)
+    .unwrap_or_else(|| panic!("no heap diff from the daemon:\n{}", agent.log()));
+    assert_eq!(status, 200);
+    let mut grown = 0u64;
+    let mut in_cache = 0u64;
+    for l in body.lines() {
+        let mut it = l.rsplitn(3, ' ');
+        let (Some(a), Some(b), Some(stack)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let g = a
+            .parse::<u64>()
+            .unwrap_or(0)
+            .saturating_sub(b.parse().unwrap_or(0));
+        if stack != UNREACHABLE {
+            grown += g;
+            if stack.starts_with("registry;_LOADED;heapwork;cache;") {
+                in_cache += g;
+            }
+        }
+    }
+    eprintln!("{lj:?} daemon diff: {in_cache} of {grown} grown reachable bytes under the cache");
+    assert!(
+        in_cache as f64 >= 0.8 * grown as f64 && in_cache > 0,
+        "{body}"
+    );
+    let (status, svg) = agent.get(&format!("/flamegraph?pid={pid}&mode=heap"));
+    assert_eq!(status, 200);
+    assert!(svg.contains("heapwork"));
+    let (status, _) = agent.get(&format!("/flamegraph?pid={pid}&mode=heap&format=pprof"));
+    assert_eq!(status, 400);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn heap_front_ends_gc64() {
+    front_ends(Lj::Gc64);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn heap_front_ends_gc32() {
+    front_ends(Lj::Gc32);
 }
