@@ -600,3 +600,98 @@ impl<'m> Walk<'m> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Heaps laid out by hand in this process (both layouts, through the table reader's fake
+    //! heap), walked like a target's; real VMs are walked by the root tests.
+    use super::*;
+    use crate::luajit::{
+        layout::{GC32, GC64},
+        tables::tests::{Heap, ME},
+    };
+
+    const TSTR: u32 = !4;
+    const TTAB: u32 = !11;
+
+    fn folded(w: &Walk<'_>) -> BTreeMap<String, u64> {
+        w.bytes
+            .iter()
+            .map(|((p, k), b)| {
+                let mut s = w.paths.labels(*p).join(";");
+                s.push(';');
+                s.push_str(k.name());
+                (s, *b)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn walks_paths_once_through_cycles_in_both_layouts() {
+        for l in [&GC64, &GC32] {
+            let mut h = Heap::new(l);
+            let payload = h.string("payload-bytes");
+            let k_payload = h.string("p");
+            let k_cache = h.string("cache");
+            let k_self = h.string("self");
+            let record = h.table(2, &[(h.tv(TSTR, k_payload), h.tv(TSTR, payload))]);
+            let cache = h.table(2, &[(1f64.to_bits(), h.tv(TTAB, record))]);
+            let module = h.table(4, &[(h.tv(TSTR, k_cache), h.tv(TTAB, cache))]);
+            let k_m = h.string("m;odd");
+            let loaded = h.table(2, &[(h.tv(TSTR, k_m), h.tv(TTAB, module))]);
+            let k_loaded = h.string("_LOADED");
+            let registry = h.table(2, &[(h.tv(TSTR, k_loaded), h.tv(TTAB, loaded))]);
+            let g = h.alloc((l.objects.g_gcroot + GCROOT_MAX * 8) as usize);
+            h.put(
+                g + u64::from(l.values.g_registrytv),
+                &h.tv(TTAB, registry).to_le_bytes(),
+            );
+            // The module's second node points back to the registry (a cycle).
+            let v = l.values;
+            let node = {
+                let head = ME.read(module + u64::from(v.t_node), 8).expect("node ref");
+                let mut w = [0u8; 8];
+                let n = if l.bpf.gc64 != 0 { 8 } else { 4 };
+                w[..n].copy_from_slice(&head[..n]);
+                u64::from_le_bytes(w)
+            };
+            let second = node + u64::from(v.node_size);
+            h.put(second, &h.tv(TTAB, registry).to_le_bytes());
+            h.put(
+                second + u64::from(v.node_key),
+                &h.tv(TSTR, k_self).to_le_bytes(),
+            );
+            // A hostile table: a hash part beyond LuaJIT's maximum, under the module.
+            let bad = h.table(2, &[]);
+            h.put(bad + u64::from(v.t_hmask), &u32::MAX.to_le_bytes());
+            let k_bad = h.string("bad");
+            let third = second + u64::from(v.node_size);
+            h.put(third, &h.tv(TTAB, bad).to_le_bytes());
+            h.put(
+                third + u64::from(v.node_key),
+                &h.tv(TSTR, k_bad).to_le_bytes(),
+            );
+            let mut w = Walk::new(&ME, l, g, &Limits::default());
+            w.run(Instant::now() + std::time::Duration::from_secs(10));
+            let f = folded(&w);
+            let m = "registry;_LOADED;m\\x3bodd";
+            assert_eq!(
+                f.get(&format!("{m};cache;[number];[hash];string")),
+                None,
+                "{f:?}"
+            );
+            assert_eq!(
+                f.get(&format!("{m};cache;[number];p;string")),
+                Some(&(u64::from(l.str_size) + 13 + 1)),
+                "{f:?}"
+            );
+            let tab = u64::from(v.t_size) + 2 * u64::from(v.node_size);
+            assert_eq!(f.get(&format!("{m};cache;[number];table")), Some(&tab));
+            // The registry is counted once, under its root, despite the cycle.
+            assert_eq!(f.get("registry;table"), Some(&tab));
+            assert_eq!(w.by_kind[&Kind::Table].0, 5, "{f:?}");
+            assert_eq!(w.errors.get("implausible_table"), Some(&1));
+            assert!(w.truncated.is_none());
+        }
+    }
+}
