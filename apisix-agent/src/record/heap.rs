@@ -3,7 +3,7 @@
 //! and says on stderr what was reached against `gc.total`.
 //!
 //! Hooks: those of [`crate::sampling::heap`]; SIGINT/SIGTERM end the wait between two
-//! snapshots. Metrics: none; `--summary FILE` gets each snapshot's counts as JSON.
+//! snapshots; the process walks at nice 10. Metrics: none; `--summary FILE` gets each snapshot's counts as JSON.
 
 use std::{io::Write as _, time::Duration};
 
@@ -21,6 +21,11 @@ pub fn run(req: &Request, args: &RecordArgs, pid: u32) -> Result<(), RecordError
     let vm = heap::learn_vm(pid, &lua, &STOP).map_err(RecordError::Heap)?;
     if let Some(d) = req.diff_seconds {
         eprintln!("pid {pid}: two snapshots {d}s apart");
+    }
+    // The walk yields the CPU to the target's workers (nice 10, as the daemon's renders).
+    // SAFETY: a plain system call on this process; a failure leaves the priority as it was.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "setpriority");
     }
     let result = heap::take(
         pid,
