@@ -112,7 +112,7 @@ def start_agent(work, binary, hz, port):
 def served(logfile):
     """The fields of each `pprof profile served` debug line of the agent: samples, stacks,
     bytes, millis (wall time from the request's start to the gzip-compressed profile) and
-    the CPU time of each step, cut_cpu_ms (the window, under the aggregator's lock),
+    the CPU time of each step, cut_cpu_ms (the window, cut from a snapshot of its chunks),
     build_cpu_ms (the pprof messages) and gzip_cpu_ms (protobuf + gzip)."""
     out = []
     with open(logfile) as f:

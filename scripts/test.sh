@@ -29,8 +29,10 @@ echo "==> cargo clippy (BPF programs)" >&2
 # (apisix-ebpf/rust-toolchain.toml picks the pinned nightly.)
 (cd apisix-ebpf && cargo clippy --target bpfel-unknown-none -Z build-std=core --release -- -D warnings)
 echo "==> cargo test" >&2
-# One test at a time: the root tests measure CPU shares on a small machine.
-cargo test --release -- --test-threads=1
+# One test at a time: the root tests measure CPU shares on a small machine. The root tests
+# are `#[ignore = "needs root"]` (a normal user's `cargo test` reports them ignored): run
+# them too.
+cargo test --release -- --include-ignored --test-threads=1
 echo "==> kernel matrix (5.10, 6.1, 6.12 under QEMU)" >&2
 ./scripts/kernel-matrix.sh
 echo "==> reproducible BPF object" >&2

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use crate::stacks::label::{FrameClass, classify as classify_frame};
+use crate::label::{FrameClass, classify as classify_frame};
 
 /// The plugin of Lua samples that run in no plugin.
 pub const CORE: &str = "[core]";

@@ -48,7 +48,7 @@ use crate::{
         layout::Layout,
         tables::{Limits, Reader, TableError, Value},
     },
-    stacks::memory::Memory,
+    target::memory::{Memory, TargetMemory},
 };
 
 /// How old a map gets before it is rebuilt.
@@ -220,7 +220,12 @@ impl PluginMaps {
 
 impl ProcMap {
     /// Learns the VM of `lua_State` `l`; whether it is a VM not seen before.
-    fn learn(&mut self, mem: &Memory, l: u64, errors: &mut HashMap<&'static str, u64>) -> bool {
+    fn learn(
+        &mut self,
+        mem: &dyn TargetMemory,
+        l: u64,
+        errors: &mut HashMap<&'static str, u64>,
+    ) -> bool {
         if l == 0 || self.states.contains_key(&l) {
             return false;
         }
@@ -259,7 +264,12 @@ impl ProcMap {
 
     /// Reads the map of every VM of the process anew; keeps the old one when none could be
     /// read.
-    fn rebuild(&mut self, pid: u32, mem: &Memory, errors: &mut HashMap<&'static str, u64>) {
+    fn rebuild(
+        &mut self,
+        pid: u32,
+        mem: &dyn TargetMemory,
+        errors: &mut HashMap<&'static str, u64>,
+    ) {
         let now = Instant::now();
         self.tried = Some(now);
         self.dirty = false;
@@ -313,7 +323,7 @@ fn map_reason(e: &TableError) -> &'static str {
 
 /// The VM (`global_State`) of the `lua_State` at `l`: one of the `known` VMs, or an
 /// address checked to be one (a request's coroutine is a new state of a known VM: one read).
-fn vm_of(mem: &Memory, layout: &Layout, l: u64, known: &[u64]) -> Option<u64> {
+fn vm_of(mem: &dyn TargetMemory, layout: &Layout, l: u64, known: &[u64]) -> Option<u64> {
     let w = if layout.bpf.gc64 != 0 { 8 } else { 4 };
     let b = mem
         .read(l.wrapping_add(u64::from(layout.bpf.l_glref)), w)
@@ -561,7 +571,7 @@ mod tests {
         for layout in [&GC64, &GC32] {
             let f = fake(layout);
             let r = Reader {
-                mem: &ME,
+                mem: &*ME,
                 layout,
                 limits: Limits::default(),
             };

@@ -18,7 +18,7 @@
 //!   and `/debug/pprof/profile` must agree with the metrics.
 //!
 //! Without the harness (a clone without `../shared/apisix`), each test says so in one line
-//! on stderr and returns; as a normal user, it says it needs root.
+//! on stderr and returns. Both are `#[ignore = "needs root"]`.
 //! Only one copy of the gateway runs at a time (fixed ports 9080 and 1980): the tests hold a
 //! lock.
 
@@ -413,6 +413,7 @@ fn compare(what: &str, got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>
 
 /// On the untouched gateway, `record` names every plugin of the route as APISIX does.
 #[test]
+#[ignore = "needs root"]
 fn record_names_plugins_as_the_gateway_does() {
     common::require_root!();
     let Some(tarball) = harness() else { return };
@@ -473,6 +474,7 @@ fn record_names_plugins_as_the_gateway_does() {
 /// Each plugin's share of plugin CPU within 5 points of the time measured inside the
 /// workers, per phase too; the endpoints agree.
 #[test]
+#[ignore = "needs root"]
 fn plugin_cpu_matches_os_clock_truth() {
     common::require_root!();
     let Some(tarball) = harness() else { return };

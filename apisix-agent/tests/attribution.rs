@@ -360,12 +360,14 @@ fn check(what: &str, measured: &BTreeMap<String, f64>, expected: &BTreeMap<&str,
 }
 
 #[test]
+#[ignore = "needs root"]
 fn plugin_and_phase_cpu_match_calibration_gc64() {
     common::require_root!();
     plugin_and_phase_cpu(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn plugin_and_phase_cpu_match_calibration_gc32() {
     common::require_root!();
     plugin_and_phase_cpu(Lj::Gc32);
@@ -562,6 +564,7 @@ return _M
 /// `apisix_profiler_plugin_offcpu_seconds_total{plugin, phase="log"}`, within 25 % of the
 /// time measured in Lua.
 #[test]
+#[ignore = "needs root"]
 fn offcpu_time_by_plugin_and_phase() {
     common::require_root!();
     let nginx = Nginx::start(

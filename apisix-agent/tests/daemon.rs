@@ -47,6 +47,7 @@ fn host_nginx(name: &str) -> Nginx {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn host_and_docker_targets_are_profiled() {
     common::require_root!();
     require_docker();
@@ -275,6 +276,7 @@ fn host_and_docker_targets_are_profiled() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn docker_socket_absent_keeps_host_profiling() {
     common::require_root!();
     let host = host_nginx("lonely_burn");
@@ -355,6 +357,7 @@ fn bad_config_files_name_the_field() {
 /// `nobody`) leaves the daemon serving and saying why: `/healthz` 503 with the reason,
 /// `apisix_profiler_bpf_program_loaded{program="cpu_sampler"}` 0, `/targets` still answered.
 #[test]
+#[ignore = "needs root"]
 fn a_refused_sampler_leaves_the_daemon_serving_and_saying_why() {
     common::require_root!();
     let config = "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n  docker:\n    enabled: false\n";

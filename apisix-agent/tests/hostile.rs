@@ -46,6 +46,7 @@ fn basic(user: &str, password: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn chunk_names_cannot_forge_metrics() {
     common::require_root!();
     let lua = format!(
@@ -131,6 +132,7 @@ fn fake_worker(dir: &std::path::Path, name: &str, replace: impl Fn(&std::path::P
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_fifo_or_symlink_in_place_of_a_mapped_file_stalls_nothing() {
     common::require_root!();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -230,6 +232,7 @@ fn spawn_with_pid(pid: u32) -> Option<u32> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_reused_pid_is_not_profiled() {
     common::require_root!();
     let nginx = Nginx::start(Lj::Gc64, &[], "", "location / { return 200; }");
@@ -272,6 +275,7 @@ fn a_reused_pid_is_not_profiled() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_removed_or_emptied_token_file_revokes_the_token() {
     common::require_root!();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -303,6 +307,7 @@ fn a_removed_or_emptied_token_file_revokes_the_token() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn wrong_password_floods_are_refused_fast() {
     common::require_root!();
     let hash = hash_password("right");
@@ -383,6 +388,7 @@ fn wrong_password_floods_are_refused_fast() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stalled_tls_handshakes_are_closed_by_the_header_timeout() {
     common::require_root!();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -452,6 +458,7 @@ const DEEP_LUA: &str = "local M = {}\nlocal function r(n) if n == 0 then local x
                         M.run() return r(math.random(1, 60)) end\nreturn M\n";
 
 #[test]
+#[ignore = "needs root"]
 fn window_renders_leave_healthz_alone() {
     common::require_root!();
     let nginx = Nginx::start(
@@ -523,6 +530,7 @@ fn window_renders_leave_healthz_alone() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn captures_need_the_capture_permission_and_memory_ones_are_rate_limited() {
     common::require_root!();
     let hash = hash_password("pw");

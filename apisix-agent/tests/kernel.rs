@@ -57,6 +57,7 @@ fn assert_within_budgets(env: &[(&str, &str)], walk: &str, programs: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn every_program_is_within_its_verifier_budgets() {
     common::require_root!();
     assert_within_budgets(
@@ -74,6 +75,7 @@ fn every_program_is_within_its_verifier_budgets() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_bounded_walk_variants_are_within_their_verifier_budgets() {
     common::require_root!();
     assert_within_budgets(
@@ -91,6 +93,7 @@ fn the_bounded_walk_variants_are_within_their_verifier_budgets() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_kernels_btf_gives_the_offsets_the_programs_need() {
     common::require_root!();
     let (_, json, _) = check(&[]);

@@ -267,8 +267,8 @@ fn measure_shares(nginx: &Nginx, lj: Lj, jit: bool) -> (Recorded, String, f64) {
         .collect();
     let path = format!("/run?a={}&b={}&c={}", n[0], n[1], n[2]);
     nginx.get(&path);
-    let _load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = Load::start(nginx.port, &path, 2, Duration::from_secs(30));
+    common::wait_for_requests(&load, 4);
     spent(nginx);
     let rec = record(worker, 8, &[]);
     let truth = spent(nginx);
@@ -308,24 +308,28 @@ fn lua_errors(rec: &Recorded) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc64_jit_on() {
     common::require_root!();
     accuracy(Lj::Gc64, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc64_jit_off() {
     common::require_root!();
     accuracy(Lj::Gc64, false);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc32_jit_on() {
     common::require_root!();
     accuracy(Lj::Gc32, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn accuracy_gc32_jit_off() {
     common::require_root!();
     accuracy(Lj::Gc32, false);
@@ -345,8 +349,8 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 
     // A recursion 120 Lua frames deep comes out whole.
     {
-        let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(300));
+        let load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(20));
+        common::wait_for_requests(&load, 4);
         let rec = record(worker, 4, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
         let in_spin = rec.count(|f| has(f, "spin@"));
@@ -393,8 +397,8 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 
     // A coroutine shows its own frames.
     {
-        let _load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(300));
+        let load = Load::start(nginx.port, "/co", 2, Duration::from_secs(20));
+        common::wait_for_requests(&load, 4);
         let rec = record(worker, 3, &[]);
         assert!(rec.status.success(), "record failed: {}", rec.dump());
         let total = rec.count(|f| has(f, "spin@"));
@@ -408,6 +412,7 @@ fn shape_with(lj: Lj, jit: bool, env: &[(&str, &str)]) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc64_jit_on() {
     common::require_root!();
     shape(Lj::Gc64, true);
@@ -415,24 +420,28 @@ fn shape_gc64_jit_on() {
 
 /// The bounded walk (kernels before 5.17) walks as deep and names the same frames.
 #[test]
+#[ignore = "needs root"]
 fn shape_gc64_jit_on_bounded_walk() {
     common::require_root!();
     shape_with(Lj::Gc64, true, BOUNDED);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_on_bounded_walk() {
     common::require_root!();
     shape_with(Lj::Gc32, true, BOUNDED);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_off() {
     common::require_root!();
     shape(Lj::Gc32, false);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn shape_gc32_jit_on() {
     common::require_root!();
     shape(Lj::Gc32, true);
@@ -440,12 +449,13 @@ fn shape_gc32_jit_on() {
 
 /// `--lines` names frames by their current line: inside the function, not its first line.
 #[test]
+#[ignore = "needs root"]
 fn lines_option_names_the_current_line() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/deep", 2, Duration::from_secs(30));
+    common::wait_for_requests(&load, 4);
     let line_of = |label: &str| -> u32 {
         label
             .rsplit_once(':')
@@ -479,8 +489,8 @@ fn lines_option_names_the_current_line() {
 fn ffi(lj: Lj, jit: bool) {
     let nginx = start(lj, jit);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/ffi", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     // libc's memset is an IFUNC variant without a dynamic symbol: `libc.so.6+0x…` unless
@@ -507,12 +517,14 @@ fn ffi(lj: Lj, jit: bool) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_gc64_jit_on() {
     common::require_root!();
     ffi(Lj::Gc64, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_gc32_jit_off() {
     common::require_root!();
     ffi(Lj::Gc32, false);
@@ -520,12 +532,13 @@ fn ffi_gc32_jit_off() {
 
 /// Allocation-heavy code shows garbage-collector samples as `[lua:gc]` under its frame.
 #[test]
+#[ignore = "needs root"]
 fn gc_marker() {
     common::require_root!();
     let nginx = start(Lj::Gc64, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/gc", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     // The collector runs where an allocation triggers it: in churn itself or in a fast
@@ -551,8 +564,8 @@ fn gc_marker() {
 fn c_helper(lj: Lj) {
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/len", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let total = rec.total();
@@ -577,12 +590,14 @@ fn c_helper(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn c_helper_gc64() {
     common::require_root!();
     c_helper(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn c_helper_gc32() {
     common::require_root!();
     c_helper(Lj::Gc32);
@@ -592,8 +607,8 @@ fn builtin(lj: Lj) {
     // Interpreted, so that string.rep runs as the fast function it is.
     let nginx = start(lj, false);
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(nginx.port, "/rep", 2, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     let rec = record(worker, 3, &[]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     let in_rep = rec.count(|f| {
@@ -609,18 +624,21 @@ fn builtin(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn builtin_gc64() {
     common::require_root!();
     builtin(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn builtin_gc32() {
     common::require_root!();
     builtin(Lj::Gc32);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn reload_and_killed_workers_end_the_recording_cleanly() {
     common::require_root!();
     let nginx = start(Lj::Gc64, true);

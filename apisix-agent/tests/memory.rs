@@ -175,24 +175,28 @@ fn alloc_shares(lj: Lj, jit: bool) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn alloc_shares_gc64_jit_on() {
     common::require_root!();
     alloc_shares(Lj::Gc64, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn alloc_shares_gc64_jit_off() {
     common::require_root!();
     alloc_shares(Lj::Gc64, false);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn alloc_shares_gc32_jit_on() {
     common::require_root!();
     alloc_shares(Lj::Gc32, true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn alloc_shares_gc32_jit_off() {
     common::require_root!();
     alloc_shares(Lj::Gc32, false);
@@ -318,6 +322,7 @@ fn leaked_while_probed(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn leak_is_found_and_the_gauge_grows() {
     common::require_root!();
     let leaky = Nginx::start(Lj::Gc64, &[("leakwork", LEAK_LUA)], LEAK_INIT, LEAK_SERVER);
@@ -495,6 +500,7 @@ fn leak_is_found_and_the_gauge_grows() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn leak_is_found_on_gc32() {
     common::require_root!();
     let leaky = Nginx::start(Lj::Gc32, &[("leakwork", LEAK_LUA)], LEAK_INIT, LEAK_SERVER);
@@ -636,6 +642,7 @@ fn sigterm(pid: u32) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn probes_are_detached_after_captures_signals_and_exits() {
     common::require_root!();
     let nginx = Nginx::start(Lj::Gc64, &[("leakwork", LEAK_LUA)], LEAK_INIT, LEAK_SERVER);

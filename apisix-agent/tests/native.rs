@@ -71,6 +71,7 @@ fn unwinds_to(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn c_program_without_frame_pointers_unwinds_fully() {
     common::require_root!();
     let rec = unwinds_to("hot", HOT_C, |_| {}, &["main", "outer", "middle", "leaf"]);
@@ -95,6 +96,7 @@ int main(void) {
 "#;
 
 #[test]
+#[ignore = "needs root"]
 fn main_thread_with_a_deep_stack_unwinds_to_main() {
     common::require_root!();
     // A small environment: the arguments and environment above the frames stay small.
@@ -110,6 +112,7 @@ fn main_thread_with_a_deep_stack_unwinds_to_main() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stripped_nginx_worker_unwinds_through_static_functions() {
     common::require_root!();
     let nginx = Nginx::start(
@@ -156,6 +159,7 @@ fn stripped_nginx_worker_unwinds_through_static_functions() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn unknown_pid_is_a_clear_error() {
     common::require_root!();
     let rec = record(999_999_999, 1, &[]);
@@ -183,6 +187,7 @@ fn bad_arguments_are_rejected() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn missing_privilege_is_a_clear_error() {
     common::require_root!();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -224,6 +229,7 @@ fn missing_privilege_is_a_clear_error() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn target_exiting_mid_recording_keeps_its_samples() {
     common::require_root!();
     let dir = tempfile::tempdir().expect("tempdir");

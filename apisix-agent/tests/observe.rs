@@ -231,6 +231,7 @@ fn check_metrics_with_promtool(body: &str) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn prometheus_scrapes_the_agent() {
     common::require_root!();
     let started = Instant::now();
@@ -426,6 +427,7 @@ fn chromium(dir: &Path, name: &str, args: &[&OsStr], secs: u64) -> Output {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dashboard_flamegraph_renders_in_chromium() {
     common::require_root!();
     require_program(

@@ -72,12 +72,13 @@ fn start() -> Nginx {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn blocking_lua_function_carries_the_blocked_time() {
     common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, "/block", 1, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = Load::start(nginx.port, "/block", 1, Duration::from_secs(20));
+    common::wait_for_requests(&load, 4);
     nginx.get("/reset");
     let rec = record(worker, 4, &["--mode", "off-cpu", "--min-block-us", "1000"]);
     let measured: f64 = nginx.get("/stats").trim().parse().expect("stats");
@@ -118,11 +119,14 @@ fn blocking_lua_function_carries_the_blocked_time() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ngx_sleep_is_not_blocked_worker_time() {
     common::require_root!();
     let nginx = start();
     let worker = nginx.worker().expect("worker");
     let _load = Load::start(nginx.port, "/sleep", 2, Duration::from_secs(20));
+    // Not `common::wait_for_requests`: started once the load's first requests are served,
+    // the recording sees no blocked time at all (and fails); why is not known yet.
     std::thread::sleep(Duration::from_millis(500));
     let rec = record(worker, 3, &["--mode", "off-cpu"]);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -154,6 +158,7 @@ fn ngx_sleep_is_not_blocked_worker_time() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn daemon_serves_offcpu_metrics_and_flame_graphs() {
     common::require_root!();
     let nginx = start();

@@ -327,6 +327,7 @@ fn collapsed(agent: &Agent, query: &str) -> BTreeMap<String, u64> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn profile_endpoint_matches_flamegraph_and_go_pprof_reads_it() {
     common::require_root!();
     let nginx = host_nginx();
@@ -637,6 +638,7 @@ return _M
 "#;
 
 #[test]
+#[ignore = "needs root"]
 fn offcpu_endpoint_carries_the_blocked_time() {
     common::require_root!();
     let nginx = Nginx::start(
@@ -714,6 +716,7 @@ return _M
 /// live bytes as `inuse_space` (period type `space/bytes`, period = `sample_bytes`), and the
 /// handler that allocates (or keeps) them is on top.
 #[test]
+#[ignore = "needs root"]
 fn heap_captures_are_space_profiles() {
     common::require_root!();
     let nginx = Nginx::start(
@@ -781,6 +784,7 @@ fn heap_captures_are_space_profiles() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn container_targets_carry_container_and_image_labels() {
     common::require_root!();
     require_docker();

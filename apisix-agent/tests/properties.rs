@@ -8,11 +8,9 @@ use apisix_agent::{
         LabelValue, LuaFunctionLabels, MAX_LABEL_VALUE_BYTES, Metrics, TRUNCATED,
         to_prometheus_text,
     },
-    luajit::{
-        detect::inspect,
-        names::{MAX_STR, decode_str},
-    },
-    stacks::process::parse_maps,
+    luajit::detect::inspect,
+    stacks::names::{MAX_STR, decode_str},
+    target::process::parse_maps,
 };
 use proptest::prelude::*;
 

@@ -239,12 +239,12 @@ fn start(lj: Lj, jit: bool, http_extra: &str) -> Nginx {
     )
 }
 
-/// Records the worker for `secs` seconds while two clients load `path` (from half a second
-/// before until the recording ends); panics if `record` fails.
+/// Records the worker for `secs` seconds while two clients load `path` (from their first
+/// ten requests on until the recording ends); panics if `record` fails.
 fn record_under_load(nginx: &Nginx, path: &str, secs: u64, extra: &[&str]) -> Recorded {
     let worker = nginx.worker().expect("worker");
-    let _load = Load::start(nginx.port, path, 2, Duration::from_secs(secs + 15));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = Load::start(nginx.port, path, 2, Duration::from_secs(secs + 25));
+    common::wait_for_requests(&load, 10);
     let rec = record(worker, secs, extra);
     assert!(rec.status.success(), "record failed: {}", rec.dump());
     rec
@@ -306,8 +306,9 @@ fn check_shares(
     nginx.get(path);
     let before = costs(nginx, calibrated);
     let rec = {
-        let _load = Load::start(nginx.port, path, 2, Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(800));
+        let load = Load::start(nginx.port, path, 2, Duration::from_secs(40));
+        // Warm: its traces compiled before the recording starts.
+        common::wait_for_requests(&load, 10);
         record(worker, 8, &[])
     };
     assert!(rec.status.success(), "record failed: {}", rec.dump());
@@ -396,11 +397,13 @@ fn inlined(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn inlined_gc64() {
     inlined(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn inlined_gc32() {
     inlined(Lj::Gc32);
 }
@@ -429,11 +432,13 @@ fn trace_shapes(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn trace_shapes_gc64() {
     trace_shapes(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn trace_shapes_gc32() {
     trace_shapes(Lj::Gc32);
 }
@@ -467,11 +472,13 @@ fn stitched(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stitched_gc64() {
     stitched(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stitched_gc32() {
     stitched(Lj::Gc32);
 }
@@ -495,11 +502,13 @@ fn ffi_from_inlined_function(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_from_inlined_function_gc64() {
     ffi_from_inlined_function(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ffi_from_inlined_function_gc32() {
     ffi_from_inlined_function(Lj::Gc32);
 }
@@ -544,11 +553,13 @@ fn concat(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn concat_gc64() {
     concat(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn concat_gc32() {
     concat(Lj::Gc32);
 }
@@ -627,17 +638,20 @@ fn flush(lj: Lj) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn flush_gc64() {
     flush(Lj::Gc64);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn flush_gc32() {
     flush(Lj::Gc32);
 }
 
 /// The VM-state split: interpreted code with the JIT off, compiled code for a hot loop.
 #[test]
+#[ignore = "needs root"]
 fn vm_states() {
     common::require_root!();
     for (jit, path, states, min) in [

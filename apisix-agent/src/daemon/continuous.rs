@@ -24,7 +24,7 @@ use std::{
 use apisix_ebpf_common::Counter;
 
 use super::{
-    aggregate::Group,
+    aggregate::{Arrival, Group, Retention},
     metrics::{
         CacheLabels, FlavourLabels, LabelValue, ProgramLabels, ReasonLabels, TargetLabels,
         VmStateLabels,
@@ -34,12 +34,14 @@ use super::{
 use crate::{
     discovery::{Lua, Snapshot, TargetProcess},
     error::error_chain,
+    label::FrameDetail,
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
     sampling::{
         bpf::{BpfError, BpfSession},
         source::SampleSource,
     },
-    stacks::{StackBuilder, StackOptions, label::FrameDetail, memory::Memory, process},
+    stacks::{StackBuilder, StackOptions},
+    target::{memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).
@@ -70,6 +72,9 @@ fn metric_labels(t: &TargetProcess) -> TargetLabels {
     }
 }
 
+/// A built stack: its process, frame labels and frame details.
+type Built = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
+
 struct State<S> {
     sampler: S,
     /// The off-CPU sampler, when `sampling.offcpu.enabled`.
@@ -83,6 +88,55 @@ struct State<S> {
 }
 
 impl<S: SampleSource> State<S> {
+    /// Hands the samples (with their VM states) and off-CPU blocks built in one poll to the
+    /// aggregator: counted under its counters' lock, then kept under its window's. Counts the
+    /// VM state of each sample of a tracked process.
+    fn hand_over(
+        &self,
+        shared: &Shared,
+        batch: &mut Vec<(Built, Option<VmState>)>,
+        blocked: &mut Vec<(Built, u64)>,
+    ) {
+        let tracked = &self.tracked;
+        let cpu = batch
+            .drain(..)
+            .filter_map(|((pid, stack, details), vm_state)| {
+                let tr = tracked.get(&pid)?;
+                if let Some(v) = vm_state {
+                    shared
+                        .metrics
+                        .vm_states
+                        .get_or_create(&VmStateLabels {
+                            state: LabelValue::fixed(v.name()),
+                            container: tr.labels.container.clone(),
+                            image: tr.labels.image.clone(),
+                        })
+                        .inc();
+                }
+                Some(Arrival {
+                    which: Retention::Cpu,
+                    pid,
+                    target: &tr.labels,
+                    stack,
+                    details,
+                    us: 0,
+                })
+            });
+        let off = blocked.drain(..).filter_map(|((pid, stack, details), us)| {
+            Some(Arrival {
+                which: Retention::OffCpu,
+                pid,
+                target: &tracked.get(&pid)?.labels,
+                stack,
+                details,
+                us,
+            })
+        });
+        shared
+            .aggregator
+            .add_batch(cpu.chain(off), |l| self.builder.module_of(l));
+    }
+
     fn apply(&mut self, shared: &Shared, snapshot: &Snapshot) {
         let wanted: HashMap<u32, &TargetProcess> = snapshot.iter().map(|t| (t.pid, t)).collect();
         let gone: Vec<u32> = self
@@ -184,9 +238,7 @@ impl<S: SampleSource> State<S> {
             .iter()
             .map(|t| Group::of(&metric_labels(t)))
             .collect();
-        if let Ok(mut agg) = shared.aggregator.lock() {
-            agg.retain_groups(&groups);
-        }
+        shared.aggregator.retain_groups(&groups);
     }
 
     fn tick(&mut self, shared: &Shared) {
@@ -218,9 +270,7 @@ impl<S: SampleSource> State<S> {
         }
         self.refresh_heaps(shared);
         let lost = self.sampler.lost();
-        let Ok(mut agg) = shared.aggregator.lock() else {
-            return;
-        };
+        let agg = &shared.aggregator;
         for (pid, total) in lost {
             let seen = self.lost_seen.entry(pid).or_insert(0);
             let delta = total.saturating_sub(*seen);
@@ -331,11 +381,7 @@ impl<S: SampleSource> State<S> {
     /// windows hold, as counted for their `limits:` caps.
     fn cache_gauges(&self, shared: &Shared) {
         let (protos, labels, traces) = self.builder.cached_bytes();
-        let (cpu, offcpu) = shared
-            .aggregator
-            .lock()
-            .map(|a| a.retained_bytes())
-            .unwrap_or_default();
+        let (cpu, offcpu) = shared.aggregator.retained_bytes();
         for (cache, bytes) in [
             ("protos", protos),
             ("labels", labels),
@@ -461,7 +507,6 @@ pub fn run_with<S: SampleSource>(
         memory_series: HashSet::new(),
     };
     let mut last_tick = Instant::now();
-    type Built = (u32, Vec<Arc<str>>, Vec<FrameDetail>);
     let mut batch: Vec<(Built, Option<VmState>)> = Vec::new();
     let mut blocked: Vec<(Built, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
@@ -502,33 +547,7 @@ pub fn run_with<S: SampleSource>(
                 }
             });
         }
-        if !(batch.is_empty() && blocked.is_empty())
-            && let Ok(mut agg) = shared.aggregator.lock()
-        {
-            for ((pid, stack, details), vm_state) in batch.drain(..) {
-                if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_detailed(pid, &tr.labels, stack, details, |l| {
-                        state.builder.module_of(l)
-                    });
-                    if let Some(v) = vm_state {
-                        shared
-                            .metrics
-                            .vm_states
-                            .get_or_create(&VmStateLabels {
-                                state: LabelValue::fixed(v.name()),
-                                container: tr.labels.container.clone(),
-                                image: tr.labels.image.clone(),
-                            })
-                            .inc();
-                    }
-                }
-            }
-            for ((pid, stack, details), us) in blocked.drain(..) {
-                if let Some(tr) = state.tracked.get(&pid) {
-                    agg.add_offcpu(pid, &tr.labels, stack, details, us);
-                }
-            }
-        }
+        state.hand_over(shared, &mut batch, &mut blocked);
         batch.clear();
         blocked.clear();
         if last_tick.elapsed() >= Duration::from_secs(1) {

@@ -29,7 +29,8 @@
 //! already run, when [`PPROF_AT_ONCE`] pprof profiles or [`RENDERS_AT_ONCE`] flame graphs of
 //! the retained window are being made, or when a Lua memory capture started less than
 //! `sampling.memory.min_interval_seconds` ago. Window flame graphs are folded and rendered
-//! on blocking threads, the aggregator's lock held only to copy references.
+//! on blocking threads, from a snapshot of the window (its chunk pointers, copied under its
+//! lock).
 //! Handlers only read shared state or start a capture; nothing a client sends names a file.
 //!
 //! The profiling endpoints (`/flamegraph`, the pprof ones) form one group that
@@ -61,6 +62,7 @@ use super::{
     Shared,
     aggregate::Retention,
     auth::{self, Auth, Caller},
+    encoder::{EncoderGone, on_encoder_thread},
     listener::{self, Limits},
     state::{PPROF_AT_ONCE, RENDERS_AT_ONCE},
     tls::Tls,
@@ -409,7 +411,12 @@ async fn run_capture(
         );
     }
     tracing::info!(target = what, stacks = cap.folded.total(), "capture done");
-    let title = format!("{} from {}", req.title(&describe, &cap), utc_now());
+    let now = time::OffsetDateTime::now_utc().format(UTC_DATE);
+    let title = format!(
+        "{} from {}",
+        req.title(&describe, &cap),
+        now.unwrap_or_default()
+    );
     let labels: ProcessLabels = chosen
         .iter()
         .map(|t| {
@@ -459,8 +466,8 @@ fn respond(rendered: Result<Result<Rendered, RenderError>, String>) -> Response 
     }
 }
 
-/// The flame graph of the retained window of `pids`: the aggregator's lock is held while
-/// references to the stacks are copied; folding and rendering run on a blocking thread, off
+/// The flame graph of the retained window of `pids`: the window's lock is held while
+/// pointers to its chunks are copied; folding and rendering run on a blocking thread, off
 /// the async workers (`/healthz`, handshakes), at most [`RENDERS_AT_ONCE`] at once (429).
 async fn window_flamegraph(
     shared: &Arc<Shared>,
@@ -484,11 +491,11 @@ async fn window_flamegraph(
     let rendered = tokio::task::spawn_blocking(move || {
         let _background = Background::enter();
         let filter = &req.filter;
-        let stacks = worker
-            .aggregator
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .recent_stacks(window, |pid, _| pids.contains(&pid), filter);
+        let stacks = worker.aggregator.snapshot(Retention::Cpu).recent_stacks(
+            window,
+            |pid, _| pids.contains(&pid),
+            filter,
+        );
         let mut folded = Folded::new();
         for stack in stacks {
             folded.add(stack.to_vec(), 1);
@@ -710,15 +717,10 @@ async fn window_profile(
     let wall_to = SystemTime::now();
     let cut_started = thread_cpu();
     let from = to.checked_sub(Duration::from_secs(seconds)).unwrap_or(to);
-    let window = match shared.aggregator.lock() {
-        Ok(agg) => agg.window(which, from, to, keep, &filter),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "aggregator poisoned".into(),
-            );
-        }
-    };
+    let window = shared
+        .aggregator
+        .snapshot(which)
+        .cut(from, to, keep, &filter);
     let cut_cpu = thread_cpu().saturating_sub(cut_started);
     if window.truncated {
         headers.push((
@@ -811,48 +813,6 @@ fn pprof_response(
     response
 }
 
-/// The encoding thread is gone, or the encoding panicked.
-#[derive(Debug, thiserror::Error)]
-#[error("the pprof encoder thread is gone")]
-struct EncoderGone;
-
-type EncodeJob = Box<dyn FnOnce() + Send>;
-
-/// Runs `job` on the one thread that encodes pprof profiles, one at a time. One thread because
-/// glibc keeps the memory a thread freed in that thread's arena: encodings spread over the
-/// blocking pool's threads would each keep an encoding's working set (about 10 MiB for a
-/// busy 60 s window), a single thread keeps one, however many scrapes and scrapers.
-async fn on_encoder_thread<T: Send + 'static>(
-    job: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, EncoderGone> {
-    static ENCODER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<EncodeJob>>> =
-        std::sync::OnceLock::new();
-    let sender = ENCODER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<EncodeJob>();
-        std::thread::Builder::new()
-            .name("pprof-encoder".to_owned())
-            .spawn(move || {
-                for job in rx {
-                    // A job that panics fails its own request only.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })
-            .map_err(|e| tracing::warn!(error = %e, "cannot start the pprof encoder thread"))
-            .ok()
-            .map(|_| tx)
-    });
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: EncodeJob = Box::new(move || {
-        let _ = tx.send(job());
-    });
-    match sender {
-        Some(s) => s.send(job).map_err(|_| EncoderGone)?,
-        // No thread could be started: encode on the blocking pool.
-        None => drop(tokio::task::spawn_blocking(job)),
-    }
-    rx.await.map_err(|_| EncoderGone)
-}
-
 /// CPU time of the calling thread so far (zero where the clock cannot be read).
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -870,30 +830,9 @@ fn thread_cpu() -> Duration {
     )
 }
 
-/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
-fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+/// How capture titles give the time: `YYYY-MM-DD HH:MM:SS UTC`.
+const UTC_DATE: &[time::format_description::BorrowedFormatItem<'_>] =
+    time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
 
 #[cfg(test)]
 mod tests {
@@ -951,7 +890,10 @@ mod tests {
 
     #[test]
     fn utc_format() {
-        let s = utc_now();
+        let s = match time::OffsetDateTime::now_utc().format(UTC_DATE) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
         assert_eq!(s.len(), 23, "{s}");
         assert!(s.starts_with("20"), "{s}");
     }

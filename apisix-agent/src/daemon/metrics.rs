@@ -24,7 +24,7 @@
 //! - `apisix_profiler_cache_bytes` {cache} (gauge): bytes of the caches fed by target memory
 //!   and of the retained windows, against their `limits:` caps
 //! - `apisix_profiler_target_file_refusals_total` {reason}: files a target mapped that were
-//!   not opened ([`crate::stacks::target_file::Refusal::name`])
+//!   not opened ([`crate::target::target_file::Refusal::name`])
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
 //! - the HTTP endpoint's own ([`HttpMetrics`]): `apisix_profiler_http_auth_failures_total`
@@ -49,8 +49,7 @@ use prometheus_client::{
 /// ends in [`TRUNCATED`]. Values come from the targets (chunk names, file names, symbols,
 /// container names), which any tenant controls.
 pub const MAX_LABEL_VALUE_BYTES: usize = 512;
-/// What a cut label value ends with.
-pub const TRUNCATED: &str = "…[truncated]";
+pub use crate::label::TRUNCATED;
 
 /// One label value. Every label of every family is one of these, so that its
 /// [`EncodeLabelValue`] is the one place where values are escaped for the exposition formats
@@ -274,10 +273,10 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Bytes held by each cache fed by target memory and each retained window.
     pub cache_bytes: Family<CacheLabels, Gauge>,
-    /// Target files not opened, by reason ([`crate::stacks::target_file`]).
+    /// Target files not opened, by reason ([`crate::target::target_file`]).
     target_file_refusals: Family<ReasonLabels, Counter>,
     /// Refusals already added to `target_file_refusals`, by reason.
-    refusals_seen: Mutex<[u64; crate::stacks::target_file::Refusal::ALL.len()]>,
+    refusals_seen: Mutex<[u64; crate::target::target_file::Refusal::ALL.len()]>,
     /// CPU time already added to `agent_cpu`, in clock ticks.
     cpu_ticks_seen: Mutex<u64>,
 }
@@ -316,7 +315,7 @@ impl Metrics {
             http: HttpMetrics::default(),
             target_file_refusals: Family::default(),
             cache_bytes: Family::default(),
-            refusals_seen: Mutex::new([0; crate::stacks::target_file::Refusal::ALL.len()]),
+            refusals_seen: Mutex::new([0; crate::target::target_file::Refusal::ALL.len()]),
             cpu_ticks_seen: Mutex::new(0),
         };
         m.registry.register(
@@ -475,7 +474,7 @@ impl Metrics {
         let Ok(mut seen) = self.refusals_seen.lock() else {
             return;
         };
-        for (i, (reason, total)) in crate::stacks::target_file::refusals()
+        for (i, (reason, total)) in crate::target::target_file::refusals()
             .into_iter()
             .enumerate()
         {
@@ -545,7 +544,7 @@ fn clock_ticks() -> f64 {
 
 /// The agent's CPU time (user + system, clock ticks) and resident memory (bytes).
 pub fn self_usage() -> Option<(u64, u64)> {
-    let f = crate::stacks::process::stat_fields("self")?;
+    let f = crate::target::process::stat_fields("self")?;
     // Fields 14 and 15 of stat: utime, stime.
     let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

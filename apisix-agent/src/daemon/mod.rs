@@ -13,6 +13,7 @@
 pub mod aggregate;
 pub mod auth;
 pub mod continuous;
+pub mod encoder;
 pub mod http;
 pub mod listener;
 pub mod memory;

@@ -26,7 +26,7 @@ pub const PPROF_AT_ONCE: usize = 2;
 
 /// Flame graph renders of the retained window (`/flamegraph` without `seconds`) at once; more
 /// are answered 429. Each folds up to `sampling.max_retained_samples` stacks on a blocking
-/// thread, holding the aggregator's lock only to copy references to them.
+/// thread, from a snapshot of the window taken by copying pointers to its chunks.
 pub const RENDERS_AT_ONCE: usize = 2;
 
 /// State shared by the HTTP handlers, the sampler thread and discovery.
@@ -34,7 +34,8 @@ pub const RENDERS_AT_ONCE: usize = 2;
 pub struct Shared {
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub aggregator: Mutex<Aggregator>,
+    /// The counters and the recent-sample windows, each behind its own lock.
+    pub aggregator: Aggregator,
     /// The plugin rules of `config.attribution`.
     pub rules: Arc<Rules>,
     /// The latest discovery snapshot.
@@ -102,7 +103,7 @@ impl Shared {
         let metrics = Arc::new(Metrics::new(config.sampling.offcpu.enabled));
         // `Config::load` already refused rules that do not compile.
         let rules = Arc::new(config.attribution.rules().unwrap_or_default());
-        let mut aggregator = Aggregator::new(
+        let aggregator = Aggregator::new(
             metrics.clone(),
             config.metrics.top_functions,
             Duration::from_secs(config.sampling.retention_seconds),
@@ -111,7 +112,7 @@ impl Shared {
         aggregator.set_attribution(rules.clone(), config.sampling.frequency_hz);
         aggregator.set_retained_bytes(config.limits.retained_window_bytes);
         Self {
-            aggregator: Mutex::new(aggregator),
+            aggregator,
             rules,
             metrics,
             targets: RwLock::new(Arc::new(Vec::new())),

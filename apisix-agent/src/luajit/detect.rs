@@ -14,7 +14,10 @@ use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use super::{Flavour, LuaTarget};
-use crate::stacks::process::{self, ElfFile, ProcessModules};
+use crate::target::{
+    modules::{ElfFile, ProcessModules},
+    process,
+};
 
 /// Why a LuaJIT build was not accepted.
 #[derive(Debug, thiserror::Error)]

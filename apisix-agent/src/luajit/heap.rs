@@ -8,7 +8,7 @@
 //! [`HeapError::reason`], counted by the caller.
 
 use super::layout::Layout;
-use crate::stacks::memory::Memory;
+use crate::target::memory::TargetMemory;
 
 /// `gc.state` between two collection cycles (`GCSpause`).
 const GCS_PAUSE: u8 = 0;
@@ -68,7 +68,7 @@ impl CycleWatch {
 }
 
 /// Reads where the collector of the VM at `g` is (two bytes).
-pub fn gc_phase(mem: &Memory, layout: &Layout, g: u64) -> Result<GcPhase, HeapError> {
+pub fn gc_phase(mem: &dyn TargetMemory, layout: &Layout, g: u64) -> Result<GcPhase, HeapError> {
     let mut b = [0u8; 2];
     // An address that wraps is no VM's.
     let at = g
@@ -117,12 +117,12 @@ impl HeapError {
 
 /// Checks that `g` is still a VM (its main thread points back to it both ways), as
 /// [`read`] does: for watches that read nothing else of it for long ([`gc_phase`]).
-pub fn check_vm(mem: &Memory, layout: &Layout, g: u64) -> Result<(), HeapError> {
+pub fn check_vm(mem: &dyn TargetMemory, layout: &Layout, g: u64) -> Result<(), HeapError> {
     vm_head(mem, layout, g).map(|_| ())
 }
 
 /// Reads the heap fields of the VM whose `global_State` is at `g` in the process of `mem`.
-pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> {
+pub fn read(mem: &dyn TargetMemory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> {
     let h = &layout.heap;
     let gc64 = layout.bpf.gc64 != 0;
     let head = vm_head(mem, layout, g)?;
@@ -153,7 +153,7 @@ pub fn read(mem: &Memory, layout: &Layout, g: u64) -> Result<VmHeap, HeapError> 
 
 /// The head of the `global_State` at `g` (up to its main thread reference), once the
 /// main thread is found to point back to it both ways.
-fn vm_head(mem: &Memory, layout: &Layout, g: u64) -> Result<Vec<u8>, HeapError> {
+fn vm_head(mem: &dyn TargetMemory, layout: &Layout, g: u64) -> Result<Vec<u8>, HeapError> {
     let h = &layout.heap;
     let gc64 = layout.bpf.gc64 != 0;
     let refw = if gc64 { 8 } else { 4 };
@@ -202,7 +202,10 @@ fn vm_head(mem: &Memory, layout: &Layout, g: u64) -> Result<Vec<u8>, HeapError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::luajit::layout::{GC32, GC64};
+    use crate::{
+        luajit::layout::{GC32, GC64},
+        target::memory::Memory,
+    };
 
     /// A fake `GG_State` in this process, in the low 2 GiB as LuaJIT keeps its GC objects
     /// with 32-bit references: the main thread's glref, then the global_State.

@@ -1,29 +1,31 @@
 //! Everything the agent knows about LuaJIT: which builds exist and how their structures are
 //! laid out (one table per layout, [`layout`]), how to recognise a build in a process
 //! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
-//! ([`ffnames`]), how walked frames become `NAME@FILE:LINE` labels ([`names`]), a VM's
-//! heap: its allocator and size ([`heap`]), and Lua values (tables, strings, functions, the
-//! registry) read from outside ([`tables`]), and heap snapshots: who holds the memory
-//! ([`snapshot`]).
+//! ([`ffnames`]), the frames a JIT trace inlined ([`trace`]), a VM's heap: its allocator and
+//! size ([`heap`]), Lua values (tables, strings, functions, the registry) read from
+//! outside ([`tables`]), and heap snapshots: who holds the memory ([`snapshot`]). The target
+//! is read through [`crate::target`]; turning walked frames into `NAME@FILE:LINE` labels is
+//! the stack builder's (`crate::stacks::names`).
 //!
-//! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (prototypes
-//! and strings of the target, heap fields, tables). Metrics: prototype read errors and
-//! plugin-map fallbacks by reason ([`LuaNamer::errors`]).
+//! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (traces,
+//! heap fields, tables). Metrics: trace fallbacks by reason ([`trace::TraceFallback`]).
 
 pub mod bytecode;
 pub mod detect;
 pub mod ffnames;
 pub mod heap;
 pub mod layout;
-pub mod names;
 pub mod snapshot;
 pub mod tables;
 pub mod trace;
+pub mod trace_decode;
+pub mod trace_fixture;
+#[cfg(test)]
+mod trace_tests;
 
 use std::{fmt, ops::Range};
 
 pub use detect::detect;
-pub use names::LuaNamer;
 
 use self::layout::Layout;
 
@@ -33,7 +35,7 @@ pub enum NameStyle {
     /// `NAME@FILE:FIRSTLINE`: one frame per function.
     FirstLine,
     /// `NAME@FILE:CURRENTLINE`; `NAME@FILE:FIRSTLINE` when the current line is unknown
-    /// (counted as `proto_line_unknown`; the frame's [`crate::stacks::label::FrameDetail`]
+    /// (counted as `proto_line_unknown`; the frame's [`crate::label::FrameDetail`]
     /// line is 0 then).
     CurrentLine,
 }

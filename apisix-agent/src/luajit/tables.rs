@@ -9,14 +9,14 @@
 //! string is cut at [`Limits::max_str`] bytes, and nothing here recurses (callers walk
 //! tables and functions with depth and entry bounds of their own).
 //!
-//! Hooks: `process_vm_readv` through [`Memory`]. Metrics: none; every failure is a
+//! Hooks: `process_vm_readv` through [`TargetMemory`]. Metrics: none; every failure is a
 //! [`TableError`] with a [`TableError::reason`], counted by the caller.
 
 use super::layout::{
     Layout,
     gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, STR as GCT_STR, TAB as GCT_TAB},
 };
-use crate::stacks::memory::{MAX_READ, Memory};
+use crate::target::memory::{MAX_READ, TargetMemory};
 
 /// Type tags (`itype`) of a `TValue`, as LuaJIT defines them (`~n`).
 const LJ_TNIL: u32 = !0;
@@ -171,7 +171,7 @@ pub struct Func {
 /// Reads of one target's Lua values.
 #[derive(Debug, Clone, Copy)]
 pub struct Reader<'a> {
-    pub mem: &'a Memory,
+    pub mem: &'a dyn TargetMemory,
     pub layout: &'static Layout,
     pub limits: Limits,
 }
@@ -431,7 +431,10 @@ pub(crate) mod tests {
     //! through `process_vm_readv` like a target's; the real VMs are read by the plugin map's
     //! tests and the root tests.
     use super::*;
-    use crate::luajit::layout::{GC32, GC64};
+    use crate::{
+        luajit::layout::{GC32, GC64},
+        target::memory::Memory,
+    };
 
     /// Size of a fake heap.
     const HEAP_LEN: usize = 1 << 16;

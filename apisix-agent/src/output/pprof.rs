@@ -37,7 +37,7 @@ use lightswitch_proto::profile::pprof::{
 use prost::Message as _;
 
 use super::Folded;
-use crate::stacks::label::{FrameClass, FrameDetail, ModuleId, classify};
+use crate::label::{FrameClass, FrameDetail, ModuleId, classify};
 
 /// The mapping of kernel frames (the name `perf` and Parca give the kernel).
 const KERNEL_MAPPING: &str = "[kernel.kallsyms]";

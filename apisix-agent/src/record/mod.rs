@@ -29,7 +29,7 @@ use crate::{
         render::{self, RenderError},
         request::{Defaults, Origin, Request, RequestArgs, RequestError, Selector},
     },
-    stacks::process::{self, ProcessError},
+    target::process::{self, ProcessError},
 };
 pub use summary::{RecordSummary, Recording};
 

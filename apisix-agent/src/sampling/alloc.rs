@@ -22,8 +22,8 @@ use crate::{
         LuaTarget,
         heap::{self, HeapError},
     },
-    stacks::{
-        memory::Memory,
+    target::{
+        memory::{Memory, TargetMemory as _},
         process::{self, ProcessError},
     },
 };

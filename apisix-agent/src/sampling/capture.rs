@@ -29,9 +29,11 @@ use super::{
     source::CaptureSource,
 };
 use crate::{
+    label::FrameDetail,
     luajit::{LuaTarget, heap},
     output::{Folded, pprof::Detailed},
-    stacks::{StackBuilder, StackOptions, StackStats, label::FrameDetail, memory::Memory, process},
+    stacks::{StackBuilder, StackOptions, StackStats},
+    target::{memory::Memory, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.

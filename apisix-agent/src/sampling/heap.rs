@@ -26,7 +26,7 @@ use crate::{
         snapshot::{self, Limits, Snapshot, SnapshotError},
     },
     output::diff::Diff,
-    stacks::process,
+    target::process,
 };
 
 /// Why no snapshot was taken.

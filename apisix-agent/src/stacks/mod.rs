@@ -1,17 +1,15 @@
 //! From a raw [`apisix_ebpf_common::Sample`] to a named stack, root first:
-//! [`builder`] drives it, [`unwind`] walks native frames over `.eh_frame`, [`symbolize`]
-//! names them, [`process`] opens a target's `/proc/PID` files (its mapped files through
-//! [`target_file`]) and [`memory`] reads its memory (Lua prototypes and strings).
+//! [`builder`] drives it, [`unwind`] walks native frames over `.eh_frame`, [`names`] names
+//! the Lua frames (prototypes read through [`crate::luajit`], plugins through
+//! [`crate::plugin_map`]). The target itself (its memory, files and symbols) is read
+//! through [`crate::target`].
 //!
-//! Hooks: `/proc/PID/*` (maps, files through `/proc/PID/map_files`, `mem`). Metrics: the
-//! [`StackStats`] counters, read by the caller.
+//! Hooks: `/proc/PID/*` (through [`crate::target`]). Metrics: the [`StackStats`] counters,
+//! read by the caller, and the Lua naming errors ([`LuaNamer::errors`]).
 
 pub mod builder;
-pub mod label;
-pub mod memory;
-pub mod process;
-pub mod symbolize;
-pub mod target_file;
+pub mod names;
 pub mod unwind;
 
 pub use builder::{CacheLimits, StackBuilder, StackOptions, StackStats};
+pub use names::LuaNamer;

@@ -45,24 +45,51 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Says on stderr, in one line, that the current test is skipped for lack of root. Written to
-/// the stream itself: the test harness would swallow `eprintln!` of a passing test.
-pub fn skip_not_root() {
+/// Fails the current test, loudly, when it runs without root: a root test is marked
+/// `#[ignore = "needs root"]`, so that a normal user's `cargo test` reports it ignored, and
+/// runs only when asked for (`--include-ignored` or `--ignored`, as `scripts/test.sh` does as
+/// root). Asked for without root, it fails here rather than half-way or, worse, passing.
+pub fn assert_root() {
     let name = thread::current().name().unwrap_or("test").to_owned();
-    let _ = writeln!(
-        std::io::stderr(),
-        "{name}: skipped: needs root (loads BPF programs)"
+    assert!(
+        is_root(),
+        "{name}: needs root (loads BPF programs): run it as root (scripts/test.sh), or leave \
+         out --include-ignored / --ignored to skip it"
     );
 }
 
-/// First line of a root test: as a normal user, says it is skipped (one line on stderr) and
-/// returns; as root (CI) the test runs, and whatever it needs but cannot find fails it.
+/// Waits until `cond` holds, checking every 10 ms, for at most `deadline`: whether it held.
+/// The way to wait for something to happen; a fixed sleep is a guess at how long it takes.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `load` has served `n` requests (so it runs, and the code it drives is warm),
+/// for at most 20 s; panics saying so when it has not.
+pub fn wait_for_requests(load: &Load, n: u64) {
+    let served = wait_until(Duration::from_secs(20), || {
+        load.requests.load(Ordering::Relaxed) >= n
+    });
+    assert!(
+        served,
+        "the load served {} of {n} requests in 20 s",
+        load.requests.load(Ordering::Relaxed)
+    );
+}
+
+/// First line of a root test (marked `#[ignore = "needs root"]`): [`assert_root`].
 macro_rules! require_root {
     () => {
-        if !$crate::common::is_root() {
-            $crate::common::skip_not_root();
-            return;
-        }
+        $crate::common::assert_root();
     };
 }
 pub(crate) use require_root;

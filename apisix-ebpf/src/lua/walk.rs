@@ -145,37 +145,8 @@ pub(crate) fn walk_lua<const LOOP: bool>(
     // `base` is a native pointer in both layouts.
     let l_base: u64 = read(l + u64::from(layout.l_base))?;
 
-    let (state, mut base, leaf_pc) = if in_vm {
-        (LuaState::Interpreter, regs.rdx, regs.rbx)
-    } else if vmstate >= 0 {
-        let jit_base = read_ref(layout, g + u64::from(layout.g_jit_base))?;
-        let base = if jit_base != 0 { jit_base } else { l_base };
-        // The running trace's identity at sample time, so that user space never decodes a
-        // trace that was freed and its number reused by the time it reads it. Optional:
-        // without it user space still validates what it reads.
-        if let Ok((trace, mcode)) = trace_identity(layout, g, vmstate) {
-            s.trace = trace;
-            s.trace_mcode = mcode;
-        }
-        (LuaState::Trace, base, 0)
-    } else if vmstate == VMST_INTERP
-        && regs.rbp > stack
-        && regs.rbp <= stack_end
-        && (regs.rbp - stack).is_multiple_of(8)
-    {
-        // In a C helper the interpreter called without storing `L->base` (`lj_tab_len`,
-        // `lj_tab_next`, `lj_tab_getinth`, libm's `pow`…): it keeps BASE in rbp, callee-saved,
-        // across such calls. Walked from there, and from `L->base` if that walk fails.
-        (LuaState::C, regs.rbp, 0)
-    } else {
-        let state = match vmstate {
-            VMST_INTERP | VMST_C => LuaState::C,
-            VMST_GC => LuaState::Gc,
-            VMST_EXIT => LuaState::TraceExit,
-            _ => LuaState::JitCompile,
-        };
-        (state, l_base, 0)
-    };
+    let (state, mut base, leaf_pc) =
+        start_point(layout, regs, g, vmstate, in_vm, l_base, stack, stack_end, s)?;
     s.lua_state = state as u32;
     if base <= stack || base > stack_end {
         if in_vm && l_base > stack && l_base <= stack_end {
@@ -223,7 +194,64 @@ pub(crate) fn walk_lua<const LOOP: bool>(
     {
         walk_frames::<LOOP>(wp, stack, l_base, 0, false);
     }
-    // SAFETY: as above; no step runs any more.
+    copy_frames(wp, s)
+}
+
+/// Where the walk starts: the VM state of the sample, the Lua frame base and the leaf PC
+/// (0: unknown), from the registers (in the interpreter), `G->jit_base` (in a trace), rbp
+/// (in a C helper the interpreter called without storing `L->base`) or `L->base`.
+#[expect(clippy::too_many_arguments, reason = "inlined: the walk's own locals")]
+#[inline(always)]
+fn start_point(
+    layout: &LuaLayout,
+    regs: &Regs,
+    g: u64,
+    vmstate: i32,
+    in_vm: bool,
+    l_base: u64,
+    stack: u64,
+    stack_end: u64,
+    s: &mut Sample,
+) -> Result<(LuaState, u64, u64), Counter> {
+    let start = if in_vm {
+        (LuaState::Interpreter, regs.rdx, regs.rbx)
+    } else if vmstate >= 0 {
+        let jit_base = read_ref(layout, g + u64::from(layout.g_jit_base))?;
+        let base = if jit_base != 0 { jit_base } else { l_base };
+        // The running trace's identity at sample time, so that user space never decodes a
+        // trace that was freed and its number reused by the time it reads it. Optional:
+        // without it user space still validates what it reads.
+        if let Ok((trace, mcode)) = trace_identity(layout, g, vmstate) {
+            s.trace = trace;
+            s.trace_mcode = mcode;
+        }
+        (LuaState::Trace, base, 0)
+    } else if vmstate == VMST_INTERP
+        && regs.rbp > stack
+        && regs.rbp <= stack_end
+        && (regs.rbp - stack).is_multiple_of(8)
+    {
+        // In a C helper the interpreter called without storing `L->base` (`lj_tab_len`,
+        // `lj_tab_next`, `lj_tab_getinth`, libm's `pow`…): it keeps BASE in rbp, callee-saved,
+        // across such calls. Walked from there, and from `L->base` if that walk fails.
+        (LuaState::C, regs.rbp, 0)
+    } else {
+        let state = match vmstate {
+            VMST_INTERP | VMST_C => LuaState::C,
+            VMST_GC => LuaState::Gc,
+            VMST_EXIT => LuaState::TraceExit,
+            _ => LuaState::JitCompile,
+        };
+        (state, l_base, 0)
+    };
+    Ok(start)
+}
+
+/// Copies the walk's frames from the per-CPU scratch `wp` into the sample, and says how
+/// the walk ended: `Ok(true)` with at least one frame, else the reason.
+#[inline(always)]
+fn copy_frames(wp: *mut Walk, s: &mut Sample) -> Result<bool, Counter> {
+    // SAFETY: the per-CPU scratch of this invocation; no step runs any more.
     let w = unsafe { &*wp };
     let mut n = w.n as usize;
     if n > MAX_LUA_FRAMES {

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{http::StatusCode, response::Response};
 
-use super::{Background, busy, error, respond, utc_now};
+use super::{Background, UTC_DATE, busy, error, respond};
 use crate::{
     daemon::Shared,
     discovery::{Lua, TargetProcess},
@@ -82,7 +82,12 @@ pub(super) async fn flamegraph(
     for s in std::iter::once(&r.first).chain(&r.second) {
         tracing::info!(pid, snapshot = heap::describe(s), "heap snapshot");
     }
-    let title = format!("{} from {}", heap::title(&describe, &r, diff), utc_now());
+    let now = time::OffsetDateTime::now_utc().format(UTC_DATE);
+    let title = format!(
+        "{} from {}",
+        heap::title(&describe, &r, diff),
+        now.unwrap_or_default()
+    );
     respond(
         tokio::task::spawn_blocking(move || {
             let _background = Background::enter();

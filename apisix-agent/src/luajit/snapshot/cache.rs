@@ -10,13 +10,13 @@
 //! times while the target runs: objects that changed between two chunks' reads are the
 //! walker's to detect (it checks each object's type byte) and count.
 //!
-//! Hooks: `process_vm_readv` through [`Memory::read_into`] (the only target read of a
+//! Hooks: `process_vm_readv` through [`TargetMemory::read_into`] (the only target read of a
 //! snapshot besides the VM check). Metrics: none; [`CacheStats`] goes into the snapshot's
 //! report.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::stacks::memory::Memory;
+use crate::target::memory::TargetMemory;
 
 /// Bytes of one chunk (64 pages: one `u64` says which are readable).
 pub const CHUNK: u64 = 256 << 10;
@@ -68,7 +68,7 @@ struct Chunk {
 
 /// The chunks of one target held for one snapshot.
 pub struct ChunkCache<'m> {
-    mem: &'m Memory,
+    mem: &'m dyn TargetMemory,
     chunks: HashMap<u64, Chunk>,
     order: VecDeque<u64>,
     max_chunks: usize,
@@ -80,7 +80,7 @@ pub struct ChunkCache<'m> {
 impl<'m> ChunkCache<'m> {
     /// A cache holding at most `cache_bytes` of chunks (at least two) and reading at most
     /// `read_bytes` from `mem` in all.
-    pub fn new(mem: &'m Memory, cache_bytes: u64, read_bytes: u64) -> Self {
+    pub fn new(mem: &'m dyn TargetMemory, cache_bytes: u64, read_bytes: u64) -> Self {
         Self {
             mem,
             chunks: HashMap::new(),
@@ -195,6 +195,7 @@ fn pages_valid(valid: u64, off: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::memory::Memory;
 
     #[test]
     fn serves_reads_from_few_chunks_and_stays_bounded() {

@@ -31,7 +31,10 @@ use std::{
 };
 
 use super::{heap, layout::Layout};
-use crate::{output::Folded, stacks::memory::Memory};
+use crate::{
+    output::Folded,
+    target::memory::{Memory, TargetMemory},
+};
 
 /// Bounds of one snapshot (config: `limits.heap_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +165,7 @@ pub fn snapshot_pid(
 
 /// Takes a snapshot of the VM whose `global_State` is at `g` in the process of `mem`.
 pub fn snapshot(
-    mem: &Memory,
+    mem: &dyn TargetMemory,
     layout: &'static Layout,
     g: u64,
     limits: &Limits,

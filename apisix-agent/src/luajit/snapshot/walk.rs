@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     luajit::layout::{GCROOT_MAX, Layout, gct},
-    stacks::memory::Memory,
+    target::memory::TargetMemory,
 };
 
 /// LuaJIT's largest array part (`LJ_MAX_ASIZE`) and hash part (`2^LJ_MAX_HBITS` nodes),
@@ -111,7 +111,12 @@ pub(super) struct Walk<'m> {
 }
 
 impl<'m> Walk<'m> {
-    pub fn new(mem: &'m Memory, layout: &'static Layout, g: u64, limits: &Limits) -> Self {
+    pub fn new(
+        mem: &'m dyn TargetMemory,
+        layout: &'static Layout,
+        g: u64,
+        limits: &Limits,
+    ) -> Self {
         Self {
             cache: ChunkCache::new(mem, limits.cache_bytes, limits.read_bytes),
             layout,
@@ -671,7 +676,7 @@ mod tests {
                 third + u64::from(v.node_key),
                 &h.tv(TSTR, k_bad).to_le_bytes(),
             );
-            let mut w = Walk::new(&ME, l, g, &Limits::default());
+            let mut w = Walk::new(&*ME, l, g, &Limits::default());
             w.run(Instant::now() + std::time::Duration::from_secs(10));
             let f = folded(&w);
             let m = "registry;_LOADED;m\\x3bodd";

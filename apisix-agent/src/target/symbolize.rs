@@ -8,7 +8,7 @@
 //! processes go, [`Symbolizer::retain_files`] starts the user-space symbolizer afresh (the
 //! names of files still open stay cached); the kernel one lives on.
 //!
-//! Hooks: the target's files (read through the descriptors [`super::process`] keeps open),
+//! Hooks: the target's files (read through the descriptors [`super::modules`] keeps open),
 //! `/proc/kallsyms`. Metrics: none.
 
 use std::{
@@ -24,7 +24,7 @@ use blazesym::{
     },
 };
 
-use super::process::Module;
+use super::modules::Module;
 
 /// Caching symbolizer for native and kernel addresses.
 pub struct Symbolizer {
@@ -32,7 +32,7 @@ pub struct Symbolizer {
     blaze: Blaze,
     /// For `/proc/kallsyms`.
     kernel_blaze: Blaze,
-    /// Names by (address of the [`super::process::ElfFile`], address in the file).
+    /// Names by (address of the [`super::modules::ElfFile`], address in the file).
     user: HashMap<(usize, u64), Arc<str>>,
     kernel: HashMap<u64, Arc<str>>,
 }
@@ -69,7 +69,7 @@ impl Symbolizer {
     }
 
     /// Keeps only what concerns the files in `live` (addresses of the open
-    /// [`super::process::ElfFile`]s): called when files were closed, before their memory can
+    /// [`super::modules::ElfFile`]s): called when files were closed, before their memory can
     /// hold another file. blazesym's caches (an open file per path ever read) start afresh.
     pub fn retain_files(&mut self, live: &HashSet<usize>) {
         self.user.retain(|(elf, _), _| live.contains(elf));

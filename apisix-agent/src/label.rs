@@ -13,7 +13,7 @@ use std::{
 };
 
 /// What a frame's label does not say, kept beside it for the pprof encoding
-/// ([`crate::output::pprof`]): flame graphs and metrics use the labels alone. Eight bytes: the
+/// (`crate::output::pprof`): flame graphs and metrics use the labels alone. Eight bytes: the
 /// daemon keeps one per frame of every distinct stack of its recent window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct FrameDetail {
@@ -22,7 +22,7 @@ pub struct FrameDetail {
     /// The file of a native frame (`nginx`, `libluajit-5.1.so.2.1.0`), when known.
     pub module: Option<ModuleId>,
     /// A Lua frame that a JIT trace inlined into the frame below it (rebuilt from the
-    /// trace's snapshot, see [`crate::luajit::trace`]).
+    /// trace's snapshot, see `crate::luajit::trace`).
     pub inlined: bool,
 }
 
@@ -83,7 +83,10 @@ pub enum FrameClass<'a> {
     Kernel,
 }
 
-/// Classifies a frame label of [`super::StackBuilder`].
+/// What a string cut to a bound ends with (frame names, metric label values).
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// Classifies a frame label of the stack builder (`crate::stacks::StackBuilder`).
 pub fn classify(label: &str) -> FrameClass<'_> {
     if label.ends_with("_[k]") {
         return FrameClass::Kernel;

@@ -10,19 +10,19 @@ use std::{
 
 use apisix_ebpf_common::{LuaFrame, LuaFrameKind};
 
-use super::{
-    LuaTarget, NameStyle,
-    bytecode::{self, Ins, ProtoView},
-    ffnames,
-    layout::Layout,
-};
 use crate::{
     attribution,
+    label::{FrameDetail, ModuleId, TRUNCATED},
+    luajit::{
+        LuaTarget, NameStyle,
+        bytecode::{self, Ins, ProtoView},
+        ffnames,
+        layout::Layout,
+    },
     plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
-    stacks::{
-        label::{FrameDetail, ModuleId},
-        memory::Memory,
-        process::ProcessModules,
+    target::{
+        memory::{Memory, TargetMemory},
+        modules::ProcessModules,
         symbolize::Symbolizer,
     },
 };
@@ -73,7 +73,7 @@ fn le_ref(layout: &Layout, b: &[u8], off: u32) -> Option<u64> {
 }
 
 /// Reads a Lua string object.
-pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, ProtoError> {
+pub fn read_str(mem: &dyn TargetMemory, layout: &Layout, addr: u64) -> Result<String, ProtoError> {
     let head = mem
         .read(addr, layout.str_size as usize)
         .map_err(|source| ProtoError::Read { addr, source })?;
@@ -90,12 +90,12 @@ pub fn read_str(mem: &Memory, layout: &Layout, addr: u64) -> Result<String, Prot
 
 /// What the agent shows of a Lua string of `len` bytes of which `data` were read (at most
 /// [`MAX_STR`] are used): invalid UTF-8 replaced (U+FFFD), and when cut, ending in
-/// [`crate::daemon::metrics::TRUNCATED`]. At most `3 × MAX_STR` bytes plus the marker.
+/// [`TRUNCATED`]. At most `3 × MAX_STR` bytes plus the marker.
 pub fn decode_str(data: &[u8], len: u32) -> String {
     let take = data.len().min(len.min(MAX_STR) as usize);
     let mut s = String::from_utf8_lossy(&data[..take]).into_owned();
     if (take as u64) < u64::from(len) {
-        s.push_str(crate::daemon::metrics::TRUNCATED);
+        s.push_str(TRUNCATED);
     }
     s
 }
@@ -104,7 +104,8 @@ pub fn decode_str(data: &[u8], len: u32) -> String {
 #[derive(Debug)]
 pub struct Proto {
     layout: &'static Layout,
-    mem: Memory,
+    /// Where the constants named later (`call_name`) are read.
+    mem: Arc<dyn TargetMemory + Send + Sync>,
     addr: u64,
     blob: Vec<u8>,
     /// Chunk name as shown: without a leading `@` or `=`.
@@ -131,7 +132,7 @@ impl Proto {
 
     /// Reads and validates the prototype at `addr`.
     pub fn read(
-        mem: Memory,
+        mem: Arc<dyn TargetMemory + Send + Sync>,
         layout: &'static Layout,
         addr: u64,
         expect_chunkname: u64,
@@ -162,7 +163,7 @@ impl Proto {
         let blob = mem
             .read(addr, sizept as usize)
             .map_err(|source| ProtoError::Read { addr, source })?;
-        let chunk = read_str(&mem, l, chunkname_ref)?;
+        let chunk = read_str(&*mem, l, chunkname_ref)?;
         let chunk = chunk
             .strip_prefix('@')
             .or_else(|| chunk.strip_prefix('='))
@@ -311,7 +312,7 @@ impl ProtoView for Proto {
         let at = self.k.checked_sub(u64::from(idx + 1) * width)?;
         let off = self.blob_off(at)? as u32;
         let sref = le_ref(self.layout, &self.blob, off)?;
-        read_str(&self.mem, self.layout, sref).ok()
+        read_str(&*self.mem, self.layout, sref).ok()
     }
 
     fn uvname(&self, idx: u32) -> Option<String> {
@@ -495,7 +496,13 @@ impl LuaNamer {
         {
             return Some(p.clone());
         }
-        match Proto::read(Memory::new(pid), layout, f.code, f.chunkname, f.firstline) {
+        match Proto::read(
+            Arc::new(Memory::new(pid)),
+            layout,
+            f.code,
+            f.chunkname,
+            f.firstline,
+        ) {
             Ok(p) => {
                 let p = Arc::new(p);
                 let size = p.bytes();
@@ -610,6 +617,38 @@ impl LuaNamer {
     }
 }
 
+/// The labels of Lua `frames` (innermost first), prototypes read from `mem`, as
+/// [`LuaNamer::segments`] gives them outside plugins (no plugin map):
+/// `NAME@FILE:CURRENTLINE`, or `NAME@FILE:FIRSTLINE` when the current line is unknown.
+/// `None` for a frame that is not Lua or whose prototype does not read. Nothing is cached:
+/// for tests against recorded memory and for recording them.
+pub fn plain_labels(
+    mem: &Arc<dyn TargetMemory + Send + Sync>,
+    layout: &'static Layout,
+    frames: &[LuaFrame],
+) -> Vec<Option<String>> {
+    let protos: Vec<Option<Arc<Proto>>> = frames
+        .iter()
+        .map(|f| {
+            (f.kind == LuaFrameKind::Lua as u8)
+                .then(|| Proto::read(mem.clone(), layout, f.code, f.chunkname, f.firstline).ok())
+                .flatten()
+                .map(Arc::new)
+        })
+        .collect();
+    (0..frames.len())
+        .map(|i| {
+            let p = protos[i].as_ref()?;
+            let name = function_name(frames, &protos, i, p);
+            let line = p
+                .pc_index(frames[i].pc)
+                .and_then(|pc| p.line(pc))
+                .unwrap_or(p.firstline);
+            Some(format!("{name}@{}:{line}", p.chunk))
+        })
+        .collect()
+}
+
 /// The name of Lua frame `i` (innermost first) of prototype `p`: called from Lua, the
 /// caller's CALL instruction names it; else `[main]` for a main chunk, `anonymous`. A name
 /// from the bytecode never opens with `[`, which marks names the agent gives (`[main]`, a
@@ -649,5 +688,113 @@ mod tests {
         assert_eq!(uleb128(&b, &mut off), None, "too long");
         let mut off = 20;
         assert_eq!(uleb128(&b, &mut off), None, "out of range");
+    }
+
+    use crate::{
+        luajit::trace_fixture::{Outcome, TraceFixture},
+        target::recorded::RecordedMemory,
+    };
+
+    /// The recorded runs (see `luajit/trace_fixture.rs`): each sample's inlined frames and
+    /// base frame, the labels the live run gave them, the memory and the layout.
+    /// Frames (inlined, then the base) and the labels the live run gave them.
+    type Case = (Vec<LuaFrame>, Vec<Option<String>>);
+
+    fn fixtures() -> Vec<(TraceFixture, RecordedMemory, Vec<Case>)> {
+        [
+            include_str!("../../tests/data/trace-gc64.json"),
+            include_str!("../../tests/data/trace-gc32.json"),
+        ]
+        .iter()
+        .map(|json| {
+            let f: TraceFixture = serde_json::from_str(json).expect("fixture");
+            let mem = RecordedMemory::from_fixture(&f.memory).expect("memory");
+            let cases = f
+                .samples
+                .iter()
+                .filter_map(|s| match &s.outcome {
+                    Outcome::Frames {
+                        base_pc,
+                        frames,
+                        labels,
+                        ..
+                    } => {
+                        let mut all: Vec<LuaFrame> = frames.iter().map(LuaFrame::from).collect();
+                        let mut base = LuaFrame::from(&s.base);
+                        if *base_pc != 0 {
+                            base.pc = *base_pc;
+                        }
+                        all.push(base);
+                        Some((all, labels.clone()))
+                    }
+                    Outcome::Fallback(_) => None,
+                })
+                .collect();
+            (f, mem, cases)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn recorded_prototypes_name_frames_as_the_live_run_did() {
+        for (f, mem, cases) in fixtures() {
+            let layout = f.layout().expect("layout");
+            let mem: Arc<dyn TargetMemory + Send + Sync> = Arc::new(mem);
+            assert!(cases.len() >= 8);
+            for (frames, labels) in &cases {
+                let got = plain_labels(&mem, layout, frames);
+                assert_eq!(&got, labels, "{}", f.layout);
+                assert!(
+                    got.iter()
+                        .all(|l| l.as_ref().is_some_and(|l| l.contains(".lua:")))
+                );
+            }
+            // The inlined functions are named by their callers' call sites.
+            let names: HashSet<String> = cases
+                .iter()
+                .flat_map(|(_, l)| l.iter().flatten())
+                .filter_map(|l| l.split('@').next().map(str::to_owned))
+                .collect();
+            assert!(names.contains("pc") && names.contains("pbr"), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn a_prototype_that_changed_or_is_garbage_names_nothing() {
+        for (f, mem, cases) in fixtures() {
+            let layout = f.layout().expect("layout");
+            let (frames, _) = &cases[0];
+            let p = frames[0];
+            // The frame says another first line: the prototype was freed and reused.
+            let mut moved = p;
+            moved.firstline += 1;
+            let shared: Arc<dyn TargetMemory + Send + Sync> = Arc::new(mem.clone());
+            assert!(matches!(
+                Proto::read(
+                    shared.clone(),
+                    layout,
+                    moved.code,
+                    moved.chunkname,
+                    moved.firstline
+                ),
+                Err(ProtoError::Changed { .. })
+            ));
+            // Not a prototype object.
+            let mut bad = mem.clone();
+            bad.bytes_mut(p.code + u64::from(layout.bpf.fn_gct), 1)
+                .expect("recorded")[0] ^= 0xff;
+            let bad: Arc<dyn TargetMemory + Send + Sync> = Arc::new(bad);
+            assert!(matches!(
+                Proto::read(bad.clone(), layout, p.code, p.chunkname, p.firstline),
+                Err(ProtoError::NotProto { .. })
+            ));
+            assert_eq!(plain_labels(&bad, layout, &frames[..1]), vec![None]);
+            // Unreadable.
+            let empty: Arc<dyn TargetMemory + Send + Sync> = Arc::new(RecordedMemory::default());
+            assert!(matches!(
+                Proto::read(empty, layout, p.code, p.chunkname, p.firstline),
+                Err(ProtoError::Read { .. })
+            ));
+        }
     }
 }
