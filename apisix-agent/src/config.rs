@@ -64,6 +64,13 @@ pub struct Limits {
     pub label_cache_bytes: usize,
     /// Decoded JIT traces.
     pub trace_cache_bytes: usize,
+    /// Heap snapshots (`mode=heap`): target memory held at once while walking.
+    pub heap_cache_bytes: usize,
+    /// Heap snapshots: bytes read from the target by one snapshot in all.
+    pub heap_read_bytes: usize,
+    /// Heap snapshots: objects counted by one snapshot (the walk's queue and visited set
+    /// grow with it: at most 16 bytes and 1/4 bit per object, see README).
+    pub heap_objects: usize,
 }
 
 impl Default for Limits {
@@ -74,6 +81,9 @@ impl Default for Limits {
             proto_cache_bytes: caches.proto_bytes,
             label_cache_bytes: caches.label_bytes,
             trace_cache_bytes: caches.trace_bytes,
+            heap_cache_bytes: 64 << 20,
+            heap_read_bytes: 4 << 30,
+            heap_objects: 8 << 20,
         }
     }
 }
@@ -88,13 +98,27 @@ impl Limits {
         }
     }
 
-    /// Checks each cap: 1 MiB to 16 GiB; the error is (field, message).
+    /// The bounds of a heap snapshot.
+    pub fn heap(&self) -> crate::luajit::snapshot::Limits {
+        crate::luajit::snapshot::Limits {
+            cache_bytes: self.heap_cache_bytes as u64,
+            read_bytes: self.heap_read_bytes as u64,
+            objects: self.heap_objects as u64,
+            ..Default::default()
+        }
+    }
+
+    /// Checks each cap: 1 MiB to 16 GiB (objects: 1 Mi to 1 Gi); the error is (field,
+    /// message).
     fn check(&self) -> Result<(), (String, String)> {
         for (field, value) in [
             ("retained_window_bytes", self.retained_window_bytes),
             ("proto_cache_bytes", self.proto_cache_bytes),
             ("label_cache_bytes", self.label_cache_bytes),
             ("trace_cache_bytes", self.trace_cache_bytes),
+            ("heap_cache_bytes", self.heap_cache_bytes),
+            ("heap_read_bytes", self.heap_read_bytes),
+            ("heap_objects", self.heap_objects),
         ] {
             in_range(value, 1 << 20..=16 << 30).map_err(|e| (format!("limits.{field}"), e))?;
         }

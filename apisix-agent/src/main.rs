@@ -41,6 +41,21 @@ enum Command {
         #[arg(long, default_value = "Flame graph")]
         title: String,
     },
+    /// The per-path difference of two folded profiles (two heap snapshots, or any two
+    /// folded files): a differential flame graph (widths of AFTER, growth red) or
+    /// `stack BEFORE AFTER` lines.
+    Diff {
+        /// The earlier profile (folded stacks).
+        before: PathBuf,
+        /// The later profile (folded stacks).
+        after: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = output::diff::DiffFormat::Svg)]
+        format: output::diff::DiffFormat,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Load every BPF program this kernel runs (in the variant it needs) and check the
     /// verifier's figures against their budgets; exits non-zero when a program is refused or
     /// over budget. Needs root.
@@ -92,6 +107,18 @@ fn main() -> ExitCode {
             output,
             title,
         } => render(input.as_deref(), output.as_deref(), &title),
+        Command::Diff {
+            before,
+            after,
+            format,
+            output,
+        } => output::diff::diff_files(&before, &after, format, output.as_deref())
+            .map(|d| {
+                if d.bad_lines > 0 {
+                    eprintln!("diff: {} lines were not folded stacks", d.bad_lines);
+                }
+            })
+            .map_err(anyhow::Error::new),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,8 @@
 //!
 //! Hooks: a TCP listener (through [`super::listener`]). Metrics: none of its own.
 
+mod heap;
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -302,6 +304,9 @@ async fn flamegraph(
         Err(response) => return response,
     };
     let describe = describe(&chosen, &req.selector.describe());
+    if req.mode == request::Mode::Heap {
+        return heap::flamegraph(shared, req, chosen, describe).await;
+    }
     let pids: Vec<u32> = chosen.iter().map(|t| t.pid).collect();
     if req.seconds.is_none() {
         if req.format == Format::Pprof {

@@ -18,8 +18,16 @@ pub mod gct {
     pub const FUNC: u8 = 8;
     /// `GCtrace`.
     pub const TRACE: u8 = 9;
+    /// `GCupval`.
+    pub const UPVAL: u8 = 5;
+    /// `lua_State` (a coroutine or the main thread).
+    pub const THREAD: u8 = 6;
+    /// `GCcdata`.
+    pub const CDATA: u8 = 10;
     /// `GCtab`.
     pub const TAB: u8 = 11;
+    /// `GCudata`.
+    pub const UDATA: u8 = 12;
 }
 
 /// One layout: what the BPF walker reads plus what user space needs to name frames.
@@ -58,7 +66,44 @@ pub struct Layout {
     pub heap: HeapLayout,
     /// Tables, functions and upvalues, and the registry: what [`super::tables`] reads.
     pub values: ValueLayout,
+    /// The rest of what a heap snapshot ([`super::snapshot`]) reads and sizes.
+    pub objects: ObjectLayout,
 }
+
+/// What a heap snapshot needs beyond [`ValueLayout`]: the sizes of every GC object type as
+/// LuaJIT counts them in `gc.total`, and the fields that lead from one object to others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLayout {
+    /// `lua_State.top` (a native pointer).
+    pub l_top: u32,
+    /// `lua_State.env` (a GC reference: the thread's globals).
+    pub l_env: u32,
+    /// `GCfunc.env` (a GC reference), the same for Lua and C functions.
+    pub fn_env: u32,
+    /// `GCfuncC.upvalue`: a C function's upvalues, `TValue`s inline.
+    pub fn_c_upvalue: u32,
+    /// `GCupval.closed` (u8).
+    pub uv_closed: u32,
+    /// `sizeof(GCupval)`.
+    pub uv_size: u32,
+    /// `GCudata.env`, `.len` (u32) and `.metatable`, and `sizeof(GCudata)`.
+    pub ud_env: u32,
+    pub ud_len: u32,
+    pub ud_metatable: u32,
+    pub ud_size: u32,
+    /// `sizeof(GCcdata)`: the header of a cdata object (its payload's size is its C type's).
+    pub cd_size: u32,
+    /// `GCtab.colo` (i8): the array part is colocated with the header when positive.
+    pub t_colo: u32,
+    /// `global_State.nilnode`: the hash part of every table without one.
+    pub g_nilnode: u32,
+    /// `global_State.gcroot`: [`GCROOT_MAX`] GC references (metamethod names, base
+    /// metatables).
+    pub g_gcroot: u32,
+}
+
+/// Entries of `global_State.gcroot`.
+pub const GCROOT_MAX: u32 = 38;
 
 /// Where the registry, tables (`GCtab`, `Node`), Lua functions (`GCfuncL`) and upvalues
 /// (`GCupval`) keep the fields the table reader ([`super::tables`]) uses. A `TValue` is 8
@@ -238,6 +283,22 @@ pub const GC64: Layout = Layout {
         fn_uvptr: 40,
         uv_v: 32,
     },
+    objects: ObjectLayout {
+        l_top: 40,
+        l_env: 72,
+        fn_env: 16,
+        fn_c_upvalue: 48,
+        uv_closed: 10,
+        uv_size: 48,
+        ud_env: 16,
+        ud_len: 24,
+        ud_metatable: 32,
+        ud_size: 48,
+        cd_size: 16,
+        t_colo: 11,
+        g_nilnode: 248,
+        g_gcroot: 424,
+    },
 };
 
 /// Non-GC64 (32-bit GC references, one-slot frames): `-DLUAJIT_DISABLE_GC64`.
@@ -318,6 +379,22 @@ pub const GC32: Layout = Layout {
         fn_nupvalues: 7,
         fn_uvptr: 20,
         uv_v: 16,
+    },
+    objects: ObjectLayout {
+        l_top: 24,
+        l_env: 44,
+        fn_env: 8,
+        fn_c_upvalue: 32,
+        uv_closed: 6,
+        uv_size: 24,
+        ud_env: 8,
+        ud_len: 12,
+        ud_metatable: 16,
+        ud_size: 24,
+        cd_size: 8,
+        t_colo: 7,
+        g_nilnode: 192,
+        g_gcroot: 336,
     },
 };
 
@@ -462,5 +539,36 @@ mod tests {
             assert_eq!(l.bpf.g_trace, t.g_to_j + t.j_trace);
             assert_eq!(l.bpf.t_mcode, t.t_mcode);
         }
+    }
+
+    /// The snapshot's fields as measured (`offsetof`/`sizeof` on both builds of luajit2
+    /// 2.1-20230119), and how they follow the structs' declaration order.
+    #[test]
+    fn object_fields_follow_the_structs() {
+        for l in [GC64, GC32] {
+            let o = l.objects;
+            let refw = if l.bpf.gc64 != 0 { 8 } else { 4 };
+            // lua_State: base, top (native pointers), then env right before cframe.
+            assert_eq!(o.l_top, l.bpf.l_base + 8);
+            assert_eq!(o.l_env + refw, l.bpf.l_cframe);
+            // GCfuncC: cfunc (a native pointer), then the upvalues.
+            assert_eq!(o.fn_c_upvalue, l.bpf.fn_cfunc + 8);
+            // GCfunc.env is the first reference after the header.
+            assert_eq!(o.fn_env, refw * 2);
+            // GCupval: closed follows gct; v and dhash end it.
+            assert_eq!(o.uv_closed, l.bpf.fn_gct + 1);
+            assert_eq!(o.uv_size, (l.values.uv_v + refw + 4).div_ceil(8) * 8);
+            // GCudata: env, len, metatable, align1; GCtab.colo follows nomm.
+            assert_eq!(o.ud_env, refw * 2);
+            assert_eq!(o.ud_len, o.ud_env + refw);
+            assert_eq!(o.ud_metatable, (o.ud_len + 4).div_ceil(refw) * refw);
+            assert_eq!(o.t_colo, l.bpf.fn_gct + 2);
+            // nilnode lies between the registry's neighbours; gcroot after cur_L.
+            assert!(o.g_nilnode < l.values.g_registrytv);
+            assert!(o.g_gcroot > l.bpf.g_cur_l);
+        }
+        assert_eq!((GC64.objects.ud_size, GC32.objects.ud_size), (48, 24));
+        assert_eq!((GC64.objects.cd_size, GC32.objects.cd_size), (16, 8));
+        assert_eq!((GC64.objects.g_gcroot, GC32.objects.g_gcroot), (424, 336));
     }
 }

@@ -2,9 +2,10 @@
 //! laid out (one table per layout, [`layout`]), how to recognise a build in a process
 //! ([`detect`]), the bytecode facts used for naming ([`bytecode`]), the fast-function names
 //! ([`ffnames`]), the frames a JIT trace inlined ([`trace`]), a VM's heap: its allocator and
-//! size ([`heap`]), and Lua values (tables, strings, functions, the registry) read from
-//! outside ([`tables`]). The target is read through [`crate::target`]; turning walked frames
-//! into `NAME@FILE:LINE` labels is the stack builder's (`crate::stacks::names`).
+//! size ([`heap`]), Lua values (tables, strings, functions, the registry) read from
+//! outside ([`tables`]), and heap snapshots: who holds the memory ([`snapshot`]). The target
+//! is read through [`crate::target`]; turning walked frames into `NAME@FILE:LINE` labels is
+//! the stack builder's (`crate::stacks::names`).
 //!
 //! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (traces,
 //! heap fields, tables). Metrics: trace fallbacks by reason ([`trace::TraceFallback`]).
@@ -14,6 +15,7 @@ pub mod detect;
 pub mod ffnames;
 pub mod heap;
 pub mod layout;
+pub mod snapshot;
 pub mod tables;
 pub mod trace;
 pub mod trace_decode;

@@ -1,8 +1,10 @@
 //! What a profile is written as: folded stacks, SVG flame graphs and JSON trees
-//! ([`fold::Folded`]), and pprof profiles ([`pprof`]).
+//! ([`fold::Folded`]), pprof profiles ([`pprof`]), and differences of two folded profiles
+//! ([`diff`]).
 //!
 //! Hooks: none. Metrics: none.
 
+pub mod diff;
 pub mod fold;
 pub mod pprof;
 

@@ -11,6 +11,7 @@
 //! ([`summary::RecordSummary`]). `--plugin`/`--phase` keep only the stacks of a plugin /
 //! phase ([`crate::attribution`]) in the output; the summary counts every sample.
 
+mod heap;
 pub mod report;
 pub mod summary;
 
@@ -59,6 +60,8 @@ pub enum RecordError {
     Target(#[source] ProcessError),
     #[error("capture")]
     Capture(#[source] CaptureError),
+    #[error("heap snapshot")]
+    Heap(#[source] crate::sampling::heap::HeapError),
     #[error("rendering")]
     Render(#[source] RenderError),
     #[error("writing {path}")]
@@ -273,6 +276,9 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
     let Selector::Pid(pid) = req.selector else {
         unreachable!("the command line names a pid")
     };
+    if req.mode == crate::sampling::request::Mode::Heap {
+        return heap::run(&req, args, pid);
+    }
     let rec = record(&req, &rules)?;
     let write_summary = || match &args.summary {
         Some(path) => summary::write(path, &RecordSummary::of(pid, &rec)).map_err(|source| {

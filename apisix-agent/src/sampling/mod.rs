@@ -1,7 +1,7 @@
 //! The BPF programs seen from user space: [`bpf`] loads and attaches them and owns their
 //! maps, [`capture`] a bounded capture with a sampler of its own (`record`,
 //! `/flamegraph?seconds=N`), [`alloc`] finds where to probe a Lua VM's allocator for
-//! allocation captures, [`source`] the seam between the daemon's sampler thread
+//! allocation captures, [`heap`] heap snapshot jobs (no probes but the VM learner), [`source`] the seam between the daemon's sampler thread
 //! (the daemon's continuous sampler thread) and BPF (and a replaying fake for root-free tests).
 //!
 //! Hooks: `perf_event_open`, raw tracepoints, the `lua_resume` uprobe, the allocator probes,
@@ -15,6 +15,7 @@ pub mod alloc;
 pub mod bpf;
 pub mod capture;
 pub mod check;
+pub mod heap;
 pub mod kernel;
 pub mod render;
 pub mod request;

@@ -35,16 +35,21 @@ pub enum Mode {
     /// What ran while a worker's event loop was stalled (an iteration of at least
     /// --stall-threshold-ms), weighted by stall microseconds.
     Stalls,
+    /// Who holds the Lua heap now: a snapshot read from outside (no probes), weighted by
+    /// bytes, each line a retaining path from a root ([`crate::luajit::snapshot`]); with
+    /// --diff-seconds, what grew between two snapshots.
+    Heap,
 }
 
 impl Mode {
     /// Every mode, in the order help texts list them.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Cpu,
         Mode::OffCpu,
         Mode::Alloc,
         Mode::Live,
         Mode::Stalls,
+        Mode::Heap,
     ];
 
     /// The name `--mode`, `mode=` and `record --summary` use.
@@ -55,6 +60,7 @@ impl Mode {
             Mode::Alloc => "alloc",
             Mode::Live => "live",
             Mode::Stalls => "stalls",
+            Mode::Heap => "heap",
         }
     }
 
@@ -85,7 +91,7 @@ impl Mode {
         match self {
             Mode::Cpu => "samples",
             Mode::OffCpu | Mode::Stalls => "us",
-            Mode::Alloc | Mode::Live => "bytes",
+            Mode::Alloc | Mode::Live | Mode::Heap => "bytes",
         }
     }
 
@@ -96,6 +102,7 @@ impl Mode {
             Mode::OffCpu => "blocked time",
             Mode::Alloc | Mode::Live => "allocations",
             Mode::Stalls => "stall samples",
+            Mode::Heap => "Lua heap",
         }
     }
 }
@@ -254,6 +261,10 @@ pub struct RequestArgs {
     /// Only the stacks of this phase.
     #[arg(long, value_parser = parse_phase)]
     pub phase: Option<Phase>,
+    /// Heap: the difference between a snapshot now and one this many seconds later (a
+    /// differential graph, growth red).
+    #[arg(long, value_name = "SECONDS")]
+    pub diff_seconds: Option<u64>,
 }
 
 /// clap's parser of `--phase`.
@@ -304,10 +315,12 @@ pub struct Request {
     pub trace_frames: bool,
     /// Only the stacks of this plugin / phase.
     pub filter: Filter,
+    /// Heap: seconds between the two snapshots of a difference.
+    pub diff_seconds: Option<u64>,
 }
 
 /// The query parameters of `/flamegraph`.
-pub const QUERY_PARAMETERS: [&str; 12] = [
+pub const QUERY_PARAMETERS: [&str; 13] = [
     "pid",
     "container",
     "seconds",
@@ -320,6 +333,7 @@ pub const QUERY_PARAMETERS: [&str; 12] = [
     "trace_frames",
     "plugin",
     "phase",
+    "diff_seconds",
 ];
 
 impl Request {
@@ -339,6 +353,15 @@ impl Request {
             }
         }
         let mode = args.mode.unwrap_or(Mode::Cpu);
+        if mode == Mode::Heap {
+            return heap(args, defaults, origin);
+        }
+        if args.diff_seconds.is_some() {
+            return Err(bad(format!(
+                "{} applies to mode=heap only",
+                key("diff_seconds")
+            )));
+        }
         if seconds.is_none() {
             window_only(args, mode, origin)?;
         }
@@ -414,6 +437,7 @@ impl Request {
             },
             trace_frames: args.trace_frames,
             filter: filter(args, origin)?,
+            diff_seconds: None,
         })
     }
 
@@ -459,6 +483,7 @@ impl Request {
             sample_bytes: number("sample_bytes")?,
             // The daemon's stalls are those of `sampling.stalls.threshold_ms`.
             stall_threshold_ms: None,
+            diff_seconds: number("diff_seconds")?,
             format: q
                 .get("format")
                 .map(|f| {
@@ -490,6 +515,7 @@ impl Request {
     pub fn capture_mode(&self) -> Option<capture::Mode> {
         self.seconds?;
         Some(match self.mode {
+            Mode::Heap => return None,
             Mode::Cpu => capture::Mode::Cpu {
                 frequency: self.frequency,
             },
@@ -530,7 +556,8 @@ impl Request {
             Mode::Alloc => pprof::Kind::Alloc {
                 sample_bytes: self.sample_bytes,
             },
-            Mode::Live => pprof::Kind::Live {
+            // Refused by `Request::new` (a snapshot has no samples): the nearest kind.
+            Mode::Live | Mode::Heap => pprof::Kind::Live {
                 sample_bytes: self.sample_bytes,
             },
             Mode::Stalls => pprof::Kind::Stalls,
@@ -549,6 +576,60 @@ impl Request {
         }
         title
     }
+}
+
+/// A heap snapshot request: no capture (so no seconds, frequency or sample size), one
+/// process, a format that can show bytes by path, and the seconds of a difference.
+fn heap(args: &RequestArgs, defaults: Defaults, origin: Origin) -> Result<Request, RequestError> {
+    let key = |f: &str| origin.spell(f);
+    for (given, field) in [
+        (args.frequency.is_some(), "frequency"),
+        (args.min_block_us.is_some(), "min_block_us"),
+        (args.sample_bytes.is_some(), "sample_bytes"),
+        (args.trace_frames, "trace_frames"),
+        (args.plugin.is_some(), "plugin"),
+        (args.phase.is_some(), "phase"),
+        (args.stall_threshold_ms.is_some(), "stall_threshold_ms"),
+    ] {
+        if given {
+            return Err(bad(format!("{} does not apply to mode=heap", key(field))));
+        }
+    }
+    let format = args.format.unwrap_or(Format::Svg);
+    if format == Format::Pprof {
+        return Err(bad(format!(
+            "{}=pprof does not apply to mode=heap (svg, collapsed or json)",
+            key("format")
+        )));
+    }
+    let selector = selector(args, origin)?;
+    if !matches!(selector, Selector::Pid(_)) {
+        return Err(bad(format!("mode=heap reads one process: {}", key("pid"))));
+    }
+    if let Some(d) = args.diff_seconds {
+        let range = 1..=defaults.max_seconds;
+        if !range.contains(&d) {
+            return Err(bad(format!(
+                "{}={d} must be in {range:?}",
+                key("diff_seconds")
+            )));
+        }
+    }
+    Ok(Request {
+        selector,
+        seconds: None,
+        mode: Mode::Heap,
+        frequency: defaults.frequency,
+        min_block_us: defaults.min_block_us,
+        include_idle: false,
+        sample_bytes: defaults.sample_bytes,
+        format,
+        style: NameStyle::FirstLine,
+        trace_frames: false,
+        filter: Filter::default(),
+        stall_threshold_ms: defaults.stall_threshold_ms,
+        diff_seconds: args.diff_seconds,
+    })
 }
 
 /// `pid`/`container`: exactly one over HTTP; `--pid` on the command line.
@@ -868,7 +949,7 @@ mod tests {
         for f in Format::ALL {
             assert_eq!(parsed(&[("pid", "1"), ("format", f.name())]).format, f);
         }
-        for m in Mode::ALL {
+        for m in Mode::ALL.into_iter().filter(|m| *m != Mode::Heap) {
             let r = parsed(&[
                 ("pid", "1"),
                 ("seconds", "2"),
@@ -922,6 +1003,21 @@ mod tests {
             .starts_with("--sample-bytes=1")
         );
         assert_eq!(e(RequestArgs::default()), "--pid is required");
+    }
+
+    #[test]
+    fn heap_requests_are_checked() {
+        let r = parsed(&[("pid", "1"), ("mode", "heap"), ("diff_seconds", "5")]);
+        assert_eq!(
+            (r.mode, r.diff_seconds, r.seconds),
+            (Mode::Heap, Some(5), None)
+        );
+        assert_eq!(r.capture_mode(), None);
+        refused(&[("pid", "1"), ("mode", "heap"), ("format", "pprof")]);
+        refused(&[("pid", "1"), ("mode", "heap"), ("frequency", "9")]);
+        refused(&[("pid", "1"), ("mode", "heap"), ("diff_seconds", "0")]);
+        refused(&[("container", "gw"), ("mode", "heap")]);
+        refused(&[("pid", "1"), ("seconds", "2"), ("diff_seconds", "5")]);
     }
 
     #[test]
