@@ -8,7 +8,9 @@
 //! bytes gives the live outcome are kept (a trace freed between two samples reads
 //! differently later).
 //!
-//! Root only, and ignored: `sudo cargo test --release --test trace_fixtures -- --ignored`.
+//! Root only, and ignored. The suite (`--include-ignored`) records to a scratch file;
+//! `sudo APISIX_AGENT_RERECORD=1 cargo test --release --test trace_fixtures -- --ignored`
+//! writes over the checked-in fixtures.
 
 mod common;
 
@@ -34,6 +36,9 @@ use apisix_agent::{
 };
 use apisix_ebpf_common::{LuaFrame, LuaState};
 use common::{Lj, Load, Nginx};
+
+/// Set to write the recordings over `tests/data/trace-*.json`.
+const RERECORD: &str = "APISIX_AGENT_RERECORD";
 
 /// Samples kept per fixture.
 const MAX_SAMPLES: usize = 48;
@@ -205,10 +210,22 @@ fn record_fixture(lj: Lj, name: &str) {
         samples,
         memory: memory.to_fixture(),
     };
-    let path = format!(
-        "{}/tests/data/trace-{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    // The checked-in fixtures change only when asked: a run of the whole suite records to a
+    // scratch file (the recording and its replay are checked all the same).
+    let path = if std::env::var_os(RERECORD).is_some() {
+        format!(
+            "{}/tests/data/trace-{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    } else {
+        std::env::temp_dir()
+            .join(format!(
+                "apisix-agent-trace-{name}-{}.json",
+                std::process::id()
+            ))
+            .display()
+            .to_string()
+    };
     let json = serde_json::to_string_pretty(&fixture).expect("json");
     std::fs::write(&path, json.as_bytes()).expect("write the fixture");
     eprintln!(
@@ -217,16 +234,19 @@ fn record_fixture(lj: Lj, name: &str) {
         memory.bytes(),
         json.len()
     );
+    if std::env::var_os(RERECORD).is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 #[test]
-#[ignore = "needs root; re-records tests/data/trace-gc64.json"]
+#[ignore = "needs root; records the GC64 trace fixture"]
 fn record_gc64() {
     record_fixture(Lj::Gc64, "gc64");
 }
 
 #[test]
-#[ignore = "needs root; re-records tests/data/trace-gc32.json"]
+#[ignore = "needs root; records the GC32 trace fixture"]
 fn record_gc32() {
     record_fixture(Lj::Gc32, "gc32");
 }
