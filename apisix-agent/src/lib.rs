@@ -29,4 +29,4 @@ pub mod plugin_map;
 pub mod record;
 pub mod sampling;
 pub mod stacks;
-pub mod target;
+pub mod proc;

@@ -48,7 +48,7 @@ use crate::{
         layout::Layout,
         tables::{Limits, Reader, TableError, Value},
     },
-    target::memory::{Memory, TargetMemory},
+    proc::memory::{Memory, TargetMemory},
 };
 
 /// How old a map gets before it is rebuilt.

@@ -10,7 +10,7 @@ use apisix_agent::{
     },
     luajit::detect::inspect,
     stacks::names::{MAX_STR, decode_str},
-    target::process::parse_maps,
+    proc::process::parse_maps,
 };
 use proptest::prelude::*;
 

@@ -28,7 +28,7 @@ use apisix_agent::{
     },
     sampling::bpf::BpfSession,
     stacks::names::plain_labels,
-    target::{
+    proc::{
         memory::{Memory, TargetMemory},
         process::read_maps,
         recorded::{RecordedMemory, Recording},

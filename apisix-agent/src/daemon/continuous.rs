@@ -47,7 +47,7 @@ use crate::{
         source::SampleSource,
     },
     stacks::{StackBuilder, StackOptions},
-    target::{memory::Memory, process},
+    proc::{memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).

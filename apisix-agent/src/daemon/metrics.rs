@@ -27,7 +27,7 @@
 //! - `apisix_profiler_cache_bytes` {cache} (gauge): bytes of the caches fed by target memory
 //!   and of the retained windows, against their `limits:` caps
 //! - `apisix_profiler_target_file_refusals_total` {reason}: files a target mapped that were
-//!   not opened ([`crate::target::target_file::Refusal::name`])
+//!   not opened ([`crate::proc::target_file::Refusal::name`])
 //! - `apisix_profiler_agent_cpu_seconds_total`, `apisix_profiler_agent_resident_memory_bytes`,
 //!   `apisix_profiler_sampling_frequency_hertz`
 //! - the HTTP endpoint's own ([`HttpMetrics`]): `apisix_profiler_http_auth_failures_total`
@@ -338,10 +338,10 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Bytes held by each cache fed by target memory and each retained window.
     pub cache_bytes: Family<CacheLabels, Gauge>,
-    /// Target files not opened, by reason ([`crate::target::target_file`]).
+    /// Target files not opened, by reason ([`crate::proc::target_file`]).
     target_file_refusals: Family<ReasonLabels, Counter>,
     /// Refusals already added to `target_file_refusals`, by reason.
-    refusals_seen: Mutex<[u64; crate::target::target_file::Refusal::ALL.len()]>,
+    refusals_seen: Mutex<[u64; crate::proc::target_file::Refusal::ALL.len()]>,
     /// CPU time already added to `agent_cpu`, in clock ticks.
     cpu_ticks_seen: Mutex<u64>,
 }
@@ -382,7 +382,7 @@ impl Metrics {
             http: HttpMetrics::default(),
             target_file_refusals: Family::default(),
             cache_bytes: Family::default(),
-            refusals_seen: Mutex::new([0; crate::target::target_file::Refusal::ALL.len()]),
+            refusals_seen: Mutex::new([0; crate::proc::target_file::Refusal::ALL.len()]),
             cpu_ticks_seen: Mutex::new(0),
         };
         m.register_profiles(offcpu);
@@ -571,7 +571,7 @@ impl Metrics {
         let Ok(mut seen) = self.refusals_seen.lock() else {
             return;
         };
-        for (i, (reason, total)) in crate::target::target_file::refusals()
+        for (i, (reason, total)) in crate::proc::target_file::refusals()
             .into_iter()
             .enumerate()
         {
@@ -641,7 +641,7 @@ fn clock_ticks() -> f64 {
 
 /// The agent's CPU time (user + system, clock ticks) and resident memory (bytes).
 pub fn self_usage() -> Option<(u64, u64)> {
-    let f = crate::target::process::stat_fields("self")?;
+    let f = crate::proc::process::stat_fields("self")?;
     // Fields 14 and 15 of stat: utime, stime.
     let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

@@ -3,7 +3,7 @@
 //! `discovery.pids`. A process inside a Docker container (its cgroup names a container id) is
 //! kept when the container is selected; LuaJIT detection runs once per process start.
 //!
-//! Detection reads the files the process mapped ([`crate::target::target_file`]: never a
+//! Detection reads the files the process mapped ([`crate::proc::target_file`]: never a
 //! FIFO or a file outside the target's root) on a thread of its own, for at most
 //! [`DETECT_DEADLINE`], so no target stalls the scan of the others.
 //!
@@ -94,7 +94,7 @@ fn detect_bounded(
 /// The start time of a running process (field 22 of `/proc/PID/stat`); `None` when it is
 /// gone or a zombie.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let fields = crate::target::process::stat_fields(&pid.to_string())?;
+    let fields = crate::proc::process::stat_fields(&pid.to_string())?;
     if matches!(fields.first().map(String::as_str), Some("Z" | "X")) {
         return None;
     }
@@ -188,7 +188,7 @@ impl Scanner {
                 continue;
             }
             let forced = self.pids.contains(&pid);
-            let Ok(comm) = crate::target::process::comm(pid) else {
+            let Ok(comm) = crate::proc::process::comm(pid) else {
                 continue;
             };
             if !forced && !self.names.is_match(&comm) {
@@ -248,7 +248,7 @@ impl Scanner {
         self.cache.retain(|pid, _| {
             let keep = live.contains(pid);
             if !keep {
-                crate::target::target_file::forget(*pid);
+                crate::proc::target_file::forget(*pid);
             }
             keep
         });

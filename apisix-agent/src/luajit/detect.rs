@@ -14,7 +14,7 @@ use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use super::{Flavour, LuaTarget};
-use crate::target::{
+use crate::proc::{
     modules::{ElfFile, ProcessModules},
     process,
 };

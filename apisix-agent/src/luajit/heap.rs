@@ -8,7 +8,7 @@
 //! [`HeapError::reason`], counted by the caller.
 
 use super::layout::Layout;
-use crate::target::memory::TargetMemory;
+use crate::proc::memory::TargetMemory;
 
 /// `gc.state` between two collection cycles (`GCSpause`).
 const GCS_PAUSE: u8 = 0;
@@ -204,7 +204,7 @@ mod tests {
     use super::*;
     use crate::{
         luajit::layout::{GC32, GC64},
-        target::memory::Memory,
+        proc::memory::Memory,
     };
 
     /// A fake `GG_State` in this process, in the low 2 GiB as LuaJIT keeps its GC objects

@@ -4,7 +4,7 @@
 //! ([`ffnames`]), the frames a JIT trace inlined ([`trace`]), a VM's heap: its allocator and
 //! size ([`heap`]), Lua values (tables, strings, functions, the registry) read from
 //! outside ([`tables`]), and heap snapshots: who holds the memory ([`snapshot`]). The target
-//! is read through [`crate::target`]; turning walked frames into `NAME@FILE:LINE` labels is
+//! is read through [`crate::proc`]; turning walked frames into `NAME@FILE:LINE` labels is
 //! the stack builder's (`crate::stacks::names`).
 //!
 //! Hooks: `/proc/PID/maps` and the mapped files (detection), `process_vm_readv` (traces,

@@ -16,7 +16,7 @@ use super::layout::{
     Layout,
     gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, STR as GCT_STR, TAB as GCT_TAB},
 };
-use crate::target::memory::{MAX_READ, TargetMemory};
+use crate::proc::memory::{MAX_READ, TargetMemory};
 
 /// Type tags (`itype`) of a `TValue`, as LuaJIT defines them (`~n`).
 const LJ_TNIL: u32 = !0;
@@ -433,7 +433,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         luajit::layout::{GC32, GC64},
-        target::memory::Memory,
+        proc::memory::Memory,
     };
 
     /// Size of a fake heap.

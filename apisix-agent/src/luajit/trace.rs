@@ -38,7 +38,7 @@ use super::{
         trace_address,
     },
 };
-use crate::target::memory::TargetMemory;
+use crate::proc::memory::TargetMemory;
 
 /// Bytes of decoded traces cached when no limit was set (`limits.trace_bytes`).
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;

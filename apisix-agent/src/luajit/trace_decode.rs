@@ -20,7 +20,7 @@ use super::{
         gct::{FUNC as GCT_FUNC, PROTO as GCT_PROTO, TRACE as GCT_TRACE},
     },
 };
-use crate::target::memory::{MAX_READ, TargetMemory};
+use crate::proc::memory::{MAX_READ, TargetMemory};
 
 /// IR references below this are constants (`REF_BIAS`).
 const REF_BIAS: u32 = 0x8000;

@@ -1,7 +1,7 @@
 //! The recorded form of trace decoding, for root-free tests: samples taken in JIT trace
 //! code of a real nginx + ngx_lua worker, what [`super::trace::Tracer::frames`] and the
 //! prototype reader made of them there, and the target memory they read
-//! ([`crate::target::recorded`]). Written by the ignored root test
+//! ([`crate::proc::recorded`]). Written by the ignored root test
 //! `apisix-agent/tests/trace_fixtures.rs`, stored as JSON under `apisix-agent/tests/data/`
 //! (format and how to re-record: `tests/data/README.md`), replayed by the unit tests of
 //! `luajit/trace_tests.rs` and `stacks/names.rs`.
@@ -15,7 +15,7 @@ use super::{
     layout::{GC32, GC64, Layout},
     trace::{TraceFallback, TraceFrames, TraceSample},
 };
-use crate::target::recorded::MemoryFixture;
+use crate::proc::recorded::MemoryFixture;
 
 /// One Lua frame, as the BPF side reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

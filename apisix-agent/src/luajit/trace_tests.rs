@@ -14,7 +14,7 @@ use super::{
     trace::{TraceFallback, TraceFrames, Tracer},
     trace_fixture::{Outcome, Sample, TraceFixture},
 };
-use crate::target::{memory::TargetMemory, recorded::RecordedMemory};
+use crate::proc::{memory::TargetMemory, recorded::RecordedMemory};
 
 const GC64: &str = include_str!("../../tests/data/trace-gc64.json");
 const GC32: &str = include_str!("../../tests/data/trace-gc32.json");

@@ -29,7 +29,7 @@ use crate::{
         render::{self, RenderError},
         request::{Defaults, Origin, Request, RequestArgs, RequestError, Selector},
     },
-    target::process::{self, ProcessError},
+    proc::process::{self, ProcessError},
 };
 pub use summary::{RecordSummary, Recording};
 

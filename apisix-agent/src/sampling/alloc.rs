@@ -22,7 +22,7 @@ use crate::{
         LuaTarget,
         heap::{self, HeapError},
     },
-    target::{
+    proc::{
         memory::{Memory, TargetMemory as _},
         process::{self, ProcessError},
     },

@@ -517,7 +517,7 @@ impl BpfSession {
             .learners
             .keys()
             .copied()
-            .filter(|pid| self.vm_known(*pid) || !crate::target::process::exists(*pid))
+            .filter(|pid| self.vm_known(*pid) || !crate::proc::process::exists(*pid))
             .collect();
         for pid in done {
             self.retire_learner(pid);
@@ -539,7 +539,7 @@ impl BpfSession {
             crate::luajit::LuaTarget::bpf_target,
         );
         // Without it the main thread's stack copy probes for the end of the mapping.
-        target.stack_top = crate::target::process::main_stack_top(pid).unwrap_or(0);
+        target.stack_top = crate::proc::process::main_stack_top(pid).unwrap_or(0);
         self.add_target(pid, target)?;
         if let Some(lua) = lua
             && let Err(e) = self.learn_vm(pid, &lua.library)
@@ -742,7 +742,7 @@ const MAX_LIBRARY_BYTES: u64 = 256 << 20;
 /// `/proc/PID/map_files/START-END` of a mapping of `library` in process `pid`, if it is a
 /// regular file of at most [`MAX_LIBRARY_BYTES`].
 fn library_link(pid: u32, library: &str) -> Option<String> {
-    let maps = crate::target::process::read_maps(pid).ok()?;
+    let maps = crate::proc::process::read_maps(pid).ok()?;
     let m = maps.iter().find(|m| m.path == library)?;
     let link = format!(
         "/proc/{pid}/map_files/{:x}-{:x}",

@@ -33,7 +33,7 @@ use crate::{
     luajit::{LuaTarget, heap},
     output::{Folded, pprof::Detailed},
     stacks::{StackBuilder, StackOptions, StackStats},
-    target::{memory::Memory, process},
+    proc::{memory::Memory, process},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.

@@ -26,7 +26,7 @@ use crate::{
         snapshot::{self, Limits, Snapshot, SnapshotError},
     },
     output::diff::Diff,
-    target::process,
+    proc::process,
 };
 
 /// Why no snapshot was taken.

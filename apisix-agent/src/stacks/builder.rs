@@ -1,9 +1,9 @@
 //! Turns raw samples into named stacks, root first: native unwinding ([`super::unwind`]),
-//! symbolization ([`crate::target::symbolize`]), Lua frame naming ([`crate::luajit`]) and the
+//! symbolization ([`crate::proc::symbolize`]), Lua frame naming ([`crate::luajit`]) and the
 //! splice of Lua frames into the native stack at the VM boundary.
 //!
 //! Per-process state (open files, unwinder, LuaJIT target) is kept here and created on the
-//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::target`]. Metrics: the
+//! first sample of a process. Hooks: `/proc/PID/*` through [`crate::proc`]. Metrics: the
 //! [`StackStats`] counters, read by the caller.
 
 use std::{
@@ -24,7 +24,7 @@ use crate::{
         LuaTarget, NameStyle, VmState,
         trace::{TraceFallback, TraceFrames, TraceSample, Tracer},
     },
-    target::{
+    proc::{
         memory::Memory,
         modules::{ElfFile, ProcessModules},
         symbolize::Symbolizer,
@@ -794,7 +794,7 @@ mod tests {
             "module_ids_of_closed_files_are_dropped: needs root (map_files): run as root, or without --include-ignored"
         );
         let me = std::process::id();
-        let maps = crate::target::process::read_maps(me).expect("own maps");
+        let maps = crate::proc::process::read_maps(me).expect("own maps");
         let elf = Arc::new(
             ElfFile::open(me, maps.first().expect("a mapping")).expect("open own executable"),
         );

@@ -2,9 +2,9 @@
 //! [`builder`] drives it, [`unwind`] walks native frames over `.eh_frame`, [`names`] names
 //! the Lua frames (prototypes read through [`crate::luajit`], plugins through
 //! [`crate::plugin_map`]). The target itself (its memory, files and symbols) is read
-//! through [`crate::target`].
+//! through [`crate::proc`].
 //!
-//! Hooks: `/proc/PID/*` (through [`crate::target`]). Metrics: the [`StackStats`] counters,
+//! Hooks: `/proc/PID/*` (through [`crate::proc`]). Metrics: the [`StackStats`] counters,
 //! read by the caller, and the Lua naming errors ([`LuaNamer::errors`]).
 
 pub mod builder;

@@ -20,7 +20,7 @@ use crate::{
         layout::Layout,
     },
     plugin_map::{Lookup, PluginMaps, is_plugin_chunk},
-    target::{
+    proc::{
         memory::{Memory, TargetMemory},
         modules::ProcessModules,
         symbolize::Symbolizer,
@@ -692,7 +692,7 @@ mod tests {
 
     use crate::{
         luajit::trace_fixture::{Outcome, TraceFixture},
-        target::recorded::RecordedMemory,
+        proc::recorded::RecordedMemory,
     };
 
     /// The recorded runs (see `luajit/trace_fixture.rs`): each sample's inlined frames and

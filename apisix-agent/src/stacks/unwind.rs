@@ -2,7 +2,7 @@
 //! stack that the BPF sampler took, using each module's `.eh_frame` / `.debug_frame`
 //! through `framehop`. Works for binaries built without frame pointers (Debian's nginx).
 //!
-//! Hooks: none (reads the files opened by [`crate::target::modules`]). Metrics: none; the outcome
+//! Hooks: none (reads the files opened by [`crate::proc::modules`]). Metrics: none; the outcome
 //! of each unwind is returned to the caller, which counts it.
 
 use std::{ops::Deref, ops::Range, sync::Arc};
@@ -13,7 +13,7 @@ use framehop::{
 };
 use object::{Object as _, ObjectSection as _};
 
-use crate::target::modules::{ElfFile, ProcessModules};
+use crate::proc::modules::{ElfFile, ProcessModules};
 
 /// Most native frames kept per sample.
 pub const MAX_NATIVE_FRAMES: usize = 256;

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::target::memory::TargetMemory;
+use crate::proc::memory::TargetMemory;
 
 /// Bytes of one chunk (64 pages: one `u64` says which are readable).
 pub const CHUNK: u64 = 256 << 10;
@@ -195,7 +195,7 @@ fn pages_valid(valid: u64, off: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::memory::Memory;
+    use crate::proc::memory::Memory;
 
     #[test]
     fn serves_reads_from_few_chunks_and_stays_bounded() {

@@ -33,7 +33,7 @@ use std::{
 use super::{heap, layout::Layout};
 use crate::{
     output::Folded,
-    target::memory::{Memory, TargetMemory},
+    proc::memory::{Memory, TargetMemory},
 };
 
 /// Bounds of one snapshot (config: `limits.heap_*`).

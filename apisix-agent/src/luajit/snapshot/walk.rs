@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     luajit::layout::{GCROOT_MAX, Layout, gct},
-    target::memory::TargetMemory,
+    proc::memory::TargetMemory,
 };
 
 /// LuaJIT's largest array part (`LJ_MAX_ASIZE`) and hash part (`2^LJ_MAX_HBITS` nodes),

@@ -170,7 +170,7 @@ pub fn open(pid: u32, m: &Mapping, max: u64) -> Result<File, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::process::read_maps;
+    use crate::proc::process::read_maps;
 
     #[test]
     #[ignore = "needs root"]
