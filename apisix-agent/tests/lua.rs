@@ -478,9 +478,26 @@ fn lines_option_names_the_current_line() {
     let lines = record(worker, 2, &["--lines"]);
     assert!(lines.status.success(), "{}", lines.dump());
     let current = spin_lines(&lines);
+    // A sample whose current line cannot be read (counted as `proto_line_unknown`) keeps
+    // the first line: most, not all, samples name the current one.
+    let spin_weight = |keep: &dyn Fn(u32) -> bool| -> u64 {
+        lines
+            .stacks
+            .iter()
+            .filter(|(stack, _)| {
+                stack
+                    .split(';')
+                    .any(|f| f.starts_with("spin@") && keep(line_of(f)))
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    let in_body = spin_weight(&|l| l > first && l <= first + 3);
+    let all = spin_weight(&|_| true);
     assert!(
-        !current.is_empty() && current.iter().all(|l| *l > first && *l <= first + 3),
-        "spin starts at line {first}; --lines gave {current:?}\n{}",
+        all > 0 && in_body * 100 >= all * 95,
+        "spin starts at line {first}; --lines gave {current:?}, {in_body} of {all} samples \
+         in its body\n{}",
         lines.dump()
     );
 }
