@@ -26,7 +26,7 @@ pub mod label;
 pub mod luajit;
 pub mod output;
 pub mod plugin_map;
+pub mod proc;
 pub mod record;
 pub mod sampling;
 pub mod stacks;
-pub mod proc;

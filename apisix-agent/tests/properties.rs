@@ -9,8 +9,8 @@ use apisix_agent::{
         to_prometheus_text,
     },
     luajit::detect::inspect,
-    stacks::names::{MAX_STR, decode_str},
     proc::process::parse_maps,
+    stacks::names::{MAX_STR, decode_str},
 };
 use proptest::prelude::*;
 

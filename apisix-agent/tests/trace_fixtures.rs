@@ -26,13 +26,13 @@ use apisix_agent::{
         trace::Tracer,
         trace_fixture::{Frame, Outcome, Sample, TraceFixture},
     },
-    sampling::bpf::BpfSession,
-    stacks::names::plain_labels,
     proc::{
         memory::{Memory, TargetMemory},
         process::read_maps,
         recorded::{RecordedMemory, Recording},
     },
+    sampling::bpf::BpfSession,
+    stacks::names::plain_labels,
 };
 use apisix_ebpf_common::{LuaFrame, LuaState};
 use common::{Lj, Load, Nginx};

@@ -42,12 +42,12 @@ use crate::{
     error::error_chain,
     label::FrameDetail,
     luajit::{LuaTarget, VmState, heap, trace::TraceFallback},
+    proc::{memory::Memory, process},
     sampling::{
         bpf::{BpfError, BpfSession},
         source::SampleSource,
     },
     stacks::{StackBuilder, StackOptions},
-    proc::{memory::Memory, process},
 };
 
 /// Lua VMs remembered per process (nginx runs one per subsystem, http and stream).

@@ -571,10 +571,7 @@ impl Metrics {
         let Ok(mut seen) = self.refusals_seen.lock() else {
             return;
         };
-        for (i, (reason, total)) in crate::proc::target_file::refusals()
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (reason, total)) in crate::proc::target_file::refusals().into_iter().enumerate() {
             let series = self.target_file_refusals.get_or_create(&ReasonLabels {
                 reason: LabelValue::fixed(reason),
             });

@@ -24,12 +24,12 @@ use std::{
 use crate::{
     attribution::{self, AttributionError, Rules},
     luajit,
+    proc::process::{self, ProcessError},
     sampling::{
         capture::{self, CaptureError, CaptureTarget, Progress, human_bytes},
         render::{self, RenderError},
         request::{Defaults, Origin, Request, RequestArgs, RequestError, Selector},
     },
-    proc::process::{self, ProcessError},
 };
 pub use summary::{RecordSummary, Recording};
 

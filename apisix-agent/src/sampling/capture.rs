@@ -32,8 +32,8 @@ use crate::{
     label::FrameDetail,
     luajit::{LuaTarget, heap},
     output::{Folded, pprof::Detailed},
-    stacks::{StackBuilder, StackOptions, StackStats},
     proc::{memory::Memory, process},
+    stacks::{StackBuilder, StackOptions, StackStats},
 };
 
 /// Longest wait for the Lua VMs of the targets to be learned before CPU sampling starts.
