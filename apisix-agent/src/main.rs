@@ -22,7 +22,6 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Sample one process (all its threads) and write a flame graph or folded stacks.
-    /// Samples one process for a while and writes a flame graph.
     Record(record::RecordArgs),
     Run {
         /// YAML configuration (see config.example.yaml); without it, the built-in defaults.

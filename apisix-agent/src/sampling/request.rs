@@ -36,7 +36,7 @@ pub enum Mode {
     /// --stall-threshold-ms), weighted by stall microseconds.
     Stalls,
     /// Who holds the Lua heap now: a snapshot read from outside (no probes), weighted by
-    /// bytes, each line a retaining path from a root ([`crate::luajit::snapshot`]); with
+    /// bytes, each line a retaining path from a root (see `luajit/snapshot/`); with
     /// --diff-seconds, what grew between two snapshots.
     Heap,
 }
