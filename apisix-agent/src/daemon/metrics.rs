@@ -643,9 +643,7 @@ pub fn self_usage() -> Option<(u64, u64)> {
     let ticks = f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?;
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some((ticks, pages * u64::try_from(page).unwrap_or(4096)))
+    Some((ticks, pages * crate::proc::process::page_size()))
 }
 
 #[cfg(test)]

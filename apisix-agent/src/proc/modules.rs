@@ -65,7 +65,7 @@ impl ElfFile {
     /// at offsets that are not page-aligned): the last segment whose page holds `offset` is
     /// the one mapped.
     pub fn svma_of_offset(&self, offset: u64) -> Option<u64> {
-        svma_of_offset(&self.segments, offset, page_size())
+        svma_of_offset(&self.segments, offset, super::process::page_size())
     }
 
     /// A path through which another reader can open the very same file.
@@ -84,16 +84,6 @@ fn svma_of_offset(segments: &[(u64, u64, u64)], offset: u64, page: u64) -> Optio
         })
         .max_by_key(|(off, _, _)| *off)
         .map(|(off, vaddr, _)| vaddr.wrapping_add(offset).wrapping_sub(*off))
-}
-
-/// The system's page size (4 KiB where it cannot be read).
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size)
-        .ok()
-        .filter(|s| s.is_power_of_two())
-        .unwrap_or(4096)
 }
 
 /// One module of a process: an executable mapping and its ELF file.

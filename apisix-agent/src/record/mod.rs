@@ -203,14 +203,20 @@ fn detect(pid: u32) -> Result<Option<luajit::LuaTarget>, RecordError> {
     })
 }
 
-/// Captures `req` (of one process); stops early (keeping the samples) if it exits.
-pub fn record(req: &Request, rules: &Rules) -> Result<Recording, RecordError> {
-    let Selector::Pid(pid) = req.selector else {
-        return Err(RequestError {
+/// The process `req` names: `record` profiles one.
+fn one_process(req: &Request) -> Result<u32, RecordError> {
+    match req.selector {
+        Selector::Pid(pid) => Ok(pid),
+        _ => Err(RequestError {
             message: "record profiles one process: --pid".into(),
         }
-        .into());
-    };
+        .into()),
+    }
+}
+
+/// Captures `req` (of one process); stops early (keeping the samples) if it exits.
+pub fn record(req: &Request, rules: &Rules) -> Result<Recording, RecordError> {
+    let pid = one_process(req)?;
     let (Some(mode), Some(duration)) = (req.capture_mode(), req.duration()) else {
         return Err(RequestError {
             message: "--duration is required".into(),
@@ -273,9 +279,7 @@ pub fn record(req: &Request, rules: &Rules) -> Result<Recording, RecordError> {
 pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
     let req = Request::new(&args.request, Defaults::RECORD, Origin::Cli)?;
     let rules = Rules::new(&args.plugin_rule, true).map_err(RecordError::Rules)?;
-    let Selector::Pid(pid) = req.selector else {
-        unreachable!("the command line names a pid")
-    };
+    let pid = one_process(&req)?;
     if req.mode == crate::sampling::request::Mode::Heap {
         return heap::run(&req, args, pid);
     }

@@ -500,13 +500,7 @@ impl Request {
             lines: false,
             trace_frames: flag("trace_frames", "0", "1")?,
             plugin: q.get("plugin").cloned(),
-            phase: q
-                .get("phase")
-                .map(|p| {
-                    Phase::parse(p)
-                        .ok_or_else(|| bad(format!("phase={p:?} must be one of {}", phase_names())))
-                })
-                .transpose()?,
+            phase: query_phase(q)?,
         };
         Self::new(&args, defaults, Origin::Http)
     }
@@ -762,19 +756,22 @@ pub fn parse_selector(q: &HashMap<String, String>) -> Result<Option<Selector>, R
 
 /// `plugin=` and `phase=`: the pprof endpoints' filter.
 pub fn parse_filter(q: &HashMap<String, String>) -> Result<Filter, RequestError> {
-    let phase = q
-        .get("phase")
+    let args = RequestArgs {
+        plugin: q.get("plugin").cloned(),
+        phase: query_phase(q)?,
+        ..RequestArgs::default()
+    };
+    filter(&args, Origin::Http)
+}
+
+/// `phase=`, when given.
+fn query_phase(q: &HashMap<String, String>) -> Result<Option<Phase>, RequestError> {
+    q.get("phase")
         .map(|p| {
             Phase::parse(p)
                 .ok_or_else(|| bad(format!("phase={p:?} must be one of {}", phase_names())))
         })
-        .transpose()?;
-    let args = RequestArgs {
-        plugin: q.get("plugin").cloned(),
-        phase,
-        ..RequestArgs::default()
-    };
-    filter(&args, Origin::Http)
+        .transpose()
 }
 
 /// What went wrong in a capture that still gave a result, one phrase each, for titles and
