@@ -793,13 +793,8 @@ async fn window_profile(
         b.comment(&title);
         for w in &window.stacks {
             let t = &w.target;
-            let labels = [
-                ("container", t.container.as_str()),
-                ("image", t.image.as_str()),
-                ("process", t.process.as_str()),
-                ("plugin", w.attribution.plugin.as_str()),
-                ("phase", w.attribution.phase.name()),
-            ];
+            let process = [t.container.as_str(), t.image.as_str(), t.process.as_str()];
+            let labels = render::sample_labels(process, &w.attribution);
             b.add(&w.stack, &w.details, &labels, w.count, w.weight);
         }
         let start = wall_to.checked_sub(covered).unwrap_or(wall_to);

@@ -146,13 +146,7 @@ pub fn capture(
             continue;
         };
         let [container, image, process] = labels.get(pid).unwrap_or(&none);
-        let labels = [
-            ("container", container.as_str()),
-            ("image", image.as_str()),
-            ("process", process.as_str()),
-            ("plugin", a.plugin.as_str()),
-            ("phase", a.phase.name()),
-        ];
+        let labels = sample_labels([container, image, process], a);
         b.add(stack, details, &labels, count, weight);
     }
     let now = SystemTime::now();
@@ -165,6 +159,21 @@ pub fn capture(
         content_type: "application/octet-stream",
         body,
     })
+}
+
+/// The labels of a pprof sample: its process's container, image and name, and its plugin
+/// and phase.
+pub fn sample_labels<'a>(
+    [container, image, process]: [&'a str; 3],
+    a: &'a attribution::Attribution,
+) -> [(&'static str, &'a str); 5] {
+    [
+        ("container", container),
+        ("image", image),
+        ("process", process),
+        ("plugin", a.plugin.as_str()),
+        ("phase", a.phase.name()),
+    ]
 }
 
 /// Each distinct stack with its weight, plugin and phase, heaviest first.
