@@ -9,7 +9,9 @@
 //! Checked: the iteration histogram puts at least 60% of the slow iterations in (0.25, 0.5] s
 //! and the quick ones under 10 ms; the stall counter counts the slow ones; the stall flame
 //! graph is at least 80% the blocking function; the stall log line names the worker and the
-//! function; a worker idle in `epoll_wait` shows no stall.
+//! function; a worker idle in `epoll_wait` shows no stall. The pair is on the per-call epoll
+//! tracepoints (the agent mounts tracefs privately where it is not mounted), and, in one
+//! case, on the raw-tracepoint fallback.
 
 mod common;
 
@@ -223,13 +225,46 @@ fn check_retrying(agent: &Agent, port: u16, container: &str, selector: &str) -> 
     }
 }
 
-/// The daemon discovering only processes called `name`, sampling at 99 Hz.
-fn agent_for(name: &str) -> Agent {
+/// Where the event-loop pair is expected: its hooks and the log line that says so.
+#[derive(Clone, Copy)]
+enum Hooks {
+    /// The per-call epoll tracepoints (tracefs mounted, or mounted privately by the agent).
+    Epoll,
+    /// The `sys_enter`/`sys_exit` raw tracepoints, forced with `APISIX_AGENT_LOOP_HOOKS=raw`.
+    Raw,
+}
+
+impl Hooks {
+    fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Hooks::Epoll => &[],
+            Hooks::Raw => &[("APISIX_AGENT_LOOP_HOOKS", "raw")],
+        }
+    }
+
+    fn log_line(self) -> &'static str {
+        match self {
+            Hooks::Epoll => "event-loop pair attached to the epoll tracepoints",
+            Hooks::Raw => "event-loop pair attached to the raw tracepoints",
+        }
+    }
+}
+
+/// The daemon discovering only processes called `name`, sampling at 99 Hz, with the
+/// event-loop pair on `hooks`.
+fn agent_for(name: &str, hooks: Hooks) -> Agent {
     let config = format!(
         "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n  process_names: [{name}]\n\
          sampling:\n  frequency_hz: 99\n  stalls:\n    threshold_ms: 100\n"
     );
-    Agent::start_with(&config, |a| a.get("/healthz").0 == 200)
+    let agent = Agent::start_with_env(&config, hooks.env(), |a| a.get("/healthz").0 == 200);
+    let log = agent.log();
+    assert!(
+        log.contains(hooks.log_line()),
+        "{}:\n{log}",
+        hooks.log_line()
+    );
+    agent
 }
 
 /// Waits until `/targets` lists every pid of `pids`.
@@ -254,7 +289,7 @@ fn wait_targets(agent: &Agent, pids: &[u32]) {
 }
 
 /// The host case on LuaJIT `lj`: a busy worker and an idle one, both called `name`.
-fn host_case(lj: Lj, name: &str) {
+fn host_case(lj: Lj, name: &str, hooks: Hooks) {
     let busy = Nginx::start_as(lj, name, &[("stall", LUA)], "", LOCATION);
     let idle = Nginx::start_as(lj, name, &[("stall", LUA)], "", LOCATION);
     let (busy_pid, idle_pid) = (
@@ -268,7 +303,7 @@ fn host_case(lj: Lj, name: &str) {
             busy.luajit_path()
         );
     }
-    let agent = agent_for(name);
+    let agent = agent_for(name, hooks);
     wait_targets(&agent, &[busy_pid, idle_pid]);
     let report = check_retrying(&agent, busy.port, "", &format!("pid={busy_pid}"));
     eprintln!("{name}: {report}");
@@ -298,14 +333,21 @@ fn host_case(lj: Lj, name: &str) {
 #[ignore = "needs root"]
 fn stalls_of_a_gc64_worker() {
     common::require_root!();
-    host_case(Lj::Gc64, "stallngx64");
+    host_case(Lj::Gc64, "stallngx64", Hooks::Epoll);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn stalls_on_the_raw_tracepoint_fallback() {
+    common::require_root!();
+    host_case(Lj::Gc64, "stallngxraw", Hooks::Raw);
 }
 
 #[test]
 #[ignore = "needs root"]
 fn stalls_of_a_non_gc64_worker() {
     common::require_root!();
-    host_case(Lj::Gc32, "stallngx32");
+    host_case(Lj::Gc32, "stallngx32", Hooks::Epoll);
 }
 
 #[test]
@@ -317,6 +359,11 @@ fn stalls_inside_a_docker_container() {
     let config = "http:\n  listen: 127.0.0.1:0\ndiscovery:\n  interval_seconds: 1\n\
                   sampling:\n  frequency_hz: 99\n";
     let agent = Agent::start_with(config, |a| a.get("/healthz").0 == 200);
+    assert!(
+        agent.log().contains(Hooks::Epoll.log_line()),
+        "{}",
+        agent.log()
+    );
     let labelled = wait_for(20, || {
         let (_, body) = agent.get("/targets");
         body.contains(&format!("\"container\":\"{}\"", ctr.name))

@@ -26,12 +26,18 @@ pub const PROG_OFFCPU_EXIT_BOUNDED: &str = "offcpu_exit_bounded";
 /// helper (5.17), i.e. which walk variant the agent loads.
 pub const PROG_PROBE_LOOP: &str = "probe_bpf_loop";
 
-/// Program name of the event-loop hook on `sys_enter` (raw tracepoint): at a target thread's
-/// entry into `epoll_wait` (or `epoll_pwait`, `epoll_pwait2`), the loop iteration that began
-/// at the previous return ends and is counted in [`MAP_LOOP_THREADS`].
+/// Program name of the event-loop hook on the tracepoints `syscalls:sys_enter_epoll_wait`
+/// (and `_epoll_pwait`, `_epoll_pwait2`): at a target thread's entry into a wait, the loop
+/// iteration that began at the previous return ends and is counted in [`MAP_LOOP_THREADS`].
+pub const PROG_LOOP_WAIT_ENTER: &str = "loop_wait_enter";
+/// Program name of the event-loop hook on the tracepoints `syscalls:sys_exit_epoll_wait`
+/// (and `_epoll_pwait`, `_epoll_pwait2`): at a target thread's return from a wait, a loop
+/// iteration begins.
+pub const PROG_LOOP_WAIT_EXIT: &str = "loop_wait_exit";
+/// [`PROG_LOOP_WAIT_ENTER`] as a raw tracepoint on `sys_enter`, which runs at every system
+/// call: the fallback where the per-call tracepoints cannot be attached (no tracefs).
 pub const PROG_LOOP_ENTER: &str = "loop_enter";
-/// Program name of the event-loop hook on `sys_exit` (raw tracepoint): at a target thread's
-/// return from `epoll_wait`, a loop iteration begins.
+/// [`PROG_LOOP_WAIT_EXIT`] as a raw tracepoint on `sys_exit` (the same fallback).
 pub const PROG_LOOP_EXIT: &str = "loop_exit";
 
 /// Program name of the uprobe on `lua_resume` that learns a process's `global_State` from its

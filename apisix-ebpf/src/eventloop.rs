@@ -1,27 +1,33 @@
-//! The event-loop pair: a `sys_enter` raw tracepoint ending a target thread's loop iteration
-//! when it enters `epoll_wait` (or `epoll_pwait`, `epoll_pwait2`), and a `sys_exit` raw
-//! tracepoint beginning the next one when it returns. Each thread's entry in `LOOP_THREADS`
-//! holds when its current iteration began (read by [`crate::sample::emit`] to stamp a sample
-//! with the iteration's age) and its iterations counted by duration into the buckets of
-//! `LOOP_BUCKETS_NS`, their sum, and the stalls (iterations of at least `LOOP_CONFIG`'s
-//! threshold).
+//! The event-loop pair: a target thread's entry into `epoll_wait` (or `epoll_pwait`,
+//! `epoll_pwait2`) ends its loop iteration, and its return begins the next one. Each thread's
+//! entry in `LOOP_THREADS` holds when its current iteration began (read by
+//! [`crate::sample::emit`] to stamp a sample with the iteration's age) and its iterations
+//! counted by duration into the buckets of `LOOP_BUCKETS_NS`, their sum, and the stalls
+//! (iterations of at least `LOOP_CONFIG`'s threshold).
 //!
-//! Cost: both hooks run for every system call of every process. `loop_enter` compares the
-//! call number (an argument) before anything else; `loop_exit` reads it from the saved
-//! registers (`orig_ax`, one probe read) before any map lookup. Only the threads of targets
-//! get an entry (checked against `TARGETS` at the entry into a wait), so the exit hook's
-//! lookup is enough there. Raw tracepoints (4.17), whose arguments are the same on every
-//! kernel: nothing here needs more than 5.10.
+//! Two attachments of the same bodies, the agent picks one:
+//! - `loop_wait_enter`/`loop_wait_exit`, tracepoint programs for the per-call tracepoints
+//!   `syscalls:sys_{enter,exit}_epoll_{wait,pwait,pwait2}`: they run only at epoll waits, of
+//!   any process. Attaching needs the tracepoints' ids from tracefs.
+//! - `loop_enter`/`loop_exit`, raw tracepoints on `sys_enter`/`sys_exit`, the fallback without
+//!   tracefs: they run at every system call of every process. `loop_enter` compares the call
+//!   number (an argument) before anything else; `loop_exit` reads it from the saved registers
+//!   (`orig_ax`, one probe read) before any map lookup.
 //!
-//! Hooks: `raw_tp/sys_enter`, `raw_tp/sys_exit`. Metrics: `MapInsertFailed` (a thread whose
-//! loop is not followed).
+//! Only the threads of targets get an entry (checked against `TARGETS` at the entry into a
+//! wait), so the return's lookup is enough there. Tracepoint programs (4.7) and raw
+//! tracepoints (4.17) whose arguments are the same on every kernel, no field of the
+//! tracepoints read: nothing here needs more than 5.10.
+//!
+//! Hooks: `tracepoint/syscalls/sys_{enter,exit}_epoll_*`, `raw_tp/sys_enter`, `raw_tp/sys_exit`.
+//! Metrics: `MapInsertFailed` (a thread whose loop is not followed).
 
 use apisix_ebpf_common::{Counter, LOOP_BUCKETS, LOOP_BUCKETS_NS, LoopThread};
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 use crate::maps::{LOOP_CONFIG, LOOP_THREADS, TARGETS, finish};
@@ -36,17 +42,33 @@ fn is_epoll_wait(nr: u64) -> bool {
     nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2
 }
 
-/// `sys_enter(regs, id)`: a target thread entering a wait ends its iteration.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn loop_enter(ctx: RawTracePointContext) -> u32 {
-    finish(try_loop_enter(&ctx))
+/// `syscalls:sys_enter_epoll_*`: a target thread entering a wait ends its iteration.
+#[tracepoint]
+pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
+    finish(wait_entered())
 }
 
-fn try_loop_enter(ctx: &RawTracePointContext) -> Result<(), Counter> {
+/// `syscalls:sys_exit_epoll_*`: a target thread back from a wait begins an iteration.
+#[tracepoint]
+pub fn loop_wait_exit(_ctx: TracePointContext) -> u32 {
+    wait_returned();
+    0
+}
+
+/// `sys_enter(regs, id)`: the raw-tracepoint variant of [`loop_wait_enter`].
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn loop_enter(ctx: RawTracePointContext) -> u32 {
     let id: u64 = ctx.arg(1);
     if !is_epoll_wait(id) {
-        return Ok(());
+        return 0;
     }
+    finish(wait_entered())
+}
+
+/// The calling thread enters a wait: counts the iteration that began at its last return
+/// (or, for a target's thread seen for the first time, starts following it).
+#[inline(always)]
+fn wait_entered() -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let Some(thread) = LOOP_THREADS.get_ptr_mut(tid) else {
@@ -97,27 +119,28 @@ fn bucket(ns: u64) -> usize {
     LOOP_BUCKETS - 1
 }
 
-/// `sys_exit(regs, ret)`: a target thread back from a wait begins an iteration.
+/// `sys_exit(regs, ret)`: the raw-tracepoint variant of [`loop_wait_exit`].
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn loop_exit(ctx: RawTracePointContext) -> u32 {
-    finish(try_loop_exit(&ctx))
-}
-
-fn try_loop_exit(ctx: &RawTracePointContext) -> Result<(), Counter> {
     let regs: u64 = ctx.arg(0);
     let at = regs + core::mem::offset_of!(pt_regs, orig_rax) as u64;
     // SAFETY: a probe read of the saved registers; it fails cleanly.
     let Ok(nr) = (unsafe { bpf_probe_read_kernel(at as *const u64) }) else {
-        return Ok(());
+        return 0;
     };
-    if !is_epoll_wait(nr) {
-        return Ok(());
+    if is_epoll_wait(nr) {
+        wait_returned();
     }
+    0
+}
+
+/// The calling thread is back from a wait: if it is followed, its iteration begins now.
+#[inline(always)]
+fn wait_returned() {
     let tid = bpf_get_current_pid_tgid() as u32;
     if let Some(thread) = LOOP_THREADS.get_ptr_mut(tid) {
-        // SAFETY: the thread's own entry, as in `try_loop_enter`; helper without
+        // SAFETY: the thread's own entry, as in `wait_entered`; helper without
         // preconditions.
         unsafe { (*thread).iter_start_ns = bpf_ktime_get_ns() };
     }
-    Ok(())
 }

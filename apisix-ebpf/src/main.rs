@@ -17,16 +17,17 @@
 //! VM's allocator writing the thread's stack every `N` allocated bytes on average, and (live
 //! mode) a uretprobe tracking the sampled blocks until they are freed.
 //!
-//! The event-loop pair: raw tracepoints on `sys_enter` and `sys_exit` timing each target
-//! thread's loop iterations, from a return of `epoll_wait` to its next entry.
+//! The event-loop pair: tracepoint programs on `syscalls:sys_{enter,exit}_epoll_*` (or, as a
+//! fallback, raw tracepoints on `sys_enter` and `sys_exit`) timing each target thread's loop
+//! iterations, from a return of `epoll_wait` to its next entry.
 //!
 //! One module per program family: [`sample`] (perf_event), [`offcpu`] (the two raw
-//! tracepoints), [`eventloop`] (two more), [`learn_vm`] (uprobe), [`alloc`] (the allocator's
+//! tracepoints), [`eventloop`] (two tracepoints, and two more raw ones), [`learn_vm`] (uprobe), [`alloc`] (the allocator's
 //! uprobe and uretprobe);
 //! [`lua`] the Lua walk they share, [`maps`] every map.
 //!
 //! Hooks: `perf_event` (CPU clock), `raw_tp/sched_switch`, `raw_tp/sys_enter`,
-//! `raw_tp/sys_exit`, uprobe
+//! `raw_tp/sys_exit`, `tracepoint/syscalls/sys_{enter,exit}_epoll_*`, uprobe
 //! `lua_resume`, uprobe and uretprobe on the allocator. Metrics: `COUNTERS` (one slot per
 //! `Counter`) and `LOST`.
 #![no_std]

@@ -287,7 +287,28 @@ YAML
     elif [ -z "$health" ]; then
         result daemon fail "burn_a has $seen samples in /metrics, but /healthz did not answer 200"
     else
-        result daemon pass "burn_a self samples $seen in /metrics after ${waited} s, /healthz 200"
+        daemon_loops "burn_a self samples $seen in /metrics after ${waited} s, /healthz 200"
+    fi
+}
+
+# daemon_loops SO_FAR: the daemon's event-loop pair, attached to the epoll tracepoints (the
+# guest's /init mounts tracefs), counts the loaded worker's iterations.
+daemon_loops() {
+    local iterations="" hooks
+    for _ in 1 2 3 4 5; do
+        curl -fsS -m 5 -o "$R/daemon.metrics" http://127.0.0.1:9464/metrics 2>/dev/null || true
+        iterations="$(grep -E '^apisix_profiler_event_loop_iteration_seconds_count\{container=""' "$R/daemon.metrics" \
+            | awk '$NF > 0 {print $NF; exit}' || true)"
+        [ -z "$iterations" ] || break
+        sleep 1
+    done
+    hooks="$(sed 's/\x1b\[[0-9;]*m//g' "$R/daemon.log" | grep -c 'event-loop pair attached to the epoll tracepoints' || true)"
+    if [ -z "$iterations" ]; then
+        result daemon fail "$1, but no event-loop iterations in /metrics"
+    elif [ "$hooks" -eq 0 ]; then
+        result daemon fail "$1, $iterations loop iterations, but not on the epoll tracepoints: $(grep -m1 'falls back' "$R/daemon.log" | cut -c1-200)"
+    else
+        result daemon pass "$1, $iterations loop iterations on the epoll tracepoints"
     fi
 }
 

@@ -483,13 +483,13 @@ pub fn run(
     // Each session keeps its own loop map: its samples' ages come from it.
     let event_loop = stalls.enabled.then(|| {
         match sampler.as_mut() {
-            Ok(s) => s.attach_event_loop(stall_ns),
+            Ok(s) => s.attach_event_loop(stall_ns).map(drop),
             Err(_) => Err(BpfError::Missing {
                 what: "the CPU sampler, whose session follows the event loops",
             }),
         }
         .and_then(|()| match offcpu.as_mut() {
-            Some(Ok(o)) => o.attach_event_loop(stall_ns),
+            Some(Ok(o)) => o.attach_event_loop(stall_ns).map(drop),
             _ => Ok(()),
         })
     });

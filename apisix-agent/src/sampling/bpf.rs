@@ -16,7 +16,11 @@
 //! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), raw tracepoints,
 //! `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
-use std::{io, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::Duration,
+};
 
 use apisix_ebpf_common::{
     ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
@@ -24,14 +28,14 @@ use apisix_ebpf_common::{
     MAP_COUNTERS, MAP_KERNEL_CONFIG, MAP_LIVE_ALLOCS, MAP_LOOP_CONFIG, MAP_LOOP_THREADS, MAP_LOST,
     MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES, MAP_TARGETS, PROG_ALLOC,
     PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_LOOP_ENTER, PROG_LOOP_EXIT,
-    PROG_OFFCPU_EXIT, PROG_OFFCPU_EXIT_BOUNDED, PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE,
-    PROG_SAMPLE_BOUNDED, Sample, Target,
+    PROG_LOOP_WAIT_ENTER, PROG_LOOP_WAIT_EXIT, PROG_OFFCPU_EXIT, PROG_OFFCPU_EXIT_BOUNDED,
+    PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE, PROG_SAMPLE_BOUNDED, Sample, Target,
 };
 use aya::{
     Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        PerfEvent, ProgramError, RawTracePoint, UProbe,
+        PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeLinkId, UProbeScope},
     },
@@ -40,6 +44,7 @@ use aya::{
 
 use super::{
     kernel::{KernelReport, WalkVariant},
+    tracepoints::{self, EPOLL_WAITS},
     verifier::{self, ProgramStats, VerifierError},
 };
 
@@ -91,6 +96,12 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
+    /// The event-loop pair's per-call tracepoints could not be attached.
+    #[error("the event-loop pair's epoll tracepoints")]
+    Tracepoint {
+        #[from]
+        source: tracepoints::TracepointError,
+    },
     /// Listing CPUs failed.
     #[error("listing online CPUs ({what})")]
     Cpus {
@@ -105,6 +116,19 @@ fn is_permission(e: &EbpfError) -> bool {
     text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
 }
 
+/// Where [`BpfSession::attach_event_loop`] attached the event-loop pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopHooks {
+    /// The per-call tracepoints of the epoll waits: they run only at epoll waits.
+    Tracepoints,
+    /// The `sys_enter`/`sys_exit` raw tracepoints: they run at every system call.
+    RawTracepoints,
+}
+
+/// Environment variable that puts the event-loop pair on the raw tracepoints (`raw`) even
+/// where the per-call ones could be attached (for tests and benchmarks of the fallback).
+pub const LOOP_HOOKS_ENV: &str = "APISIX_AGENT_LOOP_HOOKS";
+
 /// One loaded BPF object with its maps and attachments: the CPU sampler
 /// ([`Self::start`], [`Self::prepare`]), the off-CPU pair ([`Self::start_offcpu`]) or the
 /// allocator probes ([`Self::prepare_alloc`]), plus the `lua_resume` learners of its targets.
@@ -117,6 +141,8 @@ pub struct BpfSession {
     /// probes attached per process (entry, and the return in live mode).
     alloc: AllocConfig,
     alloc_links: Vec<(&'static str, UProbeLinkId)>,
+    /// The event-loop pair's per-call tracepoints, when it is attached there.
+    loop_links: Vec<tracepoints::Attached>,
     /// What this kernel offers, and the walk variant loaded.
     kernel: KernelReport,
 }
@@ -243,25 +269,76 @@ impl BpfSession {
         self.set_slot(MAP_OFFCPU_MIN, 0, min_block_us.saturating_mul(1000))
     }
 
-    /// Loads and attaches the event-loop pair (raw tracepoints on `sys_enter` and `sys_exit`):
-    /// from now on each target thread's loop iterations are counted in `LOOP_THREADS`
-    /// ([`Self::loop_threads`]), iterations of at least `stall_ns` as stalls, and every sample
-    /// of this session carries the age of its thread's current iteration
-    /// ([`Sample::iteration_ns`]).
-    pub fn attach_event_loop(&mut self, stall_ns: u64) -> Result<(), BpfError> {
+    /// Loads and attaches the event-loop pair: from now on each target thread's loop
+    /// iterations are counted in `LOOP_THREADS` ([`Self::loop_threads`]), iterations of at
+    /// least `stall_ns` as stalls, and every sample of this session carries the age of its
+    /// thread's current iteration ([`Sample::iteration_ns`]).
+    ///
+    /// On the per-call tracepoints of the epoll waits where tracefs gives their ids; else
+    /// (or with `APISIX_AGENT_LOOP_HOOKS=raw`) on the `sys_enter`/`sys_exit` raw
+    /// tracepoints, which run at every system call of the host, logged as a warning.
+    pub fn attach_event_loop(&mut self, stall_ns: u64) -> Result<LoopHooks, BpfError> {
         self.set_slot(MAP_LOOP_CONFIG, 0, LoopConfig { stall_ns })?;
-        for (name, tracepoint) in [(PROG_LOOP_ENTER, "sys_enter"), (PROG_LOOP_EXIT, "sys_exit")] {
-            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
-            match prog.load() {
-                Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
-                Err(e) => return Err(refused(name, e)),
+        let forced_raw = std::env::var(LOOP_HOOKS_ENV).is_ok_and(|v| v == "raw");
+        if !forced_raw {
+            match self.attach_loop_tracepoints() {
+                Ok(()) => {
+                    let names: Vec<&str> = self.loop_links.iter().map(|l| &*l.name).collect();
+                    tracing::info!(tracepoints = ?names, "event-loop pair attached to the epoll tracepoints");
+                    return Ok(LoopHooks::Tracepoints);
+                }
+                Err(e) => tracing::warn!(
+                    error = %crate::error::error_chain(&e),
+                    "the event-loop pair falls back to raw tracepoints, which run at every system call of the host (about 0.4 µs each, BENCHMARKS.md §11); mount tracefs at /sys/kernel/tracing to avoid it"
+                ),
             }
+        }
+        for (name, tracepoint) in [(PROG_LOOP_ENTER, "sys_enter"), (PROG_LOOP_EXIT, "sys_exit")] {
+            self.load_program::<RawTracePoint>(name)?;
+            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
             prog.attach(tracepoint)
                 .map_err(|source| BpfError::Program {
                     what: format!("attaching {name} to {tracepoint}"),
                     source,
                 })?;
         }
+        tracing::info!("event-loop pair attached to the raw tracepoints sys_enter and sys_exit");
+        Ok(LoopHooks::RawTracepoints)
+    }
+
+    /// [`Self::attach_event_loop`] on `syscalls:sys_{enter,exit}_epoll_*`; all or nothing.
+    fn attach_loop_tracepoints(&mut self) -> Result<(), BpfError> {
+        let names: Vec<String> = ["enter", "exit"]
+            .iter()
+            .flat_map(|dir| {
+                EPOLL_WAITS
+                    .iter()
+                    .map(move |call| format!("sys_{dir}_{call}"))
+            })
+            .collect();
+        let ids = tracepoints::syscall_ids(&names)?;
+        let mut links = Vec::with_capacity(ids.len());
+        for (name, id) in ids {
+            let prog_name = if name.starts_with("sys_enter") {
+                PROG_LOOP_WAIT_ENTER
+            } else {
+                PROG_LOOP_WAIT_EXIT
+            };
+            self.load_program::<TracePoint>(prog_name)?;
+            let prog: &mut TracePoint = program(&mut self.ebpf, prog_name)?;
+            let fd = prog.fd().map_err(|source| BpfError::Program {
+                what: format!("the descriptor of {prog_name}"),
+                source,
+            })?;
+            links.push(tracepoints::attach(fd.as_fd(), &name, id)?);
+        }
+        if !links.iter().any(|l| l.name.starts_with("sys_exit")) {
+            return Err(tracepoints::TracepointError::Missing {
+                first: "sys_exit_epoll_wait".into(),
+            }
+            .into());
+        }
+        self.loop_links = links;
         Ok(())
     }
 
@@ -472,6 +549,7 @@ impl BpfSession {
             learners: std::collections::HashMap::new(),
             alloc: AllocConfig::default(),
             alloc_links: Vec::new(),
+            loop_links: Vec::new(),
             kernel: KernelReport::new(variant, &config, btf_error),
         };
         sampler.set_kernel_config(config)?;
@@ -642,11 +720,13 @@ impl BpfSession {
 
     /// The programs this kernel runs, in the variant it loads: the CPU sampler, the off-CPU
     /// pair, the event-loop pair, the allocator probes and the VM learner.
-    pub fn kernel_programs(&self) -> [&'static str; 8] {
+    pub fn kernel_programs(&self) -> [&'static str; 10] {
         [
             self.sample_program(),
             PROG_OFFCPU_SWITCH,
             self.offcpu_exit_program(),
+            PROG_LOOP_WAIT_ENTER,
+            PROG_LOOP_WAIT_EXIT,
             PROG_LOOP_ENTER,
             PROG_LOOP_EXIT,
             self.alloc_program(),
@@ -765,6 +845,12 @@ impl Loadable for PerfEvent {
 }
 
 impl Loadable for RawTracePoint {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for TracePoint {
     fn load_it(&mut self) -> Result<(), ProgramError> {
         self.load()
     }

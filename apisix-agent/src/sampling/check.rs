@@ -6,7 +6,7 @@
 //! Hooks: `bpf()` (loads, never attaches). Metrics: none.
 
 use apisix_ebpf_common::{PROG_LEARN_VM, PROG_OFFCPU_SWITCH};
-use aya::programs::{PerfEvent, RawTracePoint, UProbe};
+use aya::programs::{PerfEvent, RawTracePoint, TracePoint, UProbe};
 use serde::Serialize;
 
 use crate::error::error_chain;
@@ -111,6 +111,7 @@ fn load_one(session: &mut BpfSession, name: &'static str) -> Result<(), String> 
     let result = match name {
         PROG_LEARN_VM => Ok(()),
         PROG_OFFCPU_SWITCH => session.load_program::<RawTracePoint>(name),
+        n if n.starts_with("loop_wait_") => session.load_program::<TracePoint>(name),
         n if n.starts_with("offcpu_exit") || n.starts_with("loop_") => {
             session.load_program::<RawTracePoint>(name)
         }

@@ -4,7 +4,9 @@
 //! allocation captures, [`heap`] heap snapshot jobs (no probes but the VM learner), [`source`] the seam between the daemon's sampler thread
 //! (the daemon's continuous sampler thread) and BPF (and a replaying fake for root-free tests).
 //!
-//! Hooks: `perf_event_open`, raw tracepoints, the `lua_resume` uprobe, the allocator probes,
+//! [`tracepoints`] attaches the event-loop pair to the per-call tracepoints of the epoll waits.
+//!
+//! Hooks: `perf_event_open`, tracepoints, raw tracepoints, the `lua_resume` uprobe, the allocator probes,
 //! `bpf()`. Metrics: the BPF counters (read by [`bpf::BpfSession::counters`]) and, in the
 //! daemon, the unwind error, lost sample, target and Lua memory gauges updated by
 //! the daemon's continuous sampler thread. [`kernel`] finds what the running kernel offers (BTF
@@ -20,4 +22,5 @@ pub mod kernel;
 pub mod render;
 pub mod request;
 pub mod source;
+pub mod tracepoints;
 pub mod verifier;

@@ -159,6 +159,7 @@ fn load_for_stats(
     let prog_type = match prog.section {
         S::PerfEvent => bpf_prog_type::BPF_PROG_TYPE_PERF_EVENT,
         S::RawTracePoint => bpf_prog_type::BPF_PROG_TYPE_RAW_TRACEPOINT,
+        S::TracePoint => bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT,
         S::UProbe { .. } | S::URetProbe { .. } | S::KProbe | S::KRetProbe => {
             bpf_prog_type::BPF_PROG_TYPE_KPROBE
         }

@@ -89,6 +89,28 @@ impl Agent {
 
     /// [`Self::start_with`] as user `uid` (`None`: as the test).
     pub fn start_as(config: &str, uid: Option<u32>, ready: impl Fn(&Self) -> bool) -> Self {
+        Self::launch(config, uid, &[], ready)
+    }
+
+    /// [`Self::start_with`] with the environment variables `env` set for the agent.
+    #[allow(
+        dead_code,
+        reason = "each test binary compiles its own copy of common/"
+    )]
+    pub fn start_with_env(
+        config: &str,
+        env: &[(&str, &str)],
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
+        Self::launch(config, None, env, ready)
+    }
+
+    fn launch(
+        config: &str,
+        uid: Option<u32>,
+        env: &[(&str, &str)],
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
         use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("config.yaml");
@@ -109,6 +131,7 @@ impl Agent {
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
