@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Sample one process (all its threads) and write a flame graph or folded stacks.
     Record(record::RecordArgs),
+    /// Run the daemon: discover APISIX/OpenResty workers, sample them continuously, and serve
+    /// Prometheus metrics, flame graphs and pprof profiles over HTTP.
     Run {
         /// YAML configuration (see config.example.yaml); without it, the built-in defaults.
         #[arg(long, short)]

@@ -26,6 +26,21 @@ pub const PROG_OFFCPU_EXIT_BOUNDED: &str = "offcpu_exit_bounded";
 /// helper (5.17), i.e. which walk variant the agent loads.
 pub const PROG_PROBE_LOOP: &str = "probe_bpf_loop";
 
+/// The event-loop pair's fentry/fexit programs and the kernel function each pair hooks: at a
+/// target thread's entry into the wait (fentry) the loop iteration that began at the previous
+/// return ends and is counted in [`MAP_LOOP_THREADS`]; at its return (fexit) the next begins.
+/// The cheapest attachment (a trampoline on the function alone); needs the kernel's BTF.
+/// `__x64_sys_epoll_pwait2` is 5.11+.
+pub const LOOP_FUNCTIONS: [(&str, &str, &str); 3] = [
+    ("loop_in_wait", "loop_out_wait", "__x64_sys_epoll_wait"),
+    ("loop_in_pwait", "loop_out_pwait", "__x64_sys_epoll_pwait"),
+    (
+        "loop_in_pwait2",
+        "loop_out_pwait2",
+        "__x64_sys_epoll_pwait2",
+    ),
+];
+
 /// Program name of the event-loop hook on the tracepoints `syscalls:sys_enter_epoll_wait`
 /// (and `_epoll_pwait`, `_epoll_pwait2`): at a target thread's entry into a wait, the loop
 /// iteration that began at the previous return ends and is counted in [`MAP_LOOP_THREADS`].
@@ -35,7 +50,8 @@ pub const PROG_LOOP_WAIT_ENTER: &str = "loop_wait_enter";
 /// iteration begins.
 pub const PROG_LOOP_WAIT_EXIT: &str = "loop_wait_exit";
 /// [`PROG_LOOP_WAIT_ENTER`] as a raw tracepoint on `sys_enter`, which runs at every system
-/// call: the fallback where the per-call tracepoints cannot be attached (no tracefs).
+/// call: the last fallback, where neither [`LOOP_FUNCTIONS`] (no BTF) nor the per-call
+/// tracepoints (no tracefs) can be attached.
 pub const PROG_LOOP_ENTER: &str = "loop_enter";
 /// [`PROG_LOOP_WAIT_EXIT`] as a raw tracepoint on `sys_exit` (the same fallback).
 pub const PROG_LOOP_EXIT: &str = "loop_exit";
@@ -250,7 +266,7 @@ pub struct LiveAlloc {
     pub reserved: u32,
 }
 
-/// One target thread's event loop, kept by the `sys_enter`/`sys_exit` hooks: an iteration runs
+/// One target thread's event loop, kept by the event-loop pair's hooks: an iteration runs
 /// from a return of `epoll_wait` to the thread's next entry into it. Counts are cumulative
 /// for the thread's life; the agent reads deltas.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,7 +5,10 @@
 //! counted by duration into the buckets of `LOOP_BUCKETS_NS`, their sum, and the stalls
 //! (iterations of at least `LOOP_CONFIG`'s threshold).
 //!
-//! Two attachments of the same bodies, the agent picks one:
+//! Three attachments of the same bodies; the agent takes the first that attaches:
+//! - `loop_in_*`/`loop_out_*`, fentry/fexit programs on the kernel's `__x64_sys_epoll_wait`
+//!   (and `_pwait`, `_pwait2`): a trampoline on those functions only, the cheapest; needs
+//!   the kernel's BTF (fentry/fexit: 5.5).
 //! - `loop_wait_enter`/`loop_wait_exit`, tracepoint programs for the per-call tracepoints
 //!   `syscalls:sys_{enter,exit}_epoll_{wait,pwait,pwait2}`: they run only at epoll waits, of
 //!   any process. Attaching needs the tracepoints' ids from tracefs.
@@ -19,15 +22,16 @@
 //! tracepoints (4.17) whose arguments are the same on every kernel, no field of the
 //! tracepoints read: nothing here needs more than 5.10.
 //!
-//! Hooks: `tracepoint/syscalls/sys_{enter,exit}_epoll_*`, `raw_tp/sys_enter`, `raw_tp/sys_exit`.
+//! Hooks: `fentry`/`fexit` on `__x64_sys_epoll_*`, `tracepoint/syscalls/sys_{enter,exit}_epoll_*`,
+//! `raw_tp/sys_enter`, `raw_tp/sys_exit`.
 //! Metrics: `MapInsertFailed` (a thread whose loop is not followed).
 
 use apisix_ebpf_common::{Counter, LOOP_BUCKETS, LOOP_BUCKETS_NS, LoopThread};
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{fentry, fexit, raw_tracepoint, tracepoint},
+    programs::{FEntryContext, FExitContext, RawTracePointContext, TracePointContext},
 };
 
 use crate::maps::{LOOP_CONFIG, LOOP_THREADS, TARGETS, finish};
@@ -40,6 +44,45 @@ const NR_EPOLL_PWAIT2: u64 = 441;
 #[inline(always)]
 fn is_epoll_wait(nr: u64) -> bool {
     nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2
+}
+
+/// fentry of `__x64_sys_epoll_wait`: a target thread entering a wait ends its iteration.
+#[fentry(function = "__x64_sys_epoll_wait")]
+pub fn loop_in_wait(_ctx: FEntryContext) -> u32 {
+    finish(wait_entered())
+}
+
+/// fentry of `__x64_sys_epoll_pwait`, as [`loop_in_wait`].
+#[fentry(function = "__x64_sys_epoll_pwait")]
+pub fn loop_in_pwait(_ctx: FEntryContext) -> u32 {
+    finish(wait_entered())
+}
+
+/// fentry of `__x64_sys_epoll_pwait2`, as [`loop_in_wait`].
+#[fentry(function = "__x64_sys_epoll_pwait2")]
+pub fn loop_in_pwait2(_ctx: FEntryContext) -> u32 {
+    finish(wait_entered())
+}
+
+/// fexit of `__x64_sys_epoll_wait`: a target thread back from a wait begins an iteration.
+#[fexit(function = "__x64_sys_epoll_wait")]
+pub fn loop_out_wait(_ctx: FExitContext) -> u32 {
+    wait_returned();
+    0
+}
+
+/// fexit of `__x64_sys_epoll_pwait`, as [`loop_out_wait`].
+#[fexit(function = "__x64_sys_epoll_pwait")]
+pub fn loop_out_pwait(_ctx: FExitContext) -> u32 {
+    wait_returned();
+    0
+}
+
+/// fexit of `__x64_sys_epoll_pwait2`, as [`loop_out_wait`].
+#[fexit(function = "__x64_sys_epoll_pwait2")]
+pub fn loop_out_pwait2(_ctx: FExitContext) -> u32 {
+    wait_returned();
+    0
 }
 
 /// `syscalls:sys_enter_epoll_*`: a target thread entering a wait ends its iteration.

@@ -13,7 +13,7 @@
 //! second, the heap size of every VM the BPF side learned, read from the target's memory;
 //! failures in `apisix_profiler_lua_memory_read_errors_total`) and, through the
 //! aggregator, the per-function, per-plugin and per-phase ([`crate::attribution`]) and
-//! per-target counters. The event-loop pair (`sys_enter`/`sys_exit`) runs in the CPU
+//! per-target counters. The event-loop pair (the epoll tracepoints) runs in the CPU
 //! sampler's session (and in the off-CPU one when enabled, whose blocks then carry their
 //! iteration's age too): each second its per-thread counts go to [`super::eventloop`]
 //! (`apisix_profiler_event_loop_iteration_seconds`, `…_stalls_total`, the stall log), and

@@ -11,7 +11,11 @@ use serde::Serialize;
 
 use crate::error::error_chain;
 
-use super::{bpf::BpfSession, kernel::KernelReport, verifier::ProgramStats};
+use super::{
+    bpf::{BpfError, BpfSession},
+    kernel::KernelReport,
+    verifier::ProgramStats,
+};
 
 /// One program's outcome.
 #[derive(Debug, Serialize)]
@@ -20,6 +24,9 @@ pub struct ProgramCheck {
     pub program: &'static str,
     /// Whether the kernel accepted it.
     pub loaded: bool,
+    /// Whether the agent does without it when refused (the event-loop pair's fentry/fexit
+    /// programs: a kernel in lockdown refuses them, and the pair falls back to tracepoints).
+    pub optional: bool,
     /// Why not, in one sentence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -74,6 +81,7 @@ pub fn check_kernel() -> KernelCheck {
         checks.push(ProgramCheck {
             program: name,
             loaded: loaded.is_ok(),
+            optional: name.starts_with("loop_in_") || name.starts_with("loop_out_"),
             error: loaded.err(),
             verifier: None,
             over_budget: Vec::new(),
@@ -96,7 +104,9 @@ pub fn check_kernel() -> KernelCheck {
             )),
         }
     }
-    let ok = checks.iter().all(|c| c.loaded && c.over_budget.is_empty());
+    let ok = checks
+        .iter()
+        .all(|c| (c.loaded || c.optional) && c.over_budget.is_empty());
     KernelCheck {
         release,
         kernel: Some(session.kernel().clone()),
@@ -112,6 +122,9 @@ fn load_one(session: &mut BpfSession, name: &'static str) -> Result<(), String> 
         PROG_LEARN_VM => Ok(()),
         PROG_OFFCPU_SWITCH => session.load_program::<RawTracePoint>(name),
         n if n.starts_with("loop_wait_") => session.load_program::<TracePoint>(name),
+        n if n.starts_with("loop_in_") || n.starts_with("loop_out_") => aya::Btf::from_sys_fs()
+            .map_err(|source| BpfError::Btf { source })
+            .and_then(|btf| session.load_loop_function(name, &btf)),
         n if n.starts_with("offcpu_exit") || n.starts_with("loop_") => {
             session.load_program::<RawTracePoint>(name)
         }
@@ -152,13 +165,19 @@ impl KernelCheck {
             out += &format!(
                 "{:<22} {:>7} {:>12} {:>9}  {}\n",
                 c.program,
-                if c.loaded { "yes" } else { "NO" },
+                match (c.loaded, c.optional) {
+                    (true, _) => "yes",
+                    (false, true) => "no",
+                    (false, false) => "NO",
+                },
                 insns,
                 stack,
                 depths
             );
-            if let Some(e) = &c.error {
-                out += &format!("  refused: {e}\n");
+            match (&c.error, c.optional) {
+                (Some(e), true) => out += &format!("  refused (optional, falls back): {e}\n"),
+                (Some(e), false) => out += &format!("  refused: {e}\n"),
+                (None, _) => {}
             }
             for o in &c.over_budget {
                 out += &format!("  over budget: {o}\n");

@@ -20,7 +20,7 @@ use std::{
 use aya::maps::{Map, MapData};
 use aya_obj::{
     Object,
-    generated::{bpf_attr, bpf_cmd, bpf_prog_type},
+    generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type},
 };
 use serde::Serialize;
 
@@ -156,7 +156,15 @@ fn load_for_stats(
         .programs
         .get(name)
         .ok_or_else(|| VerifierError::NoProgram(name.to_owned()))?;
+    let mut attach = None;
     let prog_type = match prog.section {
+        S::FEntry { .. } | S::FExit { .. } => {
+            attach = Some(tracing_attach(
+                name,
+                matches!(prog.section, S::FExit { .. }),
+            )?);
+            bpf_prog_type::BPF_PROG_TYPE_TRACING
+        }
         S::PerfEvent => bpf_prog_type::BPF_PROG_TYPE_PERF_EVENT,
         S::RawTracePoint => bpf_prog_type::BPF_PROG_TYPE_RAW_TRACEPOINT,
         S::TracePoint => bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT,
@@ -182,6 +190,10 @@ fn load_for_stats(
     // SAFETY: the prog-load member of the union, which this command reads.
     let u = unsafe { &mut attr.__bindgen_anon_3 };
     u.prog_type = prog_type as u32;
+    if let Some((attach_type, btf_id)) = attach {
+        u.expected_attach_type = attach_type as u32;
+        u.attach_btf_id = btf_id;
+    }
     u.insns = func.instructions.as_ptr() as u64;
     u.insn_cnt = func.instructions.len() as u32;
     u.license = license.as_ptr() as u64;
@@ -215,6 +227,28 @@ fn load_for_stats(
     parse_stats(name, &text).ok_or_else(|| VerifierError::NoStats {
         program: name.to_owned(),
     })
+}
+
+/// The attach type and kernel BTF id an fentry (`exit` false) or fexit program `name` of the
+/// event-loop pair loads against ([`apisix_ebpf_common::LOOP_FUNCTIONS`]).
+fn tracing_attach(name: &str, exit: bool) -> Result<(bpf_attach_type, u32), VerifierError> {
+    let unsupported = || VerifierError::Unsupported {
+        program: name.to_owned(),
+    };
+    let (_, _, function) = apisix_ebpf_common::LOOP_FUNCTIONS
+        .iter()
+        .find(|(enter, leave, _)| *enter == name || *leave == name)
+        .ok_or_else(unsupported)?;
+    let btf = aya::Btf::from_sys_fs().map_err(VerifierError::Btf)?;
+    let id = btf
+        .id_by_type_name_kind(function, aya_obj::btf::BtfKind::Func)
+        .map_err(VerifierError::Btf)?;
+    let kind = if exit {
+        bpf_attach_type::BPF_TRACE_FEXIT
+    } else {
+        bpf_attach_type::BPF_TRACE_FENTRY
+    };
+    Ok((kind, id))
 }
 
 fn load_btf(raw: &[u8]) -> std::io::Result<OwnedFd> {
