@@ -24,7 +24,7 @@
 #   KERNEL_MATRIX_DURATION    seconds per recording in the guest, default 4
 #   KERNEL_MATRIX_CHECK_TIMEOUT  seconds one agent command may take in the guest, default 120
 #   KERNEL_MATRIX_CHECKS      which checks, default all: budgets cpu-gc64 cpu-nogc64
-#                             offcpu alloc live daemon
+#                             offcpu alloc live daemon loopcost
 #   KERNEL_MATRIX_REFRESH=1   refresh the private apt lists now (else when older than a day)
 #   KERNEL_MATRIX_ALLOW_FAIL=1  failed checks only warn (exit 0), for development
 #   KERNEL_MATRIX_VERBOSE=1   show each guest's whole console, not only its result lines
@@ -41,7 +41,7 @@ OUT="${KERNEL_MATRIX_OUT:-$ROOT/target/kernel-matrix}"
 TIMEOUT="${KERNEL_MATRIX_TIMEOUT:-600}"
 DURATION="${KERNEL_MATRIX_DURATION:-4}"
 CHECK_TIMEOUT="${KERNEL_MATRIX_CHECK_TIMEOUT:-120}"
-CHECKS="${KERNEL_MATRIX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
+CHECKS="${KERNEL_MATRIX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon loopcost}"
 CHECKS="${CHECKS//,/ }"
 ALLOW_FAIL="${KERNEL_MATRIX_ALLOW_FAIL:-0}"
 VERBOSE="${KERNEL_MATRIX_VERBOSE:-0}"
@@ -66,7 +66,8 @@ fi
 # ---------------------------------------------------------------------------------------
 log "installing what is missing (Debian packages)"
 apt_ensure --quiet-services qemu-system-x86 busybox-static cpio debian-archive-keyring \
-    nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2 wrk curl jq
+    nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache libluajit2-5.1-2 wrk curl jq \
+    gcc libc6-dev
 log "non-GC64 LuaJIT (scripts/build-luajit-nogc64.sh)"
 NOGC64_DIR="$(./scripts/build-luajit-nogc64.sh | tail -n 1)"
 [ -f "$NOGC64_DIR/lib/libluajit-5.1.so.2" ] || die "no non-GC64 LuaJIT in $NOGC64_DIR"
@@ -243,6 +244,8 @@ put_elf /usr/sbin/nginx
 put_elf /usr/lib/nginx/modules/ndk_http_module.so
 put_elf /usr/lib/nginx/modules/ngx_http_lua_module.so
 put_elf /usr/bin/wrk
+gcc -O2 -o "$OUT/epoll-loop" "$ROOT/bench/epoll_loop.c"
+put_elf "$OUT/epoll-loop" /kmx/epoll-loop
 put_elf /usr/bin/curl
 put_elf /usr/bin/jq
 put_elf "$AGENT" /usr/local/bin/apisix-agent

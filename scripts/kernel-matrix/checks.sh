@@ -8,17 +8,18 @@
 # KMX_DURATION (seconds per recording, default 4), KMX_CHECKS (which checks, default all),
 # KMX_DAEMON_WAIT (seconds the daemon has to show Lua samples, default 20),
 # KMX_CHECK_TIMEOUT (seconds one agent command may take, default 120). KMX_RESULTS,
-# KMX_AGENT, KMX_NOGC64_LIB and KMX_LUA_DIR move its paths, to try it outside a guest.
+# KMX_AGENT, KMX_NOGC64_LIB, KMX_LUA_DIR and KMX_EPOLL_LOOP move its paths, to try it outside a guest.
 set -euo pipefail
 
 R="${KMX_RESULTS:-/results}"
 AGENT="${KMX_AGENT:-/usr/local/bin/apisix-agent}"
 NOGC64_LIB="${KMX_NOGC64_LIB:-/opt/luajit-nogc64/lib}"
 LUA_DIR="${KMX_LUA_DIR:-/kmx/lua}"
+EPOLL_LOOP="${KMX_EPOLL_LOOP:-/kmx/epoll-loop}"
 DURATION="${KMX_DURATION:-4}"
 DAEMON_WAIT="${KMX_DAEMON_WAIT:-20}"
 CHECK_TIMEOUT="${KMX_CHECK_TIMEOUT:-120}"
-CHECKS="${KMX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon}"
+CHECKS="${KMX_CHECKS:-budgets cpu-gc64 cpu-nogc64 offcpu alloc live daemon loopcost}"
 CHECKS="${CHECKS//,/ }"
 export NO_COLOR=1
 mkdir -p "$R"
@@ -314,6 +315,76 @@ daemon_loops() {
     fi
 }
 
+# loop_ns: sets NS to the best of 3 of the epoll loop's (coprocess LOOP) ns per
+# epoll_wait(0). Not in a command substitution: a subshell does not have the coprocess's
+# descriptors.
+loop_ns() {
+    local ns
+    NS=""
+    for _ in 1 2 3; do
+        echo >&"${LOOP[1]}"
+        read -r -t "$CHECK_TIMEOUT" ns <&"${LOOP[0]}" || return 1
+        if [ -z "$NS" ] || awk -v a="$ns" -v b="$NS" 'BEGIN { exit !(a < b) }'; then
+            NS=$ns
+        fi
+    done
+}
+
+# loop_hooked MODE PID: starts the daemon targeting PID with its event-loop pair on MODE
+# (functions, tracepoints, raw), measures the loop (NS), checks the daemon counted its
+# iterations where it says it attached (else WHY, and returns 1), stops the daemon.
+loop_hooked() {
+    local mode=$1 pid=$2 env=() said
+    case "$mode" in
+        functions) said="epoll functions" ;;
+        tracepoints) said="epoll tracepoints"; env=(APISIX_AGENT_LOOP_HOOKS=tracepoints) ;;
+        raw) said="raw tracepoints"; env=(APISIX_AGENT_LOOP_HOOKS=raw) ;;
+    esac
+    printf 'http:\n  listen: 127.0.0.1:9465\ndiscovery:\n  interval_seconds: 1\n  pids: [%s]\n  docker:\n    enabled: false\n' \
+        "$pid" >/tmp/loop-agent.yaml
+    env "${env[@]}" RUST_LOG=info "$AGENT" run --config /tmp/loop-agent.yaml </dev/null \
+        >/dev/null 2>"$R/loopcost-$mode.log" &
+    local agent=$! waited=0 count=""
+    while [ "$waited" -lt "$DAEMON_WAIT" ]; do
+        sleep 1
+        waited=$((waited + 1))
+        curl -fsS -m 5 http://127.0.0.1:9465/targets 2>/dev/null | grep -q "\"pid\":$pid," && break
+    done
+    loop_ns || NS=""
+    sleep 1.5 # the daemon reads the counts once a second
+    count="$(curl -fsS -m 5 http://127.0.0.1:9465/metrics 2>/dev/null \
+        | grep -E '^apisix_profiler_event_loop_iteration_seconds_count\{container=""' | awk '{print $NF}' || true)"
+    kill -TERM "$agent" 2>/dev/null || true
+    wait "$agent" 2>/dev/null || true
+    WHY=""
+    if ! sed 's/\x1b\[[0-9;]*m//g' "$R/loopcost-$mode.log" | grep -q "event-loop pair attached to the $said"; then
+        WHY="not on the $said: $(error_line "$R/loopcost-$mode.log")"
+    elif [ -z "$NS" ] || [ "${count:-0}" -lt 1000 ]; then
+        WHY="on the $said, ${count:-no} iterations counted, loop: ${NS:-no answer}"
+    fi
+    [ -z "$WHY" ]
+}
+
+# check_loopcost: what one event-loop iteration costs on each of the pair's attachments: a
+# targeted process's epoll_wait(0) (one iteration each), hooked against bare. Under TCG
+# the nanoseconds are emulation's; compare the attachments with one another, not with a
+# real machine's figures (BENCHMARKS.md section 11).
+check_loopcost() {
+    coproc LOOP { exec "$EPOLL_LOOP" 20000; }
+    PIDS+=("$LOOP_PID")
+    local pid=$LOOP_PID bare mode summary=""
+    loop_ns || { result loopcost fail "the epoll loop did not answer"; return; }
+    bare=$NS
+    for mode in functions tracepoints raw; do
+        if ! loop_hooked "$mode" "$pid"; then
+            result loopcost fail "$mode: $WHY"
+            return
+        fi
+        summary+="$(awk -v m="$mode" -v a="$NS" -v b="$bare" 'BEGIN { printf "%s +%.0f ns (%.2fx); ", m, a - b, a / b }')"
+    done
+    result loopcost pass "epoll_wait(0) of a target, $bare ns bare; added per iteration: ${summary%; }"
+}
+
 run_check() {
     local check=$1 t0 t1
     t0="$(date +%s)"
@@ -326,6 +397,7 @@ run_check() {
         alloc) check_workload alloc 18004 on /alloc 'alloc()' 2 make_tables --mode alloc --sample-bytes 65536 ;;
         live) check_workload live 18005 on /leak 'leak()' 2 leak_some --mode live --sample-bytes 16384 ;;
         daemon) check_daemon ;;
+        loopcost) check_loopcost ;;
         *) result "$check" skip "unknown check" ;;
     esac
     t1="$(date +%s)"

@@ -10,11 +10,13 @@
 //! ([`BpfSession::kernel`] says which). A refusal is one sentence naming what the kernel
 //! lacks ([`super::verifier::explain`]).
 //!
-//! The event-loop pair ([`BpfSession::attach_event_loop`]) can join any session: its
-//! per-thread iteration counts are read with [`BpfSession::loop_threads`].
+//! The event-loop pair ([`BpfSession::attach_event_loop`]) can join any session, on the
+//! first of fentry/fexit, the per-call epoll tracepoints ([`super::tracepoints`]) or raw
+//! tracepoints that attaches: its per-thread iteration counts are read with
+//! [`BpfSession::loop_threads`].
 //!
-//! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes), raw tracepoints,
-//! `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
+//! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes; tracepoints), raw
+//! tracepoints, fentry/fexit, `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
 use std::{
     io,
