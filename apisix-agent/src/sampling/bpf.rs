@@ -18,36 +18,34 @@
 //! Hooks: `perf_event_open` (software CPU clock, one per CPU; uprobes; tracepoints), raw
 //! tracepoints, fentry/fexit, `bpf()`. Metrics: the per-reason counters read by [`BpfSession::counters`].
 
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    time::Duration,
-};
+use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use apisix_ebpf_common::{
     ALLOC_MAX_THREADS, AllocConfig, COUNTER_SLOTS, Counter, KernelConfig, LIVE_MAX_TRACKED,
-    LOOP_FUNCTIONS, LiveAlloc, LoopConfig, LoopThread, LuaLayout, MAP_ALLOC_CONFIG,
-    MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_KERNEL_CONFIG, MAP_LIVE_ALLOCS, MAP_LOOP_CONFIG,
-    MAP_LOOP_THREADS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES,
-    MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_LOOP_ENTER,
-    PROG_LOOP_EXIT, PROG_LOOP_WAIT_ENTER, PROG_LOOP_WAIT_EXIT, PROG_OFFCPU_EXIT,
+    LiveAlloc, LuaLayout, MAP_ALLOC_CONFIG, MAP_ALLOC_THREADS, MAP_COUNTERS, MAP_KERNEL_CONFIG,
+    MAP_LIVE_ALLOCS, MAP_LOST, MAP_LUA_LAYOUTS, MAP_LUA_VMS, MAP_OFFCPU_MIN, MAP_SAMPLES,
+    MAP_TARGETS, PROG_ALLOC, PROG_ALLOC_BOUNDED, PROG_ALLOC_RET, PROG_LEARN_VM, PROG_OFFCPU_EXIT,
     PROG_OFFCPU_EXIT_BOUNDED, PROG_OFFCPU_SWITCH, PROG_PROBE_LOOP, PROG_SAMPLE,
     PROG_SAMPLE_BOUNDED, Sample, Target,
 };
 use aya::{
-    Btf, BtfError, Ebpf, EbpfError,
+    BtfError, Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        FEntry, FExit, PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
+        PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeLinkId, UProbeScope},
     },
     util::online_cpus,
 };
 
+mod eventloop;
+
+pub use eventloop::{LOOP_HOOKS_ENV, LoopHooks};
+
 use super::{
     kernel::{KernelReport, WalkVariant},
-    tracepoints::{self, EPOLL_WAITS},
+    tracepoints,
     verifier::{self, ProgramStats, VerifierError},
 };
 
@@ -124,23 +122,6 @@ fn is_permission(e: &EbpfError) -> bool {
     let text = format!("{e:?}");
     text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
 }
-
-/// Where [`BpfSession::attach_event_loop`] attached the event-loop pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoopHooks {
-    /// fentry/fexit on the kernel's epoll wait functions: they run only at epoll waits, on a
-    /// trampoline of their own.
-    Functions,
-    /// The per-call tracepoints of the epoll waits: they run only at epoll waits.
-    Tracepoints,
-    /// The `sys_enter`/`sys_exit` raw tracepoints: they run at every system call.
-    RawTracepoints,
-}
-
-/// Environment variable that skips the event-loop pair's first attachments, for tests and
-/// benchmarks of the fallbacks: `tracepoints` starts at the per-call tracepoints, `raw` at
-/// the raw ones.
-pub const LOOP_HOOKS_ENV: &str = "APISIX_AGENT_LOOP_HOOKS";
 
 /// One loaded BPF object with its maps and attachments: the CPU sampler
 /// ([`Self::start`], [`Self::prepare`]), the off-CPU pair ([`Self::start_offcpu`]) or the
@@ -280,182 +261,6 @@ impl BpfSession {
     /// block counts as short).
     pub fn set_offcpu_min(&mut self, min_block_us: u64) -> Result<(), BpfError> {
         self.set_slot(MAP_OFFCPU_MIN, 0, min_block_us.saturating_mul(1000))
-    }
-
-    /// Loads and attaches the event-loop pair: from now on each target thread's loop
-    /// iterations are counted in `LOOP_THREADS` ([`Self::loop_threads`]), iterations of at
-    /// least `stall_ns` as stalls, and every sample of this session carries the age of its
-    /// thread's current iteration ([`Sample::iteration_ns`]).
-    ///
-    /// The first that attaches of: fentry/fexit on the kernel's epoll wait functions (needs
-    /// BTF); the per-call tracepoints of the epoll waits (needs tracefs); the
-    /// `sys_enter`/`sys_exit` raw tracepoints, which run at every system call of the host.
-    /// Each fallback is logged as a warning with its reason; [`LOOP_HOOKS_ENV`] skips ahead.
-    pub fn attach_event_loop(&mut self, stall_ns: u64) -> Result<LoopHooks, BpfError> {
-        self.set_slot(MAP_LOOP_CONFIG, 0, LoopConfig { stall_ns })?;
-        let start = std::env::var(LOOP_HOOKS_ENV).unwrap_or_default();
-        if start != "tracepoints" && start != "raw" {
-            match self.attach_loop_functions() {
-                Ok(functions) => {
-                    tracing::info!(
-                        ?functions,
-                        "event-loop pair attached to the epoll functions (fentry/fexit)"
-                    );
-                    return Ok(LoopHooks::Functions);
-                }
-                Err(e) => tracing::warn!(
-                    error = %crate::error::error_chain(&e),
-                    "the event-loop pair is not on the epoll functions (a kernel without BTF, or in lockdown, refuses fentry/fexit); trying the epoll tracepoints"
-                ),
-            }
-        }
-        if start != "raw" {
-            match self.attach_loop_tracepoints() {
-                Ok(()) => {
-                    let names: Vec<&str> = self.loop_links.iter().map(|l| &*l.name).collect();
-                    tracing::info!(tracepoints = ?names, "event-loop pair attached to the epoll tracepoints");
-                    return Ok(LoopHooks::Tracepoints);
-                }
-                Err(e) => tracing::warn!(
-                    error = %crate::error::error_chain(&e),
-                    "the event-loop pair falls back to raw tracepoints, which run at every system call of the host (BENCHMARKS.md §11); mount tracefs at /sys/kernel/tracing to avoid it"
-                ),
-            }
-        }
-        for (name, tracepoint) in [(PROG_LOOP_ENTER, "sys_enter"), (PROG_LOOP_EXIT, "sys_exit")] {
-            self.load_program::<RawTracePoint>(name)?;
-            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
-            prog.attach(tracepoint)
-                .map_err(|source| BpfError::Program {
-                    what: format!("attaching {name} to {tracepoint}"),
-                    source,
-                })?;
-        }
-        tracing::info!("event-loop pair attached to the raw tracepoints sys_enter and sys_exit");
-        Ok(LoopHooks::RawTracepoints)
-    }
-
-    /// [`Self::attach_event_loop`] on fentry/fexit of [`LOOP_FUNCTIONS`] (those the kernel
-    /// has; `epoll_wait`'s at least); all or nothing. The functions attached.
-    fn attach_loop_functions(&mut self) -> Result<Vec<&'static str>, BpfError> {
-        let btf = Btf::from_sys_fs().map_err(|source| BpfError::Btf { source })?;
-        let mut attached = Vec::new();
-        let mut links = Vec::new();
-        let result = (|| {
-            for (enter, exit, function) in LOOP_FUNCTIONS {
-                if !has_function(&btf, function) {
-                    continue;
-                }
-                self.load_loop_function(enter, &btf)?;
-                let prog: &mut FEntry = program(&mut self.ebpf, enter)?;
-                links.push((enter, None, Some(prog.attach().map_err(attaching(enter))?)));
-                self.load_loop_function(exit, &btf)?;
-                let prog: &mut FExit = program(&mut self.ebpf, exit)?;
-                links.push((exit, Some(prog.attach().map_err(attaching(exit))?), None));
-                attached.push(function);
-            }
-            if attached.is_empty() {
-                return Err(BpfError::Missing {
-                    what: "__x64_sys_epoll_wait in the kernel's BTF",
-                });
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            for (name, exit, entry) in links {
-                let detached = match (exit, entry) {
-                    (Some(id), _) => program::<FExit>(&mut self.ebpf, name).map(|p| p.detach(id)),
-                    (_, Some(id)) => program::<FEntry>(&mut self.ebpf, name).map(|p| p.detach(id)),
-                    _ => continue,
-                };
-                if let Ok(Err(e)) = detached {
-                    tracing::debug!(program = name, error = %e, "detaching");
-                }
-            }
-        }
-        result.map(|()| attached)
-    }
-
-    /// Loads the fentry or fexit program `name` of [`LOOP_FUNCTIONS`] against its kernel
-    /// function in `btf` (a program loaded already is fine).
-    pub fn load_loop_function(&mut self, name: &'static str, btf: &Btf) -> Result<(), BpfError> {
-        let Some((enter, _, function)) = LOOP_FUNCTIONS
-            .iter()
-            .find(|(enter, exit, _)| *enter == name || *exit == name)
-        else {
-            return Err(BpfError::Missing { what: name });
-        };
-        let loaded = if *enter == name {
-            program::<FEntry>(&mut self.ebpf, name)?.load(function, btf)
-        } else {
-            program::<FExit>(&mut self.ebpf, name)?.load(function, btf)
-        };
-        match loaded {
-            Ok(()) | Err(ProgramError::AlreadyLoaded) => Ok(()),
-            Err(e) => Err(refused(name, e)),
-        }
-    }
-
-    /// [`Self::attach_event_loop`] on `syscalls:sys_{enter,exit}_epoll_*`; all or nothing.
-    fn attach_loop_tracepoints(&mut self) -> Result<(), BpfError> {
-        let names: Vec<String> = ["enter", "exit"]
-            .iter()
-            .flat_map(|dir| {
-                EPOLL_WAITS
-                    .iter()
-                    .map(move |call| format!("sys_{dir}_{call}"))
-            })
-            .collect();
-        let ids = tracepoints::syscall_ids(&names)?;
-        let mut links = Vec::with_capacity(ids.len());
-        for (name, id) in ids {
-            let prog_name = if name.starts_with("sys_enter") {
-                PROG_LOOP_WAIT_ENTER
-            } else {
-                PROG_LOOP_WAIT_EXIT
-            };
-            self.load_program::<TracePoint>(prog_name)?;
-            let prog: &mut TracePoint = program(&mut self.ebpf, prog_name)?;
-            let fd = prog.fd().map_err(|source| BpfError::Program {
-                what: format!("the descriptor of {prog_name}"),
-                source,
-            })?;
-            links.push(tracepoints::attach(fd.as_fd(), &name, id)?);
-        }
-        if !links.iter().any(|l| l.name.starts_with("sys_exit")) {
-            return Err(tracepoints::TracepointError::Missing {
-                first: "sys_exit_epoll_wait".into(),
-            }
-            .into());
-        }
-        self.loop_links = links;
-        Ok(())
-    }
-
-    /// Each followed thread's event loop, by thread id (an entry removed while listed is
-    /// skipped).
-    pub fn loop_threads(&self) -> Vec<(u32, LoopThread)> {
-        self.ebpf
-            .map(MAP_LOOP_THREADS)
-            .and_then(|m| HashMap::<_, u32, LoopThread>::try_from(m).ok())
-            .map(|m| m.iter().filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-
-    /// Forgets the event loops of threads `tids` (threads of processes no longer targets).
-    pub fn forget_loop_threads(&mut self, tids: &[u32]) {
-        let Some(mut map) = self
-            .ebpf
-            .map_mut(MAP_LOOP_THREADS)
-            .and_then(|m| HashMap::<_, u32, LoopThread>::try_from(m).ok())
-        else {
-            return;
-        };
-        for tid in tids {
-            if let Err(e) = map.remove(tid) {
-                tracing::debug!(tid, error = %e, "forgetting an event loop");
-            }
-        }
     }
 
     /// Loads the programs of an allocation capture: the allocator's uprobe and, with `live`,
@@ -811,26 +616,13 @@ impl BpfSession {
     /// The programs this kernel runs, in the variant it loads: the CPU sampler, the off-CPU
     /// pair, the event-loop pair, the allocator probes and the VM learner.
     pub fn kernel_programs(&self) -> Vec<&'static str> {
-        let btf = Btf::from_sys_fs().ok();
-        let functions = LOOP_FUNCTIONS
-            .iter()
-            .filter(|(_, _, f)| btf.as_ref().is_some_and(|b| has_function(b, f)))
-            .flat_map(|(enter, exit, _)| [*enter, *exit]);
         let mut programs = vec![
             self.sample_program(),
             PROG_OFFCPU_SWITCH,
             self.offcpu_exit_program(),
         ];
-        programs.extend(functions);
-        programs.extend([
-            PROG_LOOP_WAIT_ENTER,
-            PROG_LOOP_WAIT_EXIT,
-            PROG_LOOP_ENTER,
-            PROG_LOOP_EXIT,
-            self.alloc_program(),
-            PROG_ALLOC_RET,
-            PROG_LEARN_VM,
-        ]);
+        programs.extend(eventloop::programs());
+        programs.extend([self.alloc_program(), PROG_ALLOC_RET, PROG_LEARN_VM]);
         programs
     }
 
@@ -958,20 +750,6 @@ impl Loadable for TracePoint {
 impl Loadable for UProbe {
     fn load_it(&mut self) -> Result<(), ProgramError> {
         self.load()
-    }
-}
-
-/// Whether the kernel's BTF has function `name` (`__x64_sys_epoll_pwait2` is 5.11+).
-fn has_function(btf: &Btf, name: &str) -> bool {
-    btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
-        .is_ok()
-}
-
-/// The error of attaching program `name`.
-fn attaching(name: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
-    move |source| BpfError::Program {
-        what: format!("attaching {name}"),
-        source,
     }
 }
 
