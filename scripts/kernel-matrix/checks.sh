@@ -330,6 +330,12 @@ loop_ns() {
     done
 }
 
+# loop_count: the loop iterations the daemon on port 9465 counted (0 when it says none).
+loop_count() {
+    curl -fsS -m 5 http://127.0.0.1:9465/metrics 2>/dev/null \
+        | awk '/^apisix_profiler_event_loop_iteration_seconds_count\{container=""/ {n = $NF} END {print n + 0}'
+}
+
 # loop_hooked MODE PID: starts the daemon targeting PID with its event-loop pair on MODE
 # (functions, tracepoints, raw), measures the loop (NS), checks the daemon counted its
 # iterations where it says it attached (else WHY, and returns 1), stops the daemon.
@@ -344,22 +350,29 @@ loop_hooked() {
         "$pid" >/tmp/loop-agent.yaml
     env "${env[@]}" RUST_LOG=info "$AGENT" run --config /tmp/loop-agent.yaml </dev/null \
         >/dev/null 2>"$R/loopcost-$mode.log" &
-    local agent=$! waited=0 count=""
+    local agent=$! waited=0 count="" ns
+    # Until the daemon counts the loop's iterations (it lists a target before its sampler
+    # thread has put it in the BPF map): one batch of calls a second.
     while [ "$waited" -lt "$DAEMON_WAIT" ]; do
         sleep 1
         waited=$((waited + 1))
-        curl -fsS -m 5 http://127.0.0.1:9465/targets 2>/dev/null | grep -q "\"pid\":$pid," && break
+        curl -fsS -m 5 http://127.0.0.1:9465/targets 2>/dev/null | grep -q "\"pid\":$pid," || continue
+        echo >&"${LOOP[1]}"
+        read -r -t "$CHECK_TIMEOUT" ns <&"${LOOP[0]}" || break
+        [ "$(loop_count)" -gt 0 ] && break
     done
     loop_ns || NS=""
-    sleep 1.5 # the daemon reads the counts once a second
-    count="$(curl -fsS -m 5 http://127.0.0.1:9465/metrics 2>/dev/null \
-        | grep -E '^apisix_profiler_event_loop_iteration_seconds_count\{container=""' | awk '{print $NF}' || true)"
+    for _ in 1 2 3 4 5; do # the daemon reads the counts once a second
+        sleep 1
+        count="$(loop_count)"
+        [ "$count" -lt 1000 ] || break
+    done
     kill -TERM "$agent" 2>/dev/null || true
     wait "$agent" 2>/dev/null || true
     WHY=""
     if ! sed 's/\x1b\[[0-9;]*m//g' "$R/loopcost-$mode.log" | grep -q "event-loop pair attached to the $said"; then
         WHY="not on the $said: $(error_line "$R/loopcost-$mode.log")"
-    elif [ -z "$NS" ] || [ "${count:-0}" -lt 1000 ]; then
+    elif [ -z "$NS" ] || [ "$count" -lt 1000 ]; then
         WHY="on the $said, ${count:-no} iterations counted, loop: ${NS:-no answer}"
     fi
     [ -z "$WHY" ]
