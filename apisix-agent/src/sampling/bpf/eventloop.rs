@@ -7,12 +7,12 @@
 //! [`super::super::tracepoints`]), `raw_tp/sys_enter`, `raw_tp/sys_exit`. Metrics: none (the
 //! daemon turns the counts into `apisix_profiler_event_loop_*`).
 
+use std::os::fd::AsFd as _;
+
 use apisix_ebpf_common::{
     LOOP_FUNCTIONS, LoopConfig, LoopThread, MAP_LOOP_CONFIG, MAP_LOOP_THREADS, PROG_LOOP_ENTER,
     PROG_LOOP_EXIT, PROG_LOOP_WAIT_ENTER, PROG_LOOP_WAIT_EXIT,
 };
-use std::os::fd::AsFd as _;
-
 use aya::{
     Btf,
     maps::HashMap,
