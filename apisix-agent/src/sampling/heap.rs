@@ -146,35 +146,21 @@ pub fn render(r: &HeapResult, format: Format, title: &str) -> Result<Rendered, R
         return render::folded(&r.first.folded, format, title, "bytes", &Rules::default());
     };
     let d = Diff::new(&r.first.folded, &second.folded);
-    let write = |source| RenderError::Write {
-        format: format.name(),
-        source,
-    };
-    let mut body = Vec::new();
-    let content_type = match format {
-        Format::Svg => {
-            d.write_svg(title, "bytes", &mut body).map_err(write)?;
-            "image/svg+xml"
-        }
-        Format::Collapsed => {
-            d.write_collapsed(&mut body).map_err(write)?;
-            "text/plain; charset=utf-8"
-        }
-        Format::Json => {
+    render::write_as(
+        format,
+        |body| d.write_svg(title, "bytes", body),
+        |body| d.write_collapsed(body),
+        || {
             let stacks: Vec<serde_json::Value> = d
                 .iter()
                 .map(|(s, b, a)| serde_json::json!({"stack": s, "before": b, "after": a}))
                 .collect();
-            let value = serde_json::json!({
+            serde_json::json!({
                 "title": title,
                 "unit": "bytes",
                 "grown": d.grown(),
                 "stacks": stacks,
-            });
-            serde_json::to_writer(&mut body, &value).map_err(|e| write(e.into()))?;
-            "application/json"
-        }
-        Format::Pprof => return Err(RenderError::PprofFromFolded),
-    };
-    Ok(Rendered { content_type, body })
+            })
+        },
+    )
 }

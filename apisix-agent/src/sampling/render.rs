@@ -65,6 +65,31 @@ pub fn folded(
     unit: &str,
     rules: &Rules,
 ) -> Result<Rendered, RenderError> {
+    write_as(
+        format,
+        |body| folded.write_svg_unit(title, unit, body),
+        |body| folded.write_folded(body),
+        || {
+            serde_json::json!({
+                "title": title,
+                "unit": unit,
+                "total": folded.total(),
+                "root": folded.to_json(),
+                "stacks": stacks_json(folded, rules),
+            })
+        },
+    )
+}
+
+/// The one mapping of a stack format to its content type and body, for every renderer of
+/// stacks alone (folded stacks, heap diffs): `svg` and `collapsed` write their format, `json`
+/// builds the document. pprof needs frame details, which stacks alone do not have.
+pub fn write_as(
+    format: Format,
+    svg: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+    collapsed: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+    json: impl FnOnce() -> serde_json::Value,
+) -> Result<Rendered, RenderError> {
     let write = |source| RenderError::Write {
         format: format.name(),
         source,
@@ -72,24 +97,15 @@ pub fn folded(
     let mut body = Vec::new();
     let content_type = match format {
         Format::Svg => {
-            folded
-                .write_svg_unit(title, unit, &mut body)
-                .map_err(write)?;
+            svg(&mut body).map_err(write)?;
             "image/svg+xml"
         }
         Format::Collapsed => {
-            folded.write_folded(&mut body).map_err(write)?;
+            collapsed(&mut body).map_err(write)?;
             "text/plain; charset=utf-8"
         }
         Format::Json => {
-            let value = serde_json::json!({
-                "title": title,
-                "unit": unit,
-                "total": folded.total(),
-                "root": folded.to_json(),
-                "stacks": stacks_json(folded, rules),
-            });
-            serde_json::to_writer(&mut body, &value).map_err(|e| write(e.into()))?;
+            serde_json::to_writer(&mut body, &json()).map_err(|e| write(e.into()))?;
             "application/json"
         }
         Format::Pprof => return Err(RenderError::PprofFromFolded),
