@@ -115,14 +115,18 @@ int main(void) {
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-class StatsOff:
-    """bpf_stats off for a while (its clock reads would be counted in a call's time)."""
+class Stats:
+    """kernel.bpf_stats_enabled set to `value` for a while, then put back: on for the run,
+    off while a loop times calls (its clock reads would be counted in a call's time)."""
+
+    def __init__(self, value):
+        self.value = value
 
     def __enter__(self):
         with open(STATS) as f:
             self.was = f.read().strip()
         with open(STATS, "w") as f:
-            f.write("0")
+            f.write(self.value)
 
     def __exit__(self, *exc):
         with open(STATS, "w") as f:
@@ -179,7 +183,7 @@ def with_daemon(binary, work, worker, port, seconds, loop, env, epolls):
     """The load with the daemon; epolls = (a targeted epoll loop, one not targeted)."""
     daemon, mport = start_daemon(binary, work, port, env, epolls[0].pid)
     try:
-        with StatsOff():
+        with Stats("0"):
             per_syscall = syscall_ns(loop)
             per_wait = (epoll_ns(epolls[0]), epoll_ns(epolls[1]))
         s0, i0 = prog_stats(daemon.pid), iterations(mport)
@@ -217,57 +221,52 @@ def main():
     os.symlink(trace_cost.NGINX, link)
     trace_cost.NGINX = link  # the worker's comm is `loopbench`
     nginx = None
-    stats_path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(stats_path) as f:
-        stats_orig = f.read().strip()
+    epolls = []
     off, on = [], {}
-    try:
-        binary = trace_cost.build(REPO, os.path.join(REPO, "target"))
-        src = os.path.join(work, "syscalls.c")
-        with open(src, "w") as f:
-            f.write(SYSCALL_LOOP)
-        loop = os.path.join(work, "syscalls")
-        subprocess.run(["gcc", "-O2", "-o", loop, src], check=True)
-        subprocess.run(["gcc", "-O2", "-o", loop + "-epoll", os.path.join(HERE, "epoll_loop.c")],
-                       check=True)
-        epolls = [subprocess.Popen([loop + "-epoll"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        nginx, worker = trace_cost.start_nginx(work, port)
-        with open(stats_path, "w") as f:
-            f.write("1")
-        alloc_cost.wrk(port, 2)  # warm up: traces compiled
-        for r in range(args.rounds):
-            with StatsOff():
-                bare = syscall_ns(loop)
-                bare_wait = (epoll_ns(epolls[0]), epoll_ns(epolls[1]))
-            n, rps, cpu = alloc_cost.measured_load(worker, port, args.seconds)
-            off.append((rps, cpu / n, bare, bare_wait[0], bare_wait[1]))
-            log(f"round {r + 1} without: {rps:.0f} req/s, {cpu * 1e6 / n:.0f} µs CPU/request")
-            seen = set()
-            for env in CASES:
-                n, rps, cpu, ns, runs, its, hooked, wait, name = with_daemon(
-                    binary, work, worker, port, args.seconds, loop, env, epolls)
-                if name in seen:  # the first choice fell back to this one: measured already
-                    continue
-                seen.add(name)
-                on.setdefault(name, []).append((rps, cpu / n, ns / max(its, 1), ns / max(runs, 1),
-                                 runs / max(its, 1), its / n, hooked - bare,
-                                 wait[0] - bare_wait[0], wait[1] - bare_wait[1]))
-                log(f"round {r + 1} {name}: {rps:.0f} req/s, {cpu * 1e6 / n:.0f} µs CPU/request, "
-                    f"{its} iterations ({its / n:.2f}/request), {ns / max(its, 1):.0f} ns "
-                    f"BPF/iteration, {ns / max(runs, 1):.0f} ns/run, {runs / max(its, 1):.1f} "
-                    f"runs/iteration, getppid {bare:.0f} → {hooked:.0f} ns, epoll_wait(0) "
-                    f"targeted {bare_wait[0]:.0f} → {wait[0]:.0f} ns, other "
-                    f"{bare_wait[1]:.0f} → {wait[1]:.0f} ns")
-    finally:
-        with open(stats_path, "w") as f:
-            f.write(stats_orig)
-        if nginx and nginx.poll() is None:
-            nginx.send_signal(signal.SIGTERM)
-            nginx.wait(timeout=10)
-        for p in locals().get("epolls", []):
-            p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+    with Stats("1"):
+        try:
+            binary = trace_cost.build(REPO, os.path.join(REPO, "target"))
+            src = os.path.join(work, "syscalls.c")
+            with open(src, "w") as f:
+                f.write(SYSCALL_LOOP)
+            loop = os.path.join(work, "syscalls")
+            subprocess.run(["gcc", "-O2", "-o", loop, src], check=True)
+            subprocess.run(["gcc", "-O2", "-o", loop + "-epoll", os.path.join(HERE, "epoll_loop.c")],
+                           check=True)
+            epolls += [subprocess.Popen([loop + "-epoll"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True) for _ in range(2)]
+            nginx, worker = trace_cost.start_nginx(work, port)
+            alloc_cost.wrk(port, 2)  # warm up: traces compiled
+            for r in range(args.rounds):
+                with Stats("0"):
+                    bare = syscall_ns(loop)
+                    bare_wait = (epoll_ns(epolls[0]), epoll_ns(epolls[1]))
+                n, rps, cpu = alloc_cost.measured_load(worker, port, args.seconds)
+                off.append((rps, cpu / n, bare, bare_wait[0], bare_wait[1]))
+                log(f"round {r + 1} without: {rps:.0f} req/s, {cpu * 1e6 / n:.0f} µs CPU/request")
+                seen = set()
+                for env in CASES:
+                    n, rps, cpu, ns, runs, its, hooked, wait, name = with_daemon(
+                        binary, work, worker, port, args.seconds, loop, env, epolls)
+                    if name in seen:  # the first choice fell back to this one: measured already
+                        continue
+                    seen.add(name)
+                    on.setdefault(name, []).append((rps, cpu / n, ns / max(its, 1), ns / max(runs, 1),
+                                     runs / max(its, 1), its / n, hooked - bare,
+                                     wait[0] - bare_wait[0], wait[1] - bare_wait[1]))
+                    log(f"round {r + 1} {name}: {rps:.0f} req/s, {cpu * 1e6 / n:.0f} µs CPU/request, "
+                        f"{its} iterations ({its / n:.2f}/request), {ns / max(its, 1):.0f} ns "
+                        f"BPF/iteration, {ns / max(runs, 1):.0f} ns/run, {runs / max(its, 1):.1f} "
+                        f"runs/iteration, getppid {bare:.0f} → {hooked:.0f} ns, epoll_wait(0) "
+                        f"targeted {bare_wait[0]:.0f} → {wait[0]:.0f} ns, other "
+                        f"{bare_wait[1]:.0f} → {wait[1]:.0f} ns")
+        finally:
+            if nginx and nginx.poll() is None:
+                nginx.send_signal(signal.SIGTERM)
+                nginx.wait(timeout=10)
+            for p in epolls:
+                p.kill()
+            shutil.rmtree(work, ignore_errors=True)
 
     med = lambda rows, i: statistics.median(x[i] for x in rows)  # noqa: E731
     print(f"Routes handler, JIT on, one worker under wrk -t1 -c8, {args.rounds} rounds of "
