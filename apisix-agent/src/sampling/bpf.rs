@@ -29,7 +29,7 @@ use apisix_ebpf_common::{
     PROG_SAMPLE_BOUNDED, Sample, Target,
 };
 use aya::{
-    BtfError, Ebpf, EbpfError,
+    Ebpf, EbpfError,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
@@ -98,11 +98,8 @@ pub enum BpfError {
         source: MapError,
     },
     /// The kernel's BTF, for the event-loop pair's fentry/fexit programs.
-    #[error("the kernel's BTF (/sys/kernel/btf/vmlinux)")]
-    Btf {
-        #[source]
-        source: BtfError,
-    },
+    #[error("the kernel's BTF (/sys/kernel/btf/vmlinux): {reason}")]
+    Btf { reason: String },
     /// The event-loop pair's per-call tracepoints could not be attached.
     #[error("the event-loop pair's epoll tracepoints")]
     Tracepoint {

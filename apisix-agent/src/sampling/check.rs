@@ -11,11 +11,7 @@ use serde::Serialize;
 
 use crate::error::error_chain;
 
-use super::{
-    bpf::{BpfError, BpfSession},
-    kernel::KernelReport,
-    verifier::ProgramStats,
-};
+use super::{bpf::BpfSession, kernel::KernelReport, verifier::ProgramStats};
 
 /// One program's outcome.
 #[derive(Debug, Serialize)]
@@ -122,9 +118,9 @@ fn load_one(session: &mut BpfSession, name: &'static str) -> Result<(), String> 
         PROG_LEARN_VM => Ok(()),
         PROG_OFFCPU_SWITCH => session.load_program::<RawTracePoint>(name),
         n if n.starts_with("loop_wait_") => session.load_program::<TracePoint>(name),
-        n if n.starts_with("loop_in_") || n.starts_with("loop_out_") => aya::Btf::from_sys_fs()
-            .map_err(|source| BpfError::Btf { source })
-            .and_then(|btf| session.load_loop_function(name, &btf)),
+        n if n.starts_with("loop_in_") || n.starts_with("loop_out_") => {
+            session.load_loop_function(name)
+        }
         n if n.starts_with("offcpu_exit") || n.starts_with("loop_") => {
             session.load_program::<RawTracePoint>(name)
         }

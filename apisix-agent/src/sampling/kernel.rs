@@ -6,6 +6,8 @@
 //! `bpf_loop` (5.17) exists, which picks the Lua walk variant. [`KernelReport`] is what
 //! `/targets`, `/healthz`, `record --summary` and `check-kernel` show of it.
 //!
+//! [`vmlinux`] is the same BTF as aya parses it, once, for the fentry/fexit programs.
+//!
 //! Hooks: reads `/sys/kernel/btf/vmlinux` and `uname`. Metrics: none (the daemon exports
 //! the report as `apisix_profiler_bpf_programs`).
 
@@ -101,6 +103,24 @@ pub enum KernelError {
     Format { path: String, what: &'static str },
     #[error("{path} has no struct task_struct with a `stack` member")]
     NoTaskStack { path: String },
+}
+
+/// The kernel's BTF as aya reads it (fentry/fexit programs load against it), parsed once per
+/// process; the error, worded, when there is none.
+pub fn vmlinux() -> Result<&'static aya::Btf, &'static str> {
+    static BTF: std::sync::OnceLock<Result<aya::Btf, String>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| aya::Btf::from_sys_fs().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+/// The BTF id of the kernel function `name`, when the kernel's BTF has it
+/// (`__x64_sys_epoll_pwait2` is 5.11+).
+pub fn function_id(name: &str) -> Option<u32> {
+    vmlinux()
+        .ok()?
+        .id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+        .ok()
 }
 
 /// `uname -r`, or `unknown`.

@@ -239,10 +239,10 @@ fn tracing_attach(name: &str, exit: bool) -> Result<(bpf_attach_type, u32), Veri
         .iter()
         .find(|(enter, leave, _)| *enter == name || *leave == name)
         .ok_or_else(unsupported)?;
-    let btf = aya::Btf::from_sys_fs().map_err(VerifierError::Btf)?;
-    let id = btf
-        .id_by_type_name_kind(function, aya_obj::btf::BtfKind::Func)
-        .map_err(VerifierError::Btf)?;
+    let id = super::kernel::function_id(function).ok_or_else(|| VerifierError::Refused {
+        program: name.to_owned(),
+        reason: format!("the kernel's BTF has no function {function}"),
+    })?;
     let kind = if exit {
         bpf_attach_type::BPF_TRACE_FEXIT
     } else {

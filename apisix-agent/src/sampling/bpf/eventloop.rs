@@ -14,13 +14,15 @@ use apisix_ebpf_common::{
     PROG_LOOP_EXIT, PROG_LOOP_WAIT_ENTER, PROG_LOOP_WAIT_EXIT,
 };
 use aya::{
-    Btf,
     maps::HashMap,
     programs::{FEntry, FExit, ProgramError, RawTracePoint, TracePoint},
 };
 
 use super::{BpfError, BpfSession, program, refused};
-use crate::sampling::tracepoints::{self, EPOLL_WAITS};
+use crate::sampling::{
+    kernel,
+    tracepoints::{self, EPOLL_WAITS},
+};
 
 /// Where [`BpfSession::attach_event_loop`] attached the event-loop pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,18 +98,17 @@ impl BpfSession {
     /// [`Self::attach_event_loop`] on fentry/fexit of [`LOOP_FUNCTIONS`] (those the kernel
     /// has; `epoll_wait`'s at least); all or nothing. The functions attached.
     fn attach_loop_functions(&mut self) -> Result<Vec<&'static str>, BpfError> {
-        let btf = Btf::from_sys_fs().map_err(|source| BpfError::Btf { source })?;
         let mut attached = Vec::new();
         let mut links = Vec::new();
         let result = (|| {
             for (enter, exit, function) in LOOP_FUNCTIONS {
-                if !has_function(&btf, function) {
+                if kernel::function_id(function).is_none() {
                     continue;
                 }
-                self.load_loop_function(enter, &btf)?;
+                self.load_loop_function(enter)?;
                 let prog: &mut FEntry = program(&mut self.ebpf, enter)?;
                 links.push((enter, None, Some(prog.attach().map_err(attaching(enter))?)));
-                self.load_loop_function(exit, &btf)?;
+                self.load_loop_function(exit)?;
                 let prog: &mut FExit = program(&mut self.ebpf, exit)?;
                 links.push((exit, Some(prog.attach().map_err(attaching(exit))?), None));
                 attached.push(function);
@@ -135,8 +136,11 @@ impl BpfSession {
     }
 
     /// Loads the fentry or fexit program `name` of [`LOOP_FUNCTIONS`] against its kernel
-    /// function in `btf` (a program loaded already is fine).
-    pub fn load_loop_function(&mut self, name: &'static str, btf: &Btf) -> Result<(), BpfError> {
+    /// function in the kernel's BTF (a program loaded already is fine).
+    pub fn load_loop_function(&mut self, name: &'static str) -> Result<(), BpfError> {
+        let btf = kernel::vmlinux().map_err(|reason| BpfError::Btf {
+            reason: reason.to_owned(),
+        })?;
         let Some((enter, _, function)) = LOOP_FUNCTIONS
             .iter()
             .find(|(enter, exit, _)| *enter == name || *exit == name)
@@ -220,10 +224,9 @@ impl BpfSession {
 /// The event-loop pair's programs this kernel can run, for `check-kernel`: the fentry/fexit
 /// pairs of the functions its BTF has, the per-call tracepoint pair and the raw pair.
 pub(super) fn programs() -> Vec<&'static str> {
-    let btf = Btf::from_sys_fs().ok();
     let mut programs: Vec<&'static str> = LOOP_FUNCTIONS
         .iter()
-        .filter(|(_, _, f)| btf.as_ref().is_some_and(|b| has_function(b, f)))
+        .filter(|(_, _, f)| kernel::function_id(f).is_some())
         .flat_map(|(enter, exit, _)| [*enter, *exit])
         .collect();
     programs.extend([
@@ -233,12 +236,6 @@ pub(super) fn programs() -> Vec<&'static str> {
         PROG_LOOP_EXIT,
     ]);
     programs
-}
-
-/// Whether the kernel's BTF has function `name` (`__x64_sys_epoll_pwait2` is 5.11+).
-fn has_function(btf: &Btf, name: &str) -> bool {
-    btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
-        .is_ok()
 }
 
 /// The error of attaching program `name`.
